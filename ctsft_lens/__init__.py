@@ -1,0 +1,15 @@
+"""ctsft_lens: Circuit-Targeted Supervised Fine-Tuning with CD-T circuit discovery.
+
+The public API is re-exported here; each name lives in the module that says what it holds.
+"""
+
+from ctsft_lens.batching import Batch, encode
+from ctsft_lens.evaluate import EvalResult, evaluate, predict
+from ctsft_lens.models import load_model, model_info, save_model, tiny_model
+from ctsft_lens.tasks import Example, Task, TaskError, load_task
+
+__version__ = "0.1.0"
+__all__ = [
+    "Batch", "encode", "EvalResult", "evaluate", "predict", "load_model", "model_info",
+    "save_model", "tiny_model", "Example", "Task", "TaskError", "load_task",
+]

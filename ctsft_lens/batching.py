@@ -1,0 +1,92 @@
+"""Turn examples into left-padded token batches: the one tokenisation path of the toolkit.
+
+Left padding puts every prompt's last token at position -1, where the label is read; the bridge
+derives position ids from the attention mask, so a padded prompt scores as it would alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Int
+
+from ctsft_lens.tasks.base import Example, TaskError, label_token_ids
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids ``[batch, pos]`` (left padded), their mask, and gold label indices."""
+
+    input_ids: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    labels: Int[torch.Tensor, " batch"]
+    label_token_ids: Int[torch.Tensor, " n_labels"]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     self.labels.to(device), self.label_token_ids.to(device))
+
+
+def check_examples(examples: Sequence[Example]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Non-empty and one verbalizer throughout; returns (label_words, label_names)."""
+    if len(examples) == 0:
+        raise TaskError("no examples given (empty split or sample)")
+    words, names = examples[0].label_words, examples[0].label_names
+    for ex in examples:
+        if ex.label_words != words:
+            raise TaskError(f"examples mix verbalizers {words} and {ex.label_words}; use one task per call")
+    return words, names
+
+
+def encode(model: Any, examples: Sequence[Example]) -> Batch:
+    """Tokenise prompts with left padding; errors for a prompt longer than the context."""
+    words, names = check_examples(examples)
+    tok = model.tokenizer
+    ids = label_token_ids(tok, words, names)
+    seqs = [tok.encode(ex.prompt, add_special_tokens=False) for ex in examples]
+    n_ctx = int(model.cfg.n_ctx)
+    for ex, s in zip(examples, seqs):
+        if len(s) > n_ctx:
+            raise TaskError(f"prompt {ex.uid or ex.prompt[:40]!r} is {len(s)} tokens, longer than the model's context of {n_ctx}")
+        if not s:
+            raise TaskError(f"prompt {ex.uid!r} is empty")
+    width = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        input_ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
+    return Batch(input_ids, mask, labels, torch.tensor(ids, dtype=torch.long))
+
+
+def batches(model: Any, examples: Sequence[Example], batch_size: int) -> Iterator[Batch]:
+    """Consecutive batches of ``batch_size`` examples, each padded to its own longest prompt."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_examples(examples)
+    for i in range(0, len(examples), batch_size):
+        yield encode(model, examples[i:i + batch_size])
+
+
+def forward_kwargs(batch: Batch, model: Any) -> dict[str, Any]:
+    """Arguments for ``model(...)`` / ``run_with_hooks`` so padding is masked everywhere."""
+    device = model.cfg.device
+    return {"input": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
+
+
+def label_logits(model: Any, batch: Batch, **run_kwargs: Any) -> torch.Tensor:
+    """Logits of the label tokens at the last prompt position: ``[batch, n_labels]``.
+
+    ``run_kwargs`` may hold ``fwd_hooks`` (then the forward runs through ``run_with_hooks``).
+    """
+    hooks = run_kwargs.pop("fwd_hooks", None)
+    kw = forward_kwargs(batch, model)
+    if hooks:
+        logits = model.run_with_hooks(kw.pop("input"), fwd_hooks=hooks, **kw, **run_kwargs)
+    else:
+        logits = model(kw.pop("input"), **kw, **run_kwargs)
+    return logits[:, -1, :][:, batch.label_token_ids.to(logits.device)]

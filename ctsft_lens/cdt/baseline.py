@@ -1,0 +1,61 @@
+"""Label-balanced mean output of every attention head: the reference that CD-T subtracts at a
+source head and that mean-ablation writes in place of a head.
+
+"Label-balanced": the mean is taken per gold label, then averaged over labels, so a reference
+set with more examples of one label does not tilt the baseline toward that label.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from ctsft_lens.batching import batches, check_examples, forward_kwargs
+from ctsft_lens.tasks.base import Example, TaskError
+
+Positions = Literal["pooled", "last"]
+
+
+@torch.no_grad()
+def head_means(
+    model: Any,
+    examples: Sequence[Example],
+    *,
+    positions: Positions = "pooled",
+    batch_size: int = 16,
+    progress: bool = False,
+) -> Float[torch.Tensor, "n_layers n_heads d_model"]:
+    """Label-balanced mean of ``blocks.L.attn.hook_result`` for every layer and head.
+
+    ``positions="pooled"`` averages over every real (non-padding) token of each prompt, then over
+    prompts; ``"last"`` uses only the last prompt token (where the label is read).
+    """
+    if positions not in ("pooled", "last"):
+        raise ValueError(f"positions must be 'pooled' or 'last', got {positions!r}")
+    _, names = check_examples(examples)
+    n_labels = len(names)
+    cfg = model.cfg
+    sums = torch.zeros(n_labels, cfg.n_layers, cfg.n_heads, cfg.d_model, dtype=torch.float64)
+    counts = torch.zeros(n_labels, dtype=torch.float64)
+    names_filter = [f"blocks.{layer}.attn.hook_result" for layer in range(cfg.n_layers)]
+    total = (len(examples) + batch_size - 1) // batch_size
+    for batch in tqdm(batches(model, examples, batch_size), total=total, disable=not progress,
+                      desc="head means", leave=False):
+        kw = forward_kwargs(batch, model)
+        _, cache = model.run_with_cache(kw.pop("input"), names_filter=names_filter, **kw)
+        mask = batch.attention_mask.to(torch.float64)  # [batch, pos]
+        for layer in range(cfg.n_layers):
+            res = cache[names_filter[layer]].to(torch.float64).cpu()  # [batch, pos, head, d]
+            if positions == "last":
+                per_ex = res[:, -1]
+            else:
+                per_ex = (res * mask[:, :, None, None]).sum(1) / mask.sum(1)[:, None, None]
+            sums[:, layer].index_add_(0, batch.labels, per_ex)
+        counts.index_add_(0, batch.labels, torch.ones(len(batch.labels), dtype=torch.float64))
+    missing = [names[i] for i in range(n_labels) if counts[i] == 0]
+    if missing:
+        raise TaskError(f"reference examples have no example of label(s) {missing}: a label-balanced mean needs every label")
+    return (sums / counts[:, None, None, None]).mean(0).to(torch.float32)

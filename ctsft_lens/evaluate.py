@@ -1,0 +1,72 @@
+"""Label-token accuracy: argmax over the verbalizer's logits at the last prompt position."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ctsft_lens.batching import batches, check_examples, label_logits
+from ctsft_lens.tasks.base import Example
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Accuracy overall and per language, and the confusion ``confusion[gold][predicted]``."""
+
+    accuracy: float
+    n: int
+    per_language: dict[str, float]
+    confusion: list[list[int]]
+    label_names: tuple[str, ...]
+    predictions: list[int] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"accuracy {self.accuracy:.4f} on {self.n} examples"]
+        lines += [f"  {lang}: {acc:.4f}" for lang, acc in sorted(self.per_language.items())]
+        width = max(len(n) for n in self.label_names)
+        lines.append("confusion (rows gold, columns predicted):")
+        lines.append(" " * (width + 2) + " ".join(f"{n[:8]:>8}" for n in self.label_names))
+        for name, row in zip(self.label_names, self.confusion):
+            lines.append(f"  {name:<{width}}" + " ".join(f"{c:>8d}" for c in row))
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def predict(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
+            progress: bool = False, fwd_hooks: list | None = None) -> torch.Tensor:
+    """Label logits ``[n_examples, n_labels]`` for every example, batched with left padding."""
+    out = []
+    it = batches(model, examples, batch_size)
+    total = (len(examples) + batch_size - 1) // batch_size
+    for batch in tqdm(it, total=total, disable=not progress, desc="evaluate", leave=False):
+        out.append(label_logits(model, batch, fwd_hooks=fwd_hooks).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
+             progress: bool = False, fwd_hooks: list | None = None) -> EvalResult:
+    """Accuracy of the restricted argmax over label tokens, per language, with confusion."""
+    _, names = check_examples(examples)
+    preds = predict(model, examples, batch_size=batch_size, progress=progress,
+                    fwd_hooks=fwd_hooks).argmax(-1).tolist()
+    confusion = [[0] * len(names) for _ in names]
+    hits: dict[str, list[int]] = defaultdict(list)
+    for ex, p in zip(examples, preds):
+        confusion[ex.label][p] += 1
+        hits[ex.language].append(int(ex.label == p))
+    correct = sum(sum(v) for v in hits.values())
+    return EvalResult(
+        accuracy=correct / len(examples),
+        n=len(examples),
+        per_language={k: sum(v) / len(v) for k, v in hits.items()},
+        confusion=confusion,
+        label_names=names,
+        predictions=preds,
+    )
