@@ -244,9 +244,30 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
 # Saving and identifying models
 # --------------------------------------------------------------------------------------------
 def hf_state_dict(bridge: Any) -> dict[str, torch.Tensor]:
-    """The underlying HF model's state dict with the bridge's ``._original_component`` stripped."""
-    sd = bridge.original_model.state_dict()
-    return {k.replace("._original_component", ""): v for k, v in sd.items()}
+    """The underlying HF model's own state dict: ``._original_component`` stripped, and the
+    bridge's alias entries (``attn.q``, ``mlp.in``, ...) that a plain HF model lacks dropped."""
+    expected = _hf_keys(bridge.original_model.config)
+    out = {}
+    for key, value in bridge.original_model.state_dict().items():
+        name = key.replace("._original_component", "")
+        if name in expected and (name not in out or "_original_component" in key):
+            out[name] = value
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _hf_keys_cached(config_json: str) -> frozenset[str]:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg_dict = json.loads(config_json)
+    config = AutoConfig.for_model(**cfg_dict)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return frozenset(model.state_dict())
+
+
+def _hf_keys(config: Any) -> frozenset[str]:
+    return _hf_keys_cached(config.to_json_string(use_diff=False))
 
 
 def save_model(bridge: Any, out_dir: str | os.PathLike) -> Path:
@@ -258,7 +279,7 @@ def save_model(bridge: Any, out_dir: str | os.PathLike) -> Path:
     config = bridge.original_model.config
     fresh = AutoModelForCausalLM.from_config(config)
     missing, unexpected = fresh.load_state_dict(hf_state_dict(bridge), strict=False)
-    missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch saving model: missing {missing}, unexpected {unexpected}")
     fresh.save_pretrained(out)
