@@ -7,7 +7,9 @@ belongs to, checked whenever it is applied.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,3 +101,125 @@ class HeadMask:
         if diff:
             detail = ", ".join(f"{k}: mask {a} vs model {b}" for k, (a, b) in diff.items())
             raise MaskError(f"head mask was made for model {self.model.get('name')!r}, not this one ({detail})")
+
+
+# --------------------------------------------------------------------------------------------
+# Head names and score tables as JSON
+# --------------------------------------------------------------------------------------------
+CIRCUIT_FORMAT = "ctsft_lens/circuit"
+MASK_FORMAT = "ctsft_lens/head_mask"
+FORMAT_VERSION = 1
+
+
+def head_name(head: Head) -> str:
+    """``(3, 7)`` -> ``"3.7"``: the one spelling of a head in every file we write."""
+    return f"{int(head[0])}.{int(head[1])}"
+
+
+def parse_head(text: Any) -> Head:
+    """Read a head written as ``"3.7"``, ``"a3.h7"`` (EAP-IG / MIB) or ``[3, 7]``."""
+    if isinstance(text, (list, tuple)) and len(text) == 2:
+        return int(text[0]), int(text[1])
+    s = str(text).strip()
+    if s.startswith("a") and ".h" in s:
+        s = s[1:].replace(".h", ".", 1)
+    parts = s.split(".")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise MaskError(f"cannot read head {text!r}: write heads as 'layer.head', e.g. '3.7'")
+    return int(parts[0]), int(parts[1])
+
+
+def table_to_json(table: torch.Tensor) -> list[list[float | None]]:
+    """``[n_layers, n_heads]`` float table as nested lists, NaN (not a candidate) as null."""
+    return [[None if v != v else float(v) for v in row] for row in table.detach().cpu().double().tolist()]
+
+
+def table_from_json(rows: list[list[float | None]]) -> torch.Tensor:
+    return torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in rows],
+                        dtype=torch.float32)
+
+
+def _jsonable(value: Any) -> Any:
+    """Options and meta values as plain JSON (tensors become lists, tuples lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and value != value:
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise MaskError(f"{what} file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise MaskError(f"{what} file {path} is not valid JSON ({err})") from None
+
+
+def _write_json(path: str | Path, data: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Circuit files: the whole search, for the CLI and for plots
+# --------------------------------------------------------------------------------------------
+def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
+    """Everything in a ``Circuit`` as plain JSON values (score tables as nested lists)."""
+    return {
+        "format": CIRCUIT_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "scoring": circuit.scoring,
+        "ratio": circuit.ratio,
+        "depth": circuit.depth,
+        "model": _jsonable(circuit.model),
+        "options": _jsonable(circuit.options),
+        "heads_by_depth": [[head_name(h) for h in depth] for depth in circuit.heads_by_depth],
+        "scores": [table_to_json(t) for t in circuit.scores],
+        "edges": [{"source": head_name(e.source),
+                   "target": None if e.target is None else head_name(e.target),
+                   "depth": e.depth, "score": e.score} for e in circuit.edges],
+    }
+
+
+def circuit_from_dict(data: dict[str, Any]) -> Circuit:
+    """Inverse of :func:`circuit_to_dict`; a clear error for a file of another kind or version."""
+    if not isinstance(data, dict) or data.get("format") != CIRCUIT_FORMAT:
+        raise MaskError(f"not a circuit file (expected \"format\": \"{CIRCUIT_FORMAT}\")")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise MaskError(f"circuit file format_version {data.get('format_version')} is not supported "
+                        f"(this ctsft_lens reads version {FORMAT_VERSION})")
+    try:
+        return Circuit(
+            heads_by_depth=tuple(tuple(parse_head(h) for h in depth) for depth in data["heads_by_depth"]),
+            scores=tuple(table_from_json(t) for t in data["scores"]),
+            edges=tuple(Edge(parse_head(e["source"]),
+                             None if e["target"] is None else parse_head(e["target"]),
+                             int(e["depth"]), float(e["score"])) for e in data["edges"]),
+            scoring=str(data["scoring"]),
+            ratio=float(data["ratio"]),
+            model=dict(data.get("model") or {}),
+            options=dict(data.get("options") or {}),
+        )
+    except KeyError as err:
+        raise MaskError(f"circuit file lacks the field {err}") from None
+
+
+def save_circuit(circuit: Circuit, path: str | Path) -> Path:
+    """Write a circuit as JSON (see ``docs/mask_format.md``); returns the path."""
+    return _write_json(path, circuit_to_dict(circuit))
+
+
+def load_circuit(path: str | Path) -> Circuit:
+    """Read a circuit written by :func:`save_circuit`."""
+    return circuit_from_dict(_read_json(path, "circuit"))
