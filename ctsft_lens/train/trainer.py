@@ -1,0 +1,216 @@
+"""Classification SFT: one loop for every CT-SFT variant, which differ only in the head mask.
+
+Loss: cross-entropy over the **label tokens** at the last prompt position, i.e. a softmax over
+``batching.label_logits`` (the same restricted scoring evaluation uses). Full-vocabulary CE
+would also spend updates pushing mass off every non-label token, which accuracy never reads;
+with a few dozen examples we spend them on the decision evaluation measures.
+
+AdamW (:class:`~ctsft_lens.train.masking.MaskedAdamW`), linear warm-up then linear decay to 0,
+gradient accumulation, gradient clipping, seeded shuffling. After each epoch the dev split is
+scored; the best epoch's trainable elements are kept in memory and restored at the end.
+Dropout stays off (the model stays in eval mode): Qwen2.5 has none, and it keeps masked and
+full runs deterministic and comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ctsft_lens.batching import Batch, check_examples, encode, label_logits
+from ctsft_lens.circuit import HeadMask
+from ctsft_lens.evaluate import predict
+from ctsft_lens.tasks.base import Example
+from ctsft_lens.train.masking import KV_POLICIES, KVPolicy, apply_head_mask
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one run. ``batch_size`` is per micro-batch; the optimizer sees
+    ``batch_size * grad_accum`` examples per step. ``max_steps`` caps optimizer steps."""
+
+    lr: float = 1e-4
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    seed: int = 0
+    eval_batch_size: int = 16
+    max_steps: int | None = None
+    kv: KVPolicy = "never"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}"),
+            (all(0 <= b < 1 for b in self.betas), f"betas must be in [0, 1), got {self.betas}"),
+            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1 or None, got {self.max_steps}"),
+            (self.kv in KV_POLICIES, f"kv must be one of {KV_POLICIES}, got {self.kv!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-epoch history, the selected epoch, parameter counts, timing."""
+
+    variant: str
+    config: dict[str, Any]
+    n_train: int
+    n_dev: int
+    steps: int
+    trainable_params: int
+    all_params: int
+    best_epoch: int | None
+    best_dev_accuracy: float | None
+    initial_dev: dict[str, float] | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    mask: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [f"variant {self.variant}: {self.steps} steps on {self.n_train} examples in {self.seconds:.1f}s",
+                 f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
+                 f"trainable%: {100 * self.trainable_params / self.all_params:.4f}"]
+        if self.initial_dev:
+            lines.append(f"dev before training: accuracy {self.initial_dev['accuracy']:.4f} loss {self.initial_dev['loss']:.4f}")
+        for h in self.history:
+            dev = f" dev accuracy {h['dev_accuracy']:.4f} loss {h['dev_loss']:.4f}" if "dev_accuracy" in h else ""
+            lines.append(f"epoch {h['epoch']}: train loss {h['train_loss']:.4f}{dev}")
+        if self.best_epoch is not None:
+            lines.append(f"best epoch {self.best_epoch} (dev accuracy {self.best_dev_accuracy:.4f}), restored")
+        return "\n".join(lines)
+
+
+def classification_loss(model: Any, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the gold label among the label tokens at the last prompt position."""
+    logits = label_logits(model, batch)
+    return F.cross_entropy(logits.float(), batch.labels.to(logits.device), reduction=reduction)
+
+
+@torch.no_grad()
+def dev_metrics(model: Any, examples: Sequence[Example], batch_size: int = 16) -> dict[str, float]:
+    """Restricted-argmax accuracy and label-token CE on a split (same scoring as ``evaluate``)."""
+    logits = predict(model, examples, batch_size=batch_size)
+    labels = torch.tensor([ex.label for ex in examples])
+    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()),
+            "loss": float(F.cross_entropy(logits, labels))}
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(
+    model: Any,
+    train_examples: Sequence[Example],
+    dev_examples: Sequence[Example] | None = None,
+    *,
+    mask: HeadMask | None = None,
+    config: TrainConfig = TrainConfig(),
+    variant: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune ``model`` in place on ``train_examples``; ``mask=None`` trains everything.
+
+    With ``dev_examples`` the best epoch by dev accuracy (ties: lower dev loss) is restored.
+    """
+    check_examples(train_examples)
+    if dev_examples is not None and len(dev_examples) == 0:
+        dev_examples = None
+    if dev_examples is not None:
+        check_examples(dev_examples)
+    variant = variant or ("full" if mask is None else mask.kind)
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+
+    n_batches = math.ceil(len(train_examples) / config.batch_size)
+    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    warmup = int(config.warmup_ratio * total)
+
+    initial_dev = dev_metrics(model, dev_examples, config.eval_batch_size) if dev_examples else None
+    history: list[dict[str, float]] = []
+    best: tuple[float, float, int, dict[str, torch.Tensor]] | None = None
+    step = 0
+    with apply_head_mask(model, mask, config.kv) as gm, torch.enable_grad():
+        opt = gm.optimizer(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
+        bar = tqdm(total=total, disable=not progress, desc=f"train {variant}", leave=False)
+        for epoch in range(1, config.epochs + 1):
+            order = list(train_examples)
+            rng.shuffle(order)
+            chunks = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+            losses = []
+            for w in range(0, len(chunks), config.grad_accum):
+                if step >= total:
+                    break
+                window = chunks[w:w + config.grad_accum]
+                n_window = sum(len(c) for c in window)
+                loss_sum = 0.0
+                for chunk in window:
+                    loss = classification_loss(model, encode(model, chunk), reduction="sum") / n_window
+                    loss.backward()
+                    loss_sum += float(loss.detach())
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(gm.parameters, config.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                losses.append(loss_sum)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum:.4f}")
+            row = {"epoch": epoch, "step": step, "train_loss": sum(losses) / max(1, len(losses)),
+                   "lr": sched.get_last_lr()[0]}
+            if dev_examples:
+                dev = dev_metrics(model, dev_examples, config.eval_batch_size)
+                row.update(dev_accuracy=dev["accuracy"], dev_loss=dev["loss"])
+                if best is None or (dev["accuracy"], -dev["loss"]) > (best[0], -best[1]):
+                    best = (dev["accuracy"], dev["loss"], epoch, gm.state())
+            history.append(row)
+            if step >= total:
+                break
+        bar.close()
+        if best is not None:
+            gm.load_state(best[3])
+        n_trainable, n_all = gm.n_trainable, gm.n_all
+
+    return TrainResult(
+        variant=variant, config=asdict(config), n_train=len(train_examples),
+        n_dev=len(dev_examples or []), steps=step, trainable_params=n_trainable, all_params=n_all,
+        best_epoch=best[2] if best else None, best_dev_accuracy=best[0] if best else None,
+        initial_dev=initial_dev, history=history, seconds=time.perf_counter() - start,
+        mask=None if mask is None else {"kind": mask.kind, "heads": [list(h) for h in mask.heads],
+                                         "model": mask.model},
+    )
