@@ -83,8 +83,55 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# experiment / quickstart
+# --------------------------------------------------------------------------------------------
+def _add_experiment(sub: Any) -> None:
+    p = sub.add_parser("experiment", help="run (or resume) a whole CT-SFT experiment from a TOML config")
+    p.add_argument("--config", required=True, help="TOML file (see configs/ and docs/cli.md)")
+    p.add_argument("--out", default=None, help="override the config's output folder")
+    p.add_argument("--force", action="store_true", help="discard cached stages in the output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from ctsft_lens.experiments import ExperimentConfig
+
+    config = ExperimentConfig.from_toml(args.config)
+    _run_experiment(config, args)
+
+
+def _add_quickstart(sub: Any) -> None:
+    p = sub.add_parser("quickstart", help="CT-SFT end to end, offline, on the bundled data and default model")
+    p.add_argument("--out", default="runs/quickstart", help="output folder; default: %(default)s")
+    p.add_argument("--force", action="store_true", help="discard cached stages in the output folder")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> None:
+    from ctsft_lens.experiments import QUICKSTART
+
+    _run_experiment(QUICKSTART, args)
+
+
+def _run_experiment(config: Any, args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from ctsft_lens.experiments import run_experiment
+
+    if args.out:
+        config = dataclasses.replace(config, out=args.out)
+    result = run_experiment(config, progress=not args.no_progress, force=args.force)
+    print(result.markdown())
+    print(f"\nresults: {result.out / 'results.md'} (also .csv, .json)")
+    for name, path in result.figures.items():
+        print(f"figure {name}: {path}")
+
+
+# --------------------------------------------------------------------------------------------
 COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = [
     (_add_eval, _cmd_eval),
+    (_add_experiment, _cmd_experiment),
+    (_add_quickstart, _cmd_quickstart),
 ]
 
 
@@ -102,11 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from ctsft_lens.circuit import MaskError
+    from ctsft_lens.experiments import ConfigError
     from ctsft_lens.models import ModelLoadError
 
     try:
         args.func(args)
-    except (TaskError, ModelLoadError, MaskError, CLIError, FileNotFoundError) as err:
+    except (TaskError, ModelLoadError, MaskError, CLIError, ConfigError, FileNotFoundError) as err:
         print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -405,3 +405,20 @@ def _write_tables(result: ExperimentResult) -> None:
     _dump(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
                                         "a0": result.a0, "circuit": result.circuit_heads,
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
+
+
+# The README's main job: offline, bundled NusaX-Senti, the default model, a few minutes on 2 cores.
+QUICKSTART = ExperimentConfig(
+    name="quickstart",
+    task="nusax-senti",
+    model="default",
+    source="indonesian",
+    targets=("javanese", "acehnese"),
+    variants=("full", "circuit", "nearzero"),
+    seeds=(0, 1),
+    out="runs/quickstart",
+    eval_limit=200,
+    competence=StageConfig(n_examples=300, epochs=4, lr=1e-3, batch_size=16),
+    discovery=DiscoveryConfig(scoring="projection", ratio=0.06, max_depth=2, n_examples=30),
+    transfer=StageConfig(n_examples=60, epochs=4, lr=1e-3, batch_size=16),
+)
