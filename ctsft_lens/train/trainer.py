@@ -132,9 +132,9 @@ def train(
     model: Any,
     train_examples: Sequence[Example],
     dev_examples: Sequence[Example] | None = None,
+    config: TrainConfig = TrainConfig(),
     *,
     mask: HeadMask | None = None,
-    config: TrainConfig = TrainConfig(),
     variant: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
