@@ -1,0 +1,79 @@
+"""Plots build from hand-made circuits and reports, and save self-contained HTML."""
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from ctsft_lens.circuit import Circuit, Edge
+from ctsft_lens.faithfulness import Curve, CurvePoint, FaithfulnessReport, Metrics, RandomBand
+from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance, save_png
+
+
+def circuit(scoring: str, signed: bool) -> Circuit:
+    s = torch.arange(12, dtype=torch.float32).view(3, 4) / 10
+    if signed:
+        s = s - 0.5
+    s1 = s.clone()
+    s1[2] = float("nan")
+    return Circuit((((2, 1), (2, 3)), ((1, 0),), ((0, 2),)), (s, s1, s1),
+                   (Edge((2, 1), None, 0, 1.0), Edge((2, 3), None, 0, 0.9), Edge((1, 0), (2, 1), 1, 0.4),
+                    Edge((0, 2), (1, 0), 2, 0.2)), scoring, 0.2, {"n_layers": 3, "n_heads": 4})
+
+
+def report() -> FaithfulnessReport:
+    def curve(name, kind, fs, depth=False):
+        return Curve(name, kind, tuple(CurvePoint(k, k / 12, f, f, 0.5, depth=i if depth else None,
+                                                  necessity=1 - f if depth else None)
+                                       for i, (k, f) in enumerate(fs)))
+    depth = {n: curve(f"{n}/depth", "depth", [(2, 0.5), (3, 0.7), (4, 0.9)], True) for n in ("projection", "magnitude")}
+    topk = {n: curve(f"{n}/top-k", "topk", [(1, 0.3), (4, 0.9), (12, 1.0)]) for n in ("projection", "magnitude")}
+    band = RandomBand((1, 4, 12), (1 / 12, 4 / 12, 1.0), (0, 1), ((0.0, 0.1), (0.2, 0.4), (1.0, 1.0)))
+    return FaithfulnessReport("pooled", 6, 3, 4, Metrics(2.0, 0.9), Metrics(0.0, 0.33), {}, depth, topk, band)
+
+
+def test_faithfulness_plot_has_band_curves_and_saves_html(tmp_path):
+    fig = plot_faithfulness(report(), save_html=tmp_path / "f.html")
+    assert isinstance(fig, go.Figure)
+    names = [t.name for t in fig.data]
+    assert any(n.startswith("random ±1 sd") for n in names)
+    assert any("projection/top-k" in n for n in names) and any("magnitude/depth" in n for n in names)
+    band = next(t for t in fig.data if t.name.startswith("random ±1 sd"))
+    assert list(band.y[:3]) == pytest.approx([0.05 + 0.0707, 0.3 + 0.1414, 1.0], abs=1e-3)  # mean + sd
+    html = (tmp_path / "f.html").read_text()
+    assert "Plotly.newPlot" in html and "top-k (CPR 0.80, CMD 0.20)" in html and len(html) > 100_000  # plotly.js embedded
+
+
+def test_relevance_heatmaps_side_by_side(tmp_path):
+    fig = plot_relevance({"projection": circuit("projection", True), "magnitude": circuit("magnitude", False)},
+                         save_html=tmp_path / "r.html")
+    heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    assert len(heat) == 2 and heat[0].colorscale != heat[1].colorscale  # signed vs unsigned scale
+    assert heat[0].zmin == -heat[0].zmax and heat[1].zmin == 0
+    assert list(heat[1].z[2]) == pytest.approx([0.8, 0.9, 1.0, 1.1])
+    outline = [t for t in fig.data if t.name == "projection circuit"][0]
+    assert len(outline.x) == 4
+    assert (tmp_path / "r.html").exists()
+
+
+def test_circuit_graph_places_heads_by_layer_with_a_logits_node(tmp_path):
+    c = circuit("projection", True)
+    fig = plot_circuit(c, save_html=tmp_path / "c.html")
+    heads = next(t for t in fig.data if t.name == "head")
+    assert sorted(zip(heads.y, heads.x)) == sorted((float(l), float(h)) for l, h in c.heads)
+    assert list(heads.marker.color) == [2, 1, 0, 0]  # depth at which each head joined, sorted by head
+    edges = next(t for t in fig.data if t.name == "expansion edge")
+    assert len(edges.x) == 3 * len(c.edges)
+    logits = next(t for t in fig.data if t.name == "logits")
+    assert logits.y[0] == 3  # above the last layer
+    assert (tmp_path / "c.html").stat().st_size > 100_000
+
+
+def test_png_export_is_optional(tmp_path):
+    fig = plot_circuit(circuit("magnitude", False))
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="kaleido"):
+            save_png(fig, tmp_path / "c.png")
+    else:
+        assert save_png(fig, tmp_path / "c.png").stat().st_size > 0
