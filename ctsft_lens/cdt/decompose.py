@@ -157,11 +157,12 @@ def is_rotary(model: Any) -> bool:
     return model.cfg.positional_embedding_type == "rotary"
 
 
-def cache_names(model: Any, first_layer: int) -> list[str]:
-    """Hooks of the real forward that the propagation from ``first_layer`` reads."""
-    names = [f"blocks.{first_layer}.hook_resid_pre", f"blocks.{first_layer}.attn.hook_result",
-             "ln_final.hook_scale"]
-    for layer in range(first_layer, model.cfg.n_layers):
+def cache_names(model: Any, source_layers: Sequence[int]) -> list[str]:
+    """Hooks of the real forward that the propagation from sources in ``source_layers`` reads."""
+    names = ["ln_final.hook_scale"]
+    for layer in sorted(set(source_layers)):
+        names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_result"]
+    for layer in range(min(source_layers), model.cfg.n_layers):
         names += [f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale",
                   f"blocks.{layer}.attn.hook_pattern"]
         if is_rotary(model):
@@ -324,7 +325,7 @@ def decompose(
     if not sources:
         raise ValueError("no sources given")
     kw = forward_kwargs(batch, model)
-    names = cache_names(model, 0) + [n for n in record if n != "unembed.hook_out"]
+    names = cache_names(model, [s.layer for s in sources]) + [n for n in record if n != "unembed.hook_out"]
     logits, cache = model.run_with_cache(kw.pop("input"), names_filter=names, **kw)
     mask = batch.attention_mask.to(logits.device)
     results: dict[str, list[torch.Tensor]] = {name: [] for name in record}

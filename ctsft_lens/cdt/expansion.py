@@ -1,0 +1,108 @@
+"""Iterative backward expansion: from the logits back through the heads that feed them.
+
+Depth 0 scores every head against the logits and keeps the top ``ratio`` of all heads (at
+least one). Depth ``d`` takes the heads kept at depth ``d - 1`` as targets, scores every head
+in an earlier layer against each of them, and adds the top ``ratio`` (of all heads) among the
+heads not yet kept, each by its best target. The search stops early when no candidate is left.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ctsft_lens.batching import check_examples
+from ctsft_lens.cdt.baseline import head_means
+from ctsft_lens.cdt.decompose import AttentionRule
+from ctsft_lens.cdt.relevance import Baseline, Scoring, check_options, head_relevance
+from ctsft_lens.circuit import Circuit, Edge, Head
+from ctsft_lens.models import model_info
+from ctsft_lens.tasks.base import Example
+
+
+def n_to_keep(ratio: float, n_heads_total: int) -> int:
+    """Heads kept per depth: ``floor(ratio * all heads)``, at least one."""
+    return max(1, int(ratio * n_heads_total))
+
+
+def _top(table: torch.Tensor, exclude: set[Head], k: int) -> list[Head]:
+    """The ``k`` highest finite entries of ``table`` not in ``exclude``, best first."""
+    scores = table.clone()
+    scores[scores.isnan()] = float("-inf")
+    for layer, head in exclude:
+        scores[layer, head] = float("-inf")
+    flat = scores.flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    n_heads = table.shape[1]
+    picked = [divmod(int(i), n_heads) for i in order[:k] if flat[i] > float("-inf")]
+    return [(layer, head) for layer, head in picked]
+
+
+@torch.no_grad()
+def discover(
+    model: Any,
+    examples: Sequence[Example],
+    *,
+    scoring: Scoring = "projection",
+    ratio: float = 0.02,
+    max_depth: int = 2,
+    baseline: Baseline = "mean",
+    attention: AttentionRule = "cdt",
+    reference: Sequence[Example] | None = None,
+    batch_size: int = 8,
+    memory_gb: float = 2.0,
+    progress: bool = True,
+) -> Circuit:
+    """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
+
+    ``reference`` (default ``examples``) gives the label-balanced head means of the ``"mean"``
+    baseline. ``scores[d]`` of the result is the depth-``d`` table: the logits scores at depth
+    0, the maximum over that depth's targets after (NaN where a head was not upstream of any).
+    """
+    check_options(scoring, baseline, attention)
+    check_examples(examples)
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+    cfg = model.cfg
+    k = n_to_keep(ratio, cfg.n_layers * cfg.n_heads)
+    ref = reference if reference is not None else examples
+    means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
+    common = dict(scoring=scoring, baseline=baseline, attention=attention, means=means,
+                  batch_size=batch_size, memory_gb=memory_gb, progress=progress)
+
+    kept: set[Head] = set()
+    heads_by_depth: list[tuple[Head, ...]] = []
+    tables: list[torch.Tensor] = []
+    edges: list[Edge] = []
+    for depth in tqdm(range(max_depth + 1), disable=not progress, desc="CD-T expansion", leave=False):
+        if depth == 0:
+            rel = head_relevance(model, examples, target="logits", **common)
+            table, best = rel.mean[0], None
+            targets: tuple[Head | None, ...] = (None,)
+        else:
+            targets = tuple(h for h in heads_by_depth[-1] if h[0] > 0)
+            if not targets:
+                break
+            rel = head_relevance(model, examples, target=list(targets), **common)
+            per_target = rel.mean  # [T, L, H]
+            filled = per_target.nan_to_num(float("-inf"))
+            table, best = filled.max(0)
+            table[per_target.isnan().all(0)] = float("nan")
+        new = _top(table, kept, k)
+        if not new:
+            break
+        for head in new:
+            t = targets[0] if best is None else targets[int(best[head])]
+            edges.append(Edge(source=head, target=t, depth=depth, score=float(table[head])))
+        kept.update(new)
+        heads_by_depth.append(tuple(new))
+        tables.append(table)
+    options = {"baseline": baseline, "attention": attention, "n_examples": len(examples),
+               "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
+               "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}
+    return Circuit(tuple(heads_by_depth), tuple(tables), tuple(edges), scoring, ratio,
+                   model_info(model, checksum=True), options)

@@ -1,0 +1,187 @@
+"""Relevance of attention heads to a target, from their CD-T β at that target.
+
+Two scores, per example then averaged:
+
+* ``"projection"``: ``⟨β, v_task⟩`` with ``v_task = W_U[:, y] - mean_{y' != y} W_U[:, y']`` (``y``
+  the gold label's token, ``y'`` the other labels' tokens). β is taken at the last prompt
+  position, after the final norm for the logits target, or at a target head's ``hook_result``.
+  Signed: positive means the source pushes the logits toward the gold label.
+* ``"magnitude"``: the original CD-T's unsigned ``‖β‖₁ / ‖γ‖₁`` at the target (the full logit
+  vector for the logits target).
+
+Speed: one real forward per batch of examples; the sources of each layer then propagate
+together as a ``[source, example]`` batch, chunked to a memory budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from ctsft_lens.batching import batches, check_examples, forward_kwargs
+from ctsft_lens.cdt.baseline import head_means
+from ctsft_lens.cdt.decompose import (ATTENTION_RULES, AttentionRule, Source, Split, cache_names,
+                                      head_output, propagate, unembed)
+from ctsft_lens.circuit import Head
+from ctsft_lens.tasks.base import Example
+
+Scoring = Literal["projection", "magnitude"]
+SCORINGS = ("projection", "magnitude")
+Baseline = Literal["mean", "zero"]
+BASELINES = ("mean", "zero")
+
+
+@dataclass(frozen=True)
+class Relevance:
+    """Scores of every head for every target; NaN where a head is not a source for that target.
+
+    ``targets[t]`` is a head ``(layer, head)`` or ``None`` for the logits.
+    """
+
+    targets: tuple[Head | None, ...]
+    per_example: Float[torch.Tensor, "target example n_layers n_heads"]
+    scoring: str
+
+    @property
+    def mean(self) -> Float[torch.Tensor, "target n_layers n_heads"]:
+        """Average over examples."""
+        return self.per_example.mean(1)
+
+
+def task_directions(model: Any, label_token_ids: torch.Tensor) -> Float[torch.Tensor, "n_labels d_model"]:
+    """``v_task`` for each gold label: its unembedding minus the mean of the other labels'."""
+    cols = model.W_U[:, label_token_ids.to(model.W_U.device)].T  # [n_labels, d]
+    n = cols.shape[0]
+    others = (cols.sum(0, keepdim=True) - cols) / max(n - 1, 1)
+    return cols - others
+
+
+def _score(x: Split, scoring: str, direction: torch.Tensor | None) -> torch.Tensor:
+    """``[source, batch]`` scores of a split target vector ``[source, batch, d]``."""
+    if scoring == "projection":
+        return (x.beta * direction).sum(-1)
+    return x.beta.abs().sum(-1) / x.gamma.abs().sum(-1)
+
+
+def _row_bytes(model: Any, n_pos: int) -> int:
+    """Rough peak float32 bytes of one (source, example) row during propagation."""
+    cfg = model.cfg
+    return 4 * n_pos * (8 * cfg.d_mlp + 4 * cfg.n_heads * n_pos + 16 * cfg.d_model)
+
+
+def check_options(scoring: str, baseline: str, attention: str) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
+    if attention not in ATTENTION_RULES:
+        raise ValueError(f"attention must be one of {ATTENTION_RULES}, got {attention!r}")
+
+
+@torch.no_grad()
+def head_relevance(
+    model: Any,
+    examples: Sequence[Example],
+    *,
+    target: Literal["logits"] | Sequence[Head] = "logits",
+    scoring: Scoring = "projection",
+    baseline: Baseline = "mean",
+    attention: AttentionRule = "cdt",
+    sources: Sequence[Head] | None = None,
+    reference: Sequence[Example] | None = None,
+    means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
+    batch_size: int = 8,
+    memory_gb: float = 2.0,
+    progress: bool = True,
+) -> Relevance:
+    """Relevance of every head upstream of ``target`` (the logits, or each listed head).
+
+    ``sources`` restricts the heads scored (default: all heads upstream of some target).
+    ``baseline="mean"`` subtracts each source head's label-balanced mean output over
+    ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
+    """
+    check_options(scoring, baseline, attention)
+    check_examples(examples)
+    cfg = model.cfg
+    targets: tuple[Head | None, ...]
+    if isinstance(target, str):
+        if target != "logits":
+            raise ValueError(f"target must be 'logits' or a list of (layer, head), got {target!r}")
+        targets, top = (None,), cfg.n_layers
+    else:
+        targets = tuple((int(layer), int(head)) for layer, head in target)
+        if not targets:
+            raise ValueError("empty list of target heads")
+        for layer, head in targets:
+            if not (0 <= layer < cfg.n_layers and 0 <= head < cfg.n_heads):
+                raise ValueError(f"target head {layer}.{head} is outside the model")
+        top = max(layer for layer, _ in targets)
+    if sources is None:
+        sources = [(layer, head) for layer in range(top) for head in range(cfg.n_heads)]
+    sources = [(int(layer), int(head)) for layer, head in sources]
+    bad = [s for s in sources if not (0 <= s[0] < top and 0 <= s[1] < cfg.n_heads)]
+    if bad:
+        raise ValueError(f"source heads {bad} are not upstream of any target")
+    if baseline == "mean" and means is None:
+        means = head_means(model, reference if reference is not None else examples,
+                           batch_size=batch_size, progress=progress)
+    if baseline == "zero":
+        means = None
+
+    per_example = torch.full((len(targets), len(examples), cfg.n_layers, cfg.n_heads), float("nan"))
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in sorted(set(sources)):
+        by_layer.setdefault(layer, []).append(head)
+    stop = None if targets == (None,) else top
+    names = cache_names(model, list(by_layer) or [0])
+    n_batches = (len(examples) + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
+               leave=False)
+    start = 0
+    for batch in batches(model, examples, batch_size):
+        n = batch.input_ids.shape[0]
+        kw = forward_kwargs(batch, model)
+        _, cache = model.run_with_cache(kw.pop("input"), names_filter=names, **kw)
+        mask = batch.attention_mask.to(cfg.device)
+        directions = task_directions(model, batch.label_token_ids)[batch.labels.to(cfg.device)]  # [B, d]
+        chunk = max(1, int(memory_gb * 2**30) // (n * _row_bytes(model, batch.input_ids.shape[1])))
+        for layer, heads in by_layer.items():
+            for i in range(0, len(heads), chunk):
+                part = heads[i:i + chunk]
+                scores = _relevance_chunk(model, cache, mask, layer, part, targets, stop, scoring,
+                                          directions, means, attention)
+                for t, s in scores.items():  # s: [S, B]
+                    per_example[t, start:start + n, layer, part] = s.T.float().cpu()
+                bar.update(len(part))
+        start += n
+        del cache
+    bar.close()
+    return Relevance(targets, per_example, scoring)
+
+
+def _relevance_chunk(
+    model: Any, cache: Any, mask: torch.Tensor, layer: int, heads: list[int],
+    targets: tuple[Head | None, ...], stop: int | None, scoring: str,
+    directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
+) -> dict[int, torch.Tensor]:
+    """Scores ``{target index: [source, batch]}`` of the heads ``heads`` of ``layer``."""
+    out: dict[int, torch.Tensor] = {}
+
+    def visit(name: str, x: Split) -> None:
+        if name == "ln_final.hook_out" and targets == (None,):
+            last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
+            out[0] = _score(last if scoring == "projection" else unembed(model, last), scoring, directions)
+        elif name.endswith(".attn.hook_z"):
+            z_layer = int(name.split(".")[1])
+            last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
+            for t, tgt in enumerate(targets):
+                if tgt is not None and tgt[0] == z_layer:
+                    out[t] = _score(head_output(model, z_layer, tgt[1], last), scoring, directions)
+
+    srcs = [Source(layer, h) for h in heads]
+    propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop)
+    return out
