@@ -128,10 +128,75 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# faithfulness (mean-ablation curves of one or more circuit files; see ctsft_lens.faithfulness)
+# --------------------------------------------------------------------------------------------
+def _add_faithfulness(sub: Any) -> None:
+    p = sub.add_parser("faithfulness", help="mean-ablation faithfulness curves of circuit files, with a random floor and plots")
+    _add_model(p)
+    p.add_argument("--circuit", action="append", required=True,
+                   help="circuit JSON (from save_circuit / discover); repeat to compare, e.g. projection and magnitude")
+    _add_task(p)
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: %(default)s")
+    p.add_argument("--n-examples", type=int, default=30, help="label-balanced examples (one batch); default: %(default)s")
+    p.add_argument("--positions", default="pooled", choices=["pooled", "last"],
+                   help="head means pooled over prompt tokens or taken at the last token; default: %(default)s")
+    p.add_argument("--seeds", type=int, default=5, help="random circuits per size (the floor); 0 to skip; default: %(default)s")
+    p.add_argument("--points", type=int, default=24, help="about this many sizes on the top-k / random curves; default: %(default)s")
+    p.add_argument("--max-size", type=int, default=None, help="largest top-k / random size (default: every head)")
+    p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
+    p.add_argument("--tables-per-forward", type=int, default=1,
+                   help="circuits evaluated in one forward (batch x this many rows; >1 helps on GPU); default: %(default)s")
+    _add_out(p, "runs/faithfulness")
+
+
+def _cmd_faithfulness(args: argparse.Namespace) -> None:
+    from ctsft_lens.circuit import MaskError, circuit_mask, load_circuit
+    from ctsft_lens.faithfulness import faithfulness_report, size_grid
+    from ctsft_lens.models import load_model
+    from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance
+    from ctsft_lens.tasks import load_task
+
+    if args.n_examples < 1 or args.seeds < 0 or args.points < 2:
+        raise CLIError("--n-examples must be >= 1, --seeds >= 0 and --points >= 2")
+    circuits = {}
+    for path in args.circuit:
+        c = load_circuit(path)
+        name = c.scoring if c.scoring not in circuits else Path(path).stem
+        circuits[name] = c
+    task = load_task(args.task, args.lang, args.data_dir)
+    examples = task.sample(args.n_examples, args.split, seed=args.seed)
+    model = load_model(args.model)
+    for path, c in zip(args.circuit, circuits.values()):
+        try:
+            circuit_mask(c).check(model)
+        except MaskError as err:
+            raise MaskError(f"{path}: {err}") from None
+    n_total = int(model.cfg.n_layers) * int(model.cfg.n_heads)
+    sizes = size_grid(n_total, args.points, args.max_size)
+    report = faithfulness_report(model, circuits, examples, positions=args.positions, sizes=sizes,
+                                 seeds=tuple(range(args.seeds)), batch_size=args.batch_size,
+                                 tables_per_forward=args.tables_per_forward, progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report.write_csv(out / "curves.csv")
+    plot_faithfulness(report, save_html=out / "faithfulness.html", plotlyjs="directory")
+    plot_relevance(circuits, save_html=out / "relevance.html", plotlyjs="directory")
+    for name, c in circuits.items():
+        plot_circuit(c, save_html=out / f"circuit_{name}.html", plotlyjs="directory")
+    data = {"model": args.model, "task": args.task, "language": task.language, "split": args.split,
+            "seed": args.seed, "circuits": dict(zip(circuits, args.circuit)), **report.to_dict()}
+    head = f"faithfulness: {args.task}/{task.language}/{args.split} with model {args.model}"
+    write_results(out, "faithfulness", data, head + "\n" + report.summary()
+                  + f"\ncurves: {out / 'curves.csv'}; figures: {out}/*.html")
+
+
+# --------------------------------------------------------------------------------------------
 COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = [
     (_add_eval, _cmd_eval),
     (_add_experiment, _cmd_experiment),
     (_add_quickstart, _cmd_quickstart),
+    (_add_faithfulness, _cmd_faithfulness),
 ]
 
 

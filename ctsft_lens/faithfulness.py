@@ -319,7 +319,7 @@ def depth_curve(ab: MeanAblation, circuit: Circuit, name: str | None = None) -> 
     return Curve(name or f"{circuit.scoring}/depth", "depth", points)
 
 
-def ranked_heads(scores: Float[torch.Tensor, "n_layers n_heads"], absolute: bool = True) -> list[tuple[int, int]]:
+def ranked_heads(scores: Float[torch.Tensor, "n_layers n_heads"], absolute: bool = False) -> list[tuple[int, int]]:
     """Heads from highest to lowest score (|score| if ``absolute``); unscored (NaN) heads last."""
     s = scores.abs() if absolute else scores
     flat = s.flatten().double().nan_to_num(nan=-math.inf)
@@ -328,8 +328,11 @@ def ranked_heads(scores: Float[torch.Tensor, "n_layers n_heads"], absolute: bool
 
 
 def topk_curve(ab: MeanAblation, scores: Float[torch.Tensor, "n_layers n_heads"], sizes: Sequence[int],
-               name: str = "topk", absolute: bool = True) -> Curve:
-    """Faithfulness of the top-k heads by score for every k in ``sizes`` (sufficiency only)."""
+               name: str = "topk", absolute: bool = False) -> Curve:
+    """Faithfulness of the top-k heads by score for every k in ``sizes`` (sufficiency only).
+
+    Highest score first, as ``cdt.discover`` picks heads (``absolute=True`` ranks by |score|).
+    """
     order = ranked_heads(scores, absolute)
     keeps = torch.stack([ab.table(order[:k]) for k in sizes])
     ms = ab.metrics_many(keeps)

@@ -1,7 +1,8 @@
 """Plotly figures: faithfulness curves with the random floor, relevance heatmaps, the circuit graph.
 
 Each function returns a ``plotly.graph_objects.Figure`` (it shows inline in Jupyter) and writes
-a self-contained HTML file when given ``save_html``. PNG export (:func:`save_png`) needs the
+an HTML file when given ``save_html`` (``plotlyjs=True``: plotly.js embedded, ~5 MB, opens
+offline; ``"directory"``: one shared ``plotly.min.js`` beside the files; ``"cdn"``: online). PNG export (:func:`save_png`) needs the
 optional ``kaleido`` package.
 """
 
@@ -26,11 +27,11 @@ def _color(name: str, i: int) -> str:
     return COLORS.get(name.split("/")[0], _PALETTE[i % len(_PALETTE)])
 
 
-def _finish(fig: go.Figure, save_html: str | Path | None) -> go.Figure:
+def _finish(fig: go.Figure, save_html: str | Path | None, plotlyjs: bool | str) -> go.Figure:
     if save_html is not None:
         path = Path(save_html)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.write_html(path, include_plotlyjs=True)  # self-contained: opens offline
+        fig.write_html(path, include_plotlyjs=plotlyjs)
     return fig
 
 
@@ -48,7 +49,7 @@ def save_png(fig: go.Figure, path: str | Path, scale: float = 2.0) -> Path:
 # --------------------------------------------------------------------------------------------
 # Faithfulness curves
 # --------------------------------------------------------------------------------------------
-def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | None = None) -> go.Figure:
+def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> go.Figure:
     """Left: f against circuit size (top-k lines, depth points, random mean ± std band).
     Right: f against expansion depth, sufficiency (solid) and necessity (dotted)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness vs circuit size", "faithfulness vs depth"))
@@ -93,14 +94,14 @@ def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | Non
     fig.update_layout(title=f"Faithfulness ({report.positions} means, {report.n_examples} examples; "
                             f"full logit diff {report.full.logit_diff:.3f}, none {report.empty.logit_diff:.3f})",
                       template="plotly_white", height=480, width=1200, legend={"font": {"size": 10}})
-    return _finish(fig, save_html)
+    return _finish(fig, save_html, plotlyjs)
 
 
 # --------------------------------------------------------------------------------------------
 # Relevance heatmaps
 # --------------------------------------------------------------------------------------------
 def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] | Circuit], *,
-                   save_html: str | Path | None = None, title: str = "Head relevance (depth 0)") -> go.Figure:
+                   save_html: str | Path | None = None, title: str = "Head relevance (depth 0)", plotlyjs: bool | str = True) -> go.Figure:
     """Layer x head heatmaps side by side (e.g. projection and magnitude); circuits give their
     depth-0 table and have their heads outlined. NaN cells (not scored) are blank."""
     names = list(tables)
@@ -124,13 +125,13 @@ def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] 
         fig.update_xaxes(title_text="head", row=1, col=i)
         fig.update_yaxes(title_text="layer", row=1, col=i)
     fig.update_layout(title=title, template="plotly_white", height=560, width=max(500, 520 * len(names)))
-    return _finish(fig, save_html)
+    return _finish(fig, save_html, plotlyjs)
 
 
 # --------------------------------------------------------------------------------------------
 # The circuit as a graph
 # --------------------------------------------------------------------------------------------
-def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title: str | None = None) -> go.Figure:
+def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title: str | None = None, plotlyjs: bool | str = True) -> go.Figure:
     """Heads of the circuit placed by (head, layer), expansion edges as lines, the logits on top;
     node colour is the expansion depth at which the head joined."""
     n_layers = int(circuit.model.get("n_layers") or circuit.scores[0].shape[0])
@@ -179,4 +180,4 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
                                      f"ratio {circuit.ratio}",
                       template="plotly_white", height=max(420, 28 * n_layers + 200),
                       width=max(600, 60 * n_heads + 200))
-    return _finish(fig, save_html)
+    return _finish(fig, save_html, plotlyjs)

@@ -118,8 +118,8 @@ def test_area_is_mibs_trapezoid_over_normalized_size():
 
 def test_ranked_heads_sorts_by_abs_score_with_nan_last():
     s = torch.tensor([[0.1, -2.0], [float("nan"), 1.0]])
-    assert ranked_heads(s) == [(0, 1), (1, 1), (0, 0), (1, 0)]
-    assert ranked_heads(s, absolute=False)[0] == (1, 1)
+    assert ranked_heads(s, absolute=True) == [(0, 1), (1, 1), (0, 0), (1, 0)]
+    assert ranked_heads(s) == [(1, 1), (0, 0), (0, 1), (1, 0)]  # highest first, as discover picks
 
 
 def test_depth_curve_has_one_point_per_depth_in_both_directions(ab, model):
@@ -173,3 +173,29 @@ def test_report_serializes_to_json_and_csv(tmp_path, model, examples):
     rows = list(csv.DictReader(open(report.write_csv(tmp_path / "curves.csv"))))
     assert len(rows) == 2 * 2 + 2 * 3 + 2 * 3  # depth points + top-k points + random points
     assert "CPR" in report.summary() and "necessity" in report.summary()
+
+
+def test_cli_writes_curves_and_figures_and_refuses_a_mismatched_circuit(tmp_path, capsys):
+    from ctsft_lens.circuit import save_circuit
+    from ctsft_lens.cli import main
+
+    info = {"name": "tiny-qwen2", "n_layers": 4, "n_heads": 8}  # load_model("tiny") is 4 x 8
+    scores = torch.linspace(-1, 1, 32).view(4, 8)
+    c = Circuit((((3, 1),), ((1, 2),)), (scores, scores), (Edge((3, 1), None, 0, 0.9), Edge((1, 2), (3, 1), 1, 0.3)),
+                "magnitude", 0.05, info)
+    save_circuit(c, tmp_path / "c.json")
+    args = ["faithfulness", "--model", "tiny", "--circuit", str(tmp_path / "c.json"), "--n-examples", "3",
+            "--seeds", "1", "--points", "2", "--positions", "last", "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0
+    out = tmp_path / "out"
+    data = json.loads((out / "faithfulness.json").read_text())
+    assert data["positions"] == "last" and data["circuits"]["magnitude"]["size"] == 2
+    assert len(data["depth_curves"]["magnitude"]["points"]) == 2
+    assert (out / "curves.csv").exists() and (out / "plotly.min.js").exists()
+    assert {p.name for p in out.glob("*.html")} == {"faithfulness.html", "relevance.html", "circuit_magnitude.html"}
+    save_circuit(Circuit((((20, 1),),), (torch.zeros(24, 14),), (), "projection", 0.02,
+                         {"name": "Qwen/Qwen2.5-0.5B", "n_layers": 24, "n_heads": 14}), tmp_path / "big.json")
+    args[args.index(str(tmp_path / "c.json"))] = str(tmp_path / "big.json")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "big.json" in err[0] and "n_layers: mask 24 vs model 4" in err[0]
