@@ -57,7 +57,7 @@ def task_directions(model: Any, label_token_ids: torch.Tensor) -> Float[torch.Te
     cols = model.W_U[:, label_token_ids.to(model.W_U.device)].T  # [n_labels, d]
     n = cols.shape[0]
     others = (cols.sum(0, keepdim=True) - cols) / max(n - 1, 1)
-    return cols - others
+    return (cols - others).detach()
 
 
 def _score(x: Split, scoring: str, direction: torch.Tensor | None) -> torch.Tensor:
