@@ -185,7 +185,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     for name, c in circuits.items():
         plot_circuit(c, save_html=out / f"circuit_{name}.html", plotlyjs="directory")
     data = {"model": args.model, "task": args.task, "language": task.language, "split": args.split,
-            "seed": args.seed, "circuits": dict(zip(circuits, args.circuit)), **report.to_dict()}
+            "seed": args.seed, "circuit_files": dict(zip(circuits, args.circuit)), **report.to_dict()}
     head = f"faithfulness: {args.task}/{task.language}/{args.split} with model {args.model}"
     write_results(out, "faithfulness", data, head + "\n" + report.summary()
                   + f"\ncurves: {out / 'curves.csv'}; figures: {out}/*.html")

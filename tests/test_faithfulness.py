@@ -190,6 +190,7 @@ def test_cli_writes_curves_and_figures_and_refuses_a_mismatched_circuit(tmp_path
     out = tmp_path / "out"
     data = json.loads((out / "faithfulness.json").read_text())
     assert data["positions"] == "last" and data["circuits"]["magnitude"]["size"] == 2
+    assert data["circuit_files"] == {"magnitude": str(tmp_path / "c.json")}
     assert len(data["depth_curves"]["magnitude"]["points"]) == 2
     assert (out / "curves.csv").exists() and (out / "plotly.min.js").exists()
     assert {p.name for p in out.glob("*.html")} == {"faithfulness.html", "relevance.html", "circuit_magnitude.html"}
