@@ -128,6 +128,95 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# competence / train (one fine-tuning run each; see ctsft_lens.train)
+# --------------------------------------------------------------------------------------------
+def _add_sft_options(p: argparse.ArgumentParser) -> None:
+    from ctsft_lens.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--n-examples", type=int, default=60, help="label-balanced training examples from the train split; default: %(default)s")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step; default: %(default)s")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="default: %(default)s")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling and shuffling seed; default: %(default)s")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="default: %(default)s")
+    p.add_argument("--dev-limit", type=int, default=None,
+                   help="score a label-balanced sample of N valid examples each epoch (default: the whole valid split)")
+    p.add_argument("--test-limit", type=int, default=None, help="final accuracy on the first N test examples only")
+
+
+def _add_competence(sub: Any) -> None:
+    p = sub.add_parser("competence", help="full fine-tuning on source-language examples: the checkpoint circuits are found on")
+    _add_model(p)
+    _add_task(p)
+    _add_sft_options(p)
+    _add_out(p, "runs/competence")
+
+
+def _cmd_competence(args: argparse.Namespace) -> None:
+    _run_sft(args, "competence", variant="full", mask_file=None, save=True)
+
+
+def _add_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="one adaptation run: fine-tune the heads of a mask file (plus norms), or a fixed variant")
+    _add_model(p)
+    _add_task(p)
+    p.add_argument("--mask", default=None, help="head mask JSON file (circuit, nearzero, random, hand-written)")
+    p.add_argument("--variant", default=None, choices=["full", "norm-only"], help="train without a mask file")
+    p.add_argument("--kv", default="never", choices=["never", "selected-groups"],
+                   help="K/V policy: 'never' freezes keys/values; 'selected-groups' trains the KV group of each selected head")
+    _add_sft_options(p)
+    p.add_argument("--save-model", action="store_true", help="also save the adapted model to OUT/model")
+    _add_out(p, "runs/train")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    if (args.mask is None) == (args.variant is None):
+        raise CLIError("give either --mask or --variant (full | norm-only), not both or neither")
+    _run_sft(args, "train", variant=args.variant, mask_file=args.mask, save=args.save_model)
+
+
+def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_file: str | None, save: bool) -> None:
+    """Sample data, fine-tune, restore the best dev epoch, score the test split, write results."""
+    from ctsft_lens.circuit import load_mask, none_mask
+    from ctsft_lens.evaluate import evaluate
+    from ctsft_lens.models import load_model, model_info, save_model
+    from ctsft_lens.tasks import load_task
+    from ctsft_lens.train import TrainConfig, train
+
+    try:
+        config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                             warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
+                             eval_batch_size=args.eval_batch_size, max_steps=args.max_steps,
+                             kv=getattr(args, "kv", "never"))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    task = load_task(args.task, args.lang, args.data_dir)
+    train_ex = task.sample(args.n_examples, "train", seed=args.seed)
+    dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
+    test_ex = task.examples("test", args.test_limit)
+    model = load_model(args.model)
+    mask = load_mask(mask_file, model) if mask_file else None
+    if variant == "norm-only":
+        mask = none_mask(model_info(model, checksum=False))
+    result = train(model, train_ex, dev_ex, config, mask=mask, variant=variant, progress=not args.no_progress)
+    test = evaluate(model, test_ex, batch_size=args.eval_batch_size, progress=not args.no_progress)
+    data = {"model": args.model, "task": args.task, "language": task.language, "n_examples": len(train_ex),
+            "mask_file": mask_file, "train": result.to_dict(), "test": test.to_dict()}
+    lines = [f"{name}: {args.task}/{task.language} from model {args.model}", result.summary(),
+             f"test ({len(test_ex)} examples):", test.summary()]
+    if save:
+        folder = save_model(model, Path(args.out) / "model")
+        data["checkpoint"] = str(folder)
+        lines.append(f"checkpoint: {folder}")
+    write_results(args.out, name, data, "\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
 # faithfulness (mean-ablation curves of one or more circuit files; see ctsft_lens.faithfulness)
 # --------------------------------------------------------------------------------------------
 def _add_faithfulness(sub: Any) -> None:
@@ -192,11 +281,63 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# discover (CD-T circuit discovery; see ctsft_lens.cdt)
+# --------------------------------------------------------------------------------------------
+def _add_discover(sub: Any) -> None:
+    p = sub.add_parser("discover", help="find a circuit of attention heads with CD-T and backward expansion")
+    _add_model(p)
+    _add_task(p)
+    p.add_argument("--scoring", default="projection", choices=["projection", "magnitude"], help="default: %(default)s")
+    p.add_argument("--max-depth", type=int, default=2, help="expansion steps after the logits; default: %(default)s")
+    p.add_argument("--ratio", type=float, default=0.02, help="share of all heads kept per depth (at least one); default: %(default)s")
+    p.add_argument("--n-examples", type=int, default=30, help="label-balanced train examples; default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
+    p.add_argument("--baseline", default="mean", choices=["mean", "zero"], help="source baseline; default: %(default)s")
+    p.add_argument("--attention", default="cdt", choices=["cdt", "frozen"], help="attention rule; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward; default: %(default)s")
+    p.add_argument("--out", default="runs/discover/circuit.json",
+                   help="circuit JSON file (or a folder, then <folder>/circuit.json); default: %(default)s")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cmd_discover(args: argparse.Namespace) -> None:
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.circuit import head_name, save_circuit
+    from ctsft_lens.models import load_model
+    from ctsft_lens.tasks import load_task
+
+    if args.max_depth < 0 or not 0 < args.ratio <= 1 or args.batch_size < 1:
+        raise CLIError("--max-depth must be >= 0, --ratio in (0, 1] and --batch-size >= 1")
+    task = load_task(args.task, args.lang, args.data_dir)
+    examples = task.sample(args.n_examples, "train", seed=args.seed)
+    model = load_model(args.model)
+    circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
+                       baseline=args.baseline, attention=args.attention, batch_size=args.batch_size,
+                       progress=not args.no_progress)
+    out = Path(args.out)
+    path = out if out.suffix == ".json" else out / "circuit.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_circuit(circuit, path)
+    lines = [f"CD-T circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
+             f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
+    for e in circuit.edges:
+        to = "logits" if e.target is None else head_name(e.target)
+        lines.append(f"  depth {e.depth}: {head_name(e.source)} -> {to}  score {e.score:.4g}")
+    summary = "\n".join(lines)
+    (path.parent / "summary.txt").write_text(summary + "\n")
+    print(summary)
+    print(f"circuit: {path}")
+
+
+# --------------------------------------------------------------------------------------------
 COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = [
     (_add_eval, _cmd_eval),
     (_add_experiment, _cmd_experiment),
     (_add_quickstart, _cmd_quickstart),
+    (_add_competence, _cmd_competence),
+    (_add_train, _cmd_train),
     (_add_faithfulness, _cmd_faithfulness),
+    (_add_discover, _cmd_discover),
 ]
 
 

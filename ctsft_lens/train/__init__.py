@@ -2,11 +2,11 @@
 the :class:`~ctsft_lens.circuit.HeadMask` (``None`` = full fine-tuning)."""
 
 from ctsft_lens.train.masking import (
-    GradientMask, MaskedAdamW, ParamSpec, apply_head_mask, norm_only_mask, trainable_specs,
+    GradientMask, MaskedAdamW, ParamSpec, apply_head_mask, trainable_specs,
 )
 from ctsft_lens.train.trainer import TrainConfig, TrainResult, classification_loss, dev_metrics, train
 
 __all__ = [
-    "GradientMask", "MaskedAdamW", "ParamSpec", "apply_head_mask", "norm_only_mask", "trainable_specs",
+    "GradientMask", "MaskedAdamW", "ParamSpec", "apply_head_mask", "trainable_specs",
     "TrainConfig", "TrainResult", "classification_loss", "dev_metrics", "train",
 ]

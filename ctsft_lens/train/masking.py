@@ -37,7 +37,6 @@ import torch
 from jaxtyping import Bool
 
 from ctsft_lens.circuit import HeadMask, MaskError
-from ctsft_lens.models import model_info
 
 KVPolicy = Literal["never", "selected-groups"]
 KV_POLICIES = ("never", "selected-groups")
@@ -55,11 +54,6 @@ class ParamSpec:
     @property
     def n_trainable(self) -> int:
         return self.param.numel() if self.mask is None else int(self.mask.sum())
-
-
-def norm_only_mask(model: Any) -> HeadMask:
-    """The ``norm-only`` variant: no heads, so only LayerNorm/RMSNorm parameters train."""
-    return HeadMask(heads=(), model=model_info(model, checksum=False), kind="none")
 
 
 def _clean(name: str) -> str:
@@ -273,6 +267,6 @@ def _zero_outside(mask: torch.Tensor):
 def apply_head_mask(model: Any, head_mask: HeadMask | None, kv: KVPolicy = "never") -> GradientMask:
     """Freeze everything a variant does not train and hook the partly trainable tensors.
 
-    ``head_mask=None``: full fine-tuning; ``norm_only_mask(model)``: norms only.
+    ``head_mask=None``: full fine-tuning; ``circuit.none_mask(info)`` (no heads): norms only.
     """
     return GradientMask(model, head_mask, kv)
