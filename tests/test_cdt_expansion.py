@@ -1,0 +1,129 @@
+"""Backward expansion: how many heads per depth, upstream-only, no duplicates, consistent edges."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ctsft_lens.cdt import discover, head_relevance
+from ctsft_lens.cdt.expansion import n_to_keep
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The CPUs are shared: one torch thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from ctsft_lens.models import tiny_model
+
+    return tiny_model("qwen2", n_layers=4, n_heads=4, n_kv_heads=2, seed=11)
+
+
+@pytest.fixture(scope="module")
+def examples(indonesian):
+    return indonesian.sample(3, seed=3)
+
+
+def test_keep_count_rule():
+    assert n_to_keep(0.02, 16) == 1  # at least one
+    assert n_to_keep(0.02, 336) == 6  # Qwen2.5-0.5B: 24 x 14 heads
+    assert n_to_keep(0.25, 16) == 4
+    assert n_to_keep(1.0, 16) == 16
+
+
+def _check_circuit(circuit, model, k):
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    flat = [h for depth in circuit.heads_by_depth for h in depth]
+    assert len(flat) == len(set(flat)), "a head was added twice"
+    assert len(circuit.scores) == len(circuit.heads_by_depth)
+    assert len(circuit.edges) == len(flat)
+    for depth, heads in enumerate(circuit.heads_by_depth):
+        assert 1 <= len(heads) <= k
+        table = circuit.scores[depth]
+        assert table.shape == (n_layers, n_heads)
+        for e in [e for e in circuit.edges if e.depth == depth]:
+            assert e.source in heads
+            assert e.score == pytest.approx(float(table[e.source]))
+            if depth == 0:
+                assert e.target is None
+            else:
+                assert e.target in circuit.heads_by_depth[depth - 1]
+                assert e.source[0] < e.target[0], "a head must be upstream of its target"
+        # the kept heads are the best not kept before (ties aside)
+        before = {h for d in circuit.heads_by_depth[:depth] for h in d}
+        rest = [float(table[layer, head]) for layer in range(n_layers) for head in range(n_heads)
+                if (layer, head) not in before and (layer, head) not in heads and not table[layer, head].isnan()]
+        if rest and len(heads) == k:
+            assert min(float(table[h]) for h in heads) >= max(rest)
+    if len(circuit.heads_by_depth) > 1:
+        top = max(h[0] for h in circuit.heads_by_depth[0])
+        assert circuit.scores[1][top:].isnan().all()  # nothing at or above the targets' layer
+
+
+@pytest.mark.parametrize("scoring", ["projection", "magnitude"])
+def test_discover_builds_a_consistent_circuit(model, examples, scoring):
+    ratio = 0.15  # 16 heads -> 2 per depth
+    circuit = discover(model, examples, scoring=scoring, ratio=ratio, max_depth=2, progress=False)
+    k = n_to_keep(ratio, 16)
+    assert k == 2
+    _check_circuit(circuit, model, k)
+    assert circuit.scoring == scoring and circuit.ratio == ratio
+    assert circuit.model["n_layers"] == 4 and "weights_sha256" in circuit.model
+    assert circuit.options["baseline"] == "mean" and circuit.options["attention"] == "cdt"
+    assert circuit.options["n_examples"] == 3
+    # depth 0 is the logits table of head_relevance with the same options
+    rel = head_relevance(model, examples, scoring=scoring, progress=False)
+    torch.testing.assert_close(circuit.scores[0], rel.mean[0])
+
+
+def test_tiny_ratio_keeps_one_head_per_depth(model, examples):
+    circuit = discover(model, examples, ratio=1e-6, max_depth=3, baseline="zero", attention="frozen",
+                       progress=False)
+    assert all(len(heads) == 1 for heads in circuit.heads_by_depth)
+    _check_circuit(circuit, model, 1)
+    layers = [heads[0][0] for heads in circuit.heads_by_depth]
+    assert layers == sorted(layers, reverse=True) and len(set(layers)) == len(layers)
+    assert circuit.options["attention"] == "frozen" and circuit.options["baseline"] == "zero"
+
+
+def test_expansion_stops_when_nothing_is_upstream(examples):
+    """A one-layer model has no head upstream of any head: only depth 0 remains."""
+    from ctsft_lens.models import tiny_model
+
+    one = tiny_model("gpt2", n_layers=1, n_heads=4, d_model=32, seed=0)
+    circuit = discover(one, examples, ratio=0.5, max_depth=2, progress=False)
+    assert circuit.depth == 0 and len(circuit.heads_by_depth[0]) == 2
+
+
+def test_bad_arguments(model, examples):
+    with pytest.raises(ValueError, match="ratio"):
+        discover(model, examples, ratio=0, progress=False)
+    with pytest.raises(ValueError, match="max_depth"):
+        discover(model, examples, max_depth=-1, progress=False)
+    with pytest.raises(ValueError, match="attention"):
+        discover(model, examples, attention="linear", progress=False)
+
+
+def test_cli_discover_writes_a_circuit(tmp_path, capsys):
+    from ctsft_lens.circuit import load_circuit
+    from ctsft_lens.cli import main
+
+    out = tmp_path / "c.json"
+    rc = main(["discover", "--model", "tiny", "--task", "nusax-senti", "--lang", "indonesian",
+               "--scoring", "magnitude", "--max-depth", "1", "--ratio", "0.05", "--n-examples", "3",
+               "--seed", "1", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    circuit = load_circuit(out)
+    assert circuit.scoring == "magnitude" and circuit.options["n_examples"] == 3
+    assert json.loads(out.read_text())["ratio"] == 0.05
+    assert "depth 0" in capsys.readouterr().out
+    rc = main(["discover", "--model", "tiny", "--n-examples", "4", "--out", str(out), "--no-progress"])
+    assert rc == 2 and "divisible" in capsys.readouterr().err
