@@ -100,6 +100,9 @@ class MeanAblation:
                  means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
                  batch_size: int = 32, tables_per_forward: int = 1, progress: bool = True) -> None:
         cfg = model.cfg
+        if not getattr(cfg, "use_attn_result", False):  # else hook_result never fires: nothing is ablated
+            raise ValueError("mean ablation hooks blocks.L.attn.hook_result: call model.set_use_attn_result(True) "
+                             "(ctsft_lens.load_model does)")
         self.model = model
         self.positions = positions
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)

@@ -49,7 +49,8 @@ def save_png(fig: go.Figure, path: str | Path, scale: float = 2.0) -> Path:
 # --------------------------------------------------------------------------------------------
 # Faithfulness curves
 # --------------------------------------------------------------------------------------------
-def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> go.Figure:
+def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | None = None,
+                      plotlyjs: bool | str = True) -> go.Figure:
     """Left: f against circuit size (top-k lines, depth points, random mean ± std band).
     Right: f against expansion depth, sufficiency (solid) and necessity (dotted)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness vs circuit size", "faithfulness vs depth"))
@@ -101,7 +102,8 @@ def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | Non
 # Relevance heatmaps
 # --------------------------------------------------------------------------------------------
 def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] | Circuit], *,
-                   save_html: str | Path | None = None, title: str = "Head relevance (depth 0)", plotlyjs: bool | str = True) -> go.Figure:
+                   save_html: str | Path | None = None, title: str = "Head relevance (depth 0)",
+                   plotlyjs: bool | str = True) -> go.Figure:
     """Layer x head heatmaps side by side (e.g. projection and magnitude); circuits give their
     depth-0 table and have their heads outlined. NaN cells (not scored) are blank."""
     names = list(tables)
@@ -131,7 +133,8 @@ def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] 
 # --------------------------------------------------------------------------------------------
 # The circuit as a graph
 # --------------------------------------------------------------------------------------------
-def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title: str | None = None, plotlyjs: bool | str = True) -> go.Figure:
+def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title: str | None = None,
+                 plotlyjs: bool | str = True) -> go.Figure:
     """Heads of the circuit placed by (head, layer), expansion edges as lines, the logits on top;
     node colour is the expansion depth at which the head joined."""
     n_layers = int(circuit.model.get("n_layers") or circuit.scores[0].shape[0])

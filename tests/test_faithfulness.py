@@ -58,6 +58,15 @@ def test_keeping_every_head_gives_1_and_keeping_none_gives_0(ab, model, examples
     assert every.sufficiency == pytest.approx(1.0) and every.necessity == pytest.approx(0.0, abs=1e-9)
 
 
+def test_a_bridge_without_per_head_results_is_refused(model, examples):
+    model.set_use_attn_result(False)  # hook_result would never fire: ablation would silently do nothing
+    try:
+        with pytest.raises(ValueError, match="set_use_attn_result"):
+            MeanAblation(model, examples, progress=False)
+    finally:
+        model.set_use_attn_result(True)
+
+
 def test_ablation_changes_the_output(ab):
     keep = ab.table(True)
     keep[1, 2] = False
