@@ -119,7 +119,8 @@ def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] 
             z=z, x=list(range(table.shape[1])), y=list(range(table.shape[0])),
             colorscale="RdBu" if signed else "Viridis", reversescale=signed,
             zmin=-top if signed else 0, zmax=top, hovertemplate="L%{y}.H%{x}: %{z:.4g}<extra></extra>",
-            colorbar={"x": i / len(names) - 0.02, "len": 0.9, "thickness": 12}), row=1, col=i)
+            colorbar={"x": fig.get_subplot(1, i).xaxis.domain[1] + 0.01, "len": 0.9, "thickness": 12}),
+            row=1, col=i)
         if isinstance(item, Circuit):
             fig.add_trace(go.Scatter(x=[h for _, h in item.heads], y=[l for l, _ in item.heads], mode="markers",
                                      marker={"symbol": "square-open", "size": 14, "color": "black", "line": {"width": 2}},
