@@ -1,0 +1,206 @@
+"""The offline default model: a small Qwen2-architecture LM pre-trained on bundled text at first use.
+
+``ctsft quickstart`` needs a model that runs the whole CT-SFT protocol in minutes on a laptop CPU
+with no network, yet is *meaningful*: a random model has no mechanism to find or transfer. So the
+first call pre-trains a small Qwen2 model (GQA, SwiGLU, RMSNorm, RoPE, like Qwen2.5-0.5B) with a
+causal-LM objective on the unlabelled ``text`` of the NusaX-Senti **train** splits of all 12
+languages (never valid/test text, never labels, so transfer evaluation stays clean). NusaX is
+parallel across languages, which gives the model shared multilingual structure. The result is
+saved as a normal Hugging Face folder under a cache named by the config's hash and loaded from
+there on later calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from jaxtyping import Int
+from tqdm.auto import tqdm
+
+from ctsft_lens.models import bridge_from_hf, load_model, save_model, tiny_hf_model, tiny_tokenizer
+
+CACHE_ENV = "CTSFT_CACHE"
+INFO_FILE = "default_model.json"
+
+
+@dataclass(frozen=True)
+class DefaultModelConfig:
+    """Shape and pre-training recipe of the default model. Its hash names the cache folder."""
+
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    d_mlp: int = 384
+    vocab_size: int = 2048
+    n_ctx: int = 256
+    seq_len: int = 128  # packed training sequences
+    batch_size: int = 32
+    steps: int = 400
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.1
+    source_language: str = "indonesian"  # its train text is repeated ``source_repeats`` times
+    source_repeats: int = 1
+    pair_fraction: float = 0.0  # extra translation-pair documents, as a fraction of single texts
+    seed: int = 0
+    version: int = 1  # bump when the training code changes what a config produces
+
+    def key(self) -> str:
+        """Short stable hash of every field: a new config gets a new cache folder."""
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cache_folder(config: DefaultModelConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache_dir | $CTSFT_CACHE | ~/.cache/ctsft_lens>/default-<config hash>``."""
+    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "~/.cache/ctsft_lens"
+    return Path(root).expanduser() / f"default-{config.key()}"
+
+
+def default_model(*, config: DefaultModelConfig | None = None, cache_dir: str | os.PathLike | None = None,
+                  progress: bool = True) -> Any:
+    """The default model as a ``TransformerBridge``: loaded from the cache, or pre-trained first.
+
+    The first call (per config) trains for about two minutes on two CPU cores and writes the
+    cache folder atomically; later calls only load it.
+    """
+    config = config or DefaultModelConfig()
+    folder = cache_folder(config, cache_dir)
+    if not (folder / INFO_FILE).exists():
+        hf_model, tokenizer, info = pretrain(config, progress=progress)
+        with _quiet_transformers():
+            _write_cache(bridge_from_hf(hf_model, tokenizer, name=folder.name), info, folder)
+    with _quiet_transformers():
+        bridge = load_model(str(folder))
+    bridge.cfg.model_name = folder.name
+    return bridge
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' shard-writing / weight-loading bars: noise next to the quickstart's own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def pretrain_texts(config: DefaultModelConfig) -> list[str]:
+    """Train-split texts of every bundled language, formatted like task prompts, no labels.
+
+    Plus ``pair_fraction`` as many translation pairs (one train text in two languages, same row
+    id): predicting the second half from the first ties the languages' representations together.
+    """
+    from ctsft_lens.tasks.nusax import LANGUAGES, TEMPLATE, bundled_dir
+
+    by_lang: dict[str, dict[str, str]] = {}
+    for lang in sorted(LANGUAGES):
+        with open(bundled_dir() / lang / "train.csv", newline="", encoding="utf-8") as f:
+            by_lang[lang] = {r["id"]: r["text"].strip() for r in csv.DictReader(f)}
+    texts: list[str] = []
+    for lang, rows in by_lang.items():
+        texts += [TEMPLATE.format(text=t) for t in rows.values()] * (
+            config.source_repeats if lang == config.source_language else 1)
+    rng = random.Random(config.seed)
+    langs, ids = sorted(by_lang), sorted(set.intersection(*(set(r) for r in by_lang.values())))
+    for _ in range(round(config.pair_fraction * len(texts))):
+        a, b = rng.sample(langs, 2)
+        i = rng.choice(ids)
+        texts.append(f"{a.title()}: {by_lang[a][i]}\n{b.title()}: {by_lang[b][i]}")
+    return texts
+
+
+def packed_batches(token_docs: list[list[int]], eos: int, config: DefaultModelConfig
+                   ) -> Int[torch.Tensor, "steps batch seq"]:
+    """Shuffle documents each epoch, join them with EOS, cut into ``seq_len`` rows for every step."""
+    rng = random.Random(config.seed)
+    need = config.steps * config.batch_size * config.seq_len
+    stream: list[int] = []
+    while len(stream) < need:
+        order = list(range(len(token_docs)))
+        rng.shuffle(order)
+        for i in order:
+            stream += token_docs[i] + [eos]
+    rows = torch.tensor(stream[:need], dtype=torch.long)
+    return rows.view(config.steps, config.batch_size, config.seq_len)
+
+
+def pretrain(config: DefaultModelConfig, *, progress: bool = True) -> tuple[torch.nn.Module, Any, dict]:
+    """Causal-LM pre-training from a seeded random init; returns (HF model, tokenizer, stats)."""
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    tokenizer = tiny_tokenizer(config.vocab_size)
+    model = tiny_hf_model("qwen2", n_layers=config.n_layers, n_heads=config.n_heads,
+                          n_kv_heads=config.n_kv_heads, d_model=config.d_model, d_mlp=config.d_mlp,
+                          vocab_size=config.vocab_size, n_ctx=config.n_ctx, seed=config.seed)
+    docs = [tokenizer.encode(t, add_special_tokens=False) for t in pretrain_texts(config)]
+    data = packed_batches(docs, tokenizer.eos_token_id, config)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(data, disable=not progress, desc="pre-training default model", leave=False)
+    for batch in bar:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    info = {
+        "config": asdict(config), "config_key": config.key(), "n_documents": len(docs),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "tokens_seen": int(data.numel()), "first_loss": losses[0], "final_loss": sum(tail) / len(tail),
+        "train_seconds": round(time.perf_counter() - start, 1), "torch_threads": torch.get_num_threads(),
+    }
+    return model, tokenizer, info
+
+
+def _lr_factor(step: int, config: DefaultModelConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak rate."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    t = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _write_cache(bridge: Any, info: dict, folder: Path) -> None:
+    """Save to a temporary sibling, then rename: a crash never leaves a half-written cache."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(bridge, tmp)
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not (folder / INFO_FILE).exists():  # left by an older, interrupted run
+        shutil.rmtree(folder)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / INFO_FILE).exists():
+            raise

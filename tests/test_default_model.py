@@ -1,0 +1,98 @@
+"""The offline default model: trained once per config, cached as a HF folder, loaded after."""
+
+import json
+
+import pytest
+import torch
+
+import ctsft_lens.default_model as dm
+from ctsft_lens.default_model import DefaultModelConfig, cache_folder, default_model, pretrain_texts
+
+# Drastically reduced: a few steps of a 1-layer model, so the test runs in seconds.
+SMALL = DefaultModelConfig(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=64,
+                           seq_len=32, batch_size=2, steps=4, warmup=1)
+IDS = torch.tensor([[11, 12, 13, 14, 15, 16]])
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """First call: trains and writes the cache."""
+    root = tmp_path_factory.mktemp("cache")
+    model = default_model(config=SMALL, cache_dir=root, progress=False)
+    return root, model
+
+
+def test_first_call_trains_and_writes_cache(cached):
+    root, model = cached
+    folder = cache_folder(SMALL, root)
+    assert folder.name == f"default-{SMALL.key()}" and folder.parent == root
+    info = json.loads((folder / dm.INFO_FILE).read_text())
+    assert info["config"]["steps"] == 4 and info["config_key"] == SMALL.key()
+    assert info["tokens_seen"] == 4 * 2 * 32
+    assert info["final_loss"] < info["first_loss"] <= 1.5 * torch.log(torch.tensor(2048.0)).item()
+    assert not list(root.glob("*.tmp-*"))  # the temporary folder was renamed into place
+    cfg = model.cfg
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model) == (1, 4, 2, 32)
+    assert cfg.use_attn_result and cfg.model_name == folder.name
+
+
+def test_second_call_loads_from_cache_without_training(cached, monkeypatch):
+    root, first = cached
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrain called although the cache exists")
+
+    monkeypatch.setattr(dm, "pretrain", no_training)
+    second = default_model(config=SMALL, cache_dir=root, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(second(IDS), first(IDS), rtol=0, atol=0)
+
+
+def test_training_is_deterministic(cached, tmp_path):
+    _, first = cached
+    again = default_model(config=SMALL, cache_dir=tmp_path, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(IDS), first(IDS))
+
+
+def test_trained_model_differs_from_its_random_init(cached):
+    from ctsft_lens.models import tiny_hf_model
+
+    _, model = cached
+    init = tiny_hf_model("qwen2", n_layers=1, n_heads=4, n_kv_heads=2, d_model=32, d_mlp=64,
+                         n_ctx=64, seed=SMALL.seed)
+    with torch.no_grad():
+        assert not torch.allclose(model(IDS), init(IDS).logits)
+
+
+def test_config_change_gives_another_cache_folder(tmp_path, monkeypatch):
+    other = DefaultModelConfig(**{**SMALL.__dict__, "steps": 5})
+    assert cache_folder(other, tmp_path) != cache_folder(SMALL, tmp_path)
+    assert SMALL.key() == DefaultModelConfig(**SMALL.__dict__).key()  # stable for equal configs
+    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path / "env"))
+    assert cache_folder(SMALL) == tmp_path / "env" / f"default-{SMALL.key()}"
+    assert cache_folder(SMALL, tmp_path / "arg").parent == tmp_path / "arg"  # argument wins
+
+
+def test_cache_is_a_plain_hf_folder(cached):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, model = cached
+    folder = cache_folder(SMALL, root)
+    hf = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    assert len(tok.encode(" positive", add_special_tokens=False)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, model(IDS), rtol=0, atol=1e-5)
+
+
+def test_pretraining_text_is_train_split_only_and_unlabelled():
+    from ctsft_lens import load_task
+
+    texts = set(pretrain_texts(DefaultModelConfig()))
+    ind = load_task("nusax-senti", "indonesian")
+    assert {ex.prompt for ex in ind.examples("train")} <= texts
+    held_out = {ex.prompt for split in ("valid", "test") for ex in ind.examples(split)}
+    assert not held_out & texts
+    assert not any(t.rstrip().endswith(ind.label_words) for t in texts)
