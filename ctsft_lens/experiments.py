@@ -380,8 +380,8 @@ def _finetune(model: Any, train_ex: list, dev_ex: list, stage: StageConfig, *, m
     from ctsft_lens.train import TrainConfig, train
 
     cfg = TrainConfig(lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size, grad_accum=stage.grad_accum,
-                      weight_decay=stage.weight_decay, warmup_ratio=stage.warmup_ratio, seed=seed)
-    result = train(model, train_ex, dev_ex, cfg, mask=mask, kv_policy=kv_policy, progress=progress)
+                      weight_decay=stage.weight_decay, warmup_ratio=stage.warmup_ratio, seed=seed, kv=kv_policy)
+    result = train(model, train_ex, dev_ex, cfg, mask=mask, progress=progress)
     return int(result.trainable_params)
 
 

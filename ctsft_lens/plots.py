@@ -185,3 +185,57 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
                       template="plotly_white", height=max(420, 28 * n_layers + 200),
                       width=max(600, 60 * n_heads + 200))
     return _finish(fig, save_html, plotlyjs)
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer experiments
+# --------------------------------------------------------------------------------------------
+def plot_transfer(result: Any, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> go.Figure:
+    """Target accuracy (left) and source retention (right) by variant for each target language,
+    mean ± std over seeds; A0 (before adaptation) as a black marker."""
+    rows = result.table()
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("target accuracy", f"source ({result.config.source}) retention"))
+    for i, v in enumerate(variants):
+        sel = [next((r for r in rows if r["target"] == t and r["variant"] == v), None) for t in targets]
+        for col, key in ((1, "target_acc"), (2, "source_acc")):
+            fig.add_trace(go.Bar(name=v, x=targets, y=[r and r[f"{key}_mean"] for r in sel],
+                                 error_y=dict(type="data", array=[r and r[f"{key}_std"] for r in sel]),
+                                 marker_color=_PALETTE[i % len(_PALETTE)], legendgroup=v, showlegend=col == 1),
+                          row=1, col=col)
+    fig.add_trace(go.Scatter(name="A0", x=targets, y=[result.a0[t] for t in targets], mode="markers",
+                             marker=dict(color="black", symbol="line-ew-open", size=28, line=dict(width=3))), row=1, col=1)
+    fig.add_hline(y=result.source_accuracy_before, line_dash="dot", row=1, col=2,
+                  annotation_text="before adaptation")
+    fig.update_layout(barmode="group", template="plotly_white", height=420, width=1000,
+                      title=f"CT-SFT transfer: {result.config.task}, {result.config.source} → targets")
+    fig.update_yaxes(range=[0, 1], title_text="accuracy")
+    return _finish(fig, save_html, plotlyjs)
+
+
+def plot_tradeoff(result: Any, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> go.Figure:
+    """Editing vs preserving: gain of circuit over nearzero (target accuracy) against A0, one
+    point per target language, with the circuit's forgetting as marker size."""
+    rows = {(r["target"], r["variant"]): r for r in result.table()}
+    targets = [t for t in dict.fromkeys(t for t, _ in rows) if (t, "circuit") in rows and (t, "nearzero") in rows]
+    gains = [rows[t, "circuit"]["target_acc_mean"] - rows[t, "nearzero"]["target_acc_mean"] for t in targets]
+    forget = [rows[t, "circuit"]["forgetting"] for t in targets]
+    fig = go.Figure(go.Scatter(
+        x=[result.a0[t] for t in targets], y=gains, text=targets, mode="markers+text", textposition="top center",
+        marker=dict(size=[12 + 200 * max(f, 0) for f in forget], color="#1f77b4"),
+        hovertemplate="%{text}: A0 %{x:.3f}, gain %{y:+.3f}<extra></extra>"))
+    fig.add_hline(y=0, line_dash="dot")
+    fig.update_layout(template="plotly_white", height=420, width=600,
+                      title="circuit − nearzero target accuracy vs A0 (marker size: source forgetting)",
+                      xaxis_title="A0 (competence model on the target)", yaxis_title="gain of circuit over nearzero")
+    return _finish(fig, save_html, plotlyjs)
+
+
+def experiment_figures(result: Any, folder: str | Path) -> dict[str, Path]:
+    """Write the experiment's figures as HTML (one shared plotly.js) and return their paths."""
+    folder = Path(folder)
+    paths = {"transfer": folder / "transfer.html", "tradeoff": folder / "tradeoff.html"}
+    plot_transfer(result, save_html=paths["transfer"], plotlyjs="directory")
+    plot_tradeoff(result, save_html=paths["tradeoff"], plotlyjs="directory")
+    return paths

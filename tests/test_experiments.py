@@ -1,0 +1,98 @@
+import dataclasses
+import json
+
+import pytest
+
+from ctsft_lens import experiments
+from ctsft_lens.experiments import ConfigError, DiscoveryConfig, ExperimentConfig, StageConfig, run_experiment
+
+
+def _tiny_config(out, **kw) -> ExperimentConfig:
+    base = dict(
+        name="t", task="nusax-senti", model="tiny", source="indonesian", targets=("javanese",),
+        variants=("full", "circuit", "nearzero", "norm-only"), seeds=(0, 1), out=str(out), eval_limit=12,
+        competence=StageConfig(n_examples=12, epochs=1, lr=1e-3, batch_size=6, n_dev=6),
+        discovery=DiscoveryConfig(ratio=0.1, max_depth=1, n_examples=6),
+        transfer=StageConfig(n_examples=6, epochs=1, lr=1e-3, batch_size=6, n_dev=6),
+    )
+    base.update(kw)
+    return ExperimentConfig(**base)
+
+
+def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch):
+    cfg = _tiny_config(tmp_path / "run")
+    result = run_experiment(cfg, progress=False)
+    rows = result.table()
+    assert [(r["variant"], r["n_seeds"]) for r in rows] == [("full", 2), ("circuit", 2), ("nearzero", 2), ("norm-only", 2)]
+    by = {r["variant"]: r for r in rows}
+    assert by["circuit"]["trainable_params"] < by["full"]["trainable_params"]
+    assert by["norm-only"]["trainable_params"] < by["circuit"]["trainable_params"]
+    assert by["circuit"]["trainable_params"] == by["nearzero"]["trainable_params"]  # same head count
+    for name in ("results.csv", "results.md", "results.json", "circuit.json", "a0.json", "masks/circuit.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert "| javanese |" in result.markdown()
+    assert all(p.endswith(".html") for p in result.figures.values())
+    assert (tmp_path / "run" / "competence" / "config.json").exists()
+
+    # A rerun trains nothing: every stage comes from the cache.
+    def boom(*a, **k):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(experiments, "_finetune", boom)
+    again = run_experiment(cfg, progress=False)
+    assert again.table() == rows
+
+    # A partly finished run resumes: delete one run and only that one is trained again.
+    (tmp_path / "run" / "runs" / "javanese" / "full" / "seed1.json").unlink()
+    calls = []
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(1) or 7)
+    run_experiment(cfg, progress=False)
+    assert len(calls) == 1
+
+
+def test_rerun_with_other_config_in_same_folder_is_refused(tmp_path, monkeypatch):
+    cfg = _tiny_config(tmp_path / "run", variants=("full",), seeds=(0,))
+    run_experiment(cfg, progress=False)
+    with pytest.raises(ConfigError, match="different config"):
+        run_experiment(dataclasses.replace(cfg, seeds=(0, 1)), progress=False)
+
+
+def test_shipped_configs_parse(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("*.toml"))
+    assert {"nusax_paper.toml", "xnli_paper.toml", "nusax_cpu.toml"} <= set(names)
+    for path in root.glob("*.toml"):
+        cfg = ExperimentConfig.from_toml(path)
+        assert cfg.targets and cfg.seeds
+    paper = ExperimentConfig.from_toml(root / "nusax_paper.toml")
+    assert paper.model == "Qwen/Qwen2.5-0.5B" and {"acehnese", "buginese", "javanese", "minangkabau"} <= set(paper.targets)
+    xnli = ExperimentConfig.from_toml(root / "xnli_paper.toml")
+    assert {"th", "vi", "es", "zh"} <= set(xnli.targets)
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[experiment]\ntargets = ['javanese']\nvariants = ['magic']\n", "unknown variant"),
+    ("[experiment]\ntargets = ['klingon']\n", "unknown NusaX-Senti language 'klingon'"),
+    ("[experiment]\ntargets = []\n", "targets is empty"),
+    ("[experiment]\ntargets = ['indonesian']\n", "also a target"),
+    ("[experiment]\ntargetz = ['javanese']\n", "unknown key"),
+    ("[training]\nlr = 1\n", "unknown section"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = -1\n", "transfer.lr must be > 0"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nepochs = 'three'\n", "must be a number"),
+    ("[experiment]\ntargets = ['javanese']\n[discovery]\nscoring = 'vibes'\n", "discovery.scoring"),
+    ("[experiment\n", "not valid TOML"),
+])
+def test_bad_configs_get_clear_errors(tmp_path, toml, message):
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_toml(path)
+
+
+def test_missing_config_file_via_cli(tmp_path, capsys):
+    from ctsft_lens.cli import main
+
+    assert main(["experiment", "--config", str(tmp_path / "nope.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
