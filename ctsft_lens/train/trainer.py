@@ -121,6 +121,24 @@ def dev_metrics(model: Any, examples: Sequence[Example], batch_size: int = 16) -
             "loss": float(F.cross_entropy(logits, labels))}
 
 
+def train_step(model: Any, window: Sequence[Batch], opt: torch.optim.Optimizer,
+               max_grad_norm: float | None = None) -> float:
+    """One optimizer step on the mean loss over all examples of ``window`` (accumulated
+    micro-batches); returns that loss."""
+    n_window = sum(len(b.labels) for b in window)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    loss_sum = 0.0
+    for batch in window:
+        loss = classification_loss(model, batch, reduction="sum") / n_window
+        loss.backward()
+        loss_sum += float(loss.detach())
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum
+
+
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     """Linear warm-up over ``warmup`` steps, then linear decay to 0 at ``total``."""
     if step < warmup:
@@ -175,18 +193,9 @@ def train(
             for w in range(0, len(chunks), config.grad_accum):
                 if step >= total:
                     break
-                window = chunks[w:w + config.grad_accum]
-                n_window = sum(len(c) for c in window)
-                loss_sum = 0.0
-                for chunk in window:
-                    loss = classification_loss(model, encode(model, chunk), reduction="sum") / n_window
-                    loss.backward()
-                    loss_sum += float(loss.detach())
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(gm.parameters, config.max_grad_norm)
-                opt.step()
+                window = [encode(model, chunk) for chunk in chunks[w:w + config.grad_accum]]
+                loss_sum = train_step(model, window, opt, config.max_grad_norm)
                 sched.step()
-                opt.zero_grad(set_to_none=True)
                 step += 1
                 losses.append(loss_sum)
                 bar.update(1)
