@@ -89,6 +89,7 @@ def _add_experiment(sub: Any) -> None:
     p = sub.add_parser("experiment", help="run (or resume) a whole CT-SFT experiment from a TOML config")
     p.add_argument("--config", required=True, help="TOML file (see configs/ and docs/cli.md)")
     p.add_argument("--out", default=None, help="override the config's output folder")
+    p.add_argument("--model", default=None, help="override the config's model (hub name, folder, tiny, default)")
     p.add_argument("--force", action="store_true", help="discard cached stages in the output folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -120,6 +121,8 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 
     if args.out:
         config = dataclasses.replace(config, out=args.out)
+    if getattr(args, "model", None):
+        config = dataclasses.replace(config, model=args.model)
     result = run_experiment(config, progress=not args.no_progress, force=args.force)
     print(result.markdown())
     print(f"\nresults: {result.out / 'results.md'} (also .csv, .json)")
