@@ -79,9 +79,18 @@ def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None) ->
     return Split(wb + bias * frac, wg + bias * (1 - frac))
 
 
-def linear(x: Split, weight: torch.Tensor, bias: torch.Tensor | None, pattern: str = "...i,io->...o") -> Split:
-    """``x W + b`` on both streams (``pattern`` is the einsum for ``W``)."""
-    return share_bias(torch.einsum(pattern, x.beta, weight), torch.einsum(pattern, x.gamma, weight), bias)
+def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tensor | None) -> Split:
+    """``x W + b`` on both streams."""
+    return share_bias(x.beta @ weight, x.gamma @ weight, bias)
+
+
+def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
+                 bias: Float[torch.Tensor, "head d_head"] | None) -> Split:
+    """Per-head projection (``W_Q``/``W_K``/``W_V``): ``[..., pos, d_model] -> [..., pos, head, d_head]``."""
+    n_heads, d_model, d_head = weight.shape
+    flat = weight.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
+    out = linear(x, flat, None if bias is None else bias.reshape(-1))
+    return Split(*(t.unflatten(-1, (n_heads, d_head)) for t in out))
 
 
 def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rms: bool) -> Split:
@@ -128,11 +137,12 @@ def attention(
         zb, zg = pattern @ vb, pattern @ vg
     else:
         qb, kb = q.beta.transpose(-2, -3), k.beta.transpose(-2, -3)
-        scores = (qb @ kb.transpose(-1, -2)) / scale
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        p_beta = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no allowed key: 0
+        scores = (qb @ kb.transpose(-1, -2)).div_(scale).masked_fill_(~allowed, float("-inf"))
+        p_beta = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows with no allowed key: 0
+        del scores
         zb = p_beta @ vb
-        zg = (pattern - p_beta) @ vb + pattern @ vg
+        # (P - P_β) v_β + P v_γ, with one matmul fewer: P (v_β + v_γ) - P_β v_β
+        zg = (pattern @ (vb + vg)).sub_(zb)
     return Split(zb.transpose(-2, -3), zg.transpose(-2, -3))
 
 
@@ -249,9 +259,9 @@ def propagate(
             x = norm(resid, cache[f"{pre}.ln1.hook_scale"], w, b, rms=rms)
             emit(f"{pre}.ln1.hook_out", x)
             a = blk.attn
-            q = linear(x, a.W_Q, a.b_Q, "...pd,hde->...phe")
-            k = linear(x, a.W_K, a.b_K, "...pd,hde->...phe")
-            v = linear(x, a.W_V, a.b_V, "...pd,hde->...phe")
+            q = linear_heads(x, a.W_Q, a.b_Q)
+            k = linear_heads(x, a.W_K, a.b_K)
+            v = linear_heads(x, a.W_V, a.b_V)
             emit(f"{pre}.attn.hook_q", q)
             emit(f"{pre}.attn.hook_k", k)
             emit(f"{pre}.attn.hook_v", v)
