@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ctsft_lens.batching import Batch, batches, label_logits
 from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.circuit import Circuit, HeadMask, random_mask
+from ctsft_lens.circuit import Circuit, HeadMask, circuit_mask, random_mask
 from ctsft_lens.tasks.base import Example
 
 Positions = Literal["pooled", "last"]
@@ -426,6 +426,8 @@ def faithfulness_report(model: Any, circuits: dict[str, Circuit], examples: Sequ
                         tables_per_forward: int = 1, progress: bool = True) -> FaithfulnessReport:
     """Depth and top-k curves of each circuit (e.g. ``{"projection": c1, "magnitude": c2}``),
     both directions for each full circuit, and the random floor over ``sizes`` x ``seeds``."""
+    for c in circuits.values():  # a circuit found on another model shape is refused (MaskError)
+        circuit_mask(c).check(model)
     ab = MeanAblation(model, examples, positions=positions, batch_size=batch_size,
                       tables_per_forward=tables_per_forward, progress=progress)
     sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)
