@@ -209,3 +209,18 @@ def test_cli_writes_curves_and_figures_and_refuses_a_mismatched_circuit(tmp_path
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "big.json" in err[0] and "n_layers: mask 24 vs model 4" in err[0]
+
+
+def test_circuits_from_discover_round_trip_and_get_curves(tmp_path, model, examples):
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.circuit import load_circuit, save_circuit
+
+    found = {s: load_circuit(save_circuit(discover(model, examples, scoring=s, ratio=0.25, max_depth=1,
+                                                   progress=False), tmp_path / f"{s}.json"))
+             for s in ("projection", "magnitude")}
+    report = faithfulness_report(model, found, examples, sizes=[2, 8], seeds=(0,), progress=False)
+    for name, c in found.items():
+        curve = report.depth[name]
+        assert [p.size for p in curve.points] == [len(c.up_to_depth(d).heads) for d in range(c.depth + 1)]
+        assert report.circuits[name].size == len(c.heads)
+        assert report.topk[name].points[-1].faithfulness == pytest.approx(1.0)
