@@ -256,6 +256,8 @@ def test_mask_from_another_model_shape_is_a_mask_error(tiny_qwen):
         apply_head_mask(tiny_qwen, mask)
     with pytest.raises(MaskError, match="outside"):
         HeadMask(((2, 0),), model_info(tiny_qwen, checksum=False))
+    with pytest.raises(MaskError, match="outside this model"):  # a hand-written mask without model info
+        apply_head_mask(tiny_qwen, HeadMask(((2, 0),), {}))
     assert all(p.requires_grad for p in tiny_qwen.parameters())  # nothing was left half-applied
 
 

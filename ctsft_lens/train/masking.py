@@ -108,6 +108,9 @@ def trainable_specs(model: Any, head_mask: HeadMask | None, kv: KVPolicy = "neve
     cfg = model.cfg
     n_layers, n_heads, d_head = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_head)
     n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    outside = [h for h in (head_mask.heads if head_mask else ()) if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+    if outside:
+        raise MaskError(f"head mask names heads {outside} outside this model of {n_layers} layers x {n_heads} heads")
 
     projections = {layer: _projections(model, layer) for layer in range(n_layers)}
     # GPT-2's fused c_attn (``attn.qkv``) is split by the bridge into q/k/v views of its storage,
