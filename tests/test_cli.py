@@ -40,3 +40,17 @@ def test_every_subcommand_has_help():
 def test_console_script_help_runs():
     out = subprocess.run([sys.executable, "-m", "ctsft_lens.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "eval" in out.stdout
+
+
+def test_docs_cover_every_subcommand_and_option():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert f"## ctsft {name}" in text, name
+        section = text.split(f"## ctsft {name}", 1)[1].split("\n## ", 1)[0]
+        for action in p._actions:
+            for opt in action.option_strings:
+                if opt not in ("-h", "--help"):
+                    assert f"`{opt}" in section, f"{name} {opt}"
