@@ -69,11 +69,14 @@ Emit = Callable[[str, Split], None]
 # --------------------------------------------------------------------------------------------
 # Rules for one operation each
 # --------------------------------------------------------------------------------------------
-def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None) -> Split:
-    """Add ``bias`` to ``wb`` and ``wg`` in proportion to ``|wb| : |wg|`` (all to γ where both are 0)."""
+def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None, by: Split | None = None) -> Split:
+    """Add ``bias`` to ``wb`` and ``wg`` in proportion to ``|wb| : |wg|`` (or to ``|by.beta| : |by.gamma|``).
+
+    Where both weights are 0 the whole bias goes to γ, so the split stays exact.
+    """
     if bias is None:
         return Split(wb, wg)
-    ab, ag = wb.abs(), wg.abs()
+    ab, ag = (wb.abs(), wg.abs()) if by is None else (by.beta.abs(), by.gamma.abs())
     den = ab + ag
     frac = torch.where(den > 0, ab / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
     return Split(wb + bias * frac, wg + bias * (1 - frac))
@@ -98,13 +101,7 @@ def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     b, g = x
     if not rms:
         b, g = b - b.mean(-1, keepdim=True), g - g.mean(-1, keepdim=True)
-    nb, ng = b / scale * weight, g / scale * weight
-    if bias is None:
-        return Split(nb, ng)
-    ab, ag = x.beta.abs(), x.gamma.abs()
-    den = ab + ag
-    frac = torch.where(den > 0, ab / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
-    return Split(nb + bias * frac, ng + bias * (1 - frac))
+    return share_bias(b / scale * weight, g / scale * weight, bias, by=x)
 
 
 def activation(x: Split, f: Callable[[torch.Tensor], torch.Tensor]) -> Split:
@@ -230,11 +227,14 @@ def propagate(
     attention_rule: AttentionRule = "cdt",
     emit: Emit,
     stop_layer: int | None = None,
+    last_only: bool = False,
 ) -> None:
     """Push β/γ of ``sources`` (all in one layer) upward; call ``emit(hook_name, Split)`` on the way.
 
     Tensors are ``[source, batch, pos, ...]``. ``stop_layer``: stop after that layer's
     ``attn.hook_z`` (for head targets); ``None``: go on to ``ln_final.hook_out``.
+    ``last_only``: in the last layer computed, only the last token's queries and MLP (all a
+    last-token target needs); what is emitted there has one position.
     """
     if attention_rule not in ATTENTION_RULES:
         raise ValueError(f"attention rule must be one of {ATTENTION_RULES}, got {attention_rule!r}")
@@ -251,15 +251,18 @@ def propagate(
     attn_out = source_split(model, cache, sources, attention_mask, means)
     emit(f"blocks.{first}.hook_attn_out", attn_out)
     resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None] + attn_out.gamma)
+    keep = slice(None)  # the positions computed from here on
     for layer in range(first, last + 1):
         blk, pre = model.blocks[layer], f"blocks.{layer}"
+        if last_only and layer == last:
+            keep = slice(-1, None)
         if layer > first:
             emit(f"{pre}.hook_resid_pre", resid)
             w, b, rms = _norm_module(model, f"{pre}.ln1")
             x = norm(resid, cache[f"{pre}.ln1.hook_scale"], w, b, rms=rms)
             emit(f"{pre}.ln1.hook_out", x)
             a = blk.attn
-            q = linear_heads(x, a.W_Q, a.b_Q)
+            q = linear_heads(Split(x.beta[..., keep, :], x.gamma[..., keep, :]), a.W_Q, a.b_Q)
             k = linear_heads(x, a.W_K, a.b_K)
             v = linear_heads(x, a.W_V, a.b_V)
             emit(f"{pre}.attn.hook_q", q)
@@ -267,24 +270,29 @@ def propagate(
             emit(f"{pre}.attn.hook_v", v)
             if is_rotary(model):
                 cos, sin = cache[f"{pre}.attn.hook_cos"], cache[f"{pre}.attn.hook_sin"]
-                q = Split(*(rotary(t, cos, sin) for t in q))
+                if cos.shape[-1] != cfg.d_head:
+                    raise NotImplementedError("partial rotary embeddings are not supported")
+                q = Split(*(rotary(t, cos[:, keep], sin[:, keep]) for t in q))
                 k = Split(*(rotary(t, cos, sin) for t in k))
                 emit(f"{pre}.attn.hook_rot_q", q)
                 emit(f"{pre}.attn.hook_rot_k", k)
             if group > 1:
                 k = Split(*(t.repeat_interleave(group, dim=-2) for t in k))
                 v = Split(*(t.repeat_interleave(group, dim=-2) for t in v))
-            z = attention(q, k, v, cache[f"{pre}.attn.hook_pattern"], allowed, scale, attention_rule)
+            z = attention(q, k, v, cache[f"{pre}.attn.hook_pattern"][:, :, keep], allowed[:, :, keep],
+                          scale, attention_rule)
             emit(f"{pre}.attn.hook_z", z)
             if layer == stop_layer:
                 return
             w_o = a.W_O.reshape(-1, a.W_O.shape[-1])
             attn_out = linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O)
             emit(f"{pre}.hook_attn_out", attn_out)
-            resid = Split(resid.beta + attn_out.beta, resid.gamma + attn_out.gamma)
+            resid = Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma)
+        else:
+            resid = Split(resid.beta[..., keep, :], resid.gamma[..., keep, :])
         emit(f"{pre}.hook_resid_mid", resid)
         w, b, rms = _norm_module(model, f"{pre}.ln2")
-        x = norm(resid, cache[f"{pre}.ln2.hook_scale"], w, b, rms=rms)
+        x = norm(resid, cache[f"{pre}.ln2.hook_scale"][:, keep], w, b, rms=rms)
         emit(f"{pre}.ln2.hook_out", x)
         mlp, f = blk.mlp, _act_fn(model, layer)
         if cfg.gated_mlp:
@@ -303,7 +311,7 @@ def propagate(
         resid = Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma)
         emit(f"{pre}.hook_resid_post", resid)
     w, b, rms = _norm_module(model, "ln_final")
-    emit("ln_final.hook_out", norm(resid, cache["ln_final.hook_scale"], w, b, rms=rms))
+    emit("ln_final.hook_out", norm(resid, cache["ln_final.hook_scale"][:, keep], w, b, rms=rms))
 
 
 def head_output(model: Any, layer: int, head: int, z: Split) -> Split:

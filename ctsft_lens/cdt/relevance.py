@@ -183,5 +183,6 @@ def _relevance_chunk(
                     out[t] = _score(head_output(model, z_layer, tgt[1], last), scoring, directions)
 
     srcs = [Source(layer, h) for h in heads]
-    propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop)
+    propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop,
+              last_only=True)
     return out
