@@ -345,6 +345,7 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``ctsft`` parser with every subcommand of ``COMMANDS`` registered."""
     parser = argparse.ArgumentParser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, cmd in COMMANDS:
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ctsft``: run a subcommand; bad input is one stderr line and exit code 2."""
     args = build_parser().parse_args(argv)
     from ctsft_lens.circuit import MaskError
     from ctsft_lens.experiments import ConfigError

@@ -31,6 +31,7 @@ def bundled_dir() -> Path:
 
 
 def canonical_language(language: str) -> str:
+    """The canonical key of a language given by name or code; TaskError if unknown."""
     lang = language.lower().replace("-", "_").replace(" ", "_")
     codes = {v: k for k, v in LANGUAGES.items()}
     lang = codes.get(lang, lang)
@@ -40,6 +41,7 @@ def canonical_language(language: str) -> str:
 
 
 def load(language: str, data_dir: str | Path | None = None) -> Task:
+    """Load one language (see the module docstring for sources); use ``tasks.load_task``."""
     lang = canonical_language(language)
     if data_dir == "hub":
         splits, source = _from_hub(lang), f"hub:{HUB_NAME}"

@@ -30,6 +30,7 @@ DEV_CUTS = {"train": (0, 1490), "valid": (1490, 1990), "test": (1990, 2490)}
 
 
 def canonical_language(language: str) -> str:
+    """The canonical key of a language given by name or code; TaskError if unknown."""
     lang = language.lower()
     names = {v: k for k, v in LANGUAGES.items()}
     lang = names.get(lang, lang)
@@ -39,6 +40,7 @@ def canonical_language(language: str) -> str:
 
 
 def load(language: str, data_dir: str | Path | None = None) -> Task:
+    """Load one language (see the module docstring for sources); use ``tasks.load_task``."""
     lang = canonical_language(language)
     if data_dir is None or data_dir == "hub":
         splits, source = _from_hub(lang), f"hub:{HUB_NAME}"
