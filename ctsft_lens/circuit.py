@@ -139,6 +139,7 @@ def table_to_json(table: torch.Tensor) -> list[list[float | None]]:
 
 
 def table_from_json(rows: list[list[float | None]]) -> torch.Tensor:
+    """Inverse of :func:`table_to_json` (null back to NaN)."""
     return torch.tensor([[float("nan") if v is None else float(v) for v in row] for row in rows],
                         dtype=torch.float32)
 
