@@ -208,6 +208,19 @@ def test_head_targets_match_the_decomposition(indonesian):
     torch.testing.assert_close(rel.per_example[0, :, 1, 0], want[1], rtol=1e-4, atol=1e-7)
 
 
+def test_source_positions_match_the_decomposition(gpt2, examples):
+    """A source limited to the last token: projection = ⟨β at ln_final, v_task⟩ from decompose()."""
+    rel = head_relevance(gpt2, examples, positions=(-1,), baseline="zero", progress=False)
+    full = head_relevance(gpt2, examples, baseline="zero", progress=False)
+    batch = encode(gpt2, examples)
+    split = decompose(gpt2, batch, [Source(1, 2, (-1,)), Source(0, 5, (-1,))], ["ln_final.hook_out"])
+    v = task_directions(gpt2, batch.label_token_ids)[batch.labels]
+    want = (split["ln_final.hook_out"].beta[:, :, -1] * v).sum(-1)  # [source, example]
+    torch.testing.assert_close(rel.per_example[0, :, 1, 2], want[0], rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(rel.per_example[0, :, 0, 5], want[1], rtol=1e-4, atol=1e-8)
+    assert not torch.allclose(rel.per_example, full.per_example)
+
+
 def test_batched_sources_equal_one_at_a_time(indonesian):
     """Chunking sources to a tiny memory budget (one per pass) changes nothing; mean baseline."""
     from ctsft_lens.models import tiny_model

@@ -50,6 +50,7 @@ def discover(
     max_depth: int = 2,
     baseline: Baseline = "mean",
     attention: AttentionRule = "cdt",
+    positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
     batch_size: int = 8,
     memory_gb: float = 2.0,
@@ -57,6 +58,7 @@ def discover(
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
 
+    ``positions`` limits each source head to those prompt tokens (e.g. ``(-1,)``; default all).
     ``reference`` (default ``examples``) gives the label-balanced head means of the ``"mean"``
     baseline. ``scores[d]`` of the result is the depth-``d`` table: the logits scores at depth
     0, the maximum over that depth's targets after (NaN where a head was not upstream of any).
@@ -71,7 +73,7 @@ def discover(
     k = n_to_keep(ratio, cfg.n_layers * cfg.n_heads)
     ref = reference if reference is not None else examples
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
-    common = dict(scoring=scoring, baseline=baseline, attention=attention, means=means,
+    common = dict(scoring=scoring, baseline=baseline, attention=attention, positions=positions, means=means,
                   batch_size=batch_size, memory_gb=memory_gb, progress=progress)
 
     kept: set[Head] = set()
@@ -103,6 +105,7 @@ def discover(
         tables.append(table)
     options = {"baseline": baseline, "attention": attention, "n_examples": len(examples),
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
+               "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}
     return Circuit(tuple(heads_by_depth), tuple(tables), tuple(edges), scoring, ratio,
                    model_info(model, checksum=True), options)

@@ -92,6 +92,7 @@ def head_relevance(
     baseline: Baseline = "mean",
     attention: AttentionRule = "cdt",
     sources: Sequence[Head] | None = None,
+    positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     batch_size: int = 8,
@@ -100,7 +101,8 @@ def head_relevance(
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
 
-    ``sources`` restricts the heads scored (default: all heads upstream of some target).
+    ``sources`` restricts the heads scored (default: all heads upstream of some target);
+    ``positions`` limits each source to those prompt tokens (negative from the end; default all).
     ``baseline="mean"`` subtracts each source head's label-balanced mean output over
     ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
     """
@@ -152,7 +154,8 @@ def head_relevance(
         for layer, heads in by_layer.items():
             for i in range(0, len(heads), chunk):
                 part = heads[i:i + chunk]
-                scores = _relevance_chunk(model, cache, mask, layer, part, targets, stop, scoring,
+                srcs = [Source(layer, h, positions) for h in part]
+                scores = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
                                           directions, means, attention)
                 for t, s in scores.items():  # s: [S, B]
                     per_example[t, start:start + n, layer, part] = s.T.float().cpu()
@@ -164,11 +167,11 @@ def head_relevance(
 
 
 def _relevance_chunk(
-    model: Any, cache: Any, mask: torch.Tensor, layer: int, heads: list[int],
+    model: Any, cache: Any, mask: torch.Tensor, srcs: list[Source],
     targets: tuple[Head | None, ...], stop: int | None, scoring: str,
     directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
 ) -> dict[int, torch.Tensor]:
-    """Scores ``{target index: [source, batch]}`` of the heads ``heads`` of ``layer``."""
+    """Scores ``{target index: [source, batch]}`` of sources in one layer."""
     out: dict[int, torch.Tensor] = {}
 
     def visit(name: str, x: Split) -> None:
@@ -182,7 +185,6 @@ def _relevance_chunk(
                 if tgt is not None and tgt[0] == z_layer:
                     out[t] = _score(head_output(model, z_layer, tgt[1], last), scoring, directions)
 
-    srcs = [Source(layer, h) for h in heads]
     propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop,
               last_only=True)
     return out
