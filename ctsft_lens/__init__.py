@@ -4,6 +4,7 @@ The public API is re-exported here; each name lives in the module that says what
 """
 
 from ctsft_lens.batching import Batch, encode
+from ctsft_lens.cdt import discover, head_relevance
 from ctsft_lens.circuit import (
     Circuit, HeadMask, MaskError, circuit_mask, load_circuit, load_mask, nearzero_mask, random_mask,
     save_circuit, save_mask,
@@ -19,4 +20,5 @@ __all__ = [
     "save_model", "tiny_model", "Example", "Task", "TaskError", "load_task",
     "Circuit", "HeadMask", "MaskError", "circuit_mask", "load_circuit", "load_mask", "nearzero_mask",
     "random_mask", "save_circuit", "save_mask", "MeanAblation", "faithfulness_report",
+    "discover", "head_relevance",
 ]
