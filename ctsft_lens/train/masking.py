@@ -190,7 +190,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                     value.mul_(1 - lr * wd)
                 m.lerp_(grad, 1 - beta1)
                 v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+                denom = v.sqrt().div_(math.sqrt(1 - beta2 ** t)).add_(eps)
                 value.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
                 if mask is not None:
                     p.detach()[mask] = value
