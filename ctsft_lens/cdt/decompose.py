@@ -161,6 +161,7 @@ def _act_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def is_rotary(model: Any) -> bool:
+    """Whether the model rotates queries and keys (RoPE) rather than adding learned positions."""
     return model.cfg.positional_embedding_type == "rotary"
 
 

@@ -74,6 +74,7 @@ def _row_bytes(model: Any, n_pos: int) -> int:
 
 
 def check_options(scoring: str, baseline: str, attention: str) -> None:
+    """A clear ValueError for an unknown scoring, baseline or attention rule, before any work."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
     if baseline not in BASELINES:
