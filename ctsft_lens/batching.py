@@ -85,6 +85,9 @@ def label_logits(model: Any, batch: Batch, **run_kwargs: Any) -> torch.Tensor:
     """
     hooks = run_kwargs.pop("fwd_hooks", None)
     kw = forward_kwargs(batch, model)
+    # Only the last position is read: skip the vocabulary projection everywhere else (on
+    # Qwen2.5's 152k-token vocabulary that is a large share of a training step).
+    run_kwargs.setdefault("logits_to_keep", 1)
     if hooks:
         logits = model.run_with_hooks(kw.pop("input"), fwd_hooks=hooks, **kw, **run_kwargs)
     else:
