@@ -120,27 +120,15 @@ def bridge_from_hf(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
     return bridge
 
 
-def tiny_model(
-    arch: Literal["qwen2", "gpt2"] = "qwen2",
-    *,
-    n_layers: int = 4,
-    n_heads: int = 8,
-    n_kv_heads: int = 2,
-    d_model: int = 64,
-    d_mlp: int = 128,
-    vocab_size: int = 2048,
-    n_ctx: int = 256,
-    seed: int = 0,
-) -> Any:
+def tiny_model(arch: Literal["qwen2", "gpt2"] = "qwen2", **shape: Any) -> Any:
     """A small random model built in code, offline, for tests and examples.
 
     ``qwen2``: RMSNorm, RoPE, GQA (``n_kv_heads`` shared K/V heads), SwiGLU, qkv biases, untied
     unembedding, like Qwen2.5-0.5B. ``gpt2``: LayerNorm, GELU, learned positions (no GQA).
+    ``shape`` takes the keyword arguments of :func:`tiny_hf_model` (``n_layers``, ``seed``, ...).
     """
-    hf_model = tiny_hf_model(arch, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                             d_model=d_model, d_mlp=d_mlp, vocab_size=vocab_size, n_ctx=n_ctx,
-                             seed=seed)
-    return bridge_from_hf(hf_model, tiny_tokenizer(vocab_size), name=f"tiny-{arch}")
+    hf_model = tiny_hf_model(arch, **shape)
+    return bridge_from_hf(hf_model, tiny_tokenizer(hf_model.config.vocab_size), name=f"tiny-{arch}")
 
 
 def tiny_hf_model(

@@ -17,15 +17,6 @@ HOOKS = ("hook_resid_pre", "ln1.hook_out", "attn.hook_q", "attn.hook_k", "attn.h
          "hook_resid_post")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPUs are shared: one torch thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     from ctsft_lens.models import tiny_model

@@ -11,15 +11,6 @@ from ctsft_lens.cdt import discover, head_relevance
 from ctsft_lens.cdt.expansion import n_to_keep
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPUs are shared: one torch thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model():
     from ctsft_lens.models import tiny_model

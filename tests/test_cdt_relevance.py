@@ -12,15 +12,6 @@ from ctsft_lens.cdt import Source, decompose, head_relevance
 from ctsft_lens.cdt.relevance import task_directions
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CPUs are shared: one torch thread avoids oversubscription stalls."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def gpt2():
     from ctsft_lens.models import tiny_model
