@@ -36,14 +36,28 @@ def _finish(fig: go.Figure, save_html: str | Path | None, plotlyjs: bool | str) 
 
 
 def save_png(fig: go.Figure, path: str | Path, scale: float = 2.0) -> Path:
-    """Write a PNG; needs ``kaleido`` (optional) and raises a clear error without it."""
+    """Write a PNG; needs the optional ``kaleido`` package (``pip install 'ctsft_lens[png]'``).
+
+    kaleido 0.2.x ships its own headless browser, so it works offline: it is driven directly
+    with the plotly.js bundled in the plotly package. Newer kaleido goes through plotly.
+    """
     try:
-        import kaleido  # noqa: F401
+        import kaleido
     except ImportError:
-        raise RuntimeError("PNG export needs the optional 'kaleido' package (pip install kaleido); "
+        raise RuntimeError("PNG export needs the optional 'kaleido' package (pip install 'ctsft_lens[png]'); "
                            "HTML export works without it") from None
-    fig.write_image(Path(path), scale=scale)
-    return Path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if str(getattr(kaleido, "__version__", "0")).startswith("0."):
+        import plotly
+        from kaleido.scopes.plotly import PlotlyScope
+
+        js = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+        scope = PlotlyScope(plotlyjs=str(js), mathjax=False)
+        path.write_bytes(scope.transform(fig, format="png", scale=scale))
+    else:
+        fig.write_image(path, scale=scale)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
