@@ -139,9 +139,10 @@ def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] 
             fig.add_trace(go.Scatter(x=[h for _, h in item.heads], y=[l for l, _ in item.heads], mode="markers",
                                      marker={"symbol": "square-open", "size": 14, "color": "black", "line": {"width": 2}},
                                      name=f"{name} circuit", hoverinfo="skip"), row=1, col=i)
-        fig.update_xaxes(title_text="head", row=1, col=i)
-        fig.update_yaxes(title_text="layer", row=1, col=i)
-    fig.update_layout(title=title, template="plotly_white", height=560, width=max(500, 520 * len(names)))
+        fig.update_xaxes(title_text="head", dtick=1 if table.shape[1] <= 16 else None, row=1, col=i)
+        fig.update_yaxes(title_text="layer" if i == 1 else None, dtick=1 if table.shape[0] <= 16 else 2, row=1, col=i)
+    fig.update_layout(title=title, template="plotly_white", height=560, width=max(500, 520 * len(names)),
+                      legend={"orientation": "h", "y": -0.15})
     return _finish(fig, save_html, plotlyjs)
 
 
@@ -197,7 +198,7 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
     fig.update_layout(title=title or f"{circuit.scoring} circuit: {len(heads)} heads, depth {circuit.depth}, "
                                      f"ratio {circuit.ratio}",
                       template="plotly_white", height=max(420, 28 * n_layers + 200),
-                      width=max(600, 60 * n_heads + 200))
+                      width=max(600, 60 * n_heads + 200), legend={"orientation": "h", "y": -0.2})
     return _finish(fig, save_html, plotlyjs)
 
 
