@@ -3,7 +3,9 @@
 competence-tune on the source language -> A0 on every target -> discover the circuit on the
 source checkpoint -> for each target, variant and seed: adapt on n_tgt target examples ->
 target accuracy and source retention (forgetting). Every stage writes its artefact under
-``out/`` and is skipped when that artefact is already there, so an interrupted run resumes.
+``out/`` with a key (a hash of the settings it depends on) and is skipped when an artefact with
+the same key is there: an interrupted run resumes, and a changed setting recomputes only the
+stages that depend on it.
 """
 
 from __future__ import annotations
@@ -244,6 +246,27 @@ def _lang(cfg: ExperimentConfig, language: str) -> str:
     return TASKS[cfg.task].canonical_language(language)
 
 
+STAGE_KEY = "ctsft_stage.key"
+
+
+def _key(*parts: Any) -> str:
+    """Identity of a stage: a hash of every setting its artefact depends on."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _fresh(marker: Path, key: str) -> bool:
+    return marker.exists() and marker.read_text().strip() == key
+
+
+def _fresh_json(path: Path, key: str) -> bool:
+    try:
+        return _json(path).get("key") == key
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def _json(path: Path) -> Any:
     return json.loads(path.read_text())
 
@@ -270,10 +293,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     if force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    snapshot = out / "config.json"
-    if snapshot.exists() and _json(snapshot) != json.loads(json.dumps(config.to_dict(), default=str)):
-        raise ConfigError(f"{out} holds a run of a different config; use another out folder or --force")
-    _dump(snapshot, config.to_dict())
+    _dump(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
 
     task_of = {lang: load_task(config.task, lang, config.data_dir)
                for lang in dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])}
@@ -287,24 +307,29 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
 
     # 1. competence tuning on the source language
     comp_dir = out / "competence"
-    if not (comp_dir / "config.json").exists():
+    comp_key = _key(config.model, config.task, config.data_dir, source, asdict(config.competence), config.kv_policy)
+    if not _fresh(comp_dir / STAGE_KEY, comp_key):
         log(f"competence tuning {config.model} on {source} ({config.competence.n_examples} examples)")
         model = load_model(config.model)
         train_ex, dev_ex = _stage_data(task_of[source], config.competence, seed=0)
         _finetune(model, train_ex, dev_ex, config.competence, mask=None, seed=0, progress=progress,
                   kv_policy=config.kv_policy)
         _save(model, comp_dir)
+        (comp_dir / STAGE_KEY).write_text(comp_key)
     # 2. A0 and the source accuracy before adaptation
     a0_path = out / "a0.json"
-    if not a0_path.exists():
+    a0_key = _key(comp_key, config.eval_limit, sorted(task_of))
+    if not _fresh_json(a0_path, a0_key):
         model = load_model(str(comp_dir))
-        accs = {lang: evaluate(model, test[lang], progress=progress).accuracy for lang in task_of}
-        _dump(a0_path, accs)
-    accs = _json(a0_path)
+        _dump(a0_path, {"key": a0_key, "accuracy": {lang: evaluate(model, test[lang], progress=progress).accuracy
+                                                     for lang in task_of}})
+    accs = _json(a0_path)["accuracy"]
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
     # 3. discovery on the source checkpoint
     circuit_path = out / "circuit.json"
-    if not circuit_path.exists() and any(v in ("circuit", "nearzero", "random") for v in config.variants):
+    circuit_key = _key(comp_key, asdict(config.discovery))
+    needs_circuit = any(v in ("circuit", "nearzero", "random") for v in config.variants)
+    if needs_circuit and not _fresh(out / "circuit.key", circuit_key):
         from ctsft_lens.cdt import discover
 
         d = config.discovery
@@ -315,14 +340,17 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
                            attention=d.attention, baseline=d.baseline, progress=progress)
         save_circuit(circuit, circuit_path)
         save_mask(circuit_mask(circuit, d.depth), out / "masks" / "circuit.json")
-    circuit = load_circuit(circuit_path) if circuit_path.exists() else None
+        (out / "circuit.key").write_text(circuit_key)
+    circuit = load_circuit(circuit_path) if needs_circuit else None
     # 4. adaptation runs
     runs: list[RunResult] = []
     jobs = [(t, v, s) for t in targets for v in config.variants for s in config.seeds]
     info = None
     for target, variant, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
         path = out / "runs" / target / variant / f"seed{seed}.json"
-        if not path.exists():
+        run_key = _key(comp_key, circuit_key if variant in ("circuit", "nearzero", "random") else None,
+                       asdict(config.transfer), config.eval_limit, target, variant, seed)
+        if not _fresh_json(path, run_key):
             model = load_model(str(comp_dir))
             info = info or model_info(model, checksum=False)
             mask = _variant_mask(variant, circuit, info, seed, config.discovery.depth)
@@ -334,8 +362,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
                                evaluate(model, test[target]).accuracy,
                                evaluate(model, test[source]).accuracy,
                                n_trainable, time.perf_counter() - start)
-            _dump(path, asdict(result))
-        runs.append(RunResult(**_json(path)))
+            _dump(path, {"key": run_key, "result": asdict(result)})
+        runs.append(RunResult(**_json(path)["result"]))
     heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
     result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out)
     _write_tables(result)
@@ -392,6 +420,8 @@ def _save(model: Any, folder: Path) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(model, tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
     tmp.replace(folder)
 
 

@@ -50,11 +50,27 @@ def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch
     assert len(calls) == 1
 
 
-def test_rerun_with_other_config_in_same_folder_is_refused(tmp_path, monkeypatch):
+def test_changed_settings_recompute_only_the_stages_that_depend_on_them(tmp_path, monkeypatch):
     cfg = _tiny_config(tmp_path / "run", variants=("full",), seeds=(0,))
     run_experiment(cfg, progress=False)
-    with pytest.raises(ConfigError, match="different config"):
-        run_experiment(dataclasses.replace(cfg, seeds=(0, 1)), progress=False)
+    calls = []
+    real = experiments._finetune
+
+    def spy(model, train_ex, *a, **k):
+        calls.append(len(train_ex))
+        return real(model, train_ex, *a, **k)
+
+    monkeypatch.setattr(experiments, "_finetune", spy)
+    run_experiment(dataclasses.replace(cfg, seeds=(0, 1)), progress=False)
+    assert calls == [6]                       # only the new seed's run; competence is reused
+    calls.clear()
+    more = dataclasses.replace(cfg.transfer, n_examples=9)
+    run_experiment(dataclasses.replace(cfg, seeds=(0, 1), transfer=more), progress=False)
+    assert calls == [9, 9]                    # both runs again, competence still reused
+    calls.clear()
+    other = dataclasses.replace(cfg.competence, lr=2e-3)
+    run_experiment(dataclasses.replace(cfg, seeds=(0, 1), transfer=more, competence=other), progress=False)
+    assert calls == [12, 9, 9]                # a new competence model invalidates everything
 
 
 def test_shipped_configs_parse(tmp_path):
