@@ -90,9 +90,34 @@ def test_cache_is_a_plain_hf_folder(cached):
 def test_pretraining_text_is_train_split_only_and_unlabelled():
     from ctsft_lens import load_task
 
-    texts = set(pretrain_texts(DefaultModelConfig()))
-    ind = load_task("nusax-senti", "indonesian")
-    assert {ex.prompt for ex in ind.examples("train")} <= texts
-    held_out = {ex.prompt for split in ("valid", "test") for ex in ind.examples(split)}
-    assert not held_out & texts
-    assert not any(t.rstrip().endswith(ind.label_words) for t in texts)
+    texts = pretrain_texts(DefaultModelConfig())
+    corpus = "\n".join(texts)
+    for lang in ("indonesian", "javanese", "acehnese"):
+        task = load_task("nusax-senti", lang)
+        assert {ex.prompt for ex in task.examples("train")} <= set(texts)
+        held_out = [ex.prompt.removeprefix("Text: ").removesuffix("\nSentiment:")
+                    for split in ("valid", "test") for ex in task.examples(split)]
+        # Neither as a prompt nor inside a translation pair (short texts can recur by chance).
+        assert not [t for t in held_out if len(t) >= 30 and t in corpus]
+    # Prompts end where the label would follow: no label is ever appended.
+    assert all(t.endswith("\nSentiment:") for t in texts if t.startswith("Text: "))
+
+
+def test_translation_pairs_join_one_train_row_in_two_languages():
+    from ctsft_lens import load_task
+
+    cfg = DefaultModelConfig(pair_fraction=0.5)
+    texts = pretrain_texts(cfg)
+    singles = [t for t in texts if t.startswith("Text: ")]
+    pairs = [t for t in texts if not t.startswith("Text: ")]
+    assert len(singles) == 12 * 500 and len(pairs) == 3000
+    ind = [ex.prompt[len("Text: "):-len("\nSentiment:")] for ex in load_task("nusax-senti", "indonesian").examples("train")]
+    jav = [ex.prompt[len("Text: "):-len("\nSentiment:")] for ex in load_task("nusax-senti", "javanese").examples("train")]
+    row_of = {t: i for i, t in enumerate(ind)}
+    ind_jav = [p for p in pairs if p.startswith("Indonesian: ") and "\nJavanese: " in p]
+    assert ind_jav
+    for p in ind_jav:
+        a, b = p.removeprefix("Indonesian: ").split("\nJavanese: ")
+        assert jav[row_of[a]] == b
+    assert pretrain_texts(cfg) == texts  # seeded
+    assert len(pretrain_texts(DefaultModelConfig(pair_fraction=0.0))) == 12 * 500
