@@ -41,13 +41,21 @@ class EvalResult:
 @torch.no_grad()
 def predict(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
             progress: bool = False, fwd_hooks: list | None = None) -> torch.Tensor:
-    """Label logits ``[n_examples, n_labels]`` for every example, batched with left padding."""
+    """Label logits ``[n_examples, n_labels]`` for every example, in the order given.
+
+    Prompts are batched by length (left padding, attention mask), so little compute goes to
+    padding; the result does not depend on the batching (tested).
+    """
+    check_examples(examples)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
+    ordered = [examples[i] for i in order]
     out = []
-    it = batches(model, examples, batch_size)
     total = (len(examples) + batch_size - 1) // batch_size
-    for batch in tqdm(it, total=total, disable=not progress, desc="evaluate", leave=False):
+    for batch in tqdm(batches(model, ordered, batch_size), total=total, disable=not progress,
+                      desc="evaluate", leave=False):
         out.append(label_logits(model, batch, fwd_hooks=fwd_hooks).float().cpu())
-    return torch.cat(out)
+    logits = torch.cat(out)
+    return logits[torch.argsort(torch.tensor(order))]
 
 
 def evaluate(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
