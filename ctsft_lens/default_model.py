@@ -54,9 +54,7 @@ class DefaultModelConfig:
     lr: float = 3e-3
     warmup: int = 20
     weight_decay: float = 0.1
-    source_language: str = "indonesian"  # its train text is repeated ``source_repeats`` times
-    source_repeats: int = 1
-    pair_fraction: float = 0.5  # extra translation-pair documents, as a fraction of single texts
+    pair_fraction: float = 1.0  # extra translation-pair documents, as a fraction of single texts
     seed: int = 0
     version: int = 1  # bump when the training code changes what a config produces
 
@@ -118,9 +116,8 @@ def pretrain_texts(config: DefaultModelConfig) -> list[str]:
         with open(bundled_dir() / lang / "train.csv", newline="", encoding="utf-8") as f:
             by_lang[lang] = {r["id"]: r["text"].strip() for r in csv.DictReader(f)}
     texts: list[str] = []
-    for lang, rows in by_lang.items():
-        texts += [TEMPLATE.format(text=t) for t in rows.values()] * (
-            config.source_repeats if lang == config.source_language else 1)
+    for rows in by_lang.values():
+        texts += [TEMPLATE.format(text=t) for t in rows.values()]
     rng = random.Random(config.seed)
     langs, ids = sorted(by_lang), sorted(set.intersection(*(set(r) for r in by_lang.values())))
     for _ in range(round(config.pair_fraction * len(texts))):

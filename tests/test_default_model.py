@@ -10,7 +10,7 @@ from ctsft_lens.default_model import DefaultModelConfig, cache_folder, default_m
 
 # Drastically reduced: a few steps of a 1-layer model, so the test runs in seconds.
 SMALL = DefaultModelConfig(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=64,
-                           seq_len=32, batch_size=2, steps=4, warmup=1)
+                           seq_len=32, batch_size=4, steps=6, warmup=1, lr=2e-2)
 IDS = torch.tensor([[11, 12, 13, 14, 15, 16]])
 
 
@@ -27,8 +27,8 @@ def test_first_call_trains_and_writes_cache(cached):
     folder = cache_folder(SMALL, root)
     assert folder.name == f"default-{SMALL.key()}" and folder.parent == root
     info = json.loads((folder / dm.INFO_FILE).read_text())
-    assert info["config"]["steps"] == 4 and info["config_key"] == SMALL.key()
-    assert info["tokens_seen"] == 4 * 2 * 32
+    assert info["config"]["steps"] == 6 and info["config_key"] == SMALL.key()
+    assert info["tokens_seen"] == 6 * 4 * 32
     assert info["final_loss"] < info["first_loss"] <= 1.5 * torch.log(torch.tensor(2048.0)).item()
     assert not list(root.glob("*.tmp-*"))  # the temporary folder was renamed into place
     cfg = model.cfg
