@@ -344,7 +344,8 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     circuit = load_circuit(circuit_path) if needs_circuit else None
     # 4. adaptation runs
     runs: list[RunResult] = []
-    jobs = [(t, v, s) for t in targets for v in config.variants for s in config.seeds]
+    # Seed-major order: a run stopped early still has whole seeds of every (target, variant).
+    jobs = [(t, v, s) for s in config.seeds for t in targets for v in config.variants]
     info = None
     for target, variant, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
         path = out / "runs" / target / variant / f"seed{seed}.json"
