@@ -7,9 +7,8 @@ causal-LM objective on the unlabelled ``text`` of the NusaX-Senti **train** spli
 languages (never valid/test text, never labels, so transfer evaluation stays clean). NusaX is
 parallel across languages; besides single texts the corpus holds translation pairs (one train row
 in two languages), which gave clearly better fine-tuning accuracy at the same step budget
-(benchmarks/RESULTS.md, "Default model"). The result is
-saved as a normal Hugging Face folder under a cache named by the config's hash and loaded from
-there on later calls.
+(benchmarks/RESULTS.md, "Default model"). The result is saved as a normal Hugging Face folder
+under a cache named by the config's hash and loaded from there on later calls.
 """
 
 from __future__ import annotations
@@ -74,7 +73,7 @@ def default_model(*, config: DefaultModelConfig | None = None, cache_dir: str | 
                   progress: bool = True) -> Any:
     """The default model as a ``TransformerBridge``: loaded from the cache, or pre-trained first.
 
-    The first call (per config) trains for about two minutes on two CPU cores and writes the
+    The first call (per config) trains for about 100 s on two idle CPU cores and writes the
     cache folder atomically; later calls only load it.
     """
     config = config or DefaultModelConfig()
@@ -152,8 +151,8 @@ def pretrain(config: DefaultModelConfig, *, progress: bool = True) -> tuple[torc
                           vocab_size=config.vocab_size, n_ctx=config.n_ctx, seed=config.seed)
     docs = [tokenizer.encode(t, add_special_tokens=False) for t in pretrain_texts(config)]
     data = packed_batches(docs, tokenizer.eos_token_id, config)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; norms and biases do not
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
