@@ -55,7 +55,7 @@ class DefaultModelConfig:
     weight_decay: float = 0.1
     pair_fraction: float = 1.0  # extra translation-pair documents, as a fraction of single texts
     seed: int = 0
-    version: int = 1  # bump when the training code changes what a config produces
+    version: int = 2  # bump when the training code (or the tokenizer) changes what a config produces
 
     def key(self) -> str:
         """Short stable hash of every field: a new config gets a new cache folder."""

@@ -44,7 +44,7 @@ def _bundled_text() -> list[str]:
     for lang in sorted(p.name for p in root.iterdir() if p.is_dir()):
         import csv
 
-        for split in ("train", "valid", "test"):
+        for split in ("train",):  # never valid/test text: not even the vocabulary sees it
             with open(root / lang / f"{split}.csv", newline="", encoding="utf-8") as f:
                 lines.extend(row["text"] for row in csv.DictReader(f))
     return lines
@@ -72,7 +72,7 @@ def _tiny_tokenizer_json(vocab_size: int) -> str:
 
 
 def tiny_tokenizer(vocab_size: int = 2048):
-    """A byte-level BPE tokenizer trained in about a second on the bundled NusaX text.
+    """A byte-level BPE tokenizer trained in about a second on the bundled NusaX train text.
 
     Deterministic for a given ``vocab_size``; a fresh object on every call (the bridge mutates
     the tokenizer it is given).
