@@ -283,7 +283,7 @@ def _dump(path: Path, data: Any) -> None:
 # --------------------------------------------------------------------------------------------
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bool = False) -> ExperimentResult:
     """Run (or resume) the CT-SFT protocol of ``config``; writes tables and figures under ``out``."""
-    from ctsft_lens.circuit import circuit_mask, head_name, load_circuit, save_circuit, save_mask
+    from ctsft_lens.circuit import circuit_mask, load_circuit, save_circuit, save_mask
     from ctsft_lens.evaluate import evaluate
     from ctsft_lens.models import load_model, model_info
     from ctsft_lens.tasks import load_task
@@ -365,7 +365,7 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
                                n_trainable, time.perf_counter() - start)
             _dump(path, {"key": run_key, "result": asdict(result)})
         runs.append(RunResult(**_json(path)["result"]))
-    heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
+    heads = [f"L{layer}.H{head}" for layer, head in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
     result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out)
     _write_tables(result)
     from ctsft_lens.plots import experiment_figures
@@ -450,6 +450,6 @@ QUICKSTART = ExperimentConfig(
     out="runs/quickstart",
     eval_limit=200,
     competence=StageConfig(n_examples=300, epochs=4, lr=1e-3, batch_size=16),
-    discovery=DiscoveryConfig(scoring="projection", ratio=0.06, max_depth=2, n_examples=30),
+    discovery=DiscoveryConfig(scoring="projection", ratio=0.125, max_depth=2, n_examples=30),
     transfer=StageConfig(n_examples=60, epochs=4, lr=1e-3, batch_size=16),
 )

@@ -216,6 +216,9 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
         if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").split("/", 1)[-1]:
             raise ModelLoadError(f"model folder {name_or_path} does not exist")
         source = str(name_or_path)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard bars are noise beside the toolkit's own
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
@@ -270,6 +273,9 @@ def save_model(bridge: Any, out_dir: str | os.PathLike) -> Path:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch saving model: missing {missing}, unexpected {unexpected}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     fresh.save_pretrained(out)
     bridge.tokenizer.save_pretrained(out)
     return out
