@@ -13,7 +13,6 @@ under a cache named by the config's hash and loaded from there on later calls.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -24,7 +23,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from jaxtyping import Int
@@ -80,26 +79,10 @@ def default_model(*, config: DefaultModelConfig | None = None, cache_dir: str | 
     folder = cache_folder(config, cache_dir)
     if not (folder / INFO_FILE).exists():
         hf_model, tokenizer, info = pretrain(config, progress=progress)
-        with _quiet_transformers():
-            _write_cache(bridge_from_hf(hf_model, tokenizer, name=folder.name), info, folder)
-    with _quiet_transformers():
-        bridge = load_model(str(folder))
+        _write_cache(bridge_from_hf(hf_model, tokenizer, name=folder.name), info, folder)
+    bridge = load_model(str(folder))
     bridge.cfg.model_name = folder.name
     return bridge
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide transformers' shard-writing / weight-loading bars: noise next to the quickstart's own."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def pretrain_texts(config: DefaultModelConfig) -> list[str]:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import shutil
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 

@@ -12,6 +12,7 @@ Every bridge comes back with per-head results enabled (``blocks.L.attn.hook_resu
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -19,7 +20,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -216,12 +217,10 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
         if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").split("/", 1)[-1]:
             raise ModelLoadError(f"model folder {name_or_path} does not exist")
         source = str(name_or_path)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # per-shard bars are noise beside the toolkit's own
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        with quiet_hf_progress():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as err:
         raise ModelLoadError(
             f"could not load model {name_or_path!r}: not a local folder, and not found on the "
@@ -234,6 +233,20 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
 # --------------------------------------------------------------------------------------------
 # Saving and identifying models
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' weight-loading / shard-writing bars: noise beside the toolkit's own."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def hf_state_dict(bridge: Any) -> dict[str, torch.Tensor]:
     """The underlying HF model's own state dict: ``._original_component`` stripped, and the
     bridge's alias entries (``attn.q``, ``mlp.in``, ...) that a plain HF model lacks dropped."""
@@ -273,10 +286,8 @@ def save_model(bridge: Any, out_dir: str | os.PathLike) -> Path:
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch saving model: missing {missing}, unexpected {unexpected}")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    fresh.save_pretrained(out)
+    with quiet_hf_progress():
+        fresh.save_pretrained(out)
     bridge.tokenizer.save_pretrained(out)
     return out
 

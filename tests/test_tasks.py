@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from ctsft_lens.tasks import TaskError, languages, load_task
