@@ -7,8 +7,10 @@ propagation each), the way a per-head implementation would. Both use the same la
 means (computed before timing) and must give the same scores. Each mode runs in a fresh
 subprocess so that its peak RSS (``ru_maxrss``) is its own.
 
-    python benchmarks/bench_cdt.py                      # tiny model and /work/models/qwen-standin
+    CTSFT_REAL_MODEL=DIR python benchmarks/bench_cdt.py  # tiny model and the real-shape stand-in in DIR
     python benchmarks/bench_cdt.py --only tiny
+
+``DIR`` is a Qwen2.5-0.5B-shaped Hugging Face folder, e.g. from ``python ../shared/tools/real-qwen DIR``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 CONFIGS = {
     # name: (model, n_examples, source layers (None: all), batch_size)
     "tiny": ("tiny", 12, None, 12),
-    "qwen-standin": ("/work/models/qwen-standin", 3, [18, 21], 3),
+    "qwen-standin": (os.environ.get("CTSFT_REAL_MODEL", ""), 3, [18, 21], 3),
 }
 
 

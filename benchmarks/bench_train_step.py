@@ -6,8 +6,11 @@ Same batch (synthetic token ids, fixed seed), same step function as the trainer
 One warm-up step (allocates optimizer state), then ``--repeats`` timed steps; median and
 minimum are reported (on a shared CPU the minimum is the least disturbed).
 
-    python benchmarks/bench_train_step.py                 # real-shape model + tiny model
+    python benchmarks/bench_train_step.py --real DIR      # real-shape model (a folder) + tiny model
     python benchmarks/bench_train_step.py --models tiny   # seconds
+
+``DIR`` is a Qwen2.5-0.5B-shaped Hugging Face folder, e.g. the offline stand-in made by
+``python ../shared/tools/real-qwen DIR`` (or set ``$CTSFT_REAL_MODEL``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import time
 REAL_HEADS = ((2, 3), (5, 0), (8, 7), (11, 2), (13, 9), (15, 4), (17, 11), (19, 1), (20, 6),
               (21, 13), (22, 5), (23, 8))
 TINY_HEADS = ((0, 1), (1, 5), (2, 2), (3, 7))
-MODELS = {"real": "/work/models/qwen-standin", "tiny": "tiny"}
+MODELS = {"real": os.environ.get("CTSFT_REAL_MODEL", ""), "tiny": "tiny"}
 
 
 def _rss_mb() -> float:
@@ -41,7 +44,7 @@ def worker(model_name: str, variant: str, batch: int, seq: int, repeats: int) ->
     import torch
 
     from ctsft_lens.batching import Batch
-    from ctsft_lens.circuit import HeadMask
+    from ctsft_lens.masks import HeadMask
     from ctsft_lens.models import load_model, model_info
     from ctsft_lens.tasks.base import label_token_ids
     from ctsft_lens.tasks.nusax import LABEL_WORDS, LABELS
@@ -79,12 +82,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="timed steps per variant (real model); default: %(default)s")
     ap.add_argument("--tiny-repeats", type=int, default=10, help="timed steps on the tiny model; default: %(default)s")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--real", default=MODELS["real"], help="folder of the real-shape model (default: $CTSFT_REAL_MODEL)")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch, args.seq, args.repeats)))
         return
 
+    MODELS["real"] = args.real
+    if "real" in args.models and not args.real:
+        sys.exit("give --real DIR (a Qwen2.5-0.5B-shaped folder, e.g. from ../shared/tools/real-qwen) or --models tiny")
     rows = []
     print(f"load average before: {os.getloadavg()[0]:.2f} (CPUs: {os.cpu_count()})", flush=True)
     for key in args.models:

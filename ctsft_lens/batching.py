@@ -12,7 +12,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from jaxtyping import Int
 
-from ctsft_lens.tasks.base import Example, TaskError, label_token_ids
+from ctsft_lens.errors import TaskError
+from ctsft_lens.tasks.base import Example, label_token_ids
 
 
 @dataclass(frozen=True)
@@ -70,26 +71,3 @@ def batches(model: Any, examples: Sequence[Example], batch_size: int) -> Iterato
     check_examples(examples)
     for i in range(0, len(examples), batch_size):
         yield encode(model, examples[i:i + batch_size])
-
-
-def forward_kwargs(batch: Batch, model: Any) -> dict[str, Any]:
-    """Arguments for ``model(...)`` / ``run_with_hooks`` so padding is masked everywhere."""
-    device = model.cfg.device
-    return {"input": batch.input_ids.to(device), "attention_mask": batch.attention_mask.to(device)}
-
-
-def label_logits(model: Any, batch: Batch, **run_kwargs: Any) -> torch.Tensor:
-    """Logits of the label tokens at the last prompt position: ``[batch, n_labels]``.
-
-    ``run_kwargs`` may hold ``fwd_hooks`` (then the forward runs through ``run_with_hooks``).
-    """
-    hooks = run_kwargs.pop("fwd_hooks", None)
-    kw = forward_kwargs(batch, model)
-    # Only the last position is read: skip the vocabulary projection everywhere else (on
-    # Qwen2.5's 152k-token vocabulary that is a large share of a training step).
-    run_kwargs.setdefault("logits_to_keep", 1)
-    if hooks:
-        logits = model.run_with_hooks(kw.pop("input"), fwd_hooks=hooks, **kw, **run_kwargs)
-    else:
-        logits = model(kw.pop("input"), **kw, **run_kwargs)
-    return logits[:, -1, :][:, batch.label_token_ids.to(logits.device)]

@@ -1,22 +1,19 @@
 """``ctsft``: the command line, a thin layer over the library calls.
 
 Each subcommand is a pair: ``_add_<name>(sub)`` declares its options and ``_cmd_<name>(args)``
-runs it. Results go to ``--out`` as JSON next to a human-readable ``summary.txt``.
+runs it. Results go to ``--out`` as ``<command>.json`` next to a human-readable ``<command>.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ctsft_lens.tasks.base import TaskError
+from ctsft_lens.options import ATTENTION_RULES, BASELINES, MEAN_POSITIONS, SPLITS
 
-
-class CLIError(ValueError):
-    """Bad command-line input; printed as one line, exit code 2."""
+from ctsft_lens.errors import CLIError, CtsftError
 
 
 # --------------------------------------------------------------------------------------------
@@ -29,7 +26,9 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 
 def _add_task(p: argparse.ArgumentParser, *, lang: bool = True) -> None:
-    p.add_argument("--task", default="nusax-senti", choices=["nusax-senti", "xnli"], help="default: %(default)s")
+    from ctsft_lens.tasks import TASKS
+
+    p.add_argument("--task", default="nusax-senti", choices=sorted(TASKS), help="default: %(default)s")
     if lang:
         p.add_argument("--lang", default="indonesian", help="task language (name or code); default: %(default)s")
     p.add_argument("--data-dir", default=None,
@@ -43,12 +42,12 @@ def _add_out(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def write_results(out: str | Path, name: str, data: dict[str, Any], summary: str) -> Path:
-    """Write ``<out>/<name>.json`` and ``<out>/summary.txt``; print the summary."""
+    """Write ``<out>/<name>.json`` and ``<out>/<name>.txt`` atomically; print the summary."""
+    from ctsft_lens.files import atomic_write_text, write_json
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, default=str))
-    (out / "summary.txt").write_text(summary + "\n")
+    path = write_json(out / f"{name}.json", data)
+    atomic_write_text(out / f"{name}.txt", summary + "\n")
     print(summary)
     print(f"results: {path}")
     return path
@@ -61,7 +60,7 @@ def _add_eval(sub: Any) -> None:
     p = sub.add_parser("eval", help="label-token accuracy of a model on a task split")
     _add_model(p)
     _add_task(p)
-    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="default: %(default)s")
+    p.add_argument("--split", default="test", choices=list(SPLITS), help="default: %(default)s")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     p.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
     _add_out(p, "runs/eval")
@@ -109,9 +108,9 @@ def _add_quickstart(sub: Any) -> None:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> None:
-    from ctsft_lens.experiments import QUICKSTART
+    from ctsft_lens.experiments import quickstart_config
 
-    _run_experiment(QUICKSTART, args)
+    _run_experiment(quickstart_config(), args)
 
 
 def _run_experiment(config: Any, args: argparse.Namespace) -> None:
@@ -133,20 +132,50 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 # competence / train (one fine-tuning run each; see ctsft_lens.train)
 # --------------------------------------------------------------------------------------------
-def _add_sft_options(p: argparse.ArgumentParser) -> None:
+def _add_train_config(p: argparse.ArgumentParser) -> None:
+    """One flag per field of ``TrainConfig`` (``--lr``, ``--grad-accum``...), help from its metadata."""
+    import dataclasses
+    import typing
+
     from ctsft_lens.train import TrainConfig
 
-    d = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        tp, kw = hints[f.name], {}
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) is typing.Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        elif typing.get_origin(tp) is tuple:
+            kw.update(type=typing.get_args(tp)[0], nargs=len(typing.get_args(tp)))
+        else:
+            kw["type"] = _optional(args[0]) if type(None) in typing.get_args(tp) else tp
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        p.add_argument(f"--{f.name.replace('_', '-')}", default=default, **kw,
+                       help=f.metadata.get("help", "") + "; default: %(default)s")
+
+
+def _optional(tp: type) -> Callable[[str], Any]:
+    """``type=`` for an optional flag: ``none`` gives None."""
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else tp(text)
+    parse.__name__ = tp.__name__
+    return parse
+
+
+def _train_config(args: argparse.Namespace) -> Any:
+    """The ``TrainConfig`` of the flags :func:`_add_train_config` declared."""
+    import dataclasses
+
+    from ctsft_lens.train import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["betas"] = tuple(values["betas"])
+    return TrainConfig(**values)
+
+
+def _add_sft_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-examples", type=int, default=60, help="label-balanced training examples from the train split; default: %(default)s")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate; default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default: %(default)s")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step; default: %(default)s")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="default: %(default)s")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    p.add_argument("--seed", type=int, default=d.seed, help="sampling and shuffling seed; default: %(default)s")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="default: %(default)s")
+    _add_train_config(p)
     p.add_argument("--dev-limit", type=int, default=None,
                    help="score a label-balanced sample of N valid examples each epoch (default: the whole valid split)")
     p.add_argument("--test-limit", type=int, default=None, help="final accuracy on the first N test examples only")
@@ -165,13 +194,16 @@ def _cmd_competence(args: argparse.Namespace) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    p = sub.add_parser("train", help="one adaptation run: fine-tune the heads of a mask file (plus norms), or a fixed variant")
+    from ctsft_lens.masks import VARIANTS
+
+    p = sub.add_parser("train", help="one adaptation run: fine-tune the heads of a mask file (plus norms), or a variant")
     _add_model(p)
     _add_task(p)
     p.add_argument("--mask", default=None, help="head mask JSON file (circuit, nearzero, random, hand-written)")
-    p.add_argument("--variant", default=None, choices=["full", "norm-only"], help="train without a mask file")
-    p.add_argument("--kv", default="never", choices=["never", "selected-groups"],
-                   help="K/V policy: 'never' freezes keys/values; 'selected-groups' trains the KV group of each selected head")
+    p.add_argument("--variant", default=None, choices=list(VARIANTS),
+                   help="what trains: " + "; ".join(f"{k}: {v.help}" for k, v in VARIANTS.items())
+                        + " (circuit-based variants need --circuit)")
+    p.add_argument("--circuit", default=None, help="circuit JSON (from discover) for --variant circuit|nearzero|random")
     _add_sft_options(p)
     p.add_argument("--save-model", action="store_true", help="also save the adapted model to OUT/model")
     _add_out(p, "runs/train")
@@ -179,33 +211,34 @@ def _add_train(sub: Any) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     if (args.mask is None) == (args.variant is None):
-        raise CLIError("give either --mask or --variant (full | norm-only), not both or neither")
+        raise CLIError("give either --mask FILE or --variant NAME, not both or neither")
+    if args.circuit and not args.variant:
+        raise CLIError("--circuit goes with --variant circuit|nearzero|random")
     _run_sft(args, "train", variant=args.variant, mask_file=args.mask, save=args.save_model)
 
 
 def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_file: str | None, save: bool) -> None:
     """Sample data, fine-tune, restore the best dev epoch, score the test split, write results."""
-    from ctsft_lens.circuit import load_mask, none_mask
+    from ctsft_lens.circuit import load_circuit
     from ctsft_lens.evaluate import evaluate
+    from ctsft_lens.masks import load_mask, variant_mask
     from ctsft_lens.models import load_model, model_info, save_model
+    from ctsft_lens.train import train
     from ctsft_lens.tasks import load_task
-    from ctsft_lens.train import TrainConfig, train
 
-    try:
-        config = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                             warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
-                             eval_batch_size=args.eval_batch_size, max_steps=args.max_steps,
-                             kv=getattr(args, "kv", "never"))
-    except ValueError as err:
-        raise CLIError(str(err)) from None
+    config = _train_config(args)
+    circuit = load_circuit(args.circuit) if getattr(args, "circuit", None) else None
     task = load_task(args.task, args.lang, args.data_dir)
     train_ex = task.sample(args.n_examples, "train", seed=args.seed)
     dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
     test_ex = task.examples("test", args.test_limit)
     model = load_model(args.model)
-    mask = load_mask(mask_file, model) if mask_file else None
-    if variant == "norm-only":
-        mask = none_mask(model_info(model, checksum=False))
+    if mask_file:
+        mask = load_mask(mask_file, model)
+    else:
+        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=args.seed)
+        if mask is not None:
+            mask.check(model)
     result = train(model, train_ex, dev_ex, config, mask=mask, variant=variant, progress=not args.no_progress)
     test = evaluate(model, test_ex, batch_size=args.eval_batch_size, progress=not args.no_progress)
     data = {"model": args.model, "task": args.task, "language": task.language, "n_examples": len(train_ex),
@@ -228,9 +261,9 @@ def _add_faithfulness(sub: Any) -> None:
     p.add_argument("--circuit", action="append", required=True,
                    help="circuit JSON (from save_circuit / discover); repeat to compare, e.g. projection and magnitude")
     _add_task(p)
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="default: %(default)s")
+    p.add_argument("--split", default="valid", choices=list(SPLITS), help="default: %(default)s")
     p.add_argument("--n-examples", type=int, default=30, help="label-balanced examples (one batch); default: %(default)s")
-    p.add_argument("--positions", default="pooled", choices=["pooled", "last"],
+    p.add_argument("--positions", default="pooled", choices=list(MEAN_POSITIONS),
                    help="head means pooled over prompt tokens or taken at the last token; default: %(default)s")
     p.add_argument("--seeds", type=int, default=5, help="random circuits per size (the floor); 0 to skip; default: %(default)s")
     p.add_argument("--points", type=int, default=24, help="about this many sizes on the top-k / random curves; default: %(default)s")
@@ -243,8 +276,10 @@ def _add_faithfulness(sub: Any) -> None:
 
 
 def _cmd_faithfulness(args: argparse.Namespace) -> None:
-    from ctsft_lens.circuit import MaskError, circuit_mask, load_circuit
+    from ctsft_lens.circuit import load_circuit
+    from ctsft_lens.errors import MaskError
     from ctsft_lens.faithfulness import faithfulness_report, size_grid
+    from ctsft_lens.masks import circuit_mask
     from ctsft_lens.models import load_model
     from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance
     from ctsft_lens.tasks import load_task
@@ -290,13 +325,15 @@ def _add_discover(sub: Any) -> None:
     p = sub.add_parser("discover", help="find a circuit of attention heads with CD-T and backward expansion")
     _add_model(p)
     _add_task(p)
-    p.add_argument("--scoring", default="projection", choices=["projection", "magnitude"], help="default: %(default)s")
+    from ctsft_lens.cdt.relevance import SCORERS
+
+    p.add_argument("--scoring", default="projection", choices=list(SCORERS), help="default: %(default)s")
     p.add_argument("--max-depth", type=int, default=2, help="expansion steps after the logits; default: %(default)s")
     p.add_argument("--ratio", type=float, default=0.02, help="share of all heads kept per depth (at least one); default: %(default)s")
     p.add_argument("--n-examples", type=int, default=30, help="label-balanced train examples; default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
-    p.add_argument("--baseline", default="mean", choices=["mean", "zero"], help="source baseline; default: %(default)s")
-    p.add_argument("--attention", default="cdt", choices=["cdt", "frozen"], help="attention rule; default: %(default)s")
+    p.add_argument("--baseline", default="mean", choices=list(BASELINES), help="source baseline; default: %(default)s")
+    p.add_argument("--attention", default="cdt", choices=list(ATTENTION_RULES), help="attention rule; default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward; default: %(default)s")
     p.add_argument("--out", default="runs/discover/circuit.json",
                    help="circuit JSON file (or a folder, then <folder>/circuit.json); default: %(default)s")
@@ -327,7 +364,9 @@ def _cmd_discover(args: argparse.Namespace) -> None:
         to = "logits" if e.target is None else head_name(e.target)
         lines.append(f"  depth {e.depth}: {head_name(e.source)} -> {to}  score {e.score:.4g}")
     summary = "\n".join(lines)
-    (path.parent / "summary.txt").write_text(summary + "\n")
+    from ctsft_lens.files import atomic_write_text
+
+    atomic_write_text(path.with_suffix(".txt"), summary + "\n")  # beside its circuit: two runs never share it
     print(summary)
     print(f"circuit: {path}")
 
@@ -347,27 +386,38 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
 def build_parser() -> argparse.ArgumentParser:
     """The ``ctsft`` parser with every subcommand of ``COMMANDS`` registered."""
     parser = argparse.ArgumentParser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    from ctsft_lens import __version__
+
+    parser.add_argument("--version", action="version", version=f"ctsft_lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add, cmd in COMMANDS:
         before = set(sub.choices)
         add(sub)
         for name in set(sub.choices) - before:
             sub.choices[name].set_defaults(func=cmd)
+            sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                           help="show the full traceback of an error")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``ctsft``: run a subcommand; bad input is one stderr line and exit code 2."""
-    args = build_parser().parse_args(argv)
-    from ctsft_lens.circuit import MaskError
-    from ctsft_lens.experiments import ConfigError
-    from ctsft_lens.models import ModelLoadError
-
+    """Entry point of ``ctsft``: bad input is one stderr line and exit code 2 (``--debug``: the
+    traceback); Ctrl-C is one line and exit code 130."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (TaskError, ModelLoadError, MaskError, CLIError, ConfigError, FileNotFoundError) as err:
+    except CtsftError as err:
+        if args.debug:
+            raise
         print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"ctsft {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

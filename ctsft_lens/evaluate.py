@@ -9,7 +9,8 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ctsft_lens.batching import batches, check_examples, label_logits
+from ctsft_lens.batching import batches, check_examples
+from ctsft_lens.forward import label_logits
 from ctsft_lens.tasks.base import Example
 
 
@@ -40,11 +41,12 @@ class EvalResult:
 
 @torch.no_grad()
 def predict(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
-            progress: bool = False, fwd_hooks: list | None = None) -> torch.Tensor:
+            progress: bool = False) -> torch.Tensor:
     """Label logits ``[n_examples, n_labels]`` for every example, in the order given.
 
     Prompts are batched by length (left padding, attention mask), so little compute goes to
-    padding; the result does not depend on the batching (tested).
+    padding; the result does not depend on the batching (tested). To run with hooks, wrap the
+    call in ``model.hooks(fwd_hooks=...)``.
     """
     check_examples(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
@@ -53,17 +55,16 @@ def predict(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
     total = (len(examples) + batch_size - 1) // batch_size
     for batch in tqdm(batches(model, ordered, batch_size), total=total, disable=not progress,
                       desc="evaluate", leave=False):
-        out.append(label_logits(model, batch, fwd_hooks=fwd_hooks).float().cpu())
+        out.append(label_logits(model, batch).float().cpu())
     logits = torch.cat(out)
     return logits[torch.argsort(torch.tensor(order))]
 
 
 def evaluate(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
-             progress: bool = False, fwd_hooks: list | None = None) -> EvalResult:
+             progress: bool = False) -> EvalResult:
     """Accuracy of the restricted argmax over label tokens, per language, with confusion."""
     _, names = check_examples(examples)
-    preds = predict(model, examples, batch_size=batch_size, progress=progress,
-                    fwd_hooks=fwd_hooks).argmax(-1).tolist()
+    preds = predict(model, examples, batch_size=batch_size, progress=progress).argmax(-1).tolist()
     confusion = [[0] * len(names) for _ in names]
     hits: dict[str, list[int]] = defaultdict(list)
     for ex, p in zip(examples, preds):

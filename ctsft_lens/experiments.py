@@ -11,11 +11,11 @@ stages that depend on it.
 from __future__ import annotations
 
 import csv
-import json
-import shutil
 import statistics
 import sys
 import time
+import typing
+import dataclasses
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,28 +24,42 @@ from tqdm.auto import tqdm
 
 if sys.version_info >= (3, 11):
     import tomllib
-else:  # pragma: no cover
+else:  # Python 3.10: the same parser, as a package (a dependency there)
     import tomli as tomllib
 
-VARIANTS = ("full", "circuit", "nearzero", "random", "norm-only")
+from ctsft_lens.errors import ConfigError
+from ctsft_lens.files import atomic_dir, cached, read_json, stage_key, write_json
+from ctsft_lens.options import check_value
+from ctsft_lens.train.trainer import TrainConfig
 
-
-class ConfigError(ValueError):
-    """An experiment config that cannot run: named key, bad value."""
+STAGE_FIELDS = ("n_examples", "n_dev")
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    """One fine-tuning stage (competence or transfer): how many examples and how to train."""
+    """One fine-tuning stage (competence or transfer): how many examples, and how to train.
+
+    In a TOML section the keys are flat: ``n_examples``, ``n_dev`` and any field of
+    :class:`~ctsft_lens.train.TrainConfig` (``lr``, ``epochs``, ...). The seed of a transfer run is
+    the experiment's seed for that run.
+    """
 
     n_examples: int = 60
-    epochs: int = 3
-    lr: float = 1e-4
-    batch_size: int = 8
-    grad_accum: int = 1
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
     n_dev: int = 30
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_flat(cls, section: dict[str, Any], where: str) -> "StageConfig":
+        own = {k: section[k] for k in STAGE_FIELDS if k in section}
+        rest = {k: v for k, v in section.items() if k not in STAGE_FIELDS}
+        for k, v in own.items():
+            check_value(f"{where}.{k}", v, int, error=ConfigError)
+        try:
+            train = TrainConfig.from_dict(rest, where=where)
+        except ValueError as err:
+            msg = str(err)
+            raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+        return cls(**own, train=train)
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,6 @@ class ExperimentConfig:
     out: str = "runs/experiment"
     data_dir: str | None = None
     eval_limit: int | None = None
-    kv_policy: str = "never"
     competence: StageConfig = field(default_factory=StageConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     transfer: StageConfig = field(default_factory=StageConfig)
@@ -83,11 +96,11 @@ class ExperimentConfig:
     @classmethod
     def from_toml(cls, path: str | Path) -> "ExperimentConfig":
         path = Path(path)
-        if not path.exists():
+        if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid TOML: {err}") from None
         return cls.from_dict(data, where=str(path))
 
@@ -104,14 +117,19 @@ class ExperimentConfig:
                     raise ConfigError(f"{where}: experiment.{key} must be a list")
                 top[key] = tuple(top[key])
         cfg = cls(**top,
-                  competence=StageConfig(**_checked(data.get("competence", {}), StageConfig, where, "competence")),
+                  competence=StageConfig.from_flat(_table(data.get("competence", {}), where, "competence"),
+                                                   f"{where}: competence"),
                   discovery=DiscoveryConfig(**_checked(data.get("discovery", {}), DiscoveryConfig, where, "discovery")),
-                  transfer=StageConfig(**_checked(data.get("transfer", {}), StageConfig, where, "transfer")))
+                  transfer=StageConfig.from_flat(_table(data.get("transfer", {}), where, "transfer"),
+                                                 f"{where}: transfer"))
         cfg.validate(where)
         return cfg
 
     def validate(self, where: str = "config") -> None:
         """Check values before any model is loaded, naming the bad key."""
+        from ctsft_lens.cdt.relevance import SCORERS
+        from ctsft_lens.masks import VARIANTS
+        from ctsft_lens.options import ATTENTION_RULES, BASELINES
         from ctsft_lens.tasks import TASKS, TaskError
 
         if self.task not in TASKS:
@@ -127,40 +145,43 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: the source language {self.source!r} is also a target")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants:
-            raise ConfigError(f"{where}: unknown variant(s) {bad or '(none given)'}; choose from {VARIANTS}")
+            raise ConfigError(f"{where}: unknown variant(s) {bad or '(none given)'}; choose from {tuple(VARIANTS)}")
         if not self.seeds:
             raise ConfigError(f"{where}: experiment.seeds is empty")
         for stage_name in ("competence", "transfer"):
             stage = getattr(self, stage_name)
-            for key in ("n_examples", "epochs", "batch_size", "grad_accum"):
-                if getattr(stage, key) < 1:
-                    raise ConfigError(f"{where}: {stage_name}.{key} must be >= 1, got {getattr(stage, key)}")
-            if not stage.lr > 0:
-                raise ConfigError(f"{where}: {stage_name}.lr must be > 0, got {stage.lr}")
+            if stage.n_examples < 1:
+                raise ConfigError(f"{where}: {stage_name}.n_examples must be >= 1, got {stage.n_examples}")
         d = self.discovery
-        if d.scoring not in ("projection", "magnitude"):
-            raise ConfigError(f"{where}: discovery.scoring must be 'projection' or 'magnitude', got {d.scoring!r}")
+        for what, value, choices in (("scoring", d.scoring, tuple(SCORERS)), ("attention", d.attention, ATTENTION_RULES),
+                                     ("baseline", d.baseline, BASELINES)):
+            if value not in choices:
+                raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
         if not 0 < d.ratio <= 1:
             raise ConfigError(f"{where}: discovery.ratio must be in (0, 1], got {d.ratio}")
         if d.max_depth < 0 or d.n_examples < 1:
             raise ConfigError(f"{where}: discovery.max_depth must be >= 0 and n_examples >= 1")
-        if self.kv_policy not in ("never", "selected-groups"):
-            raise ConfigError(f"{where}: kv_policy must be 'never' or 'selected-groups', got {self.kv_policy!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+def _table(section: Any, where: str, name: str) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: [{name}] must be a table")
+    return section
+
+
+def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+    _table(section, where, name)
     known = {f.name for f in fields(cls)} - set(skip)
     unknown = set(section) - known
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
-    for f in fields(cls):
-        if f.name in section and f.type in ("int", "float") and not isinstance(section[f.name], (int, float)):
-            raise ConfigError(f"{where}: {name}.{f.name} must be a number, got {section[f.name]!r}")
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        if key not in ("targets", "variants", "seeds"):
+            check_value(f"{where}: {name}.{key}", value, hints[key], error=ConfigError)
     return section
 
 
@@ -245,132 +266,147 @@ def _lang(cfg: ExperimentConfig, language: str) -> str:
     return TASKS[cfg.task].canonical_language(language)
 
 
-STAGE_KEY = "ctsft_stage.key"
-
-
-def _key(*parts: Any) -> str:
-    """Identity of a stage: a hash of every setting its artefact depends on."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _fresh(marker: Path, key: str) -> bool:
-    return marker.exists() and marker.read_text().strip() == key
-
-
-def _fresh_json(path: Path, key: str) -> bool:
-    try:
-        return _json(path).get("key") == key
-    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-        return False
-
-
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def _dump(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)  # atomic: a half-written file never counts as a cached stage
-
-
 # --------------------------------------------------------------------------------------------
-# the protocol
+# the protocol: small stages, each cached under out/ by a key of the settings it depends on
 # --------------------------------------------------------------------------------------------
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bool = False) -> ExperimentResult:
-    """Run (or resume) the CT-SFT protocol of ``config``; writes tables and figures under ``out``."""
-    from ctsft_lens.circuit import circuit_mask, load_circuit, save_circuit, save_mask
-    from ctsft_lens.evaluate import evaluate
-    from ctsft_lens.models import load_model, model_info
+    """Run (or resume) the CT-SFT protocol of ``config``; writes tables and figures under ``out``.
+
+    ``force``: recompute every stage (overwriting the toolkit's own files; nothing else in
+    ``out`` is touched).
+    """
     from ctsft_lens.tasks import load_task
 
     config.validate()
     out = Path(config.out)
-    if force and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _dump(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
-
-    task_of = {lang: load_task(config.task, lang, config.data_dir)
-               for lang in dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])}
-    source = _lang(config, config.source)
-    targets = [_lang(config, t) for t in config.targets]
+    write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
+    langs = dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])
+    task_of = {lang: load_task(config.task, lang, config.data_dir) for lang in langs}
+    source, targets = _lang(config, config.source), [_lang(config, t) for t in config.targets]
     test = {lang: t.examples("test", config.eval_limit) for lang, t in task_of.items()}
 
     def log(msg: str) -> None:
         if progress:
             tqdm.write(f"[{config.name}] {msg}")
 
-    # 1. competence tuning on the source language
-    comp_dir = out / "competence"
-    comp_key = _key(config.model, config.task, config.data_dir, source, asdict(config.competence), config.kv_policy)
-    if not _fresh(comp_dir / STAGE_KEY, comp_key):
-        log(f"competence tuning {config.model} on {source} ({config.competence.n_examples} examples)")
-        model = load_model(config.model)
-        train_ex, dev_ex = _stage_data(task_of[source], config.competence, seed=0)
-        _finetune(model, train_ex, dev_ex, config.competence, mask=None, seed=0, progress=progress,
-                  kv_policy=config.kv_policy)
-        _save(model, comp_dir)
-        (comp_dir / STAGE_KEY).write_text(comp_key)
-    # 2. A0 and the source accuracy before adaptation
-    a0_path = out / "a0.json"
-    a0_key = _key(comp_key, config.eval_limit, sorted(task_of))
-    if not _fresh_json(a0_path, a0_key):
-        model = load_model(str(comp_dir))
-        _dump(a0_path, {"key": a0_key, "accuracy": {lang: evaluate(model, test[lang], progress=progress).accuracy
-                                                     for lang in task_of}})
-    accs = _json(a0_path)["accuracy"]
+    comp_key = stage_key(config.model, config.task, config.data_dir, source, asdict(config.competence))
+    comp_dir = competence_stage(config, task_of[source], out, comp_key, force=force, log=log, progress=progress)
+    accs = a0_stage(comp_dir, test, out, stage_key(comp_key, config.eval_limit, sorted(task_of)),
+                    force=force, progress=progress)
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
-    # 3. discovery on the source checkpoint
-    circuit_path = out / "circuit.json"
-    circuit_key = _key(comp_key, asdict(config.discovery))
-    needs_circuit = any(v in ("circuit", "nearzero", "random") for v in config.variants)
-    if needs_circuit and not _fresh(out / "circuit.key", circuit_key):
-        from ctsft_lens.cdt import discover
-
-        d = config.discovery
-        model = load_model(str(comp_dir))
-        examples = task_of[source].sample(_balanced(d.n_examples, task_of[source].n_labels), "train", seed=1)
-        log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth})")
-        circuit = discover(model, examples, scoring=d.scoring, ratio=d.ratio, max_depth=d.max_depth,
-                           attention=d.attention, baseline=d.baseline, progress=progress)
-        save_circuit(circuit, circuit_path)
-        save_mask(circuit_mask(circuit, d.depth), out / "masks" / "circuit.json")
-        (out / "circuit.key").write_text(circuit_key)
-    circuit = load_circuit(circuit_path) if needs_circuit else None
-    # 4. adaptation runs
-    runs: list[RunResult] = []
+    needs_circuit = any(_needs_circuit(v) for v in config.variants)
+    circuit_key = stage_key(comp_key, asdict(config.discovery))
+    circuit = (discovery_stage(config, comp_dir, task_of[source], out, circuit_key, force=force, log=log,
+                               progress=progress) if needs_circuit else None)
     # Seed-major order: a run stopped early still has whole seeds of every (target, variant).
     jobs = [(t, v, s) for s in config.seeds for t in targets for v in config.variants]
-    info = None
+    runs = []
     for target, variant, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
-        path = out / "runs" / target / variant / f"seed{seed}.json"
-        run_key = _key(comp_key, circuit_key if variant in ("circuit", "nearzero", "random") else None,
-                       asdict(config.transfer), config.eval_limit, target, variant, seed)
-        if not _fresh_json(path, run_key):
-            model = load_model(str(comp_dir))
-            info = info or model_info(model, checksum=False)
-            mask = _variant_mask(variant, circuit, info, seed, config.discovery.depth)
-            train_ex, dev_ex = _stage_data(task_of[target], config.transfer, seed=seed)
-            start = time.perf_counter()
-            n_trainable = _finetune(model, train_ex, dev_ex, config.transfer, mask=mask, seed=seed,
-                                    progress=progress, kv_policy=config.kv_policy)
-            result = RunResult(target, variant, seed,
-                               evaluate(model, test[target]).accuracy,
-                               evaluate(model, test[source]).accuracy,
-                               n_trainable, time.perf_counter() - start)
-            _dump(path, {"key": run_key, "result": asdict(result)})
-        runs.append(RunResult(**_json(path)["result"]))
-    heads = [f"L{layer}.H{head}" for layer, head in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
+        key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None, asdict(config.transfer),
+                        config.eval_limit, target, variant, seed)
+        runs.append(transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
+                                   variant, seed, out, key, force=force, progress=progress))
+    from ctsft_lens.circuit import head_name
+    from ctsft_lens.masks import circuit_mask
+
+    heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
     result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out)
     _write_tables(result)
     from ctsft_lens.plots import experiment_figures
 
     result.figures = {name: str(p) for name, p in experiment_figures(result, out / "figures").items()}
     return result
+
+
+def _needs_circuit(variant: str) -> bool:
+    from ctsft_lens.masks import VARIANTS
+
+    return VARIANTS[variant].needs_circuit
+
+
+def _cached(path: Path, key: str, compute: Any, force: bool, **io: Any) -> Any:
+    """:func:`ctsft_lens.files.cached`, or a recompute under ``force``."""
+    if force:
+        from ctsft_lens.files import key_file
+
+        key_file(path).unlink(missing_ok=True)
+    return cached(path, key, compute, **io)
+
+
+def competence_stage(config: ExperimentConfig, task: Any, out: Path, key: str, *, force: bool, log: Any,
+                     progress: bool) -> Path:
+    """Full fine-tuning on the source language; the checkpoint folder ``out/competence``."""
+    from ctsft_lens.models import load_model, save_model
+
+    def compute() -> Any:
+        log(f"competence tuning {config.model} on {task.language} ({config.competence.n_examples} examples)")
+        model = load_model(config.model)
+        train_ex, dev_ex = _stage_data(task, config.competence, seed=0)
+        _finetune(model, train_ex, dev_ex, config.competence, mask=None, seed=0, progress=progress)
+        return model
+
+    return _cached(out / "competence", key, compute, force,
+                   save=lambda model, p: atomic_dir(p, lambda tmp: save_model(model, tmp)), load=lambda p: p)
+
+
+def a0_stage(comp_dir: Path, test: dict[str, list], out: Path, key: str, *, force: bool,
+             progress: bool) -> dict[str, float]:
+    """Accuracy of the competence model on every language's test examples (A0 and the source before)."""
+    from ctsft_lens.evaluate import evaluate
+    from ctsft_lens.models import load_model
+
+    def compute() -> dict[str, Any]:
+        model = load_model(str(comp_dir))
+        return {"accuracy": {lang: evaluate(model, ex, progress=progress).accuracy for lang, ex in test.items()}}
+
+    return _cached(out / "a0.json", key, compute, force)["accuracy"]
+
+
+def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Path, key: str, *, force: bool,
+                    log: Any, progress: bool) -> Any:
+    """CD-T discovery on the competence checkpoint: ``out/circuit.json`` and ``out/masks/circuit.json``."""
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.circuit import load_circuit, save_circuit
+    from ctsft_lens.masks import circuit_mask, save_mask
+    from ctsft_lens.models import load_model
+
+    d = config.discovery
+
+    def compute() -> Any:
+        model = load_model(str(comp_dir))
+        examples = task.sample(_balanced(d.n_examples, task.n_labels), "train", seed=1)
+        log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth})")
+        return discover(model, examples, scoring=d.scoring, ratio=d.ratio, max_depth=d.max_depth,
+                        attention=d.attention, baseline=d.baseline, progress=progress)
+
+    def save(circuit: Any, path: Path) -> None:
+        save_circuit(circuit, path)
+        save_mask(circuit_mask(circuit, d.depth), out / "masks" / "circuit.json")
+
+    return _cached(out / "circuit.json", key, compute, force, save=save, load=load_circuit)
+
+
+def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task: Any, target_test: list,
+                   source_test: list, variant: str, seed: int, out: Path, key: str, *, force: bool,
+                   progress: bool) -> "RunResult":
+    """One adaptation run (target, variant, seed) from the competence checkpoint."""
+    from ctsft_lens.evaluate import evaluate
+    from ctsft_lens.masks import variant_mask
+    from ctsft_lens.models import load_model, model_info
+
+    def compute() -> dict[str, Any]:
+        model = load_model(str(comp_dir))
+        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed,
+                            depth=config.discovery.depth)
+        train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed)
+        start = time.perf_counter()
+        n_trainable = _finetune(model, train_ex, dev_ex, config.transfer, mask=mask, seed=seed, progress=progress)
+        result = RunResult(task.language, variant, seed, evaluate(model, target_test).accuracy,
+                           evaluate(model, source_test).accuracy, n_trainable, time.perf_counter() - start)
+        return {"result": asdict(result)}
+
+    path = out / "runs" / task.language / variant / f"seed{seed}.json"
+    return RunResult(**_cached(path, key, compute, force)["result"])
 
 
 def _balanced(n: int, n_labels: int) -> int:
@@ -385,70 +421,31 @@ def _stage_data(task: Any, stage: StageConfig, seed: int) -> tuple[list, list]:
     return train_ex, dev_ex
 
 
-def _variant_mask(variant: str, circuit: Any, info: dict[str, Any], seed: int, depth: int | None) -> Any:
-    from ctsft_lens.circuit import circuit_mask, nearzero_mask, none_mask, random_mask
-
-    if variant == "full":
-        return None
-    if variant == "norm-only":
-        return none_mask(info)
-    if circuit is None:
-        raise ConfigError(f"variant {variant!r} needs a discovered circuit")
-    chosen = circuit_mask(circuit, depth)
-    if variant == "circuit":
-        return chosen
-    if variant == "nearzero":
-        return nearzero_mask(circuit, depth)
-    return random_mask(info, len(chosen.heads), seed=seed, like=circuit)
-
-
 def _finetune(model: Any, train_ex: list, dev_ex: list, stage: StageConfig, *, mask: Any, seed: int,
-              progress: bool, kv_policy: str) -> int:
+              progress: bool) -> int:
     """Train in place with the shared trainer; returns the number of trainable parameters."""
-    from ctsft_lens.train import TrainConfig, train
+    from ctsft_lens.train import train
 
-    cfg = TrainConfig(lr=stage.lr, epochs=stage.epochs, batch_size=stage.batch_size, grad_accum=stage.grad_accum,
-                      weight_decay=stage.weight_decay, warmup_ratio=stage.warmup_ratio, seed=seed, kv=kv_policy)
-    result = train(model, train_ex, dev_ex, cfg, mask=mask, progress=progress)
+    result = train(model, train_ex, dev_ex, dataclasses.replace(stage.train, seed=seed), mask=mask, progress=progress)
     return int(result.trainable_params)
-
-
-def _save(model: Any, folder: Path) -> None:
-    from ctsft_lens.models import save_model
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.replace(folder)
 
 
 def _write_tables(result: ExperimentResult) -> None:
     rows = result.table()
+    result.out.mkdir(parents=True, exist_ok=True)
     with open(result.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
         writer.writeheader()
         writer.writerows(rows)
     (result.out / "results.md").write_text(result.markdown() + "\n")
-    _dump(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
+    write_json(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
                                         "a0": result.a0, "circuit": result.circuit_heads,
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
 
 
 # The README's main job: offline, bundled NusaX-Senti, the default model, a few minutes on 2 cores.
-QUICKSTART = ExperimentConfig(
-    name="quickstart",
-    task="nusax-senti",
-    model="default",
-    source="indonesian",
-    targets=("javanese", "acehnese"),
-    variants=("full", "circuit", "nearzero"),
-    seeds=(0, 1),
-    out="runs/quickstart",
-    eval_limit=200,
-    competence=StageConfig(n_examples=300, epochs=4, lr=1e-3, batch_size=16),
-    discovery=DiscoveryConfig(scoring="projection", ratio=0.125, max_depth=2, n_examples=30),
-    transfer=StageConfig(n_examples=60, epochs=4, lr=1e-3, batch_size=16),
-)
+def quickstart_config() -> ExperimentConfig:
+    """The packaged ``ctsft_lens/configs/quickstart.toml``."""
+    from importlib import resources
+
+    return ExperimentConfig.from_toml(Path(str(resources.files("ctsft_lens") / "configs" / "quickstart.toml")))

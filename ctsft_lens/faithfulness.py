@@ -17,18 +17,22 @@ import csv
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
-from ctsft_lens.batching import Batch, batches, label_logits
-from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.circuit import Circuit, HeadMask, circuit_mask, random_mask
+from ctsft_lens.batching import Batch, batches
+from ctsft_lens.circuit import Circuit, rank_heads
+from ctsft_lens.forward import attn_results, hook_name, label_logits
+from ctsft_lens.masks import HeadMask, circuit_mask, random_mask
+from ctsft_lens.means import head_means
+from ctsft_lens.options import MeanPositions as Positions
 from ctsft_lens.tasks.base import Example
 
-Positions = Literal["pooled", "last"]
+Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``metric(label_logits [batch, n_labels], gold labels [batch]) -> [batch]``, higher = more of the task."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,7 +84,7 @@ def ablation_hooks(means: Float[torch.Tensor, "n_layers n_heads d_model"],
             k = row_keep.to(result.device)[:, None, :, None]  # [batch, 1, head, 1]
             return torch.where(k, result, mean.to(result.device, result.dtype))
 
-        hooks.append((f"blocks.{layer}.attn.hook_result", hook))
+        hooks.append((hook_name(layer, "attn.hook_result"), hook))
     return hooks
 
 
@@ -98,12 +102,11 @@ class MeanAblation:
 
     def __init__(self, model: Any, examples: Sequence[Example], *, positions: Positions = "pooled",
                  means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
-                 batch_size: int = 32, tables_per_forward: int = 1, progress: bool = True) -> None:
+                 metric: Metric | None = None, batch_size: int = 32, tables_per_forward: int = 1,
+                 progress: bool = True) -> None:
         cfg = model.cfg
-        if not getattr(cfg, "use_attn_result", False):  # else hook_result never fires: nothing is ablated
-            raise ValueError("mean ablation hooks blocks.L.attn.hook_result: call model.set_use_attn_result(True) "
-                             "(ctsft_lens.load_model does)")
         self.model = model
+        self.metric: Metric = metric or logit_diff
         self.positions = positions
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.n_examples = len(examples)
@@ -147,10 +150,11 @@ class MeanAblation:
             chunk = keep[start:start + step]
             for batch in self.batches:
                 b = len(batch.labels)
-                logits = label_logits(self.model, _repeat(batch, len(chunk)),
-                                      fwd_hooks=ablation_hooks(self.means, chunk, b)).double().cpu()
+                # hook_result exists only while per-head results are on: scope them to this forward
+                with attn_results(self.model), self.model.hooks(fwd_hooks=ablation_hooks(self.means, chunk, b)):
+                    logits = label_logits(self.model, _repeat(batch, len(chunk))).double().cpu()
                 labels = batch.labels.repeat(len(chunk))
-                diffs[start:start + len(chunk)] += logit_diff(logits, labels).view(len(chunk), b).sum(1)
+                diffs[start:start + len(chunk)] += self.metric(logits, labels).double().view(len(chunk), b).sum(1)
                 hits[start:start + len(chunk)] += (logits.argmax(-1) == labels).double().view(len(chunk), b).sum(1)
         return [Metrics(float(d) / self.n_examples, float(h) / self.n_examples) for d, h in zip(diffs, hits)]
 
@@ -322,21 +326,15 @@ def depth_curve(ab: MeanAblation, circuit: Circuit, name: str | None = None) -> 
     return Curve(name or f"{circuit.scoring}/depth", "depth", points)
 
 
-def ranked_heads(scores: Float[torch.Tensor, "n_layers n_heads"], absolute: bool = False) -> list[tuple[int, int]]:
-    """Heads from highest to lowest score (|score| if ``absolute``); unscored (NaN) heads last."""
-    s = scores.abs() if absolute else scores
-    flat = s.flatten().double().nan_to_num(nan=-math.inf)
-    order = sorted(range(len(flat)), key=lambda i: (-float(flat[i]), i))
-    return [divmod(i, scores.shape[1]) for i in order]
-
-
 def topk_curve(ab: MeanAblation, scores: Float[torch.Tensor, "n_layers n_heads"], sizes: Sequence[int],
                name: str = "topk", absolute: bool = False) -> Curve:
     """Faithfulness of the top-k heads by score for every k in ``sizes`` (sufficiency only).
 
-    Highest score first, as ``cdt.discover`` picks heads (``absolute=True`` ranks by |score|).
+    Highest score first, as ``cdt.discover`` picks heads (``absolute=True`` ranks by |score|);
+    sizes beyond the number of scored heads are left out (unscored heads have no rank).
     """
-    order = ranked_heads(scores, absolute)
+    order = rank_heads(scores, absolute=absolute)
+    sizes = [k for k in sizes if k <= len(order)]
     keeps = torch.stack([ab.table(order[:k]) for k in sizes])
     ms = ab.metrics_many(keeps)
     return Curve(name, "topk", tuple(CurvePoint(k, k / ab.n_total, ab.faithfulness(m), m.logit_diff, m.accuracy)
@@ -423,12 +421,14 @@ class FaithfulnessReport:
 def faithfulness_report(model: Any, circuits: dict[str, Circuit], examples: Sequence[Example], *,
                         positions: Positions = "pooled", sizes: Sequence[int] | None = None,
                         seeds: Sequence[int] = (0, 1, 2, 3, 4), batch_size: int = 32,
-                        tables_per_forward: int = 1, progress: bool = True) -> FaithfulnessReport:
+                        tables_per_forward: int = 1, metric: Metric | None = None,
+                        progress: bool = True) -> FaithfulnessReport:
     """Depth and top-k curves of each circuit (e.g. ``{"projection": c1, "magnitude": c2}``),
-    both directions for each full circuit, and the random floor over ``sizes`` x ``seeds``."""
+    both directions for each full circuit, and the random floor over ``sizes`` x ``seeds``.
+    ``metric`` defaults to the logit difference (:func:`logit_diff`)."""
     for c in circuits.values():  # a circuit found on another model shape is refused (MaskError)
         circuit_mask(c).check(model)
-    ab = MeanAblation(model, examples, positions=positions, batch_size=batch_size,
+    ab = MeanAblation(model, examples, positions=positions, batch_size=batch_size, metric=metric,
                       tables_per_forward=tables_per_forward, progress=progress)
     sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)
     results = {name: ab.evaluate(c) for name, c in circuits.items()}

@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 
-from ctsft_lens.circuit import Circuit
+from ctsft_lens.circuit import Circuit, head_name
 from ctsft_lens.faithfulness import FaithfulnessReport
 
 COLORS = {"projection": "#1f77b4", "magnitude": "#d62728"}
@@ -184,7 +184,7 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
     s0 = circuit.scores[0]
     fig.add_trace(go.Scatter(
         x=[pos[h][0] for h in heads], y=[pos[h][1] for h in heads], mode="markers+text",
-        text=[f"{l}.{h}" for l, h in heads], textposition="middle right",
+        text=[head_name(h) for h in heads], textposition="middle right",
         marker={"size": 16, "color": [joined[h] for h in heads], "colorscale": "Plasma", "cmin": 0,
                 "cmax": max(1, circuit.depth), "colorbar": {"title": "depth", "dtick": 1}, "line": {"width": 1}},
         customdata=[[joined[h], float(s0[h])] for h in heads],

@@ -15,14 +15,33 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The real data folder beside the clone (CI has it; a user's fresh clone does not).
+
+    Absent, the tests that compare against it skip with the reason; ``CTSFT_REQUIRE_SHARED=1``
+    (set by ``.ci/run``) turns the skip into a failure so CI never skips them silently.
+    """
     if not SHARED_DATA.is_dir():
-        raise RuntimeError(f"tests need the shared data folder at {SHARED_DATA}")
+        if os.environ.get("CTSFT_REQUIRE_SHARED") == "1":
+            raise RuntimeError(f"CTSFT_REQUIRE_SHARED=1 but the shared data folder {SHARED_DATA} is missing")
+        pytest.skip(f"needs the real data folder {SHARED_DATA} (not part of a fresh clone)")
     return SHARED_DATA
 
 
 @pytest.fixture(scope="session")
 def xnli_dir(shared_data: Path) -> Path:
     return shared_data / "xnli"
+
+
+@pytest.fixture(scope="session")
+def xnli_fixture(tmp_path_factory) -> Path:
+    """Made-up parallel XNLI dev files (``dev-en.tsv``, ``dev-th.tsv``, 2,490 lines each) in the
+    real layout, so the line-index split is tested on a bare clone."""
+    folder = tmp_path_factory.mktemp("xnli")
+    labels = ("entailment", "neutral", "contradiction")
+    for lang, word in (("en", "premise"), ("th", "หลักฐาน")):
+        rows = [f"{word} {i}\t{word} hypothesis {i}\t{labels[(i * 7) % 3]}\n" for i in range(2490)]
+        (folder / f"dev-{lang}.tsv").write_text("".join(rows), encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="session")

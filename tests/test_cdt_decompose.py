@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from ctsft_lens.batching import encode, forward_kwargs
-from ctsft_lens.cdt.baseline import head_means
+from ctsft_lens.batching import encode
+from ctsft_lens.forward import attn_results
+from ctsft_lens.means import head_means
 from ctsft_lens.cdt.decompose import Source, decompose, propagate
 
 HOOKS = ("hook_resid_pre", "ln1.hook_out", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
@@ -52,8 +53,8 @@ def test_beta_plus_gamma_is_the_real_activation_at_every_hook(models, examples, 
     sources = [Source(0, 1), Source(1, 6), Source(0, 3, (-1, -2)), Source(1, 2, (0,))]
     record = _record(model)
     split = decompose(model, batch, sources, record, means=means, attention_rule=rule)
-    kw = forward_kwargs(batch, model)
-    logits, cache = model.run_with_cache(kw.pop("input"), **kw)
+    with attn_results(model):
+        logits, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
     for name in record:
         total = logits if name == "unembed.hook_out" else cache[name]
         got = split[name].beta + split[name].gamma
@@ -75,8 +76,8 @@ def test_source_split_and_causality(models, examples, arch):
     sources = [Source(1, 3), Source(1, 5, (-1,))]
     record = ["blocks.1.attn.hook_result", "blocks.1.hook_resid_pre", "blocks.2.hook_resid_post"]
     split = decompose(model, batch, sources, record, means=means)
-    kw = forward_kwargs(batch, model)
-    _, cache = model.run_with_cache(kw.pop("input"), **kw)
+    with attn_results(model):
+        _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
     result = cache["blocks.1.attn.hook_result"]
     real = batch.attention_mask.bool()
     beta = split["blocks.1.attn.hook_result"].beta

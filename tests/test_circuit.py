@@ -1,14 +1,17 @@
 """Circuit and head-mask files, the paper's control masks, and the EAP-IG / MIB graph export."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from ctsft_lens.circuit import (
-    Circuit, Edge, HeadMask, MaskError, all_mask, circuit_mask, load_circuit, load_mask,
-    mask_from_eap_graph, nearzero_mask, none_mask, parse_head, random_mask, save_circuit,
-    save_eap_graph, save_mask, to_eap_graph,
+from ctsft_lens.circuit import Circuit, Edge, load_circuit, parse_head, rank_heads, save_circuit
+from ctsft_lens.eap_graph import mask_from_eap_graph, save_eap_graph, to_eap_graph
+from ctsft_lens.errors import MaskError
+from ctsft_lens.masks import (
+    VARIANTS, HeadMask, all_mask, circuit_mask, load_mask, nearzero_mask, none_mask, random_mask, save_mask,
+    variant_mask,
 )
 from ctsft_lens.models import model_info, tiny_model
 
@@ -159,3 +162,52 @@ def test_eap_graph_has_mib_edge_counts_and_round_trips(tmp_path):
     assert g["nodes"][f"a{top[0]}.h{top[1]}"]["score"] == pytest.approx(float(c.scores[0][top]))
     back = mask_from_eap_graph(save_eap_graph(mask, tmp_path / "g.json", c))
     assert back.heads == mask.heads
+
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+def test_rank_heads_is_the_one_ranking_rule():
+    s = torch.tensor([[0.1, -2.0], [float("nan"), 1.0], [1.0, 0.5]])
+    assert rank_heads(s) == [(1, 1), (2, 0), (2, 1), (0, 0), (0, 1)]  # ties: lower (layer, head) first; NaN left out
+    assert rank_heads(s, absolute=True) == [(0, 1), (1, 1), (2, 0), (2, 1), (0, 0)]
+    assert rank_heads(s, exclude=[(1, 1), (2, 1)]) == [(2, 0), (0, 0), (0, 1)]
+
+
+def test_files_written_by_version_0_1_still_load(model):
+    """Circuit and mask files from the previous release (tests/fixtures, written by v0.1.0)."""
+    c = load_circuit(FIXTURES / "v0.1_circuit.json")
+    assert c.heads == [(0, 2), (0, 3), (0, 4), (1, 1)] and c.depth == 1 and c.scoring == "projection"
+    mask = load_mask(FIXTURES / "v0.1_mask.json", model)
+    assert mask.heads == tuple(c.heads) and mask.kind == "circuit"
+    near = load_mask(FIXTURES / "v0.1_nearzero_mask.json", model)
+    assert near.heads == nearzero_mask(c).heads  # today's ranking picks the same control
+
+
+def test_every_variant_in_the_registry_builds_its_mask(model):
+    info = model_info(model, checksum=False)
+    c = load_circuit(FIXTURES / "v0.1_circuit.json")
+    masks = {name: variant_mask(name, info, c, seed=3) for name in VARIANTS}
+    assert masks["full"] is None and masks["norm-only"].heads == ()
+    assert masks["circuit"].heads == tuple(c.heads)
+    assert len(masks["nearzero"].heads) == len(masks["random"].heads) == len(c.heads)
+    with pytest.raises(MaskError, match="built from a circuit"):
+        variant_mask("circuit", info, None)
+    with pytest.raises(MaskError, match="unknown variant"):
+        variant_mask("lottery", info, c)
+
+
+@pytest.mark.parametrize("bad", [[2.7, 1], [True, 1], 2.7, 3])
+def test_heads_that_are_not_integers_are_refused(bad):
+    with pytest.raises(MaskError, match="cannot read head"):
+        parse_head(bad)
+
+
+def test_eap_graph_gives_unscored_heads_no_score():
+    scores = torch.full((2, 8), float("nan"))
+    scores[1, 3] = 0.5
+    c = Circuit((((1, 3),),), (scores,), (Edge((1, 3), None, 0, 0.5),), "projection", 0.1,
+                {"n_layers": 2, "n_heads": 8})
+    graph = to_eap_graph(circuit_mask(c), c)
+    assert graph["nodes"]["a1.h3"]["score"] == 0.5
+    assert "score" not in graph["nodes"]["a0.h0"]  # MIB would rank a 0.0; no score keeps it out

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-import ctsft_lens.default_model as dm
-from ctsft_lens.default_model import DefaultModelConfig, cache_folder, default_model, pretrain_texts
+import ctsft_lens.models.default as dm
+from ctsft_lens.models.default import DefaultModelConfig, cache_folder, default_model, pretrain_texts
 
 # Drastically reduced: a few steps of a 1-layer model, so the test runs in seconds.
 SMALL = DefaultModelConfig(n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, d_mlp=64, n_ctx=64,
@@ -33,7 +33,7 @@ def test_first_call_trains_and_writes_cache(cached):
     assert not list(root.glob("*.tmp-*"))  # the temporary folder was renamed into place
     cfg = model.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_model) == (1, 4, 2, 32)
-    assert cfg.use_attn_result and cfg.model_name == folder.name
+    assert cfg.model_name == folder.name
 
 
 def test_second_call_loads_from_cache_without_training(cached, monkeypatch):

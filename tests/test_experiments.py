@@ -4,20 +4,22 @@ import pytest
 
 from ctsft_lens import experiments
 from ctsft_lens.experiments import ConfigError, DiscoveryConfig, ExperimentConfig, StageConfig, run_experiment
+from ctsft_lens.train import TrainConfig
 
 
 def _tiny_config(out, **kw) -> ExperimentConfig:
     base = dict(
         name="t", task="nusax-senti", model="tiny", source="indonesian", targets=("javanese",),
         variants=("full", "circuit", "nearzero", "norm-only"), seeds=(0, 1), out=str(out), eval_limit=12,
-        competence=StageConfig(n_examples=12, epochs=1, lr=1e-3, batch_size=6, n_dev=6),
+        competence=StageConfig(n_examples=12, n_dev=6, train=TrainConfig(epochs=1, lr=1e-3, batch_size=6)),
         discovery=DiscoveryConfig(ratio=0.1, max_depth=1, n_examples=6),
-        transfer=StageConfig(n_examples=6, epochs=1, lr=1e-3, batch_size=6, n_dev=6),
+        transfer=StageConfig(n_examples=6, n_dev=6, train=TrainConfig(epochs=1, lr=1e-3, batch_size=6)),
     )
     base.update(kw)
     return ExperimentConfig(**base)
 
 
+@pytest.mark.slow
 def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch):
     cfg = _tiny_config(tmp_path / "run")
     result = run_experiment(cfg, progress=False)
@@ -67,7 +69,7 @@ def test_changed_settings_recompute_only_the_stages_that_depend_on_them(tmp_path
     run_experiment(dataclasses.replace(cfg, seeds=(0, 1), transfer=more), progress=False)
     assert calls == [9, 9]                    # both runs again, competence still reused
     calls.clear()
-    other = dataclasses.replace(cfg.competence, lr=2e-3)
+    other = dataclasses.replace(cfg.competence, train=dataclasses.replace(cfg.competence.train, lr=2e-3))
     run_experiment(dataclasses.replace(cfg, seeds=(0, 1), transfer=more, competence=other), progress=False)
     assert calls == [12, 9, 9]                # a new competence model invalidates everything
 
@@ -94,8 +96,14 @@ def test_shipped_configs_parse(tmp_path):
     ("[experiment]\ntargets = ['indonesian']\n", "also a target"),
     ("[experiment]\ntargetz = ['javanese']\n", "unknown key"),
     ("[training]\nlr = 1\n", "unknown section"),
-    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = -1\n", "transfer.lr must be > 0"),
-    ("[experiment]\ntargets = ['javanese']\n[transfer]\nepochs = 'three'\n", "must be a number"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = -1\n", "transfer: lr must be a positive number"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = inf\n", "transfer.lr must be a finite number"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nepochs = 'three'\n", "transfer.epochs must be an integer"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nepochs = true\n", "transfer.epochs must be an integer"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nwarmup_ratio = 2\n", "warmup_ratio must be in"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlearning_rate = 1\n", "unknown key.*learning_rate"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nkv = 'sometimes'\n", "transfer.kv must be one of"),
+    ("[experiment]\ntargets = ['javanese']\neval_limit = 2.5\n", "eval_limit must be an integer or none"),
     ("[experiment]\ntargets = ['javanese']\n[discovery]\nscoring = 'vibes'\n", "discovery.scoring"),
     ("[experiment\n", "not valid TOML"),
 ])
@@ -111,3 +119,41 @@ def test_missing_config_file_via_cli(tmp_path, capsys):
 
     assert main(["experiment", "--config", str(tmp_path / "nope.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_quickstart_config_is_the_packaged_toml():
+    from ctsft_lens.experiments import quickstart_config
+
+    cfg = quickstart_config()
+    assert cfg.name == "quickstart" and cfg.model == "default" and cfg.competence.train.lr == 1e-3
+    assert cfg.discovery.ratio == 0.125 and cfg.transfer.n_examples == 60
+
+
+def test_a_training_knob_reaches_the_config_through_trainconfig(tmp_path):
+    """TOML stage keys are TrainConfig's fields: a new field needs no edit here."""
+    path = tmp_path / "c.toml"
+    path.write_text("[experiment]\ntargets = ['javanese']\n[transfer]\nmax_grad_norm = 0.5\nbetas = [0.8, 0.9]\nkv = 'selected-groups'\n")
+    cfg = ExperimentConfig.from_toml(path)
+    assert cfg.transfer.train.max_grad_norm == 0.5 and cfg.transfer.train.betas == (0.8, 0.9)
+    assert cfg.transfer.train.kv == "selected-groups"
+
+
+def test_force_recomputes_but_never_deletes_foreign_files(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cfg = _tiny_config(out, variants=("norm-only",), seeds=(0,))
+    run_experiment(cfg, progress=False)
+    calls = []
+    real = experiments._finetune
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_experiment(cfg, progress=False, force=True)
+    assert len(calls) == 2 and (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_damaged_stage_file_is_recomputed(tmp_path):
+    cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,))
+    first = run_experiment(cfg, progress=False)
+    (tmp_path / "run" / "a0.json").write_text("{trunc")
+    again = run_experiment(cfg, progress=False)
+    assert again.a0 == first.a0

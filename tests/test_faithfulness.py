@@ -6,12 +6,14 @@ import json
 import pytest
 import torch
 
-from ctsft_lens.batching import encode, forward_kwargs
-from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.circuit import Circuit, Edge, random_mask
+from ctsft_lens.batching import encode
+from ctsft_lens.circuit import Circuit, Edge, rank_heads
+from ctsft_lens.forward import attn_results
+from ctsft_lens.masks import random_mask
+from ctsft_lens.means import head_means
 from ctsft_lens.faithfulness import (
     MeanAblation, ablation_hooks, area, depth_curve, faithfulness_report, logit_diff, random_band,
-    ranked_heads, size_grid, topk_curve,
+    size_grid, topk_curve,
 )
 from ctsft_lens.models import model_info, tiny_model
 from ctsft_lens.tasks import load_task
@@ -45,26 +47,29 @@ def test_logit_diff_is_gold_minus_mean_of_other_labels():
     assert logit_diff(logits, torch.tensor([0, 1])).tolist() == [2.5, 0.0]
 
 
-def test_keeping_every_head_gives_1_and_keeping_none_gives_0(ab, model, examples):
-    assert ab.faithfulness(ab.metrics(ab.table(True))) == pytest.approx(1.0, abs=1e-9)
-    assert ab.faithfulness(ab.metrics(ab.table(False))) == pytest.approx(0.0, abs=1e-9)
-    # the full-model reference really is the unhooked model
+def test_references_are_the_unhooked_model_and_the_all_means_model(ab, model, examples):
+    """m(full) is a plain forward; m(empty) is a forward with every head replaced by its mean."""
     batch = encode(model, examples)
-    kw = forward_kwargs(batch, model)
     with torch.no_grad():
-        logits = model(kw.pop("input"), **kw)[:, -1][:, batch.label_token_ids].double()
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask)[:, -1][:, batch.label_token_ids].double()
     assert ab.full.logit_diff == pytest.approx(float(logit_diff(logits, batch.labels).mean()), abs=1e-5)
-    every = ab.evaluate([(l, h) for l in range(N_LAYERS) for h in range(N_HEADS)])
-    assert every.sufficiency == pytest.approx(1.0) and every.necessity == pytest.approx(0.0, abs=1e-9)
+    assert ab.empty.logit_diff != pytest.approx(ab.full.logit_diff, abs=1e-4)
 
 
-def test_a_bridge_without_per_head_results_is_refused(model, examples):
-    model.set_use_attn_result(False)  # hook_result would never fire: ablation would silently do nothing
-    try:
-        with pytest.raises(ValueError, match="set_use_attn_result"):
-            MeanAblation(model, examples, progress=False)
-    finally:
-        model.set_use_attn_result(True)
+def test_per_head_results_are_scoped_to_the_ablation(model, examples):
+    """Mean ablation turns per-head results on for its own forwards only (training never pays)."""
+    assert not model.cfg.use_attn_result
+    ab = MeanAblation(model, examples, progress=False)
+    assert not model.cfg.use_attn_result
+    keep = ab.table(True)
+    keep[0, 0] = False
+    assert ab.metrics(keep).logit_diff != pytest.approx(ab.full.logit_diff, abs=1e-7)  # the hook fired
+
+
+def test_a_custom_metric_is_used_for_every_curve(model, examples):
+    prob = lambda logits, labels: logits.softmax(-1).gather(-1, labels[:, None])[:, 0]  # noqa: E731
+    ab = MeanAblation(model, examples, metric=prob, progress=False)
+    assert 0 < ab.full.logit_diff < 1 and 0 < ab.empty.logit_diff < 1  # probabilities, not logit gaps
 
 
 def test_ablation_changes_the_output(ab):
@@ -81,11 +86,11 @@ def test_hooks_equal_editing_the_output_weights(arch, examples):
     keep = torch.ones(N_LAYERS, N_HEADS, dtype=torch.bool)
     keep[0, 1] = keep[0, 3] = keep[1, 0] = False
     batch = encode(model, examples)
-    kw = forward_kwargs(batch, model)
-    inp = kw.pop("input")
+    inp, kw = batch.input_ids, {"attention_mask": batch.attention_mask}
     with torch.no_grad():
         full = model(inp, **kw)
-        hooked = model.run_with_hooks(inp, fwd_hooks=ablation_hooks(means, keep), **kw)
+        with attn_results(model), model.hooks(fwd_hooks=ablation_hooks(means, keep)):
+            hooked = model(inp, **kw)
         d_head = 32 // N_HEADS
         for layer in range(N_LAYERS):
             hf_layer = (model.original_model.model.layers[layer].self_attn.o_proj if arch == "qwen2"
@@ -125,10 +130,12 @@ def test_area_is_mibs_trapezoid_over_normalized_size():
     assert area([0, 2, 4], [1, 1, 1]) == pytest.approx(1.0)  # x divided by its last value
 
 
-def test_ranked_heads_sorts_by_abs_score_with_nan_last():
-    s = torch.tensor([[0.1, -2.0], [float("nan"), 1.0]])
-    assert ranked_heads(s, absolute=True) == [(0, 1), (1, 1), (0, 0), (1, 0)]
-    assert ranked_heads(s) == [(1, 1), (0, 0), (0, 1), (1, 0)]  # highest first, as discover picks
+def test_topk_curve_ranks_with_rank_heads_and_skips_unscored_heads(ab):
+    scores = torch.full((N_LAYERS, N_HEADS), float("nan"))
+    scores[1, 2], scores[0, 1], scores[1, 0] = 3.0, 2.0, -1.0
+    curve = topk_curve(ab, scores, [1, 2, 3, 4, 10])
+    assert [p.size for p in curve.points] == [1, 2, 3]  # only 3 heads have a score
+    assert curve.points[0].logit_diff == pytest.approx(ab.metrics(ab.table([(1, 2)])).logit_diff)
 
 
 def test_depth_curve_has_one_point_per_depth_in_both_directions(ab, model):
@@ -152,7 +159,7 @@ def test_topk_curve_and_random_band(ab, model):
     curve = topk_curve(ab, c.scores[0], sizes)
     assert [p.size for p in curve.points] == sizes
     assert curve.points[-1].faithfulness == pytest.approx(1.0)  # top-8 of 8 heads is everything
-    first = ab.metrics(ab.table([ranked_heads(c.scores[0])[0]]))
+    first = ab.metrics(ab.table([rank_heads(c.scores[0])[0]]))
     assert curve.points[0].logit_diff == pytest.approx(first.logit_diff)
     band = random_band(ab, sizes, seeds=(0, 1, 2))
     assert len(band.values) == 4 and all(len(v) == 3 for v in band.values)

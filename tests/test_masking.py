@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from ctsft_lens.batching import encode
-from ctsft_lens.circuit import HeadMask, MaskError, none_mask
+from ctsft_lens.errors import MaskError
+from ctsft_lens.masks import HeadMask, none_mask
 from ctsft_lens.models import model_info, tiny_model
 from ctsft_lens.train import (
     MaskedAdamW, ParamSpec, TrainConfig, apply_head_mask, classification_loss, train,

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from ctsft_lens.forward import attn_results
 from ctsft_lens.models import (ModelLoadError, load_model, model_info, save_model, tiny_hf_model,
                                tiny_model, tiny_tokenizer)
 
@@ -25,8 +26,10 @@ def test_tiny_qwen_is_gqa_like_qwen25(tiny_qwen):
     cfg = tiny_qwen.cfg
     assert cfg.n_heads == 8 and cfg.n_key_value_heads == 2
     assert cfg.normalization_type == "RMS" and cfg.positional_embedding_type == "rotary"
-    assert cfg.use_attn_result  # per-head results enabled
-    _, cache = tiny_qwen.run_with_cache(torch.tensor([[1, 2, 3]]))
+    assert not cfg.use_attn_result  # per-head results are off unless a caller scopes them on
+    with attn_results(tiny_qwen):
+        _, cache = tiny_qwen.run_with_cache(torch.tensor([[1, 2, 3]]))
+    assert not cfg.use_attn_result
     assert cache["blocks.1.attn.hook_result"].shape == (1, 3, 8, cfg.d_model)
     assert cache["blocks.1.attn.hook_v"].shape[2] == 2  # per KV head
 

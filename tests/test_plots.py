@@ -32,7 +32,7 @@ def report() -> FaithfulnessReport:
 
 
 def test_faithfulness_plot_has_band_curves_and_saves_html(tmp_path):
-    fig = plot_faithfulness(report(), save_html=tmp_path / "f.html")
+    fig = plot_faithfulness(report(), save_html=tmp_path / "f.html", plotlyjs="cdn")
     assert isinstance(fig, go.Figure)
     names = [t.name for t in fig.data]
     assert any(n.startswith("random ±1 sd") for n in names)
@@ -45,7 +45,7 @@ def test_faithfulness_plot_has_band_curves_and_saves_html(tmp_path):
 
 def test_relevance_heatmaps_side_by_side(tmp_path):
     fig = plot_relevance({"projection": circuit("projection", True), "magnitude": circuit("magnitude", False)},
-                         save_html=tmp_path / "r.html")
+                         save_html=tmp_path / "r.html", plotlyjs="cdn")
     heat = [t for t in fig.data if isinstance(t, go.Heatmap)]
     assert len(heat) == 2 and heat[0].colorscale != heat[1].colorscale  # signed vs unsigned scale
     assert heat[0].zmin == -heat[0].zmax and heat[1].zmin == 0
@@ -57,7 +57,7 @@ def test_relevance_heatmaps_side_by_side(tmp_path):
 
 def test_circuit_graph_places_heads_by_layer_with_a_logits_node(tmp_path):
     c = circuit("projection", True)
-    fig = plot_circuit(c, save_html=tmp_path / "c.html")
+    fig = plot_circuit(c, save_html=tmp_path / "c.html", plotlyjs="cdn")
     heads = next(t for t in fig.data if t.name == "head")
     assert sorted(zip(heads.y, heads.x)) == sorted((float(l), float(h)) for l, h in c.heads)
     assert list(heads.marker.color) == [2, 1, 0, 0]  # depth at which each head joined, sorted by head
@@ -68,6 +68,7 @@ def test_circuit_graph_places_heads_by_layer_with_a_logits_node(tmp_path):
     assert (tmp_path / "c.html").stat().st_size > 100_000
 
 
+@pytest.mark.slow
 def test_png_export_is_optional(tmp_path):
     fig = plot_circuit(circuit("magnitude", False))
     try:

@@ -83,9 +83,12 @@ def test_every_xnli_language_loads_from_folder(xnli_dir, lang):
     assert [len(task.examples(s)) for s in ("train", "valid", "test")] == [1490, 500, 500]
 
 
-def test_xnli_parallel_split_by_line(xnli_dir):
+@pytest.mark.parametrize("folder", ["xnli_fixture", "xnli_dir"])
+def test_xnli_parallel_split_by_line(folder, request):
+    xnli_dir = request.getfixturevalue(folder)
     en = load_task("xnli", "english", data_dir=xnli_dir)
     th = load_task("xnli", "thai", data_dir=xnli_dir)
+    assert [len(th.examples(s)) for s in ("train", "valid", "test")] == [1490, 500, 500]
     for split in ("train", "test"):
         assert [e.label for e in en.examples(split)] == [e.label for e in th.examples(split)]
     train_lines = {int(e.uid.rsplit("/", 1)[1]) for e in th.examples("train")}
@@ -101,6 +104,8 @@ def test_xnli_own_split_layout_fixture(tmp_path):
             "".join(f"premise {i}\thypothesis {i}\t{labels[i % 3]}\n" for i in range(n)))
     task = load_task("xnli", "vi", data_dir=tmp_path)
     assert len(task.examples("train")) == 6 and task.sample(6)[0].language == "vi"
+    uids = [e.uid for s in ("train", "valid", "test") for e in task.examples(s)]
+    assert len(set(uids)) == len(uids)  # unique across the split files
     (tmp_path / "test-vi.tsv").write_text("only two\tcolumns-no-label\n")
     with pytest.raises(TaskError, match="expected 3 tab-separated columns"):
         load_task("xnli", "vi", data_dir=tmp_path)

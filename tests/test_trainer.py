@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from ctsft_lens.circuit import HeadMask
+from ctsft_lens.masks import HeadMask
 from ctsft_lens.models import load_model, model_info, save_model, tiny_model
 from ctsft_lens.tasks import TaskError
 from ctsft_lens.tasks.base import Example
@@ -158,7 +158,7 @@ def test_cli_competence_then_masked_train(tmp_path, capsys):
                  "--dev-limit", "6", "--test-limit", "6", "--out", str(comp), "--no-progress"]) == 0
     metrics = json.loads((comp / "competence.json").read_text())
     assert metrics["train"]["variant"] == "full" and metrics["n_examples"] == 6
-    assert (comp / "model" / "config.json").exists() and (comp / "summary.txt").exists()
+    assert (comp / "model" / "config.json").exists() and (comp / "competence.txt").exists()
 
     base = load_model(str(comp / "model"))
     mask_file = tmp_path / "mask.json"

@@ -1,8 +1,8 @@
 """CD-T circuit discovery: β/γ decomposition, head relevance, iterative backward expansion."""
 
-from ctsft_lens.cdt.baseline import head_means
 from ctsft_lens.cdt.decompose import Source, Split, decompose
 from ctsft_lens.cdt.expansion import discover
 from ctsft_lens.cdt.relevance import Relevance, head_relevance
+from ctsft_lens.means import head_means  # re-exported: the baseline CD-T subtracts
 
 __all__ = ["head_means", "Source", "Split", "decompose", "discover", "Relevance", "head_relevance"]

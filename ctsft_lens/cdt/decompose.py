@@ -32,15 +32,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from jaxtyping import Bool, Float
 
-from ctsft_lens.batching import Batch, forward_kwargs
-
-AttentionRule = Literal["cdt", "frozen"]
-ATTENTION_RULES = ("cdt", "frozen")
+from ctsft_lens.batching import Batch
+from ctsft_lens.forward import attn_results, hook_layer, run
+from ctsft_lens.options import ATTENTION_RULES, AttentionRule, check
 
 
 class Split(NamedTuple):
@@ -147,7 +146,7 @@ def attention(
 # The model, layer by layer
 # --------------------------------------------------------------------------------------------
 def _norm_module(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    mod = model.ln_final if name == "ln_final" else getattr(model.blocks[int(name.split(".")[1])], name.split(".")[2])
+    mod = model.ln_final if name == "ln_final" else getattr(model.blocks[hook_layer(name)], name.split(".")[2])
     rms = bool(getattr(mod, "uses_rms_norm", False)) or model.cfg.normalization_type == "RMS"
     return mod.w, (None if rms else mod.b), rms
 
@@ -237,8 +236,7 @@ def propagate(
     ``last_only``: in the last layer computed, only the last token's queries and MLP (all a
     last-token target needs); what is emitted there has one position.
     """
-    if attention_rule not in ATTENTION_RULES:
-        raise ValueError(f"attention rule must be one of {ATTENTION_RULES}, got {attention_rule!r}")
+    check("attention rule", attention_rule, ATTENTION_RULES)
     layers = {s.layer for s in sources}
     if len(layers) != 1:
         raise ValueError(f"propagate takes sources of one layer, got layers {sorted(layers)}")
@@ -343,9 +341,9 @@ def decompose(
     """
     if not sources:
         raise ValueError("no sources given")
-    kw = forward_kwargs(batch, model)
     names = cache_names(model, [s.layer for s in sources]) + [n for n in record if n != "unembed.hook_out"]
-    logits, cache = model.run_with_cache(kw.pop("input"), names_filter=names, **kw)
+    with attn_results(model):
+        logits, cache = run(model, batch, names=names)
     mask = batch.attention_mask.to(logits.device)
     results: dict[str, list[torch.Tensor]] = {name: [] for name in record}
     order: list[int] = []
@@ -371,7 +369,7 @@ def _recorded(model: Any, cache: Any, logits: torch.Tensor, seen: dict[str, Spli
         return seen[name]
     total = cache[name]
     if name.endswith(".attn.hook_result"):
-        layer = int(name.split(".")[1])
+        layer = hook_layer(name)
         z = seen.get(name.replace("hook_result", "hook_z"))
         if z is not None:
             parts = [head_output(model, layer, h, z) for h in range(model.cfg.n_heads)]

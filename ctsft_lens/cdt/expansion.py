@@ -14,30 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ctsft_lens.batching import check_examples
-from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.cdt.decompose import AttentionRule
-from ctsft_lens.cdt.relevance import Baseline, Scoring, check_options, head_relevance
-from ctsft_lens.circuit import Circuit, Edge, Head
-from ctsft_lens.models import model_info
+from ctsft_lens.cdt.relevance import Scoring, check_options, head_relevance
+from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
+from ctsft_lens.means import head_means
+from ctsft_lens.models.bridge import model_info
+from ctsft_lens.options import AttentionRule, Baseline
 from ctsft_lens.tasks.base import Example
 
 
 def n_to_keep(ratio: float, n_heads_total: int) -> int:
     """Heads kept per depth: ``floor(ratio * all heads)``, at least one."""
     return max(1, int(ratio * n_heads_total))
-
-
-def _top(table: torch.Tensor, exclude: set[Head], k: int) -> list[Head]:
-    """The ``k`` highest finite entries of ``table`` not in ``exclude``, best first."""
-    scores = table.clone()
-    scores[scores.isnan()] = float("-inf")
-    for layer, head in exclude:
-        scores[layer, head] = float("-inf")
-    flat = scores.flatten()
-    order = torch.argsort(flat, descending=True, stable=True)
-    n_heads = table.shape[1]
-    picked = [divmod(int(i), n_heads) for i in order[:k] if flat[i] > float("-inf")]
-    return [(layer, head) for layer, head in picked]
 
 
 @torch.no_grad()
@@ -94,7 +81,7 @@ def discover(
             filled = per_target.nan_to_num(float("-inf"))
             table, best = filled.max(0)
             table[per_target.isnan().all(0)] = float("nan")
-        new = _top(table, kept, k)
+        new = rank_heads(table, exclude=kept)[:k]
         if not new:
             break
         for head in new:

@@ -16,23 +16,19 @@ together as a ``[source, example]`` batch, chunked to a memory budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ctsft_lens.batching import batches, check_examples, forward_kwargs
-from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.cdt.decompose import (ATTENTION_RULES, AttentionRule, Source, Split, cache_names,
-                                      head_output, propagate, unembed)
+from ctsft_lens.batching import batches, check_examples
+from ctsft_lens.cdt.decompose import Source, Split, cache_names, head_output, propagate, unembed
 from ctsft_lens.circuit import Head
+from ctsft_lens.forward import attn_results, hook_layer, run
+from ctsft_lens.means import head_means
+from ctsft_lens.options import ATTENTION_RULES, BASELINES, AttentionRule, Baseline, check
 from ctsft_lens.tasks.base import Example
-
-Scoring = Literal["projection", "magnitude"]
-SCORINGS = ("projection", "magnitude")
-Baseline = Literal["mean", "zero"]
-BASELINES = ("mean", "zero")
 
 
 @dataclass(frozen=True)
@@ -60,11 +56,23 @@ def task_directions(model: Any, label_token_ids: torch.Tensor) -> Float[torch.Te
     return (cols - others).detach()
 
 
-def _score(x: Split, scoring: str, direction: torch.Tensor | None) -> torch.Tensor:
-    """``[source, batch]`` scores of a split target vector ``[source, batch, d]``."""
-    if scoring == "projection":
-        return (x.beta * direction).sum(-1)
+def _projection(x: Split, model: Any, logits: bool, direction: torch.Tensor) -> torch.Tensor:
+    """``⟨β, v_task⟩`` at the target vector (the final-normed residual for the logits target)."""
+    return (x.beta * direction).sum(-1)
+
+
+def _magnitude(x: Split, model: Any, logits: bool, direction: torch.Tensor) -> torch.Tensor:
+    """``‖β‖₁ / ‖γ‖₁`` at the target (the full logit vector for the logits target)."""
+    if logits:
+        x = unembed(model, x)
     return x.beta.abs().sum(-1) / x.gamma.abs().sum(-1)
+
+
+Scorer = Callable[[Split, Any, bool, torch.Tensor], torch.Tensor]
+SCORERS: dict[str, Scorer] = {"projection": _projection, "magnitude": _magnitude}
+"""CD-T head scorings: ``(split target [source, batch, d], model, is_logits, v_task [batch, d]) -> [source, batch]``.
+The one registry: ``--scoring`` choices, validation and docs read it; a new scoring is one entry."""
+Scoring = str  # a key of SCORERS
 
 
 def _row_bytes(model: Any, n_pos: int) -> int:
@@ -75,12 +83,9 @@ def _row_bytes(model: Any, n_pos: int) -> int:
 
 def check_options(scoring: str, baseline: str, attention: str) -> None:
     """A clear ValueError for an unknown scoring, baseline or attention rule, before any work."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
-    if baseline not in BASELINES:
-        raise ValueError(f"baseline must be one of {BASELINES}, got {baseline!r}")
-    if attention not in ATTENTION_RULES:
-        raise ValueError(f"attention must be one of {ATTENTION_RULES}, got {attention!r}")
+    check("scoring", scoring, tuple(SCORERS))
+    check("baseline", baseline, BASELINES)
+    check("attention", attention, ATTENTION_RULES)
 
 
 @torch.no_grad()
@@ -147,8 +152,8 @@ def head_relevance(
     start = 0
     for batch in batches(model, examples, batch_size):
         n = batch.input_ids.shape[0]
-        kw = forward_kwargs(batch, model)
-        _, cache = model.run_with_cache(kw.pop("input"), names_filter=names, **kw)
+        with attn_results(model):
+            _, cache = run(model, batch, names=names, last_only=True)
         mask = batch.attention_mask.to(cfg.device)
         directions = task_directions(model, batch.label_token_ids)[batch.labels.to(cfg.device)]  # [B, d]
         chunk = max(1, int(memory_gb * 2**30) // (n * _row_bytes(model, batch.input_ids.shape[1])))
@@ -174,17 +179,18 @@ def _relevance_chunk(
 ) -> dict[int, torch.Tensor]:
     """Scores ``{target index: [source, batch]}`` of sources in one layer."""
     out: dict[int, torch.Tensor] = {}
+    scorer = SCORERS[scoring]
 
     def visit(name: str, x: Split) -> None:
         if name == "ln_final.hook_out" and targets == (None,):
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
-            out[0] = _score(last if scoring == "projection" else unembed(model, last), scoring, directions)
+            out[0] = scorer(last, model, True, directions)
         elif name.endswith(".attn.hook_z"):
-            z_layer = int(name.split(".")[1])
+            z_layer = hook_layer(name)
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
             for t, tgt in enumerate(targets):
                 if tgt is not None and tgt[0] == z_layer:
-                    out[t] = _score(head_output(model, z_layer, tgt[1], last), scoring, directions)
+                    out[t] = scorer(head_output(model, z_layer, tgt[1], last), model, False, directions)
 
     propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop,
               last_only=True)

@@ -7,9 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-
-class TaskError(ValueError):
-    """Bad task input: unknown task or language, missing data, a split that cannot be sampled."""
+from ctsft_lens.errors import TaskError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import csv
 from importlib import resources
 from pathlib import Path
 
-from ctsft_lens.tasks.base import Example, Task, TaskError
+from ctsft_lens.errors import TaskError
+from ctsft_lens.tasks.base import Example, Task
 
 LABELS = ("negative", "neutral", "positive")
 LABEL_WORDS = (" negative", " neutral", " positive")
@@ -28,6 +29,20 @@ SPLITS = ("train", "valid", "test")
 def bundled_dir() -> Path:
     """Folder of the NusaX-Senti copy shipped inside the package."""
     return Path(str(resources.files("ctsft_lens") / "data" / "nusax_senti"))
+
+
+def texts(split: str = "train", data_dir: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """Unlabelled text of one split for every language, ``{language: {row id: text}}``.
+
+    What the offline tiny tokenizer and the default model are trained on (train split only, so
+    no evaluation text reaches them); read through the same files as :func:`load`.
+    """
+    root = bundled_dir() if data_dir is None else Path(data_dir).expanduser()
+    out: dict[str, dict[str, str]] = {}
+    for lang in sorted(LANGUAGES):
+        with open(root / lang / f"{split}.csv", newline="", encoding="utf-8") as f:
+            out[lang] = {r["id"]: r["text"] for r in csv.DictReader(f)}
+    return out
 
 
 def canonical_language(language: str) -> str:

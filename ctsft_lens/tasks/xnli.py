@@ -15,7 +15,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ctsft_lens.tasks.base import Example, Task, TaskError
+from ctsft_lens.errors import TaskError
+from ctsft_lens.tasks.base import Example, Task
 
 LABELS = ("entailment", "neutral", "contradiction")
 LABEL_WORDS = (" True", " Neither", " False")
@@ -57,13 +58,15 @@ def _example(premise: str, hypothesis: str, label: str, lang: str, uid: str, whe
     return Example(prompt, LABELS.index(label), lang, LABEL_WORDS, LABELS, uid)
 
 
-def _read_tsv(path: Path, lang: str, split: str, offset: int = 0) -> list[Example]:
+def _read_tsv(path: Path, lang: str, split: str) -> list[Example]:
+    """Rows of one TSV; ids ``xnli/<lang>/<split>/<line index>`` are unique across split files
+    (``split="dev"`` for the one-file layout, whose line index is shared by every language)."""
     rows = []
     with open(path, newline="", encoding="utf-8") as f:
         for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
             if len(cols) != 3:
                 raise TaskError(f"{path}:{i + 1}: expected 3 tab-separated columns (premise, hypothesis, label), got {len(cols)}")
-            rows.append(_example(*cols, lang, f"xnli/{lang}/{offset + i}", f"{path}:{i + 1}"))
+            rows.append(_example(*cols, lang, f"xnli/{lang}/{split}/{i}", f"{path}:{i + 1}"))
     return rows
 
 

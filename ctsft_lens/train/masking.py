@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 from jaxtyping import Bool
 
-from ctsft_lens.circuit import HeadMask, MaskError
-
-KVPolicy = Literal["never", "selected-groups"]
-KV_POLICIES = ("never", "selected-groups")
+from ctsft_lens.errors import MaskError
+from ctsft_lens.masks import HeadMask
+from ctsft_lens.options import KV_POLICIES, KVPolicy, check
 
 
 @dataclass
@@ -101,8 +100,7 @@ def trainable_specs(model: Any, head_mask: HeadMask | None, kv: KVPolicy = "neve
     ``head_mask=None`` is full fine-tuning. Weight decay applies to matrices only (not biases or
     norm weights), the usual AdamW practice.
     """
-    if kv not in KV_POLICIES:
-        raise ValueError(f"kv policy must be one of {KV_POLICIES}, got {kv!r}")
+    check("kv policy", kv, KV_POLICIES)
     if head_mask is not None:
         head_mask.check(model)
     cfg = model.cfg

@@ -17,18 +17,27 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ctsft_lens.batching import Batch, check_examples, encode, label_logits
-from ctsft_lens.circuit import HeadMask
+from ctsft_lens.batching import Batch, check_examples, encode
 from ctsft_lens.evaluate import predict
+from ctsft_lens.forward import label_logits
+from ctsft_lens.masks import HeadMask
+from ctsft_lens.errors import ConfigError
+from ctsft_lens.options import KV_POLICIES, KVPolicy, check_value
 from ctsft_lens.tasks.base import Example
-from ctsft_lens.train.masking import KV_POLICIES, KVPolicy, apply_head_mask
+from ctsft_lens.train.masking import apply_head_mask
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field whose ``help`` the CLI shows (its flags are generated from these fields)."""
+    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass(frozen=True)
@@ -36,21 +45,36 @@ class TrainConfig:
     """Hyper-parameters of one run. ``batch_size`` is per micro-batch; the optimizer sees
     ``batch_size * grad_accum`` examples per step. ``max_steps`` caps optimizer steps."""
 
-    lr: float = 1e-4
-    epochs: int = 3
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    seed: int = 0
-    eval_batch_size: int = 16
-    max_steps: int | None = None
-    kv: KVPolicy = "never"
+    lr: float = _opt(1e-4, "peak learning rate (linear warm-up, then linear decay to 0)")
+    epochs: int = _opt(3, "passes over the training examples")
+    batch_size: int = _opt(8, "examples per micro-batch")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    warmup_ratio: float = _opt(0.1, "share of the steps spent warming the learning rate up, in [0, 1)")
+    weight_decay: float = _opt(0.01, "AdamW decoupled weight decay (matrices only; never frozen slices)")
+    max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this (none: no clipping)")
+    betas: tuple[float, float] = _opt((0.9, 0.999), "AdamW betas")
+    eps: float = _opt(1e-8, "AdamW epsilon")
+    seed: int = _opt(0, "shuffling seed (and, on the CLI, the sampling seed)")
+    eval_batch_size: int = _opt(16, "examples per forward when scoring dev/test")
+    max_steps: int | None = _opt(None, "stop after this many optimizer steps (none: all epochs)")
+    kv: KVPolicy = _opt("never", "K/V policy: 'never' freezes keys/values; 'selected-groups' trains the "
+                        "KV group of each selected head")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "train") -> "TrainConfig":
+        """From plain values (a TOML table): unknown keys and wrongly typed values are refused."""
+        hints = typing.get_type_hints(cls)
+        unknown = set(data) - set(hints)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(hints)}")
+        for key, value in data.items():
+            check_value(f"{where}.{key}", value, hints[key], error=ConfigError)
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            check_value(f.name, getattr(self, f.name), hints[f.name], error=ConfigError)
         checks = [
             (self.lr > 0 and math.isfinite(self.lr), f"lr must be a positive number, got {self.lr}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -68,7 +92,7 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
 
 @dataclass
@@ -167,8 +191,7 @@ def train(
         check_examples(dev_examples)
     variant = variant or ("full" if mask is None else mask.kind)
     start = time.perf_counter()
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed)  # the only randomness: the shuffle (dropout stays off)
 
     n_batches = math.ceil(len(train_examples) / config.batch_size)
     steps_per_epoch = math.ceil(n_batches / config.grad_accum)

@@ -13,13 +13,11 @@ under a cache named by the config's hash and loaded from there on later calls.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +27,9 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
-from ctsft_lens.models import bridge_from_hf, load_model, save_model, tiny_hf_model, tiny_tokenizer
+from ctsft_lens.files import atomic_dir
+from ctsft_lens.models.bridge import bridge_from_hf, load_hf_bridge, save_model
+from ctsft_lens.models.tiny import tiny_hf_model, tiny_tokenizer
 
 CACHE_ENV = "CTSFT_CACHE"
 INFO_FILE = "default_model.json"
@@ -80,7 +80,7 @@ def default_model(*, config: DefaultModelConfig | None = None, cache_dir: str | 
     if not (folder / INFO_FILE).exists():
         hf_model, tokenizer, info = pretrain(config, progress=progress)
         _write_cache(bridge_from_hf(hf_model, tokenizer, name=folder.name), info, folder)
-    bridge = load_model(str(folder))
+    bridge = load_hf_bridge(str(folder))
     bridge.cfg.model_name = folder.name
     return bridge
 
@@ -91,12 +91,9 @@ def pretrain_texts(config: DefaultModelConfig) -> list[str]:
     Plus ``pair_fraction`` as many translation pairs (one train text in two languages, same row
     id): predicting the second half from the first ties the languages' representations together.
     """
-    from ctsft_lens.tasks.nusax import LANGUAGES, TEMPLATE, bundled_dir
+    from ctsft_lens.tasks.nusax import TEMPLATE, texts
 
-    by_lang: dict[str, dict[str, str]] = {}
-    for lang in sorted(LANGUAGES):
-        with open(bundled_dir() / lang / "train.csv", newline="", encoding="utf-8") as f:
-            by_lang[lang] = {r["id"]: r["text"].strip() for r in csv.DictReader(f)}
+    by_lang = {lang: {i: t.strip() for i, t in rows.items()} for lang, rows in texts("train").items()}
     texts: list[str] = []
     for rows in by_lang.values():
         texts += [TEMPLATE.format(text=t) for t in rows.values()]
@@ -126,8 +123,13 @@ def packed_batches(token_docs: list[list[int]], eos: int, config: DefaultModelCo
 
 def pretrain(config: DefaultModelConfig, *, progress: bool = True) -> tuple[torch.nn.Module, Any, dict]:
     """Causal-LM pre-training from a seeded random init; returns (HF model, tokenizer, stats)."""
+    with torch.random.fork_rng(devices=[]):  # seeded, and the caller's RNG left as it was
+        torch.manual_seed(config.seed)
+        return _pretrain(config, progress)
+
+
+def _pretrain(config: DefaultModelConfig, progress: bool) -> tuple[torch.nn.Module, Any, dict]:
     start, cpu_start = time.perf_counter(), time.process_time()
-    torch.manual_seed(config.seed)
     tokenizer = tiny_tokenizer(config.vocab_size)
     model = tiny_hf_model("qwen2", n_layers=config.n_layers, n_heads=config.n_heads,
                           n_kv_heads=config.n_kv_heads, d_model=config.d_model, d_mlp=config.d_mlp,
@@ -173,16 +175,13 @@ def _lr_factor(step: int, config: DefaultModelConfig) -> float:
 
 def _write_cache(bridge: Any, info: dict, folder: Path) -> None:
     """Save to a temporary sibling, then rename: a crash never leaves a half-written cache."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(bridge, tmp)
-    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists() and not (folder / INFO_FILE).exists():  # left by an older, interrupted run
-        shutil.rmtree(folder)
+
+    def fill(tmp: Path) -> None:
+        save_model(bridge, tmp)
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+
     try:
-        os.replace(tmp, folder)
+        atomic_dir(folder, fill)
     except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (folder / INFO_FILE).exists():
             raise

@@ -7,16 +7,17 @@ set with more examples of one label does not tilt the baseline toward that label
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from ctsft_lens.batching import batches, check_examples, forward_kwargs
-from ctsft_lens.tasks.base import Example, TaskError
-
-Positions = Literal["pooled", "last"]
+from ctsft_lens.batching import batches, check_examples
+from ctsft_lens.errors import TaskError
+from ctsft_lens.forward import attn_results, hook_name, run
+from ctsft_lens.options import MEAN_POSITIONS, MeanPositions, check
+from ctsft_lens.tasks.base import Example
 
 
 @torch.no_grad()
@@ -24,7 +25,7 @@ def head_means(
     model: Any,
     examples: Sequence[Example],
     *,
-    positions: Positions = "pooled",
+    positions: MeanPositions = "pooled",
     batch_size: int = 16,
     progress: bool = False,
 ) -> Float[torch.Tensor, "n_layers n_heads d_model"]:
@@ -33,19 +34,18 @@ def head_means(
     ``positions="pooled"`` averages over every real (non-padding) token of each prompt, then over
     prompts; ``"last"`` uses only the last prompt token (where the label is read).
     """
-    if positions not in ("pooled", "last"):
-        raise ValueError(f"positions must be 'pooled' or 'last', got {positions!r}")
+    check("positions", positions, MEAN_POSITIONS)
     _, names = check_examples(examples)
     n_labels = len(names)
     cfg = model.cfg
     sums = torch.zeros(n_labels, cfg.n_layers, cfg.n_heads, cfg.d_model, dtype=torch.float64)
     counts = torch.zeros(n_labels, dtype=torch.float64)
-    names_filter = [f"blocks.{layer}.attn.hook_result" for layer in range(cfg.n_layers)]
+    names_filter = [hook_name(layer, "attn.hook_result") for layer in range(cfg.n_layers)]
     total = (len(examples) + batch_size - 1) // batch_size
     for batch in tqdm(batches(model, examples, batch_size), total=total, disable=not progress,
                       desc="head means", leave=False):
-        kw = forward_kwargs(batch, model)
-        _, cache = model.run_with_cache(kw.pop("input"), names_filter=names_filter, **kw)
+        with attn_results(model):
+            _, cache = run(model, batch, names=names_filter, last_only=True)
         mask = batch.attention_mask.to(torch.float64)  # [batch, pos]
         for layer in range(cfg.n_layers):
             res = cache[names_filter[layer]].to(torch.float64).cpu()  # [batch, pos, head, d]

@@ -1,0 +1,211 @@
+"""Head masks: the artefact that leaves a circuit search and tells the trainer what to update.
+
+A ``HeadMask`` is a set of (layer, head) plus the identity of the model it belongs to, checked
+whenever it is applied. The transfer variants (``full``, ``circuit``, ``nearzero``, ``random``,
+``norm-only``) are one registry, :data:`VARIANTS`, that the CLI and the experiments both use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ctsft_lens.circuit import Circuit, Head, head_name, parse_head, rank_heads, table_to_json
+from ctsft_lens.errors import MaskError
+from ctsft_lens.files import jsonable, read_json, write_json
+
+MASK_FORMAT = "ctsft_lens/head_mask"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class HeadMask:
+    """Selected attention heads of one model. The trainer updates only these (plus norms)."""
+
+    heads: tuple[Head, ...]
+    model: dict[str, Any]
+    kind: str = "circuit"  # circuit | nearzero | random | manual | all | none
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_layers, n_heads = self.model.get("n_layers"), self.model.get("n_heads")
+        heads = tuple(sorted({(int(layer), int(head)) for layer, head in self.heads}))
+        for layer, head in heads:
+            if n_layers is not None and not 0 <= layer < n_layers or n_heads is not None and not 0 <= head < n_heads:
+                raise MaskError(f"head {layer}.{head} is outside a model of {n_layers} layers x {n_heads} heads")
+        object.__setattr__(self, "heads", heads)
+
+    def as_tensor(self) -> torch.Tensor:
+        """Boolean ``[n_layers, n_heads]`` table, True for selected heads."""
+        table = torch.zeros(self.model["n_layers"], self.model["n_heads"], dtype=torch.bool)
+        for layer, head in self.heads:
+            table[layer, head] = True
+        return table
+
+    def check(self, bridge: Any, *, strict_weights: bool = False) -> None:
+        """Refuse a mask made for another model shape (and, if ``strict_weights``, other weights)."""
+        from ctsft_lens.models.bridge import model_info
+
+        info = model_info(bridge, checksum=strict_weights)
+        keys = ["architecture", "n_layers", "n_heads", "n_kv_heads", "d_model"] + (["weights_sha256"] if strict_weights else [])
+        diff = {k: (self.model.get(k), info[k]) for k in keys if k in self.model and self.model[k] != info[k]}
+        if diff:
+            detail = ", ".join(f"{k}: mask {a} vs model {b}" for k, (a, b) in diff.items())
+            raise MaskError(f"head mask was made for model {self.model.get('name')!r}, not this one ({detail})")
+        outside = [head_name((l, h)) for l, h in self.heads if not (0 <= l < info["n_layers"] and 0 <= h < info["n_heads"])]
+        if outside:
+            raise MaskError(f"head mask names head(s) {outside[:5]} outside this model of "
+                            f"{info['n_layers']} layers x {info['n_heads']} heads")
+
+
+def _shape_of(circuit: Circuit) -> dict[str, Any]:
+    """Model info of a circuit, with the shape read off its score table when the info lacks it."""
+    model = dict(circuit.model)
+    if circuit.scores:
+        n_layers, n_heads = circuit.scores[0].shape
+        model.setdefault("n_layers", int(n_layers))
+        model.setdefault("n_heads", int(n_heads))
+    return model
+
+
+def _circuit_meta(circuit: Circuit) -> dict[str, Any]:
+    return {"scoring": circuit.scoring, "depth": circuit.depth, "ratio": circuit.ratio,
+            "heads_by_depth": [[head_name(h) for h in d] for d in circuit.heads_by_depth],
+            "scores": [table_to_json(t) for t in circuit.scores]}
+
+
+def circuit_mask(circuit: Circuit, depth: int | None = None) -> HeadMask:
+    """The heads of ``circuit`` (as it stood at ``depth``, default: all of it) as a ``HeadMask``."""
+    if depth is not None:
+        circuit = circuit.up_to_depth(depth)
+    return HeadMask(tuple(circuit.heads), _shape_of(circuit), "circuit", _circuit_meta(circuit))
+
+
+def nearzero_mask(circuit: Circuit, depth: int | None = None) -> HeadMask:
+    """Control: as many heads as the circuit, those with the lowest |depth-0 relevance|.
+
+    Drawn only from heads outside the circuit (disjoint by construction); ties broken by
+    (layer, head) so the mask is deterministic.
+    """
+    if depth is not None:
+        circuit = circuit.up_to_depth(depth)
+    n = len(circuit.heads)
+    ranked = rank_heads(-circuit.scores[0].abs(), exclude=circuit.heads)  # lowest |relevance| first
+    if len(ranked) < n:
+        raise MaskError(f"a near-zero control needs {n} scored heads outside the circuit; only {len(ranked)} exist")
+    meta = {"control_of": _circuit_meta(circuit), "selection": "lowest |relevance| at depth 0, outside the circuit"}
+    return HeadMask(tuple(ranked[:n]), _shape_of(circuit), "nearzero", meta)
+
+
+def random_mask(model: dict[str, Any], n: int, seed: int = 0, *, like: Circuit | None = None) -> HeadMask:
+    """Control: ``n`` heads drawn uniformly (seeded) from ALL heads of the model.
+
+    The draw ignores any circuit, so it may overlap one; it depends only on the shape, ``n`` and
+    ``seed``. ``like`` only records which circuit it is a control of.
+    """
+    n_layers, n_heads = int(model["n_layers"]), int(model["n_heads"])
+    if not 0 <= n <= n_layers * n_heads:
+        raise MaskError(f"cannot draw {n} random heads from a model of {n_layers * n_heads} heads")
+    gen = torch.Generator().manual_seed(int(seed))
+    picks = torch.randperm(n_layers * n_heads, generator=gen)[:n].tolist()
+    meta: dict[str, Any] = {"seed": int(seed), "selection": "uniform over all heads (may overlap the circuit)"}
+    if like is not None:
+        meta["control_of"] = _circuit_meta(like)
+    return HeadMask(tuple(divmod(i, n_heads) for i in picks), dict(model), "random", meta)
+
+
+def all_mask(model: dict[str, Any]) -> HeadMask:
+    """Every head (full fine-tuning of attention)."""
+    n_layers, n_heads = int(model["n_layers"]), int(model["n_heads"])
+    return HeadMask(tuple((l, h) for l in range(n_layers) for h in range(n_heads)), dict(model), "all")
+
+
+def none_mask(model: dict[str, Any]) -> HeadMask:
+    """No head."""
+    return HeadMask((), dict(model), "none")
+
+
+def mask_to_dict(mask: HeadMask) -> dict[str, Any]:
+    """A ``HeadMask`` as the JSON object of ``docs/mask_format.md``."""
+    return {"format": MASK_FORMAT, "format_version": FORMAT_VERSION, "kind": mask.kind,
+            "heads": [head_name(h) for h in mask.heads], "model": jsonable(mask.model),
+            "meta": jsonable(mask.meta)}
+
+
+def mask_from_dict(data: Any) -> HeadMask:
+    """Read a mask object, or a hand-written list of ``"layer.head"`` strings."""
+    if isinstance(data, list):
+        data = {"heads": data, "kind": "manual"}
+    if isinstance(data, dict) and data.get("format", MASK_FORMAT) != MASK_FORMAT:
+        raise MaskError(f"not a head mask file: format is {data.get('format')!r}, expected {MASK_FORMAT!r}")
+    if not isinstance(data, dict) or "heads" not in data:
+        raise MaskError('a head mask file holds a list of "layer.head" strings or an object with a "heads" list')
+    version = data.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise MaskError(f"head mask format_version {version} is not supported (this ctsft_lens reads {FORMAT_VERSION})")
+    if not isinstance(data["heads"], list):
+        raise MaskError('"heads" must be a list of "layer.head" strings')
+    return HeadMask(tuple(parse_head(h) for h in data["heads"]), dict(data.get("model") or {}),
+                    str(data.get("kind", "manual")), dict(data.get("meta") or {}))
+
+
+def save_mask(mask: HeadMask, path: str | Path) -> Path:
+    """Write a head mask file; returns the path."""
+    return write_json(path, mask_to_dict(mask))
+
+
+def load_mask(path: str | Path, model: Any | None = None, *, strict_weights: bool = False) -> HeadMask:
+    """Read a head mask file; with ``model`` (a bridge), check it fits and fill in missing model info.
+
+    A mismatch (layers, heads, KV heads, d_model, architecture; weights if ``strict_weights``)
+    raises ``MaskError`` naming both sides.
+    """
+    mask = mask_from_dict(read_json(path, "head mask", MaskError))
+    if model is None:
+        return mask
+    from ctsft_lens.models.bridge import model_info
+
+    mask.check(model, strict_weights=strict_weights)
+    info = model_info(model, checksum=False)
+    return HeadMask(mask.heads, {**info, **mask.model}, mask.kind, mask.meta)
+
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer variants: name -> head mask (None = every parameter trains)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    """How a transfer variant picks what trains. ``needs_circuit``: it is built from a circuit."""
+
+    needs_circuit: bool
+    mask: Callable[[dict[str, Any], Circuit | None, int, int | None], HeadMask | None]
+    help: str
+
+
+VARIANTS: dict[str, Variant] = {
+    "full": Variant(False, lambda model, circuit, seed, depth: None, "every parameter"),
+    "circuit": Variant(True, lambda model, circuit, seed, depth: circuit_mask(circuit, depth),
+                       "the circuit's heads (+ norms)"),
+    "nearzero": Variant(True, lambda model, circuit, seed, depth: nearzero_mask(circuit, depth),
+                        "as many heads with the lowest |relevance| (+ norms)"),
+    "random": Variant(True, lambda model, circuit, seed, depth: random_mask(
+        model, len(circuit_mask(circuit, depth).heads), seed=seed, like=circuit),
+        "as many heads drawn at random per seed (+ norms)"),
+    "norm-only": Variant(False, lambda model, circuit, seed, depth: none_mask(model), "norm weights only"),
+}
+"""The one registry of transfer variants: the CLI's ``--variant`` choices and experiment configs read it."""
+
+
+def variant_mask(name: str, model: dict[str, Any], circuit: Circuit | None = None, *, seed: int = 0,
+                 depth: int | None = None) -> HeadMask | None:
+    """The head mask of variant ``name`` for a model (``model_info``), from ``circuit`` where it needs one."""
+    if name not in VARIANTS:
+        raise MaskError(f"unknown variant {name!r}; choose from {tuple(VARIANTS)}")
+    variant = VARIANTS[name]
+    if variant.needs_circuit and circuit is None:
+        raise MaskError(f"variant {name!r} is built from a circuit: give one (e.g. --circuit circuit.json)")
+    return variant.mask(model, circuit, seed, depth)

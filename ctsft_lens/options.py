@@ -1,0 +1,82 @@
+"""Every set of option names, defined once.
+
+Validation (:func:`check`), CLI ``choices=`` and the docs read these tuples; the ``Literal``
+types give the typed API. Sets that name *implementations* (head scorings, transfer variants,
+tasks) are registries kept beside their code (``cdt.relevance.SCORERS``,
+``masks.VARIANTS``, ``tasks.TASKS``): adding an entry there is the whole edit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from ctsft_lens.errors import CtsftError
+
+Baseline = Literal["mean", "zero"]
+"""CD-T source baseline: subtract the label-balanced head mean, or nothing."""
+AttentionRule = Literal["cdt", "frozen"]
+"""How CD-T splits attention: β pattern from β queries/keys (``cdt``), or the real pattern (``frozen``)."""
+KVPolicy = Literal["never", "selected-groups"]
+"""Whether masked training also updates the K/V group a selected head reads."""
+MeanPositions = Literal["pooled", "last"]
+"""Head means pooled over every prompt token, or taken at the last one."""
+Split = Literal["train", "valid", "test"]
+
+BASELINES: tuple[str, ...] = get_args(Baseline)
+ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
+KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
+MEAN_POSITIONS: tuple[str, ...] = get_args(MeanPositions)
+SPLITS: tuple[str, ...] = get_args(Split)
+
+
+def check(what: str, value: object, choices: tuple[str, ...] | list[str], error: type[Exception] = CtsftError) -> None:
+    """One clear error for a value outside its set, naming the option and the choices."""
+    if value not in choices:
+        raise error(f"{what} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_value(what: str, value: object, tp: object, error: type[Exception] = CtsftError) -> None:
+    """Refuse a value that is not of the annotated type ``tp`` (``int``, ``float``, ``str``,
+    ``bool``, ``X | None``, ``Literal[...]``, ``tuple[...]``): ``true`` is not an epoch count,
+    ``inf`` is not a learning rate, ``2.5`` is not a batch size."""
+    import math
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        inner = [a for a in args if a is not type(None)]
+        for a in inner:
+            try:
+                check_value(what, value, a, error)
+                return
+            except error:
+                pass
+        raise error(f"{what} must be {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        check(what, value, args, error)
+        return
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise error(f"{what} must be a list, got {value!r}")
+        items = args if len(args) != 2 or args[1] is not Ellipsis else (args[0],) * len(value)
+        if len(items) != len(value):
+            raise error(f"{what} must have {len(items)} entries, got {value!r}")
+        for i, (v, a) in enumerate(zip(value, items)):
+            check_value(f"{what}[{i}]", v, a, error)
+        return
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+    }.get(tp)  # type: ignore[call-overload]
+    if ok is not None and not ok(value):
+        raise error(f"{what} must be {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: object) -> str:
+    return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+            type(None): "none"}.get(tp, str(tp))  # type: ignore[call-overload]
