@@ -35,9 +35,14 @@ def check_examples(examples: Sequence[Example]) -> tuple[tuple[str, ...], tuple[
     if len(examples) == 0:
         raise TaskError("no examples given (empty split or sample)")
     words, names = examples[0].label_words, examples[0].label_names
+    if len(words) != len(names):
+        raise TaskError(f"the verbalizer has {len(words)} label words {words} for {len(names)} labels {names}: "
+                        "give one word per label")
     for ex in examples:
         if ex.label_words != words:
             raise TaskError(f"examples mix verbalizers {words} and {ex.label_words}; use one task per call")
+        if not 0 <= ex.label < len(names):
+            raise TaskError(f"example {ex.uid or ex.prompt[:40]!r} has label {ex.label}, outside 0..{len(names) - 1}")
     return words, names
 
 
@@ -62,6 +67,16 @@ def encode(model: Any, examples: Sequence[Example]) -> Batch:
         mask[i, width - len(s):] = 1
     labels = torch.tensor([ex.label for ex in examples], dtype=torch.long)
     return Batch(input_ids, mask, labels, torch.tensor(ids, dtype=torch.long))
+
+
+def check_fit(model: Any, examples: Sequence[Example]) -> None:
+    """Every prompt fits the model's context: one error naming how many do not, before any work."""
+    tok, n_ctx = model.tokenizer, int(model.cfg.n_ctx)
+    long = [(ex, n) for ex in examples if (n := len(tok.encode(ex.prompt, add_special_tokens=False))) > n_ctx]
+    if long:
+        ex, n = long[0]
+        raise TaskError(f"{len(long)} prompt(s) are longer than the model's context of {n_ctx} tokens, e.g. "
+                        f"{ex.uid or ex.prompt[:40]!r} ({n} tokens)")
 
 
 def batches(model: Any, examples: Sequence[Example], batch_size: int) -> Iterator[Batch]:

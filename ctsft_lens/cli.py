@@ -19,10 +19,27 @@ from ctsft_lens.errors import CLIError, CtsftError
 # --------------------------------------------------------------------------------------------
 # shared options and helpers
 # --------------------------------------------------------------------------------------------
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="hub name (e.g. Qwen/Qwen2.5-0.5B), a local HF folder, 'tiny' (random offline "
-                        "test model) or 'default' (offline pre-trained quickstart model); default: %(default)s")
+def _add_model(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default="default",
+                       help="hub name (e.g. Qwen/Qwen2.5-0.5B), a local HF folder, 'tiny' (random offline "
+                            "test model) or 'default' (offline pre-trained quickstart model); default: %(default)s")
+    _add_device(p, default="auto")
+
+
+def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
+    from ctsft_lens.devices import DEVICE_HELP, DTYPES
+
+    p.add_argument("--device", default=default, help=f"where to run: {DEVICE_HELP}; default: %(default)s")
+    p.add_argument("--dtype", default=None if default is None else "float32", choices=list(DTYPES),
+                   help="weights dtype; default: %(default)s")
+
+
+def _load(args: argparse.Namespace, name: str | None = None) -> Any:
+    """The model of ``--model`` (or ``name``) on ``--device`` in ``--dtype``."""
+    from ctsft_lens.models import load_model
+
+    return load_model(name or args.model, device=args.device, dtype=args.dtype)
 
 
 def _add_task(p: argparse.ArgumentParser, *, lang: bool = True) -> None:
@@ -39,6 +56,17 @@ def _add_task(p: argparse.ArgumentParser, *, lang: bool = True) -> None:
 def _add_out(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--out", default=default, help="output folder; default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _positive(text: str) -> int:
+    """``type=`` for counts: a whole number >= 1 (``--limit -5`` or ``--batch-size 0`` is refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def write_results(out: str | Path, name: str, data: dict[str, Any], summary: str) -> Path:
@@ -61,19 +89,20 @@ def _add_eval(sub: Any) -> None:
     _add_model(p)
     _add_task(p)
     p.add_argument("--split", default="test", choices=list(SPLITS), help="default: %(default)s")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    p.add_argument("--batch-size", type=int, default=16, help="default: %(default)s")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples")
+    p.add_argument("--batch-size", type=_positive, default=16, help="default: %(default)s")
     _add_out(p, "runs/eval")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
     from ctsft_lens.evaluate import evaluate
-    from ctsft_lens.models import load_model
+    from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
 
+    writable_folder(args.out)
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.examples(args.split, args.limit)
-    model = load_model(args.model)
+    model = _load(args)
     result = evaluate(model, examples, batch_size=args.batch_size, progress=not args.no_progress)
     head = f"{args.task}/{task.language}/{args.split} with model {args.model}"
     write_results(args.out, "eval", {"model": args.model, "task": args.task, "language": task.language,
@@ -89,7 +118,8 @@ def _add_experiment(sub: Any) -> None:
     p.add_argument("--config", required=True, help="TOML file (see configs/ and docs/cli.md)")
     p.add_argument("--out", default=None, help="override the config's output folder")
     p.add_argument("--model", default=None, help="override the config's model (hub name, folder, tiny, default)")
-    p.add_argument("--force", action="store_true", help="discard cached stages in the output folder")
+    _add_device(p, default=None)
+    p.add_argument("--force", action="store_true", help="recompute every stage (only the toolkit's own files are rewritten)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -103,7 +133,8 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
 def _add_quickstart(sub: Any) -> None:
     p = sub.add_parser("quickstart", help="CT-SFT end to end, offline, on the bundled data and default model")
     p.add_argument("--out", default="runs/quickstart", help="output folder; default: %(default)s")
-    p.add_argument("--force", action="store_true", help="discard cached stages in the output folder")
+    _add_device(p, default=None)
+    p.add_argument("--force", action="store_true", help="recompute every stage (only the toolkit's own files are rewritten)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -120,8 +151,9 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 
     if args.out:
         config = dataclasses.replace(config, out=args.out)
-    if getattr(args, "model", None):
-        config = dataclasses.replace(config, model=args.model)
+    for key in ("model", "device", "dtype"):  # flags given on the command line override the config
+        if getattr(args, key, None):
+            config = dataclasses.replace(config, **{key: getattr(args, key)})
     result = run_experiment(config, progress=not args.no_progress, force=args.force)
     print(result.markdown())
     print(f"\nresults: {result.out / 'results.md'} (also .csv, .json)")
@@ -174,11 +206,11 @@ def _train_config(args: argparse.Namespace) -> Any:
 
 
 def _add_sft_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--n-examples", type=int, default=60, help="label-balanced training examples from the train split; default: %(default)s")
+    p.add_argument("--n-examples", type=_positive, default=60, help="label-balanced training examples from the train split; default: %(default)s")
     _add_train_config(p)
-    p.add_argument("--dev-limit", type=int, default=None,
+    p.add_argument("--dev-limit", type=_positive, default=None,
                    help="score a label-balanced sample of N valid examples each epoch (default: the whole valid split)")
-    p.add_argument("--test-limit", type=int, default=None, help="final accuracy on the first N test examples only")
+    p.add_argument("--test-limit", type=_positive, default=None, help="final accuracy on the first N test examples only")
 
 
 def _add_competence(sub: Any) -> None:
@@ -205,6 +237,8 @@ def _add_train(sub: Any) -> None:
                         + " (circuit-based variants need --circuit)")
     p.add_argument("--circuit", default=None, help="circuit JSON (from discover) for --variant circuit|nearzero|random")
     _add_sft_options(p)
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a mask file whose weights fingerprint differs from the model's (default: warn)")
     p.add_argument("--save-model", action="store_true", help="also save the adapted model to OUT/model")
     _add_out(p, "runs/train")
 
@@ -222,19 +256,23 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     from ctsft_lens.circuit import load_circuit
     from ctsft_lens.evaluate import evaluate
     from ctsft_lens.masks import load_mask, variant_mask
-    from ctsft_lens.models import load_model, model_info, save_model
-    from ctsft_lens.train import train
+    from ctsft_lens.models import model_info, save_model
+    from ctsft_lens.batching import check_fit
+    from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
+    from ctsft_lens.train import train
 
     config = _train_config(args)
+    writable_folder(args.out)
     circuit = load_circuit(args.circuit) if getattr(args, "circuit", None) else None
     task = load_task(args.task, args.lang, args.data_dir)
     train_ex = task.sample(args.n_examples, "train", seed=args.seed)
     dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
     test_ex = task.examples("test", args.test_limit)
-    model = load_model(args.model)
+    model = _load(args)
+    check_fit(model, [*train_ex, *dev_ex, *test_ex])  # before training, not after
     if mask_file:
-        mask = load_mask(mask_file, model)
+        mask = load_mask(mask_file, model, strict_weights=getattr(args, "strict", False), warn_weights=True)
     else:
         mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=args.seed)
         if mask is not None:
@@ -262,16 +300,19 @@ def _add_faithfulness(sub: Any) -> None:
                    help="circuit JSON (from save_circuit / discover); repeat to compare, e.g. projection and magnitude")
     _add_task(p)
     p.add_argument("--split", default="valid", choices=list(SPLITS), help="default: %(default)s")
-    p.add_argument("--n-examples", type=int, default=30, help="label-balanced examples (one batch); default: %(default)s")
+    p.add_argument("--n-examples", type=_positive, default=30, help="label-balanced examples (one batch); default: %(default)s")
     p.add_argument("--positions", default="pooled", choices=list(MEAN_POSITIONS),
                    help="head means pooled over prompt tokens or taken at the last token; default: %(default)s")
     p.add_argument("--seeds", type=int, default=5, help="random circuits per size (the floor); 0 to skip; default: %(default)s")
     p.add_argument("--points", type=int, default=24, help="about this many sizes on the top-k / random curves; default: %(default)s")
-    p.add_argument("--max-size", type=int, default=None, help="largest top-k / random size (default: every head)")
+    p.add_argument("--max-size", type=_positive, default=None, help="largest top-k / random size (default: every head)")
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
-    p.add_argument("--tables-per-forward", type=int, default=1,
-                   help="circuits evaluated in one forward (batch x this many rows; >1 helps on GPU); default: %(default)s")
+    p.add_argument("--batch-size", type=_positive, default=32, help="default: %(default)s")
+    p.add_argument("--tables-per-forward", type=_positive, default=None,
+                   help="circuits evaluated in one forward (batch x this many rows); default: sized from "
+                        "free GPU memory (or --memory-gb) on CUDA, 1 on CPU")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory budget for batching circuits (default: 70%% of free CUDA memory)")
     _add_out(p, "runs/faithfulness")
 
 
@@ -280,21 +321,25 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     from ctsft_lens.errors import MaskError
     from ctsft_lens.faithfulness import faithfulness_report, size_grid
     from ctsft_lens.masks import circuit_mask
-    from ctsft_lens.models import load_model
     from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance
     from ctsft_lens.tasks import load_task
 
     if args.n_examples < 1 or args.seeds < 0 or args.points < 2:
         raise CLIError("--n-examples must be >= 1, --seeds >= 0 and --points >= 2")
-    circuits = {}
+    from ctsft_lens.files import writable_folder
+
+    writable_folder(args.out)
+    if len(set(map(str, map(Path, args.circuit)))) < len(args.circuit):
+        raise CLIError("the same --circuit file is given twice")
+    circuits, files = {}, {}
     for path in args.circuit:
         c = load_circuit(path)
-        name = c.scoring if c.scoring not in circuits else Path(path).stem
-        circuits[name] = c
+        name = c.scoring if c.scoring not in circuits else str(path)  # unique: a file path is
+        circuits[name], files[name] = c, path
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, args.split, seed=args.seed)
-    model = load_model(args.model)
-    for path, c in zip(args.circuit, circuits.values()):
+    model = _load(args)
+    for path, c in zip(files.values(), circuits.values()):
         try:
             circuit_mask(c).check(model)
         except MaskError as err:
@@ -303,7 +348,8 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     sizes = size_grid(n_total, args.points, args.max_size)
     report = faithfulness_report(model, circuits, examples, positions=args.positions, sizes=sizes,
                                  seeds=tuple(range(args.seeds)), batch_size=args.batch_size,
-                                 tables_per_forward=args.tables_per_forward, progress=not args.no_progress)
+                                 tables_per_forward=args.tables_per_forward, memory_gb=args.memory_gb,
+                                 progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(out / "curves.csv")
@@ -312,7 +358,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     for name, c in circuits.items():
         plot_circuit(c, save_html=out / f"circuit_{name}.html", plotlyjs="directory")
     data = {"model": args.model, "task": args.task, "language": task.language, "split": args.split,
-            "seed": args.seed, "circuit_files": dict(zip(circuits, args.circuit)), **report.to_dict()}
+            "seed": args.seed, "circuit_files": files, **report.to_dict()}
     head = f"faithfulness: {args.task}/{task.language}/{args.split} with model {args.model}"
     write_results(out, "faithfulness", data, head + "\n" + report.summary()
                   + f"\ncurves: {out / 'curves.csv'}; figures: {out}/*.html")
@@ -330,33 +376,38 @@ def _add_discover(sub: Any) -> None:
     p.add_argument("--scoring", default="projection", choices=list(SCORERS), help="default: %(default)s")
     p.add_argument("--max-depth", type=int, default=2, help="expansion steps after the logits; default: %(default)s")
     p.add_argument("--ratio", type=float, default=0.02, help="share of all heads kept per depth (at least one); default: %(default)s")
-    p.add_argument("--n-examples", type=int, default=30, help="label-balanced train examples; default: %(default)s")
+    p.add_argument("--n-examples", type=_positive, default=30, help="label-balanced train examples; default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
     p.add_argument("--baseline", default="mean", choices=list(BASELINES), help="source baseline; default: %(default)s")
     p.add_argument("--attention", default="cdt", choices=list(ATTENTION_RULES), help="attention rule; default: %(default)s")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward; default: %(default)s")
+    p.add_argument("--batch-size", type=_positive, default=8, help="examples per forward; default: %(default)s")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="memory budget for propagating sources x examples at once (default: 70%% of free CUDA "
+                        "memory on a GPU, 2 GiB elsewhere)")
     p.add_argument("--out", default="runs/discover/circuit.json",
                    help="circuit JSON file (or a folder, then <folder>/circuit.json); default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _cmd_discover(args: argparse.Namespace) -> None:
+    from ctsft_lens.batching import check_fit
     from ctsft_lens.cdt import discover
     from ctsft_lens.circuit import head_name, save_circuit
-    from ctsft_lens.models import load_model
+    from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
 
-    if args.max_depth < 0 or not 0 < args.ratio <= 1 or args.batch_size < 1:
-        raise CLIError("--max-depth must be >= 0, --ratio in (0, 1] and --batch-size >= 1")
-    task = load_task(args.task, args.lang, args.data_dir)
-    examples = task.sample(args.n_examples, "train", seed=args.seed)
-    model = load_model(args.model)
-    circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
-                       baseline=args.baseline, attention=args.attention, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+    if args.max_depth < 0 or not 0 < args.ratio <= 1:
+        raise CLIError("--max-depth must be >= 0 and --ratio in (0, 1]")
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / "circuit.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    writable_folder(path.parent)
+    task = load_task(args.task, args.lang, args.data_dir)
+    examples = task.sample(args.n_examples, "train", seed=args.seed)
+    model = _load(args)
+    check_fit(model, examples)
+    circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
+                       baseline=args.baseline, attention=args.attention, batch_size=args.batch_size,
+                       memory_gb=args.memory_gb, progress=not args.no_progress)
     save_circuit(circuit, path)
     lines = [f"CD-T circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
              f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
@@ -372,6 +423,60 @@ def _cmd_discover(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# mask (a head-mask file from a circuit file, by variant name; see ctsft_lens.masks)
+# --------------------------------------------------------------------------------------------
+def _add_mask(sub: Any) -> None:
+    from ctsft_lens.masks import VARIANTS
+
+    p = sub.add_parser("mask", help="write the head-mask file of a variant (circuit, nearzero, random, ...) from a circuit file")
+    p.add_argument("--circuit", required=True, help="circuit JSON written by discover")
+    p.add_argument("--variant", default="circuit", choices=[k for k, v in VARIANTS.items() if v.needs_circuit],
+                   help="which heads; default: %(default)s")
+    p.add_argument("--depth", type=int, default=None, help="use the circuit as it stood at this depth (default: all of it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random variant; default: %(default)s")
+    p.add_argument("--out", required=True, help="head-mask JSON file to write")
+
+
+def _cmd_mask(args: argparse.Namespace) -> None:
+    from ctsft_lens.circuit import head_name, load_circuit
+    from ctsft_lens.masks import save_mask, variant_mask
+
+    circuit = load_circuit(args.circuit)
+    if args.depth is not None and not 0 <= args.depth <= circuit.depth:
+        raise CLIError(f"--depth {args.depth}: {args.circuit} reaches depths 0..{circuit.depth}")
+    mask = variant_mask(args.variant, circuit.model, circuit, seed=args.seed, depth=args.depth)
+    path = save_mask(mask, args.out)
+    print(f"{args.variant} mask of {len(mask.heads)} heads: {', '.join(head_name(h) for h in mask.heads)}")
+    print(f"mask: {path}")
+
+
+# --------------------------------------------------------------------------------------------
+# env (what a bug report needs)
+# --------------------------------------------------------------------------------------------
+def _add_env(sub: Any) -> None:
+    p = sub.add_parser("env", help="versions, devices, bf16 support, caches and data folders, for bug reports")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _cmd_env(args: argparse.Namespace) -> None:
+    import json
+
+    from ctsft_lens.devices import environment
+
+    env = environment()
+    if args.json:
+        print(json.dumps(env, indent=1))
+        return
+    for key, value in env.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k}: {v}")
+        else:
+            print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+
+
+# --------------------------------------------------------------------------------------------
 COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = [
     (_add_eval, _cmd_eval),
     (_add_experiment, _cmd_experiment),
@@ -380,12 +485,21 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
     (_add_train, _cmd_train),
     (_add_faithfulness, _cmd_faithfulness),
     (_add_discover, _cmd_discover),
+    (_add_mask, _cmd_mask),
+    (_add_env, _cmd_env),
 ]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (and exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``ctsft`` parser with every subcommand of ``COMMANDS`` registered."""
-    parser = argparse.ArgumentParser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
+    parser = _Parser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     from ctsft_lens import __version__
 

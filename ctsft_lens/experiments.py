@@ -27,8 +27,9 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package (a dependency there)
     import tomli as tomllib
 
-from ctsft_lens.errors import ConfigError
-from ctsft_lens.files import atomic_dir, cached, read_json, stage_key, write_json
+from ctsft_lens.errors import ConfigError, CtsftError
+from ctsft_lens.files import (atomic_dir, cached, stage_key, verify_checksums, writable_folder, write_checksums,
+                              write_json)
 from ctsft_lens.options import check_value
 from ctsft_lens.train.trainer import TrainConfig
 
@@ -82,6 +83,8 @@ class ExperimentConfig:
     name: str = "experiment"
     task: str = "nusax-senti"
     model: str = "default"
+    device: str = "auto"
+    dtype: str = "float32"
     source: str = "indonesian"
     targets: tuple[str, ...] = ("javanese",)
     variants: tuple[str, ...] = ("full", "circuit", "nearzero")
@@ -111,6 +114,8 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected experiment, competence, discovery, transfer")
         top = dict(_checked(data.get("experiment", {}), cls, where, "experiment",
                             skip={"competence", "discovery", "transfer"}))
+        if "targets" not in top:
+            raise ConfigError(f"{where}: [experiment] needs targets = [...] (the languages to adapt to)")
         for key in ("targets", "variants", "seeds"):
             if key in top:
                 if not isinstance(top[key], list):
@@ -130,8 +135,11 @@ class ExperimentConfig:
         from ctsft_lens.cdt.relevance import SCORERS
         from ctsft_lens.masks import VARIANTS
         from ctsft_lens.options import ATTENTION_RULES, BASELINES
+        from ctsft_lens.devices import DTYPES
         from ctsft_lens.tasks import TASKS, TaskError
 
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"{where}: experiment.dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
         if self.task not in TASKS:
             raise ConfigError(f"{where}: unknown task {self.task!r}; choose from {sorted(TASKS)}")
         module = TASKS[self.task]
@@ -148,10 +156,21 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: unknown variant(s) {bad or '(none given)'}; choose from {tuple(VARIANTS)}")
         if not self.seeds:
             raise ConfigError(f"{where}: experiment.seeds is empty")
+        for key, values in (("targets", langs[1:]), ("seeds", list(self.seeds)), ("variants", list(self.variants))):
+            dup = sorted({str(v) for v in values if values.count(v) > 1})
+            if dup:
+                raise ConfigError(f"{where}: experiment.{key} lists {dup} twice (would double rows and shrink the sd)")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise ConfigError(f"{where}: experiment.eval_limit must be >= 1 (omit it for the whole split), got {self.eval_limit}")
+        n_labels = len(module.LABELS)
         for stage_name in ("competence", "transfer"):
             stage = getattr(self, stage_name)
-            if stage.n_examples < 1:
-                raise ConfigError(f"{where}: {stage_name}.n_examples must be >= 1, got {stage.n_examples}")
+            if stage.n_examples < 1 or stage.n_examples % n_labels:
+                raise ConfigError(f"{where}: {stage_name}.n_examples must be a positive multiple of the {n_labels} "
+                                  f"labels (label-balanced), got {stage.n_examples}")
+            if stage.n_dev < 0 or stage.n_dev % n_labels:
+                raise ConfigError(f"{where}: {stage_name}.n_dev must be 0 (no dev selection) or a multiple of the "
+                                  f"{n_labels} labels, got {stage.n_dev}")
         d = self.discovery
         for what, value, choices in (("scoring", d.scoring, tuple(SCORERS)), ("attention", d.attention, ATTENTION_RULES),
                                      ("baseline", d.baseline, BASELINES)):
@@ -159,8 +178,15 @@ class ExperimentConfig:
                 raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
         if not 0 < d.ratio <= 1:
             raise ConfigError(f"{where}: discovery.ratio must be in (0, 1], got {d.ratio}")
-        if d.max_depth < 0 or d.n_examples < 1:
-            raise ConfigError(f"{where}: discovery.max_depth must be >= 0 and n_examples >= 1")
+        if d.max_depth < 0 or d.n_examples < 1 or d.n_examples % n_labels:
+            raise ConfigError(f"{where}: discovery.max_depth must be >= 0 and n_examples a positive multiple of "
+                              f"the {n_labels} labels")
+        if d.depth is not None and not 0 <= d.depth <= d.max_depth:
+            raise ConfigError(f"{where}: discovery.depth must be in 0..max_depth ({d.max_depth}), got {d.depth}")
+        if self.model == "default":
+            from ctsft_lens.models.default import DefaultModelConfig, cache_folder
+
+            cache_folder(DefaultModelConfig())  # refuses a $CTSFT_CACHE that is a file, before any work
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -279,9 +305,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
 
     config.validate()
     out = Path(config.out)
-    write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
     langs = dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])
     task_of = {lang: load_task(config.task, lang, config.data_dir) for lang in langs}
+    preflight(config, task_of, out)
+    write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
     source, targets = _lang(config, config.source), [_lang(config, t) for t in config.targets]
     test = {lang: t.examples("test", config.eval_limit) for lang, t in task_of.items()}
 
@@ -289,9 +316,9 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
         if progress:
             tqdm.write(f"[{config.name}] {msg}")
 
-    comp_key = stage_key(config.model, config.task, config.data_dir, source, asdict(config.competence))
+    comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source, asdict(config.competence))
     comp_dir = competence_stage(config, task_of[source], out, comp_key, force=force, log=log, progress=progress)
-    accs = a0_stage(comp_dir, test, out, stage_key(comp_key, config.eval_limit, sorted(task_of)),
+    accs = a0_stage(config, comp_dir, test, out, stage_key(comp_key, config.eval_limit, sorted(task_of)),
                     force=force, progress=progress)
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
     needs_circuit = any(_needs_circuit(v) for v in config.variants)
@@ -318,6 +345,13 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     return result
 
 
+def _load(config: ExperimentConfig, name: str | Path) -> Any:
+    """A model of the experiment on its device, in its dtype."""
+    from ctsft_lens.models import load_model
+
+    return load_model(str(name), device=config.device, dtype=config.dtype)
+
+
 def _needs_circuit(variant: str) -> bool:
     from ctsft_lens.masks import VARIANTS
 
@@ -336,27 +370,30 @@ def _cached(path: Path, key: str, compute: Any, force: bool, **io: Any) -> Any:
 def competence_stage(config: ExperimentConfig, task: Any, out: Path, key: str, *, force: bool, log: Any,
                      progress: bool) -> Path:
     """Full fine-tuning on the source language; the checkpoint folder ``out/competence``."""
-    from ctsft_lens.models import load_model, save_model
+    from ctsft_lens.models import save_model
 
     def compute() -> Any:
         log(f"competence tuning {config.model} on {task.language} ({config.competence.n_examples} examples)")
-        model = load_model(config.model)
+        model = _load(config, config.model)
         train_ex, dev_ex = _stage_data(task, config.competence, seed=0)
         _finetune(model, train_ex, dev_ex, config.competence, mask=None, seed=0, progress=progress)
         return model
 
+    def fill(model: Any, tmp: Path) -> None:
+        save_model(model, tmp)
+        write_checksums(tmp)  # damaged weights are found when the stage is read, not when used
+
     return _cached(out / "competence", key, compute, force,
-                   save=lambda model, p: atomic_dir(p, lambda tmp: save_model(model, tmp)), load=lambda p: p)
+                   save=lambda model, p: atomic_dir(p, lambda tmp: fill(model, tmp)), load=verify_checksums)
 
 
-def a0_stage(comp_dir: Path, test: dict[str, list], out: Path, key: str, *, force: bool,
-             progress: bool) -> dict[str, float]:
+def a0_stage(config: ExperimentConfig, comp_dir: Path, test: dict[str, list], out: Path, key: str, *,
+             force: bool, progress: bool) -> dict[str, float]:
     """Accuracy of the competence model on every language's test examples (A0 and the source before)."""
     from ctsft_lens.evaluate import evaluate
-    from ctsft_lens.models import load_model
 
     def compute() -> dict[str, Any]:
-        model = load_model(str(comp_dir))
+        model = _load(config, comp_dir)
         return {"accuracy": {lang: evaluate(model, ex, progress=progress).accuracy for lang, ex in test.items()}}
 
     return _cached(out / "a0.json", key, compute, force)["accuracy"]
@@ -368,13 +405,12 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
     from ctsft_lens.cdt import discover
     from ctsft_lens.circuit import load_circuit, save_circuit
     from ctsft_lens.masks import circuit_mask, save_mask
-    from ctsft_lens.models import load_model
 
     d = config.discovery
 
     def compute() -> Any:
-        model = load_model(str(comp_dir))
-        examples = task.sample(_balanced(d.n_examples, task.n_labels), "train", seed=1)
+        model = _load(config, comp_dir)
+        examples = task.sample(d.n_examples, "train", seed=1)
         log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth})")
         return discover(model, examples, scoring=d.scoring, ratio=d.ratio, max_depth=d.max_depth,
                         attention=d.attention, baseline=d.baseline, progress=progress)
@@ -392,10 +428,10 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
     """One adaptation run (target, variant, seed) from the competence checkpoint."""
     from ctsft_lens.evaluate import evaluate
     from ctsft_lens.masks import variant_mask
-    from ctsft_lens.models import load_model, model_info
+    from ctsft_lens.models import model_info
 
     def compute() -> dict[str, Any]:
-        model = load_model(str(comp_dir))
+        model = _load(config, comp_dir)
         mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed,
                             depth=config.discovery.depth)
         train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed)
@@ -409,16 +445,34 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
     return RunResult(**_cached(path, key, compute, force)["result"])
 
 
-def _balanced(n: int, n_labels: int) -> int:
-    return max(n_labels, n - n % n_labels)
-
-
 def _stage_data(task: Any, stage: StageConfig, seed: int) -> tuple[list, list]:
-    """Label-balanced training sample (train split) and a small dev sample (valid split)."""
-    train_ex = task.sample(_balanced(stage.n_examples, task.n_labels), "train", seed=seed)
-    n_dev = min(_balanced(stage.n_dev, task.n_labels), len(task.examples("valid")) // task.n_labels * task.n_labels)
-    dev_ex = task.sample(n_dev, "valid", seed=seed)
+    """Label-balanced training sample (train split) and dev sample (valid split; none if ``n_dev = 0``)."""
+    train_ex = task.sample(stage.n_examples, "train", seed=seed)
+    dev_ex = task.sample(stage.n_dev, "valid", seed=seed) if stage.n_dev else []
     return train_ex, dev_ex
+
+
+def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> None:
+    """Every check that needs data but no training, before the first stage: the output folder is
+    writable, every sample can be drawn, and every prompt fits the model's context."""
+    writable_folder(out, "experiment.out")
+    source = _lang(config, config.source)
+    needs = [(task_of[source], config.competence, 0)] + [
+        (task_of[_lang(config, t)], config.transfer, s) for t in config.targets for s in config.seeds]
+    for task, stage, seed in needs:
+        _stage_data(task, stage, seed)  # raises TaskError naming the split and label counts
+    task_of[source].sample(config.discovery.n_examples, "train", seed=1)
+    from ctsft_lens.batching import check_fit
+
+    comp = out / "competence"  # a cached competence model has the same tokenizer and context
+    try:
+        name = verify_checksums(comp)
+    except CtsftError:
+        name = config.model
+    model = _load(config, name)
+    for task in task_of.values():
+        for split in ("train", "valid", "test"):
+            check_fit(model, task.examples(split, config.eval_limit if split == "test" else None))
 
 
 def _finetune(model: Any, train_ex: list, dev_ex: list, stage: StageConfig, *, mask: Any, seed: int,

@@ -88,6 +88,20 @@ def ablation_hooks(means: Float[torch.Tensor, "n_layers n_heads d_model"],
     return hooks
 
 
+def _tables_that_fit(model: Any, batches_: Sequence[Batch], memory_gb: float | None) -> int:
+    """Circuits per forward on a GPU from its free memory (or ``memory_gb``); 1 on a CPU, where
+    a wider batch buys nothing."""
+    from ctsft_lens.devices import free_memory_gb, memory_budget_gb
+
+    if memory_gb is None and free_memory_gb(model.cfg.device) is None:
+        return 1
+    cfg = model.cfg
+    width = max(b.input_ids.shape[1] for b in batches_)
+    rows = max(len(b.labels) for b in batches_)
+    per_row = 4 * cfg.n_layers * width * (12 * cfg.d_model + 3 * cfg.d_mlp + cfg.n_heads * (width + cfg.d_model))
+    return max(1, int(memory_budget_gb(cfg.device, memory_gb) * 2**30) // (rows * per_row))
+
+
 def _repeat(batch: Batch, times: int) -> Batch:
     return Batch(batch.input_ids.repeat(times, 1), batch.attention_mask.repeat(times, 1),
                  batch.labels.repeat(times), batch.label_token_ids)
@@ -102,8 +116,8 @@ class MeanAblation:
 
     def __init__(self, model: Any, examples: Sequence[Example], *, positions: Positions = "pooled",
                  means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
-                 metric: Metric | None = None, batch_size: int = 32, tables_per_forward: int = 1,
-                 progress: bool = True) -> None:
+                 metric: Metric | None = None, batch_size: int = 32, tables_per_forward: int | None = 1,
+                 memory_gb: float | None = None, progress: bool = True) -> None:
         cfg = model.cfg
         self.model = model
         self.metric: Metric = metric or logit_diff
@@ -111,7 +125,8 @@ class MeanAblation:
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.n_examples = len(examples)
         self.batches = list(batches(model, examples, batch_size))
-        self.tables_per_forward = max(1, int(tables_per_forward))
+        self.tables_per_forward = (max(1, int(tables_per_forward)) if tables_per_forward is not None
+                                   else _tables_that_fit(model, self.batches, memory_gb))
         self.progress = progress
         if means is None:
             means = head_means(model, examples, positions=positions, batch_size=batch_size)
@@ -421,15 +436,15 @@ class FaithfulnessReport:
 def faithfulness_report(model: Any, circuits: dict[str, Circuit], examples: Sequence[Example], *,
                         positions: Positions = "pooled", sizes: Sequence[int] | None = None,
                         seeds: Sequence[int] = (0, 1, 2, 3, 4), batch_size: int = 32,
-                        tables_per_forward: int = 1, metric: Metric | None = None,
-                        progress: bool = True) -> FaithfulnessReport:
+                        tables_per_forward: int | None = 1, memory_gb: float | None = None,
+                        metric: Metric | None = None, progress: bool = True) -> FaithfulnessReport:
     """Depth and top-k curves of each circuit (e.g. ``{"projection": c1, "magnitude": c2}``),
     both directions for each full circuit, and the random floor over ``sizes`` x ``seeds``.
     ``metric`` defaults to the logit difference (:func:`logit_diff`)."""
     for c in circuits.values():  # a circuit found on another model shape is refused (MaskError)
         circuit_mask(c).check(model)
     ab = MeanAblation(model, examples, positions=positions, batch_size=batch_size, metric=metric,
-                      tables_per_forward=tables_per_forward, progress=progress)
+                      tables_per_forward=tables_per_forward, memory_gb=memory_gb, progress=progress)
     sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)
     results = {name: ab.evaluate(c) for name, c in circuits.items()}
     depth = {name: depth_curve(ab, c, f"{name}/depth") for name, c in circuits.items()}

@@ -70,6 +70,51 @@ def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:
     return path
 
 
+CHECKSUMS = "ctsft_checksums.json"
+
+
+def write_checksums(folder: str | os.PathLike) -> Path:
+    """SHA-256 of every file in ``folder`` into ``folder/ctsft_checksums.json`` (weights checked at read)."""
+    folder = Path(folder)
+    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    return write_json(folder / CHECKSUMS, sums)
+
+
+def verify_checksums(folder: str | os.PathLike) -> Path:
+    """Raise ``CtsftError`` naming the first file of ``folder`` whose bytes changed since it was written."""
+    folder = Path(folder)
+    sums = read_json(folder / CHECKSUMS, "checksum")
+    for name, digest in sums.items():
+        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+            raise CtsftError(f"{folder / name} is missing or damaged (checksum mismatch)")
+    return folder
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def writable_folder(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Check, before any heavy work, that ``path`` is (or can be made) a writable folder; create nothing."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise CtsftError(f"{what} {path} is not a writable folder ({probe} is a file); choose another")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CtsftError(f"{what} {path} is not a writable folder (no write permission in {probe}); choose another")
+    return path
+
+
 def stage_key(*parts: Any) -> str:
     """Identity of a stage: a hash of every setting its artefact depends on."""
     import hashlib

@@ -148,6 +148,13 @@ def mask_from_dict(data: Any) -> HeadMask:
         raise MaskError(f"head mask format_version {version} is not supported (this ctsft_lens reads {FORMAT_VERSION})")
     if not isinstance(data["heads"], list):
         raise MaskError('"heads" must be a list of "layer.head" strings')
+    for key, kind in (("model", dict), ("meta", dict), ("kind", str)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise MaskError(f'"{key}" must be {"an object" if kind is dict else "a string"}, got {data[key]!r}')
+    model = data.get("model") or {}
+    for key in ("n_layers", "n_heads", "n_kv_heads", "d_model"):
+        if key in model and not (isinstance(model[key], int) and not isinstance(model[key], bool)):
+            raise MaskError(f'"model.{key}" must be an integer, got {model[key]!r}')
     return HeadMask(tuple(parse_head(h) for h in data["heads"]), dict(data.get("model") or {}),
                     str(data.get("kind", "manual")), dict(data.get("meta") or {}))
 
@@ -157,18 +164,30 @@ def save_mask(mask: HeadMask, path: str | Path) -> Path:
     return write_json(path, mask_to_dict(mask))
 
 
-def load_mask(path: str | Path, model: Any | None = None, *, strict_weights: bool = False) -> HeadMask:
+def load_mask(path: str | Path, model: Any | None = None, *, strict_weights: bool = False,
+              warn_weights: bool = False) -> HeadMask:
     """Read a head mask file; with ``model`` (a bridge), check it fits and fill in missing model info.
 
     A mismatch (layers, heads, KV heads, d_model, architecture; weights if ``strict_weights``)
-    raises ``MaskError`` naming both sides.
+    raises ``MaskError`` naming both sides. ``warn_weights``: a weights fingerprint that differs
+    (the mask was found on other weights, e.g. before competence tuning) is a warning.
     """
     mask = mask_from_dict(read_json(path, "head mask", MaskError))
     if model is None:
         return mask
     from ctsft_lens.models.bridge import model_info
 
-    mask.check(model, strict_weights=strict_weights)
+    try:
+        mask.check(model, strict_weights=strict_weights)
+    except MaskError as err:
+        raise MaskError(f"{path}: {err}") from None
+    if warn_weights and not strict_weights and "weights_sha256" in mask.model:
+        ours = model_info(model, checksum=True)["weights_sha256"]
+        if ours != mask.model["weights_sha256"]:
+            import warnings
+
+            warnings.warn(f"{path} was made for weights {mask.model['weights_sha256']}, this model has {ours} "
+                          "(pass --strict to refuse)", stacklevel=2)
     info = model_info(model, checksum=False)
     return HeadMask(mask.heads, {**info, **mask.model}, mask.kind, mask.meta)
 

@@ -106,6 +106,13 @@ def test_shipped_configs_parse(tmp_path):
     ("[experiment]\ntargets = ['javanese']\neval_limit = 2.5\n", "eval_limit must be an integer or none"),
     ("[experiment]\ntargets = ['javanese']\n[discovery]\nscoring = 'vibes'\n", "discovery.scoring"),
     ("[experiment\n", "not valid TOML"),
+    ("", "needs targets"),
+    ("[experiment]\ntargets = ['javanese', 'jav']\n", "twice"),
+    ("[experiment]\ntargets = ['javanese']\nseeds = [0, 0]\n", "twice"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nn_examples = 10\n", "multiple of the 3 labels"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nn_dev = 4\n", "n_dev must be 0"),
+    ("[experiment]\ntargets = ['javanese']\n[discovery]\nmax_depth = 1\ndepth = 2\n", "discovery.depth"),
+    ("[experiment]\ntargets = ['javanese']\ndtype = 'float8'\n", "experiment.dtype"),
 ])
 def test_bad_configs_get_clear_errors(tmp_path, toml, message):
     path = tmp_path / "c.toml"
@@ -157,3 +164,37 @@ def test_a_damaged_stage_file_is_recomputed(tmp_path):
     (tmp_path / "run" / "a0.json").write_text("{trunc")
     again = run_experiment(cfg, progress=False)
     assert again.a0 == first.a0
+
+
+def test_an_impossible_sample_fails_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: pytest.fail("trained before checking"))
+    cfg = _tiny_config(tmp_path / "run", transfer=StageConfig(n_examples=3000, n_dev=3))
+    with pytest.raises(Exception, match="cannot give 3000 balanced examples"):
+        run_experiment(cfg, progress=False)
+    assert not (tmp_path / "run" / "competence").exists()
+
+
+def test_an_unwritable_out_fails_before_any_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: pytest.fail("trained before checking"))
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(Exception, match="not a writable folder"):
+        run_experiment(_tiny_config(tmp_path / "f" / "run"), progress=False)
+
+
+def test_ctsft_cache_pointing_at_a_file_is_refused_up_front(tmp_path, monkeypatch):
+    (tmp_path / "cache").write_text("x")
+    monkeypatch.setenv("CTSFT_CACHE", str(tmp_path / "cache"))
+    from ctsft_lens.errors import CtsftError
+
+    with pytest.raises(CtsftError, match="is a file"):
+        _tiny_config(tmp_path / "run", model="default").validate()
+
+
+def test_damaged_competence_weights_are_recomputed(tmp_path):
+    cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,))
+    run_experiment(cfg, progress=False)
+    weights = tmp_path / "run" / "competence" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated on disk
+    again = run_experiment(cfg, progress=False)  # found by the checksum, retrained, not a crash later
+    assert (tmp_path / "run" / "competence" / "model.safetensors").stat().st_size > 1000
+    assert again.table()

@@ -67,7 +67,8 @@ def test_hub_name_goes_through_hf_cache_loading(monkeypatch):
 
     def fake_model(name, **kw):
         seen["model"] = name
-        return tiny_hf_model("qwen2", n_layers=1)
+        model = tiny_hf_model("qwen2", n_layers=1)
+        return (model, {"missing_keys": [], "unexpected_keys": []}) if kw.get("output_loading_info") else model
 
     def fake_tok(name, **kw):
         seen["tok"] = name
@@ -75,14 +76,61 @@ def test_hub_name_goes_through_hf_cache_loading(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tok)
+    monkeypatch.setattr("ctsft_lens.hub.reachable", lambda timeout=1.5: True)  # as if online
     bridge = load_model("Qwen/Qwen2.5-0.5B")
     assert seen == {"model": "Qwen/Qwen2.5-0.5B", "tok": "Qwen/Qwen2.5-0.5B"}
     assert bridge.cfg.model_name == "Qwen/Qwen2.5-0.5B" and bridge.cfg.n_layers == 1
 
 
-def test_unknown_hub_name_is_a_clear_error():
-    with pytest.raises(ModelLoadError, match="not found on the Hugging Face hub"):
+def test_unknown_hub_name_fails_fast_offline_and_suggests_the_close_name(monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError, match="hub is unreachable"):
         load_model("nobody-here/no-such-model-xyz")
+    with pytest.raises(ModelLoadError, match="Did you mean 'tiny'"):
+        load_model("tinyy")
+    assert time.perf_counter() - start < 5  # no retries
+
+
+def test_a_folder_without_weights_says_what_is_missing(tmp_path):
+    save_model(tiny_model("qwen2", n_layers=1), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="no weights"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_a_checkpoint_missing_tensors_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model("qwen2", n_layers=1), tmp_path / "m")
+    weights = load_file(tmp_path / "m" / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith(("lm_head", "model.layers.0.mlp"))},
+              tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="missing .*lm_head|missing .*mlp"):
+        load_model(str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("damage", ["config", "weights"])
+def test_corrupt_files_are_one_clear_error(tmp_path, damage):
+    save_model(tiny_model("qwen2", n_layers=1), tmp_path / "m")
+    target = tmp_path / "m" / ("config.json" if damage == "config" else "model.safetensors")
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 3])
+    with pytest.raises(ModelLoadError, match="config.json|could not load"):
+        load_model(str(tmp_path / "m"))
+
+
+def test_device_and_dtype(tmp_path):
+    model = load_model("tiny", device="cpu", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    from ctsft_lens.errors import CtsftError
+
+    with pytest.raises(CtsftError, match="unknown dtype"):
+        load_model("tiny", dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(CtsftError, match="no CUDA device"):
+            load_model("tiny", device="cuda")
 
 
 def test_folder_that_is_not_a_model(tmp_path):

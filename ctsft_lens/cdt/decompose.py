@@ -98,6 +98,8 @@ def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
 def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rms: bool) -> Split:
     """LayerNorm / RMSNorm with the total's ``scale`` (``hook_scale`` of the real forward)."""
     b, g = x
+    scale, weight = scale.to(b.dtype), weight.to(b.dtype)
+    bias = None if bias is None else bias.to(b.dtype)
     if not rms:
         b, g = b - b.mean(-1, keepdim=True), g - g.mean(-1, keepdim=True)
     return share_bias(b / scale * weight, g / scale * weight, bias, by=x)

@@ -40,7 +40,7 @@ def discover(
     positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
     batch_size: int = 8,
-    memory_gb: float = 2.0,
+    memory_gb: float | None = None,
     progress: bool = True,
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.cdt.decompose import Source, Split, cache_names, head_output, propagate, unembed
 from ctsft_lens.circuit import Head
+from ctsft_lens.devices import memory_budget_gb
 from ctsft_lens.forward import attn_results, hook_layer, run
 from ctsft_lens.means import head_means
 from ctsft_lens.options import ATTENTION_RULES, BASELINES, AttentionRule, Baseline, check
@@ -58,14 +59,14 @@ def task_directions(model: Any, label_token_ids: torch.Tensor) -> Float[torch.Te
 
 def _projection(x: Split, model: Any, logits: bool, direction: torch.Tensor) -> torch.Tensor:
     """``⟨β, v_task⟩`` at the target vector (the final-normed residual for the logits target)."""
-    return (x.beta * direction).sum(-1)
+    return (x.beta.float() * direction.float()).sum(-1)  # the reduction in float32, whatever the model dtype
 
 
 def _magnitude(x: Split, model: Any, logits: bool, direction: torch.Tensor) -> torch.Tensor:
     """``‖β‖₁ / ‖γ‖₁`` at the target (the full logit vector for the logits target)."""
     if logits:
         x = unembed(model, x)
-    return x.beta.abs().sum(-1) / x.gamma.abs().sum(-1)
+    return x.beta.float().abs().sum(-1) / x.gamma.float().abs().sum(-1)
 
 
 Scorer = Callable[[Split, Any, bool, torch.Tensor], torch.Tensor]
@@ -76,9 +77,13 @@ Scoring = str  # a key of SCORERS
 
 
 def _row_bytes(model: Any, n_pos: int) -> int:
-    """Rough peak float32 bytes of one (source, example) row during propagation."""
+    """Rough peak bytes of one (source, example) row during propagation."""
     cfg = model.cfg
-    return 4 * n_pos * (8 * cfg.d_mlp + 4 * cfg.n_heads * n_pos + 16 * cfg.d_model)
+    return _dtype_bytes(model) * n_pos * (8 * cfg.d_mlp + 4 * cfg.n_heads * n_pos + 16 * cfg.d_model)
+
+
+def _dtype_bytes(model: Any) -> int:
+    return torch.finfo(next(model.parameters()).dtype).bits // 8
 
 
 def check_options(scoring: str, baseline: str, attention: str) -> None:
@@ -102,7 +107,7 @@ def head_relevance(
     reference: Sequence[Example] | None = None,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     batch_size: int = 8,
-    memory_gb: float = 2.0,
+    memory_gb: float | None = None,
     progress: bool = True,
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
@@ -111,6 +116,8 @@ def head_relevance(
     ``positions`` limits each source to those prompt tokens (negative from the end; default all).
     ``baseline="mean"`` subtracts each source head's label-balanced mean output over
     ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
+    ``memory_gb`` bounds the ``[source, example]`` chunks propagated at once (default: 70 % of the
+    free CUDA memory on a GPU, 2 GiB elsewhere). Scores are reduced in float32 in any model dtype.
     """
     check_options(scoring, baseline, attention)
     check_examples(examples)
@@ -140,6 +147,7 @@ def head_relevance(
     if baseline == "zero":
         means = None
 
+    budget = memory_budget_gb(cfg.device, memory_gb)
     per_example = torch.full((len(targets), len(examples), cfg.n_layers, cfg.n_heads), float("nan"))
     by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(set(sources)):
@@ -156,7 +164,7 @@ def head_relevance(
             _, cache = run(model, batch, names=names, last_only=True)
         mask = batch.attention_mask.to(cfg.device)
         directions = task_directions(model, batch.label_token_ids)[batch.labels.to(cfg.device)]  # [B, d]
-        chunk = max(1, int(memory_gb * 2**30) // (n * _row_bytes(model, batch.input_ids.shape[1])))
+        chunk = max(1, int(budget * 2**30) // (n * _row_bytes(model, batch.input_ids.shape[1])))
         for layer, heads in by_layer.items():
             for i in range(0, len(heads), chunk):
                 part = heads[i:i + chunk]

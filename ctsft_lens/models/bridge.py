@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ctsft_lens import hub
 from ctsft_lens.errors import ModelLoadError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
@@ -72,33 +73,73 @@ def load_hf_bridge(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> 
     return bridge_from_hf(hf_model, tokenizer, name=str(name_or_path))
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_folder(path: Path) -> None:
+    """A local model folder: config.json that parses, a supported architecture, weights present."""
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file, not a model folder (expected a folder with config.json)")
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder: it has no config.json")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{path / 'config.json'} is not valid JSON ({err}); re-save the model") from None
+    arch = ((config.get("architectures") if isinstance(config, dict) else None) or ["?"])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(f"{path} holds a {arch} model; supported: {SUPPORTED_ARCHITECTURES}")
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise ModelLoadError(f"{path} has config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def _cached_on_hub(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(try_to_load_from_cache(name, "config.json"), str)
+
+
+def _suggest(name: str) -> str:
+    import difflib
+
+    known = ["tiny", "default", DEFAULT_MODEL]
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.exists():
-        if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file, not a model folder (expected a folder with config.json)")
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is not a Hugging Face model folder: it has no config.json")
-        arch = (json.loads((path / "config.json").read_text()).get("architectures") or ["?"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(f"{path} holds a {arch} model; supported: {SUPPORTED_ARCHITECTURES}")
+        _check_folder(path)
         source = str(path)
     else:
-        if str(name_or_path).startswith((".", "/", "~")) or os.sep in str(name_or_path).strip("/").split("/", 1)[-1]:
+        name = str(name_or_path)
+        if name.startswith((".", "/", "~")) or name.count("/") > 1:
             raise ModelLoadError(f"model folder {name_or_path} does not exist")
-        source = str(name_or_path)
+        if not _cached_on_hub(name) and not hub.reachable():
+            raise ModelLoadError(f"model {name!r} is not a local folder and not in the Hugging Face cache, and the "
+                                 f"hub is unreachable (offline).{_suggest(name)} Use 'tiny', 'default' or a folder.")
+        source = name
     try:
         with quiet_hf_progress():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except (OSError, ValueError) as err:
+            hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    except Exception as err:  # a corrupt or truncated file, a missing tokenizer: one line, not a traceback
         raise ModelLoadError(
-            f"could not load model {name_or_path!r}: not a local folder, and not found on the "
-            f"Hugging Face hub or in its cache (offline?). Use 'tiny', 'default' or a folder. "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            f"could not load model {name_or_path!r} ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+            f"{_suggest(str(name_or_path))}"
         ) from None
+    tied = {"lm_head.weight"} if getattr(hf_model.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in info.get("missing_keys", []) if k not in tied]
+    unexpected = list(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint {name_or_path} does not match its config: missing {missing[:4]}"
+                             f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]} "
+                             "(weights would be randomly initialised); re-save the model")
     return hf_model, tokenizer
 
 

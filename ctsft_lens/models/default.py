@@ -64,8 +64,12 @@ class DefaultModelConfig:
 
 def cache_folder(config: DefaultModelConfig, cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache_dir | $CTSFT_CACHE | ~/.cache/ctsft_lens>/default-<config hash>``."""
-    root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "~/.cache/ctsft_lens"
-    return Path(root).expanduser() / f"default-{config.key()}"
+    root = Path(cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or "~/.cache/ctsft_lens").expanduser()
+    if root.exists() and not root.is_dir():
+        from ctsft_lens.errors import CtsftError
+
+        raise CtsftError(f"the default model's cache {root} (${CACHE_ENV}) is a file, not a folder; point it at a folder")
+    return root / f"default-{config.key()}"
 
 
 def default_model(*, config: DefaultModelConfig | None = None, cache_dir: str | os.PathLike | None = None,

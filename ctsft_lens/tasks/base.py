@@ -55,6 +55,8 @@ class Task:
         rows = list(self.splits[split])
         if not rows:
             raise TaskError(f"{self.name}/{self.language} split {split!r} is empty")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise TaskError(f"limit must be a whole number >= 1 (None: the whole split), got {limit!r}")
         return rows if limit is None else rows[:limit]
 
     def sample(self, n: int, split: str = "train", seed: int = 0) -> list[Example]:

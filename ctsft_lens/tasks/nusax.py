@@ -83,20 +83,23 @@ def _from_folder(root: Path, lang: str) -> dict[str, tuple[Example, ...]]:
         path = folder / f"{split}.csv"
         if not path.exists():
             raise TaskError(f"missing NusaX-Senti file {path}")
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-                raise TaskError(f"{path} must have columns id,text,label; it has {reader.fieldnames}")
-            splits[split] = tuple(_row(r["text"], r["label"], lang, f"{lang}/{split}/{r.get('id', i)}", str(path))
-                                  for i, r in enumerate(reader))
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
+                    raise TaskError(f"{path} must have columns id,text,label; it has {reader.fieldnames}")
+                splits[split] = tuple(_row(r["text"], r["label"], lang, f"{lang}/{split}/{r.get('id', i)}", str(path))
+                                      for i, r in enumerate(reader))
+        except UnicodeDecodeError as err:
+            raise TaskError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
     return splits
 
 
 def _from_hub(lang: str) -> dict[str, tuple[Example, ...]]:
-    import datasets
+    from ctsft_lens import hub
 
     try:
-        ds = datasets.load_dataset(HUB_NAME, LANGUAGES[lang])
+        ds = hub.load_dataset(HUB_NAME, LANGUAGES[lang])
     except Exception as err:  # network, missing cache, renamed dataset: one clear line
         raise TaskError(f"could not load {HUB_NAME} ({LANGUAGES[lang]}) from the hub: {err}") from None
     out = {}

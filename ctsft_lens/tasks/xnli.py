@@ -62,11 +62,14 @@ def _read_tsv(path: Path, lang: str, split: str) -> list[Example]:
     """Rows of one TSV; ids ``xnli/<lang>/<split>/<line index>`` are unique across split files
     (``split="dev"`` for the one-file layout, whose line index is shared by every language)."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
-            if len(cols) != 3:
-                raise TaskError(f"{path}:{i + 1}: expected 3 tab-separated columns (premise, hypothesis, label), got {len(cols)}")
-            rows.append(_example(*cols, lang, f"xnli/{lang}/{split}/{i}", f"{path}:{i + 1}"))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, cols in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
+                if len(cols) != 3:
+                    raise TaskError(f"{path}:{i + 1}: expected 3 tab-separated columns (premise, hypothesis, label), got {len(cols)}")
+                rows.append(_example(*cols, lang, f"xnli/{lang}/{split}/{i}", f"{path}:{i + 1}"))
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path} is not UTF-8 ({err.reason} at byte {err.start}); save it as UTF-8") from None
     return rows
 
 
@@ -84,10 +87,10 @@ def _from_folder(root: Path, lang: str) -> dict[str, tuple[Example, ...]]:
 
 
 def _from_hub(lang: str) -> dict[str, tuple[Example, ...]]:
-    import datasets
+    from ctsft_lens import hub
 
     try:
-        ds = datasets.load_dataset(HUB_NAME, lang)
+        ds = hub.load_dataset(HUB_NAME, lang)
     except Exception as err:
         raise TaskError(f"could not load {HUB_NAME} ({lang}) from the hub: {err}; "
                         f"pass data_dir= a folder of dev-<lang>.tsv files instead") from None

@@ -19,7 +19,7 @@ import random
 import time
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from ctsft_lens.batching import Batch, check_examples, encode
 from ctsft_lens.evaluate import predict
 from ctsft_lens.forward import label_logits
 from ctsft_lens.masks import HeadMask
+from ctsft_lens.devices import autocast
 from ctsft_lens.errors import ConfigError
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check_value
 from ctsft_lens.tasks.base import Example
@@ -57,6 +58,8 @@ class TrainConfig:
     seed: int = _opt(0, "shuffling seed (and, on the CLI, the sampling seed)")
     eval_batch_size: int = _opt(16, "examples per forward when scoring dev/test")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (none: all epochs)")
+    amp: Literal["none", "bf16"] = _opt("none", "mixed precision: 'bf16' runs forwards under bfloat16 autocast "
+                                        "with float32 master weights and optimizer state")
     kv: KVPolicy = _opt("never", "K/V policy: 'never' freezes keys/values; 'selected-groups' trains the "
                         "KV group of each selected head")
 
@@ -146,14 +149,15 @@ def dev_metrics(model: Any, examples: Sequence[Example], batch_size: int = 16) -
 
 
 def train_step(model: Any, window: Sequence[Batch], opt: torch.optim.Optimizer,
-               max_grad_norm: float | None = None) -> float:
+               max_grad_norm: float | None = None, amp: str = "none") -> float:
     """One optimizer step on the mean loss over all examples of ``window`` (accumulated
-    micro-batches); returns that loss."""
+    micro-batches); returns that loss. ``amp="bf16"``: forwards under bfloat16 autocast."""
     n_window = sum(len(b.labels) for b in window)
     params = [p for g in opt.param_groups for p in g["params"]]
     loss_sum = 0.0
     for batch in window:
-        loss = classification_loss(model, batch, reduction="sum") / n_window
+        with autocast(amp, model):
+            loss = classification_loss(model, batch, reduction="sum") / n_window
         loss.backward()
         loss_sum += float(loss.detach())
     if max_grad_norm is not None:
@@ -190,6 +194,10 @@ def train(
     if dev_examples is not None:
         check_examples(dev_examples)
     variant = variant or ("full" if mask is None else mask.kind)
+    if mask is not None and not mask.heads and mask.kind != "none":
+        import warnings
+
+        warnings.warn(f"the {mask.kind!r} head mask selects no head: only the norm weights will train", stacklevel=2)
     start = time.perf_counter()
     rng = random.Random(config.seed)  # the only randomness: the shuffle (dropout stays off)
 
@@ -217,7 +225,7 @@ def train(
                 if step >= total:
                     break
                 window = [encode(model, chunk) for chunk in chunks[w:w + config.grad_accum]]
-                loss_sum = train_step(model, window, opt, config.max_grad_norm)
+                loss_sum = train_step(model, window, opt, config.max_grad_norm, config.amp)
                 sched.step()
                 step += 1
                 losses.append(loss_sum)

@@ -1,0 +1,142 @@
+"""Where the toolkit runs: device and dtype names, free memory, mixed precision, and the
+environment report that ``ctsft env`` prints for bug reports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from typing import Any, Iterator
+
+import torch
+
+from ctsft_lens.errors import CtsftError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""``--dtype`` names and what they load the weights as."""
+DEVICE_HELP = "auto (CUDA if available, else CPU), cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(spec: str | None) -> str:
+    """``auto`` -> ``cuda`` when CUDA is visible, else ``cpu``; other names are checked to exist."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return "cpu"
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise CtsftError("--device mps: no Apple MPS device is available here; use --device cpu or auto")
+        return "mps"
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CtsftError(f"--device {spec}: no CUDA device is visible (torch {torch.__version__}); "
+                             "use --device cpu or auto")
+        if ":" in spec:
+            index = spec.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise CtsftError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        return spec
+    raise CtsftError(f"unknown device {spec!r}; use {DEVICE_HELP}")
+
+
+def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype:
+    """``float32`` / ``bfloat16`` / ``float16`` (or a ``torch.dtype``) as a ``torch.dtype``."""
+    if name is None:
+        return torch.float32
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise CtsftError(f"dtype {name} is not supported; use one of {tuple(DTYPES)}")
+        return name
+    if name not in DTYPES:
+        raise CtsftError(f"unknown dtype {name!r}; use one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def free_memory_gb(device: str | torch.device) -> float | None:
+    """Free memory of a CUDA device in GiB (``None`` elsewhere: the caller keeps its own budget)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free / 2**30
+
+
+def memory_budget_gb(device: str | torch.device, given: float | None, *, default: float = 2.0,
+                     share: float = 0.7) -> float:
+    """The chunking budget: ``given`` if set, else ``share`` of the free CUDA memory, else ``default``."""
+    if given is not None:
+        if not given > 0:
+            raise CtsftError(f"--memory-gb must be > 0, got {given}")
+        return float(given)
+    free = free_memory_gb(device)
+    return default if free is None else max(0.25, share * free)
+
+
+@contextlib.contextmanager
+def autocast(amp: str, model: Any) -> Iterator[None]:
+    """bf16 autocast around a forward of ``model`` (``amp="bf16"``); float32 master weights stay.
+
+    Under autocast the attention scores are bf16 while the padding mask holds float32's minimum,
+    which is -inf in bf16: a left-padding query that may attend to nothing then gets NaN, and
+    0 x NaN reaches every real token above it. The scores are clamped to bf16's finite minimum
+    (a fully masked row becomes uniform, a masked key still gets weight 0).
+    """
+    if amp == "none":
+        yield
+        return
+    kind = torch.device(model.cfg.device).type
+    hooks = [(f"blocks.{layer}.attn.hook_attn_scores", _finite_scores) for layer in range(model.cfg.n_layers)]
+    with torch.autocast(device_type=kind if kind in ("cuda", "cpu", "mps") else "cpu", dtype=torch.bfloat16), \
+            model.hooks(fwd_hooks=hooks):
+        yield
+
+
+def _finite_scores(scores: torch.Tensor, hook: Any) -> torch.Tensor:
+    return scores.clamp_min(torch.finfo(scores.dtype).min)
+
+
+def bf16_supported(device: str) -> bool:
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return device == "cpu"  # CPU kernels exist for bf16 (slow but exact enough for CD-T scores)
+
+
+def environment() -> dict[str, Any]:
+    """What a bug report needs: versions, devices, precision support, caches and data folders."""
+    from importlib import metadata
+
+    import ctsft_lens
+
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        devices.append("mps")
+    from ctsft_lens.models.default import DefaultModelConfig, cache_folder
+    from ctsft_lens.tasks.nusax import bundled_dir
+
+    default = cache_folder(DefaultModelConfig())
+    hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
+    return {
+        "ctsft_lens": ctsft_lens.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {p: version(p) for p in ("torch", "transformer-lens", "transformers", "datasets", "peft",
+                                              "plotly", "kaleido")},
+        "devices": devices,
+        "auto_device": resolve_device("auto"),
+        "bf16": {d: bf16_supported(d) for d in ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]},
+        "torch_threads": torch.get_num_threads(),
+        "hf_home": hf_home,
+        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
+        "ctsft_cache": str(default.parent),
+        "default_model_cached": (default / "default_model.json").exists(),
+        "data": {"nusax-senti (bundled)": str(bundled_dir()),
+                 **{f"xnli ({p})": p for p in ("data/xnli", "../shared/data/xnli") if os.path.isdir(p)}},
+    }
