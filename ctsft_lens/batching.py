@@ -79,6 +79,37 @@ def check_fit(model: Any, examples: Sequence[Example]) -> None:
                         f"{ex.uid or ex.prompt[:40]!r} ({n} tokens)")
 
 
+def truncate(model: Any, examples: Sequence[Example], max_tokens: int) -> tuple[list[Example], int]:
+    """Prompts cut to ``max_tokens`` tokens, keeping the template and so the answer position.
+
+    Tokens are removed from the end of the longest field (XNLI: usually the premise), never from
+    the template's text; the last prompt token is still the template's last token. Returns the
+    examples and how many were cut (the paper is reported to cap inputs at 128 tokens).
+    """
+    if max_tokens < 1:
+        raise TaskError(f"max_tokens must be >= 1, got {max_tokens}")
+    tok = model.tokenizer
+    length = lambda ex: len(tok.encode(ex.prompt, add_special_tokens=False))  # noqa: E731
+    out, n_cut = [], 0
+    for ex in examples:
+        excess = length(ex) - max_tokens
+        if excess <= 0:
+            out.append(ex)
+            continue
+        if not ex.fields:
+            raise TaskError(f"prompt {ex.uid or ex.prompt[:40]!r} has no fields to shorten; it is {length(ex)} tokens")
+        while excess > 0:
+            name, value = max(ex.fields, key=lambda kv: len(kv[1]))
+            ids = tok.encode(value, add_special_tokens=False)
+            if not ids:
+                raise TaskError(f"prompt {ex.uid!r}: the template alone is longer than max_tokens={max_tokens}")
+            ex = ex.with_fields(**{name: tok.decode(ids[:max(0, len(ids) - excess)]).rstrip()})
+            excess = length(ex) - max_tokens
+        out.append(ex)
+        n_cut += 1
+    return out, n_cut
+
+
 def batches(model: Any, examples: Sequence[Example], batch_size: int) -> Iterator[Batch]:
     """Consecutive batches of ``batch_size`` examples, each padded to its own longest prompt."""
     if batch_size < 1:

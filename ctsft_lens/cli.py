@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ctsft_lens.options import ATTENTION_RULES, BASELINES, MEAN_POSITIONS, SPLITS
+from ctsft_lens.options import AGGREGATES, ATTENTION_RULES, BASELINES, MEAN_OVER, MEAN_POSITIONS, SPLITS
 
 from ctsft_lens.errors import CLIError, CtsftError
 
@@ -175,7 +175,9 @@ def _add_train_config(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         tp, kw = hints[f.name], {}
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) is typing.Literal:
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is typing.Literal:
             kw["choices"] = list(typing.get_args(tp))
         elif typing.get_origin(tp) is tuple:
             kw.update(type=typing.get_args(tp)[0], nargs=len(typing.get_args(tp)))
@@ -380,6 +382,13 @@ def _add_discover(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
     p.add_argument("--baseline", default="mean", choices=list(BASELINES), help="source baseline; default: %(default)s")
     p.add_argument("--attention", default="cdt", choices=list(ATTENTION_RULES), help="attention rule; default: %(default)s")
+    p.add_argument("--aggregate", default="sum", choices=list(AGGREGATES),
+                   help="depth >= 1: combine a head's relevance to several targets by their sum (public CD-T) "
+                        "or max; default: %(default)s")
+    p.add_argument("--mean-over", default="pool", choices=list(MEAN_OVER),
+                   help="head means over the discovery examples, or only the correctly answered ones; default: %(default)s")
+    p.add_argument("--mean-n", type=_positive, default=None,
+                   help="with --mean-over correct: this many label-balanced examples (paper: 50; default: all correct)")
     p.add_argument("--batch-size", type=_positive, default=8, help="examples per forward; default: %(default)s")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory budget for propagating sources x examples at once (default: 70%% of free CUDA "
@@ -405,9 +414,15 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     examples = task.sample(args.n_examples, "train", seed=args.seed)
     model = _load(args)
     check_fit(model, examples)
+    reference = None
+    if args.mean_over == "correct":
+        from ctsft_lens.means import correct_examples
+
+        reference = correct_examples(model, examples, args.mean_n, seed=args.seed)
     circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
-                       baseline=args.baseline, attention=args.attention, batch_size=args.batch_size,
-                       memory_gb=args.memory_gb, progress=not args.no_progress)
+                       baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
+                       reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
+                       progress=not args.no_progress)
     save_circuit(circuit, path)
     lines = [f"CD-T circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
              f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]

@@ -98,6 +98,7 @@ def _finite_scores(scores: torch.Tensor, hook: Any) -> torch.Tensor:
 
 
 def bf16_supported(device: str) -> bool:
+    """Whether ``device`` computes in bfloat16 (CUDA: the GPU says; CPU: always, if slowly)."""
     if device.startswith("cuda"):
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return device == "cpu"  # CPU kernels exist for bf16 (slow but exact enough for CD-T scores)

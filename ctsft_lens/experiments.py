@@ -73,7 +73,19 @@ class DiscoveryConfig:
     n_examples: int = 30
     attention: str = "cdt"
     baseline: str = "mean"
+    aggregate: str = "sum"    # several targets at depth >= 1: "sum" (public CD-T) or "max"
+    pool: str = "shared"      # discovery examples: the competence pool (paper) or "held-out" from it
+    mean_over: str = "pool"   # head means over the discovery pool, or "correct"ly answered examples only
+    mean_n: int | None = None  # with mean_over = "correct": this many (label-balanced; paper: 50)
     depth: int | None = None  # circuit depth used for the masks (None: the deepest reached)
+    depths: tuple[int, ...] = ()  # report circuit-based variants at each of these depths (one discovery)
+
+    def search_key(self) -> dict[str, Any]:
+        """The settings the circuit depends on: the reported depth(s) are not among them."""
+        return {k: v for k, v in asdict(self).items() if k not in ("depth", "depths")}
+
+    def report_depths(self) -> tuple[int | None, ...]:
+        return self.depths or (self.depth,)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,11 @@ class ExperimentConfig:
     out: str = "runs/experiment"
     data_dir: str | None = None
     eval_limit: int | None = None
+    max_tokens: int | None = None  # truncate prompts to this many tokens, template kept (paper: 128)
+    faithfulness: bool = False     # also write the faithfulness-vs-depth curves of the circuit
+    faithfulness_examples: int = 60
+    competence_dir: str | None = None  # share one competence stage between runs (sweeps)
+    sweep: dict[str, Any] = field(default_factory=dict)  # {"key": "discovery.ratio", "values": [...]}
     competence: StageConfig = field(default_factory=StageConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     transfer: StageConfig = field(default_factory=StageConfig)
@@ -121,10 +138,13 @@ class ExperimentConfig:
                 if not isinstance(top[key], list):
                     raise ConfigError(f"{where}: experiment.{key} must be a list")
                 top[key] = tuple(top[key])
+        disc = dict(_checked(data.get("discovery", {}), DiscoveryConfig, where, "discovery", lists={"depths"}))
+        if "depths" in disc:
+            disc["depths"] = tuple(disc["depths"])
         cfg = cls(**top,
                   competence=StageConfig.from_flat(_table(data.get("competence", {}), where, "competence"),
                                                    f"{where}: competence"),
-                  discovery=DiscoveryConfig(**_checked(data.get("discovery", {}), DiscoveryConfig, where, "discovery")),
+                  discovery=DiscoveryConfig(**disc),
                   transfer=StageConfig.from_flat(_table(data.get("transfer", {}), where, "transfer"),
                                                  f"{where}: transfer"))
         cfg.validate(where)
@@ -149,10 +169,8 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: {err}") from None
         if not self.targets:
             raise ConfigError(f"{where}: experiment.targets is empty")
-        if langs[0] in langs[1:]:
-            raise ConfigError(f"{where}: the source language {self.source!r} is also a target")
         bad = [v for v in self.variants if v not in VARIANTS]
-        if bad or not self.variants:
+        if bad or (not self.variants and not self.faithfulness and not self.sweep):
             raise ConfigError(f"{where}: unknown variant(s) {bad or '(none given)'}; choose from {tuple(VARIANTS)}")
         if not self.seeds:
             raise ConfigError(f"{where}: experiment.seeds is empty")
@@ -183,6 +201,28 @@ class ExperimentConfig:
                               f"the {n_labels} labels")
         if d.depth is not None and not 0 <= d.depth <= d.max_depth:
             raise ConfigError(f"{where}: discovery.depth must be in 0..max_depth ({d.max_depth}), got {d.depth}")
+        if any(not 0 <= x <= d.max_depth for x in d.depths) or len(set(d.depths)) < len(d.depths):
+            raise ConfigError(f"{where}: discovery.depths must be distinct depths in 0..{d.max_depth}, got {list(d.depths)}")
+        from ctsft_lens.options import AGGREGATES, MEAN_OVER, POOLS
+
+        for what, value, choices in (("aggregate", d.aggregate, AGGREGATES), ("pool", d.pool, POOLS),
+                                     ("mean_over", d.mean_over, MEAN_OVER)):
+            if value not in choices:
+                raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
+        if d.mean_n is not None and (d.mean_n < n_labels or d.mean_n % n_labels):
+            raise ConfigError(f"{where}: discovery.mean_n must be a multiple of the {n_labels} labels, got {d.mean_n}")
+        if d.pool == "shared" and d.n_examples > self.competence.n_examples:
+            raise ConfigError(f"{where}: discovery.n_examples ({d.n_examples}) cannot exceed the shared competence pool "
+                              f"(competence.n_examples = {self.competence.n_examples}); use pool = 'held-out' or fewer")
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise ConfigError(f"{where}: experiment.max_tokens must be >= 8, got {self.max_tokens}")
+        if self.sweep:
+            if set(self.sweep) != {"key", "values"} or not isinstance(self.sweep["values"], list) or not self.sweep["values"]:
+                raise ConfigError(f'{where}: experiment.sweep is {{key = "section.field", values = [...]}}')
+            section, _, key = str(self.sweep["key"]).partition(".")
+            if section != "discovery" or key not in {f.name for f in fields(DiscoveryConfig)}:
+                raise ConfigError(f"{where}: experiment.sweep.key must name a discovery field (e.g. discovery.ratio), "
+                                  f"got {self.sweep['key']!r}")
         if self.model == "default":
             from ctsft_lens.models.default import DefaultModelConfig, cache_folder
 
@@ -198,7 +238,8 @@ def _table(section: Any, where: str, name: str) -> dict[str, Any]:
     return section
 
 
-def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = frozenset()) -> dict[str, Any]:
+def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = frozenset(),
+             lists: set[str] = frozenset({"targets", "variants", "seeds"})) -> dict[str, Any]:
     _table(section, where, name)
     known = {f.name for f in fields(cls)} - set(skip)
     unknown = set(section) - known
@@ -206,7 +247,10 @@ def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = fr
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
     hints = typing.get_type_hints(cls)
     for key, value in section.items():
-        if key not in ("targets", "variants", "seeds"):
+        if key in lists:
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}: {name}.{key} must be a list")
+        elif key != "sweep":
             check_value(f"{where}: {name}.{key}", value, hints[key], error=ConfigError)
     return section
 
@@ -225,6 +269,8 @@ class RunResult:
     source_accuracy: float
     trainable_params: int
     seconds: float
+    n_train: int = 0
+    n_dev: int = 0  # labelled target dev examples used for model selection: part of the budget
 
 
 @dataclass
@@ -240,9 +286,10 @@ class ExperimentResult:
     def table(self) -> list[dict[str, Any]]:
         """One row per (target, variant): mean and std over seeds of accuracy and retention."""
         rows = []
-        for target in self.config.targets:
-            tgt = _lang(self.config, target)
-            for variant in self.config.variants:
+        labels = list(dict.fromkeys(r.variant for r in self.runs))  # variants (at each depth), in run order
+        for target in dict.fromkeys(_lang(self.config, t) for t in self.config.targets):
+            tgt = target
+            for variant in labels:
                 runs = [r for r in self.runs if r.target == tgt and r.variant == variant]
                 if not runs:
                     continue
@@ -254,13 +301,15 @@ class ExperimentResult:
                     "source_acc_mean": statistics.fmean(src), "source_acc_std": _std(src),
                     "forgetting": self.source_accuracy_before - statistics.fmean(src),
                     "trainable_params": runs[0].trainable_params,
+                    "n_train": runs[0].n_train, "n_dev": runs[0].n_dev,
+                    "target_budget": runs[0].n_train + runs[0].n_dev,  # dev examples used for selection count
                 })
         return rows
 
     def markdown(self) -> str:
         """Target accuracy and source retention tables (mean ± std over seeds), paper style."""
         cfg, rows = self.config, self.table()
-        variants = [v for v in cfg.variants if any(r["variant"] == v for r in rows)]
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
         out = [f"### {cfg.task}: {cfg.source} → targets ({cfg.model}; n_tgt = {cfg.transfer.n_examples}, "
                f"{len(cfg.seeds)} seeds)", "",
                "Target accuracy (A0 = competence model before adaptation)", "",
@@ -299,40 +348,50 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     """Run (or resume) the CT-SFT protocol of ``config``; writes tables and figures under ``out``.
 
     ``force``: recompute every stage (overwriting the toolkit's own files; nothing else in
-    ``out`` is touched).
+    ``out`` is touched). A config with ``sweep`` runs once per value (see :func:`run_sweep`).
     """
     from ctsft_lens.tasks import load_task
 
     config.validate()
+    if config.sweep:
+        return run_sweep(config, progress=progress, force=force)
     out = Path(config.out)
     langs = dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])
     task_of = {lang: load_task(config.task, lang, config.data_dir) for lang in langs}
     preflight(config, task_of, out)
     write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
-    source, targets = _lang(config, config.source), [_lang(config, t) for t in config.targets]
+    source, targets = _lang(config, config.source), list(dict.fromkeys(_lang(config, t) for t in config.targets))
     test = {lang: t.examples("test", config.eval_limit) for lang, t in task_of.items()}
 
     def log(msg: str) -> None:
         if progress:
             tqdm.write(f"[{config.name}] {msg}")
 
-    comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source, asdict(config.competence))
+    comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source, asdict(config.competence),
+                         config.max_tokens)
     comp_dir = competence_stage(config, task_of[source], out, comp_key, force=force, log=log, progress=progress)
     accs = a0_stage(config, comp_dir, test, out, stage_key(comp_key, config.eval_limit, sorted(task_of)),
                     force=force, progress=progress)
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
-    needs_circuit = any(_needs_circuit(v) for v in config.variants)
-    circuit_key = stage_key(comp_key, asdict(config.discovery))
+    needs_circuit = any(_needs_circuit(v) for v in config.variants) or config.faithfulness
+    circuit_key = stage_key(comp_key, config.discovery.search_key())
     circuit = (discovery_stage(config, comp_dir, task_of[source], out, circuit_key, force=force, log=log,
                                progress=progress) if needs_circuit else None)
+    figures: dict[str, str] = {}
+    if config.faithfulness and circuit is not None:
+        figures.update(faithfulness_stage(config, comp_dir, circuit, task_of[source], out,
+                                          stage_key(circuit_key, config.faithfulness_examples), force=force,
+                                          progress=progress))
     # Seed-major order: a run stopped early still has whole seeds of every (target, variant).
-    jobs = [(t, v, s) for s in config.seeds for t in targets for v in config.variants]
+    jobs = [(t, v, d, s) for s in config.seeds for t in targets for v in config.variants
+            for d in (config.discovery.report_depths() if _needs_circuit(v) else (None,))]
     runs = []
-    for target, variant, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
+    for target, variant, depth, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
         key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None, asdict(config.transfer),
-                        config.eval_limit, target, variant, seed)
+                        config.eval_limit, config.max_tokens, target, variant, depth, seed)
         runs.append(transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
-                                   variant, seed, out, key, force=force, progress=progress))
+                                   variant, depth, seed, out, key, force=force, progress=progress,
+                                   source_pool=task_of[source] if target == source else None))
     from ctsft_lens.circuit import head_name
     from ctsft_lens.masks import circuit_mask
 
@@ -341,8 +400,44 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     _write_tables(result)
     from ctsft_lens.plots import experiment_figures
 
-    result.figures = {name: str(p) for name, p in experiment_figures(result, out / "figures").items()}
+    if runs:
+        figures.update({name: str(p) for name, p in experiment_figures(result, out / "figures").items()})
+    result.figures = figures
     return result
+
+
+def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = False) -> ExperimentResult:
+    """One run per value of ``sweep.key`` (a discovery field, e.g. the ratio or the pool), all from one
+    competence model; ``out/sweep.md`` sets their circuits and tables side by side."""
+    out = Path(config.out)
+    field_name = str(config.sweep["key"]).split(".", 1)[1]
+    runs, lines, heads = [], [f"# sweep over {config.sweep['key']}", ""], []
+    first = None
+    for value in config.sweep["values"]:
+        label = f"{field_name}={value}"
+        sub = dataclasses.replace(config, sweep={}, name=f"{config.name}/{label}", out=str(out / label),
+                                  competence_dir=config.competence_dir or str(out / "competence"),
+                                  discovery=dataclasses.replace(config.discovery, **{field_name: value}))
+        res = run_experiment(sub, progress=progress, force=force)
+        first = first or res
+        circuit = _circuit_summary(Path(sub.out) / "circuit.json")
+        lines += [f"## {label}", "", circuit, "", res.markdown() if res.runs else "(no transfer runs)", ""]
+        runs += [dataclasses.replace(r, variant=f"{label}:{r.variant}") for r in res.runs]
+        heads += [f"{label}:{h}" for h in res.circuit_heads]
+    write_text = __import__("ctsft_lens.files", fromlist=["atomic_write_text"]).atomic_write_text
+    write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    return ExperimentResult(config, first.source_accuracy_before, first.a0, heads, runs, out)
+
+
+def _circuit_summary(path: Path) -> str:
+    """Depth-by-depth heads of a circuit file with their mean layer (the appendix's pool comparison)."""
+    if not path.exists():
+        return "(no circuit)"
+    from ctsft_lens.circuit import head_name, load_circuit
+
+    c = load_circuit(path)
+    return "\n".join(f"- depth {d}: {', '.join(head_name(h) for h in hs)} (mean layer "
+                     f"{sum(h[0] for h in hs) / max(1, len(hs)):.1f})" for d, hs in enumerate(c.heads_by_depth))
 
 
 def _load(config: ExperimentConfig, name: str | Path) -> Any:
@@ -376,14 +471,16 @@ def competence_stage(config: ExperimentConfig, task: Any, out: Path, key: str, *
         log(f"competence tuning {config.model} on {task.language} ({config.competence.n_examples} examples)")
         model = _load(config, config.model)
         train_ex, dev_ex = _stage_data(task, config.competence, seed=0)
-        _finetune(model, train_ex, dev_ex, config.competence, mask=None, seed=0, progress=progress)
+        _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), config.competence, mask=None,
+                  seed=0, progress=progress)
         return model
 
     def fill(model: Any, tmp: Path) -> None:
         save_model(model, tmp)
         write_checksums(tmp)  # damaged weights are found when the stage is read, not when used
 
-    return _cached(out / "competence", key, compute, force,
+    folder = Path(config.competence_dir) if config.competence_dir else out / "competence"
+    return _cached(folder, key, compute, force,
                    save=lambda model, p: atomic_dir(p, lambda tmp: fill(model, tmp)), load=verify_checksums)
 
 
@@ -394,7 +491,8 @@ def a0_stage(config: ExperimentConfig, comp_dir: Path, test: dict[str, list], ou
 
     def compute() -> dict[str, Any]:
         model = _load(config, comp_dir)
-        return {"accuracy": {lang: evaluate(model, ex, progress=progress).accuracy for lang, ex in test.items()}}
+        return {"accuracy": {lang: evaluate(model, _cut(config, model, ex), progress=progress).accuracy
+                             for lang, ex in test.items()}}
 
     return _cached(out / "a0.json", key, compute, force)["accuracy"]
 
@@ -409,11 +507,21 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
     d = config.discovery
 
     def compute() -> Any:
+        from ctsft_lens.means import correct_examples
+        from ctsft_lens.tasks.base import balanced_sample
+
         model = _load(config, comp_dir)
-        examples = task.sample(d.n_examples, "train", seed=1)
-        log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth})")
+        pool = discovery_pool(config, task)
+        examples = _cut(config, model, balanced_sample(pool, d.n_examples, task.n_labels, seed=1,
+                                                       where=f"the {d.pool} discovery pool"))
+        reference = None
+        if d.mean_over == "correct":
+            reference = correct_examples(model, _cut(config, model, pool), d.mean_n, seed=1)
+        log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth}, {d.pool} pool, "
+            f"means over {len(reference or examples)} {d.mean_over} examples)")
         return discover(model, examples, scoring=d.scoring, ratio=d.ratio, max_depth=d.max_depth,
-                        attention=d.attention, baseline=d.baseline, progress=progress)
+                        attention=d.attention, baseline=d.baseline, aggregate=d.aggregate, reference=reference,
+                        progress=progress)
 
     def save(circuit: Any, path: Path) -> None:
         save_circuit(circuit, path)
@@ -423,33 +531,86 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
 
 
 def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task: Any, target_test: list,
-                   source_test: list, variant: str, seed: int, out: Path, key: str, *, force: bool,
-                   progress: bool) -> "RunResult":
-    """One adaptation run (target, variant, seed) from the competence checkpoint."""
+                   source_test: list, variant: str, depth: int | None, seed: int, out: Path, key: str, *,
+                   force: bool, progress: bool, source_pool: Any = None) -> "RunResult":
+    """One adaptation run (target, variant at a circuit depth, seed) from the competence checkpoint.
+
+    ``source_pool`` (continued tuning within the source language): the competence examples are
+    excluded from the transfer sample."""
     from ctsft_lens.evaluate import evaluate
     from ctsft_lens.masks import variant_mask
     from ctsft_lens.models import model_info
 
+    label = variant if depth is None or not config.discovery.depths else f"{variant}@d{depth}"
+
     def compute() -> dict[str, Any]:
         model = _load(config, comp_dir)
-        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed,
-                            depth=config.discovery.depth)
-        train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed)
+        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=depth)
+        exclude = {ex.uid for ex in _stage_data(source_pool, config.competence, seed=0)[0]} if source_pool else set()
+        train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed, exclude=exclude)
         start = time.perf_counter()
-        n_trainable = _finetune(model, train_ex, dev_ex, config.transfer, mask=mask, seed=seed, progress=progress)
-        result = RunResult(task.language, variant, seed, evaluate(model, target_test).accuracy,
-                           evaluate(model, source_test).accuracy, n_trainable, time.perf_counter() - start)
+        n_trainable = _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), config.transfer,
+                                mask=mask, seed=seed, progress=progress)
+        result = RunResult(task.language, label, seed, evaluate(model, _cut(config, model, target_test)).accuracy,
+                           evaluate(model, _cut(config, model, source_test)).accuracy, n_trainable,
+                           time.perf_counter() - start, len(train_ex), len(dev_ex))
         return {"result": asdict(result)}
 
-    path = out / "runs" / task.language / variant / f"seed{seed}.json"
+    path = out / "runs" / task.language / label / f"seed{seed}.json"
     return RunResult(**_cached(path, key, compute, force)["result"])
 
 
-def _stage_data(task: Any, stage: StageConfig, seed: int) -> tuple[list, list]:
-    """Label-balanced training sample (train split) and dev sample (valid split; none if ``n_dev = 0``)."""
-    train_ex = task.sample(stage.n_examples, "train", seed=seed)
-    dev_ex = task.sample(stage.n_dev, "valid", seed=seed) if stage.n_dev else []
+def faithfulness_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task: Any, out: Path, key: str, *,
+                       force: bool, progress: bool) -> dict[str, str]:
+    """Faithfulness of the circuit over depth and size on source valid examples (the paper's
+    faithfulness-vs-depth figure): ``out/faithfulness.json``, ``curves.csv`` and the figure."""
+    from ctsft_lens.faithfulness import faithfulness_report
+    from ctsft_lens.plots import plot_faithfulness
+
+    def compute() -> dict[str, Any]:
+        model = _load(config, comp_dir)
+        n = min(config.faithfulness_examples, len(task.examples("valid")) // task.n_labels * task.n_labels)
+        examples = _cut(config, model, task.sample(n, "valid", seed=2))
+        report = faithfulness_report(model, {circuit.scoring: circuit}, examples, progress=progress)
+        report.write_csv(out / "faithfulness_curves.csv")
+        plot_faithfulness(report, save_html=out / "figures" / "faithfulness.html", plotlyjs=True)
+        return {"summary": report.summary(), **report.to_dict()}
+
+    data = _cached(out / "faithfulness.json", key, compute, force)
+    if progress:
+        tqdm.write(data["summary"])
+    return {"faithfulness": str(out / "figures" / "faithfulness.html")}
+
+
+def _stage_data(task: Any, stage: StageConfig, seed: int, exclude: set[str] = frozenset()) -> tuple[list, list]:
+    """Label-balanced training sample (train split, without ``exclude``d uids) and dev sample (valid
+    split): none when ``n_dev = 0`` or when model selection is off (``select_best = false``)."""
+    from ctsft_lens.tasks.base import balanced_sample
+
+    pool = [ex for ex in task.examples("train") if ex.uid not in exclude]
+    train_ex = balanced_sample(pool, stage.n_examples, task.n_labels, seed=seed,
+                               where=f"{task.name}/{task.language}/train" + (" (held out from competence)" if exclude else ""))
+    dev_ex = task.sample(stage.n_dev, "valid", seed=seed) if stage.n_dev and stage.train.select_best else []
     return train_ex, dev_ex
+
+
+def discovery_pool(config: ExperimentConfig, task: Any) -> list:
+    """Examples discovery (and a correct-only mean) draw from: the competence-tuning sample itself
+    (``shared``, the paper's pool A) or the source train split without it (``held-out``)."""
+    competence = _stage_data(task, config.competence, seed=0)[0]
+    if config.discovery.pool == "shared":
+        return competence
+    used = {ex.uid for ex in competence}
+    return [ex for ex in task.examples("train") if ex.uid not in used]
+
+
+def _cut(config: ExperimentConfig, model: Any, examples: list) -> list:
+    """Examples truncated to ``max_tokens`` (template and answer position kept), if set."""
+    if config.max_tokens is None or not examples:
+        return examples
+    from ctsft_lens.batching import truncate
+
+    return truncate(model, examples, config.max_tokens)[0]
 
 
 def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> None:
@@ -461,7 +622,10 @@ def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> N
         (task_of[_lang(config, t)], config.transfer, s) for t in config.targets for s in config.seeds]
     for task, stage, seed in needs:
         _stage_data(task, stage, seed)  # raises TaskError naming the split and label counts
-    task_of[source].sample(config.discovery.n_examples, "train", seed=1)
+    from ctsft_lens.tasks.base import balanced_sample
+
+    balanced_sample(discovery_pool(config, task_of[source]), config.discovery.n_examples, task_of[source].n_labels,
+                    where=f"the {config.discovery.pool} discovery pool")
     from ctsft_lens.batching import check_fit
 
     comp = out / "competence"  # a cached competence model has the same tokenizer and context
@@ -470,9 +634,17 @@ def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> N
     except CtsftError:
         name = config.model
     model = _load(config, name)
-    for task in task_of.values():
+    cut = {}
+    for lang, task in task_of.items():
         for split in ("train", "valid", "test"):
-            check_fit(model, task.examples(split, config.eval_limit if split == "test" else None))
+            examples = task.examples(split, config.eval_limit if split == "test" else None)
+            if config.max_tokens is not None:
+                from ctsft_lens.batching import truncate
+
+                examples, cut[f"{lang}/{split}"] = truncate(model, examples, config.max_tokens)
+            check_fit(model, examples)
+    if cut:
+        write_json(out / "truncation.json", {"max_tokens": config.max_tokens, "prompts_cut": cut})
 
 
 def _finetune(model: Any, train_ex: list, dev_ex: list, stage: StageConfig, *, mask: Any, seed: int,

@@ -59,3 +59,23 @@ def head_means(
     if missing:
         raise TaskError(f"reference examples have no example of label(s) {missing}: a label-balanced mean needs every label")
     return (sums / counts[:, None, None, None]).mean(0).to(torch.float32)
+
+
+def correct_examples(model: Any, examples: Sequence[Example], n: int | None = None, *, seed: int = 0,
+                     batch_size: int = 16) -> list[Example]:
+    """A label-balanced sample of ``n`` examples the model answers correctly (``None``: as many as
+    the rarest label allows): the reference the paper is reported to take its means over."""
+    from ctsft_lens.evaluate import predict
+    from ctsft_lens.tasks.base import balanced_sample
+
+    _, names = check_examples(examples)
+    preds = predict(model, examples, batch_size=batch_size).argmax(-1).tolist()
+    right = [ex for ex, p in zip(examples, preds) if p == ex.label]
+    per_label = [sum(ex.label == i for ex in right) for i in range(len(names))]
+    if n is None:
+        n = min(per_label) * len(names)
+    if n < len(names) or min(per_label) < n // len(names):
+        raise TaskError(f"a mean over {n} correctly answered, label-balanced examples needs {n // len(names)} per "
+                        f"label; the model answers {dict(zip(names, per_label))} of {len(examples)} correctly "
+                        "(give more examples, or a smaller count)")
+    return balanced_sample(right, n, len(names), seed=seed, where="correctly answered examples")

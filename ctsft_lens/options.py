@@ -21,12 +21,23 @@ KVPolicy = Literal["never", "selected-groups"]
 MeanPositions = Literal["pooled", "last"]
 """Head means pooled over every prompt token, or taken at the last one."""
 Split = Literal["train", "valid", "test"]
+Aggregate = Literal["sum", "max"]
+"""How expansion at depth >= 1 combines a head's relevance to several target heads: the sum (the
+public CD-T notebooks; default) or the maximum (ctsft_lens 0.1)."""
+MeanOver = Literal["pool", "correct"]
+"""Which reference examples give the head means μ: the discovery pool, or only correctly answered
+ones (the paper is reported to use 50 correct, label-balanced samples)."""
+Pool = Literal["shared", "held-out"]
+"""Discovery examples: the competence-tuning pool itself (the paper's pool A) or held out from it."""
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
 KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
 MEAN_POSITIONS: tuple[str, ...] = get_args(MeanPositions)
 SPLITS: tuple[str, ...] = get_args(Split)
+AGGREGATES: tuple[str, ...] = get_args(Aggregate)
+MEAN_OVER: tuple[str, ...] = get_args(MeanOver)
+POOLS: tuple[str, ...] = get_args(Pool)
 
 
 def check(what: str, value: object, choices: tuple[str, ...] | list[str], error: type[Exception] = CtsftError) -> None:

@@ -118,3 +118,37 @@ def test_cli_discover_writes_a_circuit(tmp_path, capsys):
     assert "depth 0" in capsys.readouterr().out
     rc = main(["discover", "--model", "tiny", "--n-examples", "4", "--out", str(out), "--no-progress"])
     assert rc == 2 and "divisible" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aggregate", ["sum", "max"])
+def test_depth_tables_aggregate_the_targets_scores(model, examples, aggregate):
+    """Depth >= 1 tables are the sum (public CD-T notebooks) or the max over that depth's targets."""
+    c = discover(model, examples, ratio=0.25, max_depth=1, aggregate=aggregate, progress=False)
+    assert len(c.heads_by_depth) == 2 and c.options["aggregate"] == aggregate
+    targets = [h for h in c.heads_by_depth[0] if h[0] > 0]
+    rel = head_relevance(model, examples, target=targets, progress=False).mean  # [T, L, H]
+    want = rel.nansum(0) if aggregate == "sum" else rel.nan_to_num(float("-inf")).max(0).values
+    scored = ~rel.isnan().all(0)
+    torch.testing.assert_close(c.scores[1][scored], want[scored], rtol=1e-5, atol=1e-6)
+    assert c.scores[1][~scored].isnan().all()
+
+
+def test_means_over_correct_examples_only(model, indonesian, monkeypatch):
+    import importlib
+
+    ev = importlib.import_module("ctsft_lens.evaluate")
+    from ctsft_lens.means import correct_examples
+
+    pool = indonesian.sample(30, seed=5)
+    wrong = {ex.uid for ex in pool[::2]}  # the "model" answers every other example wrongly
+
+    def predict(model, examples, batch_size=16):
+        return torch.stack([torch.nn.functional.one_hot(torch.tensor((ex.label + (ex.uid in wrong)) % 3), 3).float()
+                            for ex in examples])
+
+    monkeypatch.setattr(ev, "predict", predict)
+    picked = correct_examples(model, pool, 6)
+    assert len(picked) == 6 and not {ex.uid for ex in picked} & wrong
+    assert sorted(ex.label for ex in picked) == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(Exception, match="correctly answered"):
+        correct_examples(model, pool, 30)

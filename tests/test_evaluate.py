@@ -58,3 +58,20 @@ def test_empty_and_mixed_examples_are_errors(tiny_qwen, indonesian):
     other = dataclasses.replace(ex[1], label_words=(" True", " Neither", " False"))
     with pytest.raises(TaskError, match="mix verbalizers"):
         evaluate(tiny_qwen, [ex[0], other])
+
+
+def test_truncation_keeps_the_template_and_the_answer_position():
+    from ctsft_lens.batching import encode, truncate
+    from ctsft_lens.forward import label_logits
+    from ctsft_lens.tasks import load_task
+
+    model = tiny_model("qwen2", n_layers=1)
+    xnli_like = load_task("nusax-senti", "buginese").examples("test")[:20]
+    cut, n = truncate(model, xnli_like, 30)
+    tok = model.tokenizer
+    assert n > 0 and all(len(tok.encode(e.prompt)) <= 30 for e in cut)
+    assert all(e.prompt.endswith("\nSentiment:") and e.prompt.startswith("Text: ") for e in cut)
+    short = [e for e, c in zip(xnli_like, cut) if e == c]
+    assert len(short) == 20 - n  # prompts that fit are untouched
+    batch = encode(model, cut)
+    assert label_logits(model, batch).shape == (20, 3)

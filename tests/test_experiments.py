@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 
@@ -93,7 +94,6 @@ def test_shipped_configs_parse(tmp_path):
     ("[experiment]\ntargets = ['javanese']\nvariants = ['magic']\n", "unknown variant"),
     ("[experiment]\ntargets = ['klingon']\n", "unknown NusaX-Senti language 'klingon'"),
     ("[experiment]\ntargets = []\n", "targets is empty"),
-    ("[experiment]\ntargets = ['indonesian']\n", "also a target"),
     ("[experiment]\ntargetz = ['javanese']\n", "unknown key"),
     ("[training]\nlr = 1\n", "unknown section"),
     ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = -1\n", "transfer: lr must be a positive number"),
@@ -198,3 +198,75 @@ def test_damaged_competence_weights_are_recomputed(tmp_path):
     again = run_experiment(cfg, progress=False)  # found by the checksum, retrained, not a crash later
     assert (tmp_path / "run" / "competence" / "model.safetensors").stat().st_size > 1000
     assert again.table()
+
+
+def test_pools_shared_is_the_competence_sample_and_held_out_is_disjoint(tmp_path):
+    from ctsft_lens import load_task
+    from ctsft_lens.experiments import _stage_data, discovery_pool
+
+    task = load_task("nusax-senti", "indonesian")
+    cfg = _tiny_config(tmp_path)
+    competence = {ex.uid for ex in _stage_data(task, cfg.competence, seed=0)[0]}
+    assert {ex.uid for ex in discovery_pool(cfg, task)} == competence
+    held = dataclasses.replace(cfg, discovery=dataclasses.replace(cfg.discovery, pool="held-out"))
+    pool = {ex.uid for ex in discovery_pool(held, task)}
+    assert not pool & competence and len(pool) == len(task.examples("train")) - len(competence)
+
+
+def test_continued_tuning_in_the_source_language_excludes_the_competence_examples(tmp_path, monkeypatch):
+    seen = []
+    real = experiments._finetune
+
+    def spy(model, train_ex, *a, **k):
+        seen.append({ex.uid for ex in train_ex})
+        return real(model, train_ex, *a, **k)
+
+    monkeypatch.setattr(experiments, "_finetune", spy)
+    cfg = _tiny_config(tmp_path / "run", targets=("indonesian",), variants=("full",), seeds=(0,))
+    result = run_experiment(cfg, progress=False)
+    competence, transfer = seen
+    assert not competence & transfer and result.table()[0]["target"] == "indonesian"
+
+
+def test_depths_report_every_depth_from_one_discovery(tmp_path, monkeypatch):
+    cfg = _tiny_config(tmp_path / "run", variants=("circuit", "nearzero"), seeds=(0,),
+                       discovery=DiscoveryConfig(ratio=0.1, max_depth=1, n_examples=6, depths=(0, 1)))
+    result = run_experiment(cfg, progress=False)
+    assert [r["variant"] for r in result.table()] == ["circuit@d0", "nearzero@d0", "circuit@d1", "nearzero@d1"] or \
+        {r["variant"] for r in result.table()} == {"circuit@d0", "nearzero@d0", "circuit@d1", "nearzero@d1"}
+    by = {r["variant"]: r["trainable_params"] for r in result.table()}
+    assert by["circuit@d0"] < by["circuit@d1"]
+    import ctsft_lens.cdt as cdt
+
+    monkeypatch.setattr(cdt, "discover", lambda *a, **k: pytest.fail("discovery reran"))
+    only = dataclasses.replace(cfg, discovery=dataclasses.replace(cfg.discovery, depths=(1,)))
+    run_experiment(only, progress=False)  # another reported depth: the circuit comes from the cache
+
+
+def test_model_selection_off_trains_without_dev_examples(tmp_path, monkeypatch):
+    from ctsft_lens.train import trainer
+
+    monkeypatch.setattr(trainer, "dev_metrics", lambda *a, **k: pytest.fail("dev examples were scored"))
+    stage = StageConfig(n_examples=6, n_dev=6, train=TrainConfig(epochs=1, lr=1e-3, batch_size=6, select_best=False))
+    cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,), competence=stage, transfer=stage)
+    rows = run_experiment(cfg, progress=False).table()
+    assert rows[0]["n_dev"] == 0 and rows[0]["target_budget"] == 6
+
+
+def test_truncation_is_reported_and_keeps_the_template(tmp_path):
+    cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,), max_tokens=24)
+    run_experiment(cfg, progress=False)
+    cut = json.loads((tmp_path / "run" / "truncation.json").read_text())
+    assert cut["max_tokens"] == 24 and cut["prompts_cut"]["indonesian/test"] > 0
+
+
+def test_a_sweep_shares_one_competence_model(tmp_path, monkeypatch):
+    calls = []
+    real = experiments._finetune
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(k.get("mask")) or real(*a, **k))
+    cfg = _tiny_config(tmp_path / "run", variants=("circuit",), seeds=(0,),
+                       sweep={"key": "discovery.ratio", "values": [0.05, 0.1]})
+    result = run_experiment(cfg, progress=False)
+    assert len(calls) == 3  # one competence, one transfer per ratio
+    assert (tmp_path / "run" / "sweep.md").exists()
+    assert {r.variant for r in result.runs} == {"ratio=0.05:circuit", "ratio=0.1:circuit"}

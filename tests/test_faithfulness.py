@@ -37,7 +37,7 @@ def ab(model, examples):
 
 
 def hand_circuit(info) -> Circuit:
-    scores = torch.tensor([[0.1, -2.0, 0.3, float("nan")], [1.5, 0.0, -0.7, 0.2]])
+    scores = torch.tensor([[0.1, -2.0, 0.3, 0.05], [1.5, 0.0, -0.7, 0.2]])  # unscored heads: see the top-k NaN test
     return Circuit((((0, 1), (1, 0)), ((1, 2),)), (scores, scores), (Edge((0, 1), None, 0, -2.0),
                    Edge((1, 0), None, 0, 1.5), Edge((1, 2), (1, 0), 1, -0.7)), "projection", 0.2, info)
 

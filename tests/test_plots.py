@@ -40,7 +40,7 @@ def test_faithfulness_plot_has_band_curves_and_saves_html(tmp_path):
     band = next(t for t in fig.data if t.name.startswith("random ±1 sd"))
     assert list(band.y[:3]) == pytest.approx([0.05 + 0.0707, 0.3 + 0.1414, 1.0], abs=1e-3)  # mean + sd
     html = (tmp_path / "f.html").read_text()
-    assert "Plotly.newPlot" in html and "top-k (CPR 0.80, CMD 0.20)" in html and len(html) > 100_000  # plotly.js embedded
+    assert "Plotly.newPlot" in html and "top-k (CPR 0.80, CMD 0.20)" in html and "cdn.plot.ly" in html  # plotly.js from the CDN: this test only checks the figure
 
 
 def test_relevance_heatmaps_side_by_side(tmp_path):
@@ -65,7 +65,7 @@ def test_circuit_graph_places_heads_by_layer_with_a_logits_node(tmp_path):
     assert len(edges.x) == 3 * len(c.edges)
     logits = next(t for t in fig.data if t.name == "logits")
     assert logits.y[0] == 3  # above the last layer
-    assert (tmp_path / "c.html").stat().st_size > 100_000
+    assert "Plotly.newPlot" in (tmp_path / "c.html").read_text()
 
 
 @pytest.mark.slow

@@ -181,4 +181,4 @@ def test_cli_train_rejects_mask_and_variant_together(tmp_path, capsys):
 
     rc = main(["train", "--model", "tiny", "--variant", "full", "--mask", str(tmp_path / "m.json"),
                "--n-examples", "3", "--out", str(tmp_path / "o")])
-    assert rc == 2 and "either --mask or --variant" in capsys.readouterr().err
+    assert rc == 2 and "either --mask FILE or --variant NAME" in capsys.readouterr().err

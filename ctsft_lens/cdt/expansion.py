@@ -2,8 +2,9 @@
 
 Depth 0 scores every head against the logits and keeps the top ``ratio`` of all heads (at
 least one). Depth ``d`` takes the heads kept at depth ``d - 1`` as targets, scores every head
-in an earlier layer against each of them, and adds the top ``ratio`` (of all heads) among the
-heads not yet kept, each by its best target. The search stops early when no candidate is left.
+in an earlier layer against each of them, combines those scores (``aggregate``: their sum, as
+the public CD-T notebooks do, or their maximum) and adds the top ``ratio`` (of all heads) among
+the heads not yet kept. The search stops early when no candidate is left.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ctsft_lens.cdt.relevance import Scoring, check_options, head_relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
 from ctsft_lens.means import head_means
 from ctsft_lens.models.bridge import model_info
-from ctsft_lens.options import AttentionRule, Baseline
+from ctsft_lens.options import AGGREGATES, AttentionRule, Aggregate, Baseline, check
 from ctsft_lens.tasks.base import Example
 
 
@@ -37,6 +38,7 @@ def discover(
     max_depth: int = 2,
     baseline: Baseline = "mean",
     attention: AttentionRule = "cdt",
+    aggregate: Aggregate = "sum",
     positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
     batch_size: int = 8,
@@ -48,9 +50,12 @@ def discover(
     ``positions`` limits each source head to those prompt tokens (e.g. ``(-1,)``; default all).
     ``reference`` (default ``examples``) gives the label-balanced head means of the ``"mean"``
     baseline. ``scores[d]`` of the result is the depth-``d`` table: the logits scores at depth
-    0, the maximum over that depth's targets after (NaN where a head was not upstream of any).
+    0; after that the ``aggregate`` over that depth's targets — ``"sum"`` (as the public CD-T
+    notebooks) or ``"max"`` — NaN where a head was not upstream of any target. An edge records
+    the target a head scored highest against.
     """
     check_options(scoring, baseline, attention)
+    check("aggregate", aggregate, AGGREGATES)
     check_examples(examples)
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -78,8 +83,8 @@ def discover(
                 break
             rel = head_relevance(model, examples, target=list(targets), **common)
             per_target = rel.mean  # [T, L, H]
-            filled = per_target.nan_to_num(float("-inf"))
-            table, best = filled.max(0)
+            _, best = per_target.nan_to_num(float("-inf")).max(0)
+            table = per_target.nansum(0) if aggregate == "sum" else per_target.nan_to_num(float("-inf")).max(0).values
             table[per_target.isnan().all(0)] = float("nan")
         new = rank_heads(table, exclude=kept)[:k]
         if not new:
@@ -90,7 +95,7 @@ def discover(
         kept.update(new)
         heads_by_depth.append(tuple(new))
         tables.append(table)
-    options = {"baseline": baseline, "attention": attention, "n_examples": len(examples),
+    options = {"baseline": baseline, "attention": attention, "aggregate": aggregate, "n_examples": len(examples),
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
                "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}

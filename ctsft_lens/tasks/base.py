@@ -23,10 +23,19 @@ class Example:
     label_words: tuple[str, ...]
     label_names: tuple[str, ...]
     uid: str = ""
+    template: str = ""  # e.g. "Text: {text}\nSentiment:"; with ``fields`` it re-renders a truncated prompt
+    fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def label_name(self) -> str:
         return self.label_names[self.label]
+
+    def with_fields(self, **values: str) -> "Example":
+        """The same example with some fields replaced (the prompt re-rendered from the template)."""
+        import dataclasses
+
+        fields = tuple((k, values.get(k, v)) for k, v in self.fields)
+        return dataclasses.replace(self, fields=fields, prompt=self.template.format(**dict(fields)))
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,8 @@ def load(language: str, data_dir: str | Path | None = None) -> Task:
 def _row(text: str, label: str, lang: str, uid: str, where: str) -> Example:
     if label not in LABELS:
         raise TaskError(f"{where}: unknown label {label!r} (expected one of {LABELS})")
-    return Example(TEMPLATE.format(text=text.strip()), LABELS.index(label), lang, LABEL_WORDS, LABELS, uid)
+    return Example(TEMPLATE.format(text=text.strip()), LABELS.index(label), lang, LABEL_WORDS, LABELS, uid,
+                   TEMPLATE, (("text", text.strip()),))
 
 
 def _from_folder(root: Path, lang: str) -> dict[str, tuple[Example, ...]]:

@@ -54,8 +54,8 @@ def load(language: str, data_dir: str | Path | None = None) -> Task:
 def _example(premise: str, hypothesis: str, label: str, lang: str, uid: str, where: str) -> Example:
     if label not in LABELS:
         raise TaskError(f"{where}: unknown label {label!r} (expected one of {LABELS})")
-    prompt = TEMPLATE.format(premise=premise.strip(), hypothesis=hypothesis.strip())
-    return Example(prompt, LABELS.index(label), lang, LABEL_WORDS, LABELS, uid)
+    fields = (("premise", premise.strip()), ("hypothesis", hypothesis.strip()))
+    return Example(TEMPLATE.format(**dict(fields)), LABELS.index(label), lang, LABEL_WORDS, LABELS, uid, TEMPLATE, fields)
 
 
 def _read_tsv(path: Path, lang: str, split: str) -> list[Example]:

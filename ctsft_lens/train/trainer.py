@@ -58,6 +58,8 @@ class TrainConfig:
     seed: int = _opt(0, "shuffling seed (and, on the CLI, the sampling seed)")
     eval_batch_size: int = _opt(16, "examples per forward when scoring dev/test")
     max_steps: int | None = _opt(None, "stop after this many optimizer steps (none: all epochs)")
+    select_best: bool = _opt(True, "restore the epoch with the best accuracy on the dev examples (false: the "
+                                   "last epoch, and no dev examples are used; the paper reports no selection)")
     amp: Literal["none", "bf16"] = _opt("none", "mixed precision: 'bf16' runs forwards under bfloat16 autocast "
                                         "with float32 master weights and optimizer state")
     kv: KVPolicy = _opt("never", "K/V policy: 'never' freezes keys/values; 'selected-groups' trains the "
@@ -189,8 +191,8 @@ def train(
     With ``dev_examples`` the best epoch by dev accuracy (ties: lower dev loss) is restored.
     """
     check_examples(train_examples)
-    if dev_examples is not None and len(dev_examples) == 0:
-        dev_examples = None
+    if not config.select_best or (dev_examples is not None and len(dev_examples) == 0):
+        dev_examples = None  # no model selection: dev examples are neither scored nor used
     if dev_examples is not None:
         check_examples(dev_examples)
     variant = variant or ("full" if mask is None else mask.kind)
