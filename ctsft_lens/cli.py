@@ -118,6 +118,9 @@ def _add_experiment(sub: Any) -> None:
     p.add_argument("--config", required=True, help="TOML file (see configs/ and docs/cli.md)")
     p.add_argument("--out", default=None, help="override the config's output folder")
     p.add_argument("--model", default=None, help="override the config's model (hub name, folder, tiny, default)")
+    p.add_argument("--data-dir", default=None, help="override the config's data folder (or 'hub')")
+    p.add_argument("--smoke", action="store_true",
+                   help="run the config's whole protocol on the tiny offline model with tiny sizes (minutes on a CPU)")
     _add_device(p, default=None)
     p.add_argument("--force", action="store_true", help="recompute every stage (only the toolkit's own files are rewritten)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -126,7 +129,11 @@ def _add_experiment(sub: Any) -> None:
 def _cmd_experiment(args: argparse.Namespace) -> None:
     from ctsft_lens.experiments import ExperimentConfig
 
+    from ctsft_lens.experiments import smoke_config
+
     config = ExperimentConfig.from_toml(args.config)
+    if args.smoke:
+        config = smoke_config(config, args.out)
     _run_experiment(config, args)
 
 
@@ -151,7 +158,7 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 
     if args.out:
         config = dataclasses.replace(config, out=args.out)
-    for key in ("model", "device", "dtype"):  # flags given on the command line override the config
+    for key in ("model", "device", "dtype", "data_dir"):  # flags given on the command line override the config
         if getattr(args, key, None):
             config = dataclasses.replace(config, **{key: getattr(args, key)})
     result = run_experiment(config, progress=not args.no_progress, force=args.force)

@@ -545,7 +545,9 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
 
     def compute() -> dict[str, Any]:
         model = _load(config, comp_dir)
-        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=depth)
+        # expansion that stopped early (nothing upstream) reports deeper depths as the circuit stopped
+        at = None if depth is None or circuit is None else min(depth, circuit.depth)
+        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=at)
         exclude = {ex.uid for ex in _stage_data(source_pool, config.competence, seed=0)[0]} if source_pool else set()
         train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed, exclude=exclude)
         start = time.perf_counter()
@@ -667,6 +669,33 @@ def _write_tables(result: ExperimentResult) -> None:
     write_json(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
                                         "a0": result.a0, "circuit": result.circuit_heads,
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
+
+
+def smoke_config(config: ExperimentConfig, out: str | None = None) -> ExperimentConfig:
+    """The same protocol on the tiny offline model with tiny sizes: every stage and switch of a
+    paper config runs end to end in a minute or two (``ctsft experiment --smoke``).
+
+    Kept: task, languages (two targets at most), variants, pool, aggregate, truncation, model
+    selection, sweeps (two values at most), faithfulness. Changed: the model (``tiny``, CPU, fp32),
+    every size, one seed, depths up to 1, and the head means over the pool (a random model answers
+    too few examples correctly for a correct-only mean).
+    """
+    from ctsft_lens.tasks import TASKS
+
+    k = len(TASKS[config.task].LABELS)
+    d = config.discovery
+    stage = lambda st: dataclasses.replace(  # noqa: E731
+        st, n_examples=2 * k, n_dev=k if st.n_dev else 0,
+        train=dataclasses.replace(st.train, epochs=1, batch_size=2 * k, eval_batch_size=2 * k, max_steps=None))
+    sweep = dict(config.sweep, values=config.sweep["values"][:2]) if config.sweep else {}
+    return dataclasses.replace(
+        config, name=f"{config.name} (smoke)", model="tiny", device="cpu", dtype="float32",
+        targets=config.targets[:2], seeds=config.seeds[:1], eval_limit=2 * k, faithfulness_examples=k,
+        out=out or f"{config.out}-smoke", sweep=sweep, competence=stage(config.competence),
+        transfer=stage(config.transfer),
+        discovery=dataclasses.replace(d, n_examples=k, max_depth=min(d.max_depth, 1),
+                                      depths=tuple(x for x in d.depths if x <= 1), mean_over="pool", mean_n=None,
+                                      depth=None if d.depth is None else min(d.depth, 1)))
 
 
 # The README's main job: offline, bundled NusaX-Senti, the default model, a few minutes on 2 cores.

@@ -34,11 +34,13 @@ def xnli_dir(shared_data: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def xnli_fixture(tmp_path_factory) -> Path:
-    """Made-up parallel XNLI dev files (``dev-en.tsv``, ``dev-th.tsv``, 2,490 lines each) in the
-    real layout, so the line-index split is tested on a bare clone."""
+    """Made-up parallel XNLI dev files (``dev-<lang>.tsv`` for all 15 languages, 2,490 lines each)
+    in the real layout, so the line-index split and XNLI configs are tested on a bare clone."""
+    from ctsft_lens.tasks.xnli import LANGUAGES
+
     folder = tmp_path_factory.mktemp("xnli")
     labels = ("entailment", "neutral", "contradiction")
-    for lang, word in (("en", "premise"), ("th", "หลักฐาน")):
+    for lang, word in [("en", "premise"), ("th", "หลักฐาน")] + [(x, x) for x in LANGUAGES if x not in ("en", "th")]:
         rows = [f"{word} {i}\t{word} hypothesis {i}\t{labels[(i * 7) % 3]}\n" for i in range(2490)]
         (folder / f"dev-{lang}.tsv").write_text("".join(rows), encoding="utf-8")
     return folder
