@@ -10,7 +10,7 @@ from ctsft_lens.errors import MaskError
 from ctsft_lens.masks import HeadMask, none_mask
 from ctsft_lens.models import model_info, tiny_model
 from ctsft_lens.train import (
-    MaskedAdamW, ParamSpec, TrainConfig, apply_head_mask, classification_loss, train,
+    MaskedAdamW, ParamSpec, TrainConfig, apply_head_mask, classification_loss, train, trainable_specs,
 )
 
 D_HEAD = 8  # tiny models: d_model 64 / 8 heads
@@ -265,3 +265,16 @@ def test_mask_from_another_model_shape_is_a_mask_error(tiny_qwen):
 def test_unknown_kv_policy_is_a_value_error(tiny_qwen):
     with pytest.raises(ValueError, match="kv policy"):
         apply_head_mask(tiny_qwen, None, kv="always")
+
+
+@pytest.mark.parametrize("kv", ["never", "selected-groups"])
+def test_trainable_count_formula(kv):
+    """docs/reproduce.md's trainable-share table: per head q rows + o columns, all norms, K/V groups."""
+    model = tiny_model("qwen2", n_layers=3, n_heads=8, n_kv_heads=2, d_model=64)
+    heads = ((0, 1), (0, 5), (2, 3))  # two groups in layer 0, one in layer 2
+    specs, _ = trainable_specs(model, HeadMask(heads, model_info(model, checksum=False)), kv)
+    d_head, d_model, n_layers = 8, 64, 3
+    per_head = (d_head * d_model + d_head) + d_model * d_head
+    norms = n_layers * 2 * d_model + d_model
+    groups = 3 if kv == "selected-groups" else 0
+    assert sum(s.n_trainable for s in specs) == len(heads) * per_head + norms + groups * 2 * (d_head * d_model + d_head)
