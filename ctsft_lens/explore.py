@@ -163,7 +163,7 @@ class HeadView:
         circuitsvis is installed (an object that shows in Jupyter, offline), else a plotly heatmap
         (examples x prompt positions counted from the end, hover for the token)."""
         if resolve_backend(backend) == "circuitsvis":
-            return OfflineHTML(_page([self._cv_attention()]))
+            return OfflineHTML(_fragment([self._cv_attention()]))
         return attention_figure(self)
 
     def push_view(self) -> Any:
@@ -380,7 +380,8 @@ class OfflineHTML:
         """Write the HTML to ``path``."""
         from ctsft_lens.files import atomic_write_text
 
-        return atomic_write_text(Path(path), self.html)
+        return atomic_write_text(Path(path), "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'></head>"
+                                             f"<body>\n{self.html}\n</body></html>\n")
 
 
 def resolve_backend(backend: str) -> str:
@@ -426,13 +427,20 @@ def _library(name: str) -> str:
     raise ValueError(f"unknown library {name!r}")
 
 
+def _libraries(blocks: Sequence[_Block]) -> str:
+    return "\n".join(_library(n) for n in sorted({n for b in blocks for n in b.needs}))
+
+
+def _fragment(blocks: Sequence[_Block]) -> str:
+    """HTML to show inside a notebook output: style, each needed library once, the blocks."""
+    return f"{_STYLE}\n{_libraries(blocks)}\n" + "\n".join(b.html for b in blocks)
+
+
 def _page(blocks: Sequence[_Block], *, title: str = "ctsft_lens") -> str:
     """A whole HTML document: each needed library inlined once in the head, then the blocks."""
-    needs = sorted({n for b in blocks for n in b.needs})
-    libs = "\n".join(_library(n) for n in needs)
     body = "\n".join(b.html for b in blocks)
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n"
-            f"{_STYLE}\n{libs}\n</head><body>\n{body}\n</body></html>\n")
+            f"{_STYLE}\n{_libraries(blocks)}\n</head><body>\n{body}\n</body></html>\n")
 
 
 def _show(token: str) -> str:
@@ -505,7 +513,7 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
     path = out if out.suffix.lower() in (".html", ".htm") else out / "report.html"
     name = circuit.scoring
     report = faithfulness_report(model, {name: circuit}, faithfulness_examples or examples, sizes=sizes,
-                                 seeds=tuple(seeds), batch_size=max(batch_size, 8), progress=progress)
+                                 seeds=tuple(seeds), progress=progress)
     views = head_views(model, circuit.heads, examples, means=means, batch_size=batch_size) if circuit.heads else []
     model_name = circuit.model.get("name") or getattr(model.cfg, "model_name", "model")
     title = title or f"Circuit report: {name} circuit of {model_name}"

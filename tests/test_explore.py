@@ -181,7 +181,7 @@ def test_plotly_views_embed_plotly_once_and_open_offline(view):
     assert fig.data[0].type == "heatmap" and len(fig.data[0].z) == 6
     bars = view.push_view()
     assert [t.name for t in bars.data] == list(view.label_names)
-    assert [list(t.y) for t in bars.data] == pytest.approx(view.push.T.tolist())
+    torch.testing.assert_close(torch.tensor([list(t.y) for t in bars.data]), view.push.T)
     text = view.to_html(backend="plotly")
     _assert_offline(text)
     from plotly.offline import get_plotlyjs
@@ -226,7 +226,7 @@ def test_circuit_report_is_one_self_contained_page(tiny_qwen, examples, circuit,
     assert text.count("class='head-view'") == len(circuit.heads)
     figures = re.findall(r"Plotly\.newPlot\(\s*\"(fig-[0-9a-f]+)\"", text)
     assert len(figures) == 3 + 2 * len(circuit.heads) and all(f in page.ids for f in figures)
-    assert "random ±1 sd (2 seeds)" in text and '"type":"heatmap"' in text
+    assert "random mean (CPR" in text and "1 sd (2 seeds)" in text and '"type":"heatmap"' in text
     assert text.count("<tr>") >= len(circuit.heads) * (1 + len(examples))
 
 
