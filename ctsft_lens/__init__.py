@@ -8,6 +8,7 @@ from ctsft_lens.cdt import discover, head_relevance
 from ctsft_lens.circuit import Circuit, head_name, load_circuit, parse_head, rank_heads, save_circuit
 from ctsft_lens.errors import ConfigError, CtsftError, DataError, MaskError, ModelLoadError, TaskError
 from ctsft_lens.evaluate import EvalResult, evaluate, predict
+from ctsft_lens.explore import HeadView, circuit_report, head_view
 from ctsft_lens.faithfulness import MeanAblation, faithfulness_report
 from ctsft_lens.masks import HeadMask, circuit_mask, load_mask, nearzero_mask, random_mask, save_mask, variant_mask
 from ctsft_lens.models import load_model, model_info, save_model, tiny_model
@@ -21,4 +22,5 @@ __all__ = [
     "random_mask", "save_circuit", "save_mask", "MeanAblation", "faithfulness_report",
     "discover", "head_relevance", "head_name", "parse_head", "rank_heads", "variant_mask",
     "CtsftError", "ConfigError", "DataError", "ModelLoadError",
+    "HeadView", "circuit_report", "head_view",
 ]

@@ -496,6 +496,55 @@ def _cmd_env(args: argparse.Namespace) -> None:
                 print(f"  {k}: {v}")
         else:
             print(f"{key}: {', '.join(value) if isinstance(value, list) else value}")
+# report (one offline HTML page about a circuit; see ctsft_lens.explore)
+# --------------------------------------------------------------------------------------------
+def _add_report(sub: Any) -> None:
+    from ctsft_lens.explore import BACKENDS
+
+    p = sub.add_parser("report", help="one self-contained HTML page about a circuit: relevance, graph, "
+                                      "faithfulness, and what each head reads and pushes per example")
+    _add_model(p)
+    p.add_argument("--circuit", required=True, help="circuit JSON (from discover / save_circuit)")
+    _add_task(p)
+    p.add_argument("--split", default="valid", choices=list(SPLITS), help="default: %(default)s")
+    p.add_argument("--n-examples", type=int, default=12, help="label-balanced examples shown per head and used for "
+                                                              "the faithfulness curve; default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
+    p.add_argument("--seeds", type=int, default=5, help="random circuits per size (the band); 0 to skip; default: %(default)s")
+    p.add_argument("--views", default="plotly", choices=list(BACKENDS),
+                   help="attention views: plotly, circuitsvis (pip install 'ctsft_lens[vis]'), or auto; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward; default: %(default)s")
+    p.add_argument("--out", default="runs/report/report.html",
+                   help="HTML file (or a folder, then <folder>/report.html); default: %(default)s")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from ctsft_lens.circuit import load_circuit
+    from ctsft_lens.errors import MaskError
+    from ctsft_lens.explore import circuit_report
+    from ctsft_lens.files import writable_folder
+    from ctsft_lens.masks import circuit_mask
+    from ctsft_lens.tasks import load_task
+
+    if args.n_examples < 1 or args.seeds < 0 or args.batch_size < 1:
+        raise CLIError("--n-examples and --batch-size must be >= 1, --seeds >= 0")
+    writable_folder(Path(args.out).parent)
+    circuit = load_circuit(args.circuit)
+    task = load_task(args.task, args.lang, args.data_dir)
+    examples = task.sample(args.n_examples, args.split, seed=args.seed)
+    model = _load(args)
+    try:
+        circuit_mask(circuit).check(model)
+    except MaskError as err:
+        raise MaskError(f"{args.circuit}: {err}") from None
+    try:
+        path = circuit_report(model, circuit, examples, args.out, seeds=tuple(range(args.seeds)),
+                              backend=args.views, batch_size=args.batch_size, progress=not args.no_progress)
+    except ImportError as err:
+        raise CLIError(str(err)) from None
+    print(f"report of {len(circuit.heads)} heads on {len(examples)} {args.task}/{task.language}/{args.split} "
+          f"examples: {path}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,6 +558,7 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
     (_add_discover, _cmd_discover),
     (_add_mask, _cmd_mask),
     (_add_env, _cmd_env),
+    (_add_report, _cmd_report),
 ]
 
 
