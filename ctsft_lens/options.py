@@ -21,12 +21,15 @@ KVPolicy = Literal["never", "selected-groups"]
 MeanPositions = Literal["pooled", "last"]
 """Head means pooled over every prompt token, or taken at the last one."""
 Split = Literal["train", "valid", "test"]
+Protocol = Literal["ours", "mib"]
+"""Faithfulness summary: our anchored top-k curve, or MIB's ten fixed fractions (``ctsft_lens.mib``)."""
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
 KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
 MEAN_POSITIONS: tuple[str, ...] = get_args(MeanPositions)
 SPLITS: tuple[str, ...] = get_args(Split)
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 
 def check(what: str, value: object, choices: tuple[str, ...] | list[str], error: type[Exception] = CtsftError) -> None:
