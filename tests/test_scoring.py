@@ -109,7 +109,7 @@ def test_all_heads_ig_is_complete(tiny_qwen, examples):
 
 
 @pytest.mark.parametrize("scoring, options", [("attribution", {}), ("attribution-ig", {"ig_steps": 2}),
-                                              ("patching", {"heads_per_forward": 3})])
+                                              ("patching", {"heads_per_forward": 16})])
 def test_scores_do_not_depend_on_batch_size_or_padding(model_and_means, examples, scoring, options):
     model, means = model_and_means
     alone = head_scores(model, examples, scoring, means=means, batch_size=1, progress=False, **options)
