@@ -401,7 +401,8 @@ def _add_compare(sub: Any) -> None:
                    help="a head scoring; repeat to compare (the first is the reference of the CPR differences)")
     p.add_argument("--n-discovery", type=int, default=24, help="label-balanced train examples the methods score on; default: %(default)s")
     p.add_argument("--n-eval", type=int, default=90, help="label-balanced evaluation examples; default: %(default)s")
-    p.add_argument("--split", default="valid", choices=list(SPLITS), help="evaluation split; default: %(default)s")
+    p.add_argument("--split", default="test", choices=list(SPLITS),
+                   help="evaluation split (NusaX valid holds only 24 neutral examples); default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
     p.add_argument("--ig-steps", type=int, default=5, help="integration steps of attribution-ig; default: %(default)s")
     p.add_argument("--heads-per-forward", type=int, default=8, help="heads sharing a forward in patching; default: %(default)s")
