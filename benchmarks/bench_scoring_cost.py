@@ -1,5 +1,5 @@
 """Cost of the head scorings in forward-equivalents: seconds / seconds of one plain forward of the
-same batch (``label_logits``, the fastest of 3 after a warm-up).
+same batch (``label_logits``, the faster of 2, measured right before each scoring).
 
     python benchmarks/bench_scoring_cost.py MODEL [--n-examples 9] [--patch-heads 16]
 
@@ -44,25 +44,32 @@ def main() -> None:
     batch = encode(model, ex)
     n = len(ex)
     means = head_means(model, ex, batch_size=n)
-    with torch.no_grad():
-        label_logits(model, batch)
-        fwd = seconds(lambda: label_logits(model, batch), 3)
     n_heads = int(model.cfg.n_layers) * int(model.cfg.n_heads)
     heads = [divmod(i, int(model.cfg.n_heads)) for i in range(args.patch_heads)]
+    with torch.no_grad():
+        label_logits(model, batch)
+
+    def forward() -> float:  # measured right before each scoring: the machine's load drifts
+        with torch.no_grad():
+            return seconds(lambda: label_logits(model, batch), 2)
+
+    f_attr = forward()
     t_attr = seconds(lambda: attribution_scores(model, ex, means=means, batch_size=n, progress=False))
+    f_ig = forward()
     t_ig = seconds(lambda: attribution_ig_scores(model, ex, means=means, ig_steps=args.ig_steps, batch_size=n,
                                                  progress=False))
+    f_patch = forward()
     t_patch = seconds(lambda: patching_scores(model, ex, means=means, heads=heads, batch_size=n,
                                               heads_per_forward=args.heads_per_forward, progress=False))
     passes = -(-args.patch_heads // args.heads_per_forward)
     out = {"model": args.model, "n_examples": n, "tokens": list(batch.input_ids.shape), "n_heads": n_heads,
-           "threads": torch.get_num_threads(), "forward_s": fwd,
-           "attribution_s": t_attr, "attribution_fe": t_attr / fwd,
-           "attribution_ig_s": t_ig, "attribution_ig_fe": t_ig / fwd, "ig_steps": args.ig_steps,
+           "threads": torch.get_num_threads(), "forward_s": [f_attr, f_ig, f_patch],
+           "attribution_s": t_attr, "attribution_fe": t_attr / f_attr,
+           "attribution_ig_s": t_ig, "attribution_ig_fe": t_ig / f_ig, "ig_steps": args.ig_steps,
            "patching_heads_timed": args.patch_heads, "patching_s": t_patch,
-           "patching_fe_per_pass": (t_patch / fwd - 1) / passes,  # minus the one clean forward
-           "patching_fe_per_head": (t_patch / fwd - 1) / args.patch_heads,
-           "patching_fe_all_heads_extrapolated": 1 + (t_patch / fwd - 1) / args.patch_heads * n_heads,
+           "patching_fe_per_pass": (t_patch / f_patch - 1) / passes,  # minus the one clean forward
+           "patching_fe_per_head": (t_patch / f_patch - 1) / args.patch_heads,
+           "patching_fe_all_heads_extrapolated": 1 + (t_patch / f_patch - 1) / args.patch_heads * n_heads,
            "patching_passes_all_heads": 1 + -(-n_heads // args.heads_per_forward)}
     print(json.dumps(out, indent=1))
 
