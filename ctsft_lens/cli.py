@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ctsft_lens.options import AGGREGATES, ATTENTION_RULES, BASELINES, MEAN_OVER, MEAN_POSITIONS, SPLITS
+from ctsft_lens.options import AGGREGATES, ATTENTION_RULES, BASELINES, MEAN_OVER, MEAN_POSITIONS, PROTOCOLS, SPLITS
 
 from ctsft_lens.errors import CLIError, CtsftError
 
@@ -322,6 +322,9 @@ def _add_faithfulness(sub: Any) -> None:
                         "free GPU memory (or --memory-gb) on CUDA, 1 on CPU")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory budget for batching circuits (default: 70%% of free CUDA memory)")
+    p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS),
+                   help="mib: also MIB's CPR / CMD of each circuit's depth-0 scores (10 fixed fractions, "
+                        "docs/method.md); default: %(default)s")
     _add_out(p, "runs/faithfulness")
 
 
@@ -343,8 +346,8 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     circuits, files = {}, {}
     for path in args.circuit:
         c = load_circuit(path)
-        name = c.scoring if c.scoring not in circuits else str(path)  # unique: a file path is
-        circuits[name], files[name] = c, path
+        name = c.scoring if c.scoring not in circuits else f"{c.scoring}_{len(circuits) + 1}"  # unique labels
+        circuits[name], files[name] = c, str(path)
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, args.split, seed=args.seed)
     model = _load(args)
@@ -369,7 +372,17 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     data = {"model": args.model, "task": args.task, "language": task.language, "split": args.split,
             "seed": args.seed, "circuit_files": files, **report.to_dict()}
     head = f"faithfulness: {args.task}/{task.language}/{args.split} with model {args.model}"
-    write_results(out, "faithfulness", data, head + "\n" + report.summary()
+    extra = ""
+    if args.protocol == "mib":
+        from ctsft_lens.faithfulness import MeanAblation
+        from ctsft_lens.mib import mib_curve
+
+        ab = MeanAblation(model, examples, positions=args.positions, batch_size=args.batch_size,
+                          tables_per_forward=args.tables_per_forward, progress=not args.no_progress)
+        mib = {name: mib_curve(ab, c.scores[0], name) for name, c in circuits.items()}
+        data["mib"] = {name: m.to_dict() for name, m in mib.items()}
+        extra = "".join(f"\n  {name} (MIB protocol): CPR {m.cpr:.3f}  CMD {m.cmd:.3f}" for name, m in mib.items())
+    write_results(out, "faithfulness", data, head + "\n" + report.summary() + extra
                   + f"\ncurves: {out / 'curves.csv'}; figures: {out}/*.html")
 
 
@@ -380,9 +393,12 @@ def _add_discover(sub: Any) -> None:
     p = sub.add_parser("discover", help="find a circuit of attention heads with CD-T and backward expansion")
     _add_model(p)
     _add_task(p)
-    from ctsft_lens.cdt.relevance import SCORERS
+    from ctsft_lens.scoring import HEAD_SCORINGS
 
-    p.add_argument("--scoring", default="projection", choices=list(SCORERS), help="default: %(default)s")
+    p.add_argument("--scoring", default="projection", choices=list(HEAD_SCORINGS),
+                   help="projection / magnitude: CD-T; attribution, attribution-ig, patching: total effect on the "
+                        "logit difference (docs/method.md); default: %(default)s")
+    p.add_argument("--ig-steps", type=int, default=5, help="integration steps of --scoring attribution-ig; default: %(default)s")
     p.add_argument("--max-depth", type=int, default=2, help="expansion steps after the logits; default: %(default)s")
     p.add_argument("--ratio", type=float, default=0.02, help="share of all heads kept per depth (at least one); default: %(default)s")
     p.add_argument("--n-examples", type=_positive, default=30, help="label-balanced train examples; default: %(default)s")
@@ -412,8 +428,8 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
 
-    if args.max_depth < 0 or not 0 < args.ratio <= 1:
-        raise CLIError("--max-depth must be >= 0 and --ratio in (0, 1]")
+    if args.max_depth < 0 or not 0 < args.ratio <= 1 or args.ig_steps < 1:
+        raise CLIError("--max-depth must be >= 0, --ratio in (0, 1] and --ig-steps >= 1")
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / "circuit.json"
     writable_folder(path.parent)
@@ -429,9 +445,9 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
                        baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
                        reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
-                       progress=not args.no_progress)
+                       ig_steps=args.ig_steps, progress=not args.no_progress)
     save_circuit(circuit, path)
-    lines = [f"CD-T circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
+    lines = [f"circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
              f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
     for e in circuit.edges:
         to = "logits" if e.target is None else head_name(e.target)
@@ -545,6 +561,68 @@ def _cmd_report(args: argparse.Namespace) -> None:
         raise CLIError(str(err)) from None
     print(f"report of {len(circuit.heads)} heads on {len(examples)} {args.task}/{task.language}/{args.split} "
           f"examples: {path}")
+# compare (head scorings side by side; see ctsft_lens.compare)
+# --------------------------------------------------------------------------------------------
+def _add_compare(sub: Any) -> None:
+    from ctsft_lens.scoring import HEAD_SCORINGS
+
+    p = sub.add_parser("compare", help="head scorings (CD-T, attribution, patching) side by side: faithfulness with "
+                                       "bootstrap intervals, rank correlations, cost")
+    _add_model(p)
+    _add_task(p)
+    p.add_argument("--method", action="append", required=True, choices=list(HEAD_SCORINGS),
+                   help="a head scoring; repeat to compare (the first is the reference of the CPR differences)")
+    p.add_argument("--n-discovery", type=int, default=24, help="label-balanced train examples the methods score on; default: %(default)s")
+    p.add_argument("--n-eval", type=int, default=90, help="label-balanced evaluation examples; default: %(default)s")
+    p.add_argument("--split", default="test", choices=list(SPLITS),
+                   help="evaluation split (NusaX valid holds only 24 neutral examples); default: %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
+    p.add_argument("--ig-steps", type=int, default=5, help="integration steps of attribution-ig; default: %(default)s")
+    p.add_argument("--heads-per-forward", type=int, default=8, help="heads sharing a forward in patching; default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="discovery examples per forward; default: %(default)s")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="evaluation examples per forward; default: %(default)s")
+    p.add_argument("--positions", default="pooled", choices=list(MEAN_POSITIONS),
+                   help="evaluation head means pooled over prompt tokens or at the last token; default: %(default)s")
+    p.add_argument("--points", type=int, default=24, help="about this many sizes on the top-k / random curves; default: %(default)s")
+    p.add_argument("--max-size", type=int, default=None, help="largest top-k / random size (default: every head)")
+    p.add_argument("--seeds", type=int, default=5, help="random circuits per size (the floor); 0 to skip; default: %(default)s")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of the evaluation examples; default: %(default)s")
+    p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS), help="mib: add MIB's CPR / CMD; default: %(default)s")
+    p.add_argument("--plotlyjs", default="directory", choices=["directory", "cdn", "inline"],
+                   help="plotly.js for compare.html: a shared file beside it, the CDN, or embedded; default: %(default)s")
+    _add_out(p, "runs/compare")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from ctsft_lens.compare import compare_methods, plot_comparison
+    from ctsft_lens.faithfulness import size_grid
+    from ctsft_lens.files import atomic_write_text, writable_folder
+    from ctsft_lens.tasks import load_task
+
+    if min(args.n_discovery, args.n_eval, args.ig_steps, args.heads_per_forward, args.batch_size,
+           args.eval_batch_size, args.n_boot) < 1 or args.seeds < 0 or args.points < 2:
+        raise CLIError("counts must be >= 1 (--seeds >= 0, --points >= 2)")
+    task = load_task(args.task, args.lang, args.data_dir)
+    discovery = task.sample(args.n_discovery, "train", seed=args.seed)
+    evaluation = task.sample(args.n_eval, args.split, seed=args.seed)
+    writable_folder(args.out)
+    model = _load(args)
+    n_total = int(model.cfg.n_layers) * int(model.cfg.n_heads)
+    result = compare_methods(model, discovery, evaluation, args.method, ig_steps=args.ig_steps,
+                             heads_per_forward=args.heads_per_forward, sizes=size_grid(n_total, args.points, args.max_size),
+                             seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,
+                             eval_batch_size=args.eval_batch_size, positions=args.positions, protocol=args.protocol,
+                             progress=not args.no_progress)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_comparison(result, save_html=out / "compare.html",
+                    plotlyjs=True if args.plotlyjs == "inline" else args.plotlyjs)
+    head = (f"compare: {args.task}/{task.language}, model {args.model}, discovery train (seed {args.seed}), "
+            f"evaluation {args.split}")
+    atomic_write_text(out / "compare.md", head + "\n\n" + result.table() + "\n")
+    data = {"model": args.model, "task": args.task, "language": task.language, "split": args.split,
+            "seed": args.seed, "method_order": args.method, **result.to_dict()}
+    write_results(out, "compare", data, head + "\n" + result.summary() + f"\nfigure: {out / 'compare.html'}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,6 +637,7 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
     (_add_mask, _cmd_mask),
     (_add_env, _cmd_env),
     (_add_report, _cmd_report),
+    (_add_compare, _cmd_compare),
 ]
 
 

@@ -29,6 +29,8 @@ MeanOver = Literal["pool", "correct"]
 ones (the paper is reported to use 50 correct, label-balanced samples)."""
 Pool = Literal["shared", "held-out"]
 """Discovery examples: the competence-tuning pool itself (the paper's pool A) or held out from it."""
+Protocol = Literal["ours", "mib"]
+"""Faithfulness summary: our anchored top-k curve, or MIB's ten fixed fractions (``ctsft_lens.mib``)."""
 
 BASELINES: tuple[str, ...] = get_args(Baseline)
 ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
@@ -38,6 +40,7 @@ SPLITS: tuple[str, ...] = get_args(Split)
 AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 MEAN_OVER: tuple[str, ...] = get_args(MeanOver)
 POOLS: tuple[str, ...] = get_args(Pool)
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 
 
 def check(what: str, value: object, choices: tuple[str, ...] | list[str], error: type[Exception] = CtsftError) -> None:

@@ -32,14 +32,15 @@ def test_choices_and_training_flags_come_from_the_registries():
     """CLI choices read the option sets and registries; training flags are TrainConfig's fields."""
     import dataclasses
 
-    from ctsft_lens.cdt.relevance import SCORERS
+    from ctsft_lens.scoring import HEAD_SCORINGS
     from ctsft_lens.masks import VARIANTS
     from ctsft_lens.options import ATTENTION_RULES, KV_POLICIES
     from ctsft_lens.train import TrainConfig
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     opts = {name: {o: a for a in p._actions for o in a.option_strings} for name, p in sub.items()}
-    assert opts["discover"]["--scoring"].choices == list(SCORERS)
+    assert opts["discover"]["--scoring"].choices == list(HEAD_SCORINGS)
+    assert opts["compare"]["--method"].choices == list(HEAD_SCORINGS)
     assert opts["discover"]["--attention"].choices == list(ATTENTION_RULES)
     assert opts["train"]["--variant"].choices == list(VARIANTS)
     assert opts["train"]["--kv"].choices == list(KV_POLICIES)

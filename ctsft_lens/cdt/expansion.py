@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctsft_lens.batching import check_examples
-from ctsft_lens.cdt.relevance import Scoring, check_options, head_relevance
+from ctsft_lens.cdt.relevance import SCORERS, Scoring, check_options, head_relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
 from ctsft_lens.means import head_means
 from ctsft_lens.models.bridge import model_info
@@ -44,6 +44,7 @@ def discover(
     batch_size: int = 8,
     memory_gb: float | None = None,
     progress: bool = True,
+    ig_steps: int = 5,
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
 
@@ -53,6 +54,9 @@ def discover(
     0; after that the ``aggregate`` over that depth's targets — ``"sum"`` (as the public CD-T
     notebooks) or ``"max"`` — NaN where a head was not upstream of any target. An edge records
     the target a head scored highest against.
+    With the total-effect scorings (``attribution``, ``attribution-ig``, ``patching``) a head's
+    score already counts every path to the logits, so depth ``d`` adds the next ``ratio`` heads
+    of the one logits table (edges to the logits; docs/method.md).
     """
     check_options(scoring, baseline, attention)
     check("aggregate", aggregate, AGGREGATES)
@@ -66,14 +70,16 @@ def discover(
     ref = reference if reference is not None else examples
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
     common = dict(scoring=scoring, baseline=baseline, attention=attention, positions=positions, means=means,
-                  batch_size=batch_size, memory_gb=memory_gb, progress=progress)
+                  batch_size=batch_size, memory_gb=memory_gb, progress=progress, ig_steps=ig_steps)
 
     kept: set[Head] = set()
     heads_by_depth: list[tuple[Head, ...]] = []
     tables: list[torch.Tensor] = []
     edges: list[Edge] = []
     for depth in tqdm(range(max_depth + 1), disable=not progress, desc="CD-T expansion", leave=False):
-        if depth == 0:
+        if depth > 0 and scoring not in SCORERS:  # total effect: the next heads of the one logits table
+            table, best, targets = tables[0], None, (None,)
+        elif depth == 0:
             rel = head_relevance(model, examples, target="logits", **common)
             table, best = rel.mean[0], None
             targets: tuple[Head | None, ...] = (None,)
@@ -99,5 +105,7 @@ def discover(
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
                "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}
+    if scoring == "attribution-ig":
+        options["ig_steps"] = ig_steps
     return Circuit(tuple(heads_by_depth), tuple(tables), tuple(edges), scoring, ratio,
                    model_info(model, checksum=True), options)

@@ -88,7 +88,9 @@ def _dtype_bytes(model: Any) -> int:
 
 def check_options(scoring: str, baseline: str, attention: str) -> None:
     """A clear ValueError for an unknown scoring, baseline or attention rule, before any work."""
-    check("scoring", scoring, tuple(SCORERS))
+    from ctsft_lens.scoring import HEAD_SCORINGS  # every head scoring: CD-T's and attribution / patching
+
+    check("scoring", scoring, tuple(HEAD_SCORINGS))
     check("baseline", baseline, BASELINES)
     check("attention", attention, ATTENTION_RULES)
 
@@ -109,6 +111,7 @@ def head_relevance(
     batch_size: int = 8,
     memory_gb: float | None = None,
     progress: bool = True,
+    ig_steps: int = 5,
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
 
@@ -118,9 +121,17 @@ def head_relevance(
     ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
     ``memory_gb`` bounds the ``[source, example]`` chunks propagated at once (default: 70 % of the
     free CUDA memory on a GPU, 2 GiB elsewhere). Scores are reduced in float32 in any model dtype.
+    ``scoring`` may also be ``attribution``, ``attribution-ig`` (``ig_steps``) or ``patching``
+    (``ctsft_lens.scoring``): logits target only.
     """
     check_options(scoring, baseline, attention)
     check_examples(examples)
+    if scoring not in SCORERS:  # attribution, attribution-ig, patching (ig_steps: attribution-ig only)
+        from ctsft_lens.scoring import total_effect_relevance
+
+        return total_effect_relevance(model, examples, scoring, target=target, baseline=baseline, sources=sources,
+                                      positions=positions, reference=reference, means=means, batch_size=batch_size,
+                                      progress=progress, ig_steps=ig_steps)
     cfg = model.cfg
     targets: tuple[Head | None, ...]
     if isinstance(target, str):

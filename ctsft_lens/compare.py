@@ -1,0 +1,329 @@
+"""Head scorings side by side under one evaluation (``ctsft compare``).
+
+Every method scores the heads on the same discovery examples with the same label-balanced μ
+(``means.head_means`` of those examples); every ranking is then judged by the same mean-ablation
+top-k curve on the same evaluation examples (``faithfulness.MeanAblation``, its own μ over them,
+as ``ctsft faithfulness`` does), beside the same random floor. Per method: CPR and CMD with 95 %
+percentile-bootstrap intervals over evaluation examples (the same resamples for every method, so
+differences are paired), the CPR difference to the first method with its interval, Spearman
+correlations between the rankings, and the cost: seconds and forward-equivalents (seconds
+divided by the seconds of one plain forward over the same discovery batches).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+
+from ctsft_lens.batching import Batch, batches
+from ctsft_lens.circuit import rank_heads
+from ctsft_lens.errors import CtsftError
+from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
+                                     random_band, size_grid)
+from ctsft_lens.forward import attn_results, label_logits
+from ctsft_lens.means import head_means
+from ctsft_lens.mib import MibCurve, mib_curve
+from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, MeanPositions, Protocol, check
+from ctsft_lens.scoring import HEAD_SCORINGS
+from ctsft_lens.tasks.base import Example
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One scoring: its table, its cost, its top-k curve and the bootstrap intervals of its summaries."""
+
+    name: str
+    scores: Float[torch.Tensor, "n_layers n_heads"]
+    seconds: float
+    forward_equivalents: float
+    curve: Curve
+    cpr_ci: tuple[float, float]
+    cmd_ci: tuple[float, float]
+    cpr_diff: float | None = None  # CPR minus the first method's CPR
+    cpr_diff_ci: tuple[float, float] | None = None
+    band: tuple[tuple[float, float], ...] = ()  # 95 % interval of f at each curve point
+    mib: MibCurve | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        from ctsft_lens.circuit import table_to_json
+
+        return {"name": self.name, "seconds": self.seconds, "forward_equivalents": self.forward_equivalents,
+                "cpr": self.curve.cpr, "cpr_ci": list(self.cpr_ci), "cmd": self.curve.cmd, "cmd_ci": list(self.cmd_ci),
+                "cpr_diff_vs_first": self.cpr_diff,
+                "cpr_diff_ci": None if self.cpr_diff_ci is None else list(self.cpr_diff_ci),
+                "curve": self.curve.to_dict(), "f_ci": [list(b) for b in self.band],
+                "scores": table_to_json(self.scores), "mib": None if self.mib is None else self.mib.to_dict()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What ``ctsft compare`` writes: per-method results, rank correlations, the floor, the costs."""
+
+    methods: dict[str, MethodResult]
+    spearman: dict[str, dict[str, float]]
+    random: RandomBand | None
+    full: Metrics
+    empty: Metrics
+    n_discovery: int
+    n_evaluation: int
+    n_layers: int
+    n_heads: int
+    forward_seconds: float
+    means_seconds: float
+    n_boot: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n_discovery": self.n_discovery, "n_evaluation": self.n_evaluation, "n_layers": self.n_layers,
+                "n_heads": self.n_heads, "full": asdict(self.full), "empty": asdict(self.empty),
+                "forward_seconds": self.forward_seconds, "means_seconds": self.means_seconds, "n_boot": self.n_boot,
+                "methods": {k: v.to_dict() for k, v in self.methods.items()}, "spearman": self.spearman,
+                "random": None if self.random is None else self.random.to_dict(), "meta": self.meta}
+
+    def table(self) -> str:
+        """One markdown table: per method CPR / CMD with 95 % intervals, ΔCPR to the first, cost."""
+        names = list(self.methods)
+        mib = any(r.mib is not None for r in self.methods.values())
+        head = ["method", "CPR [95% CI]", "CMD [95% CI]", f"ΔCPR vs {names[0]} [95% CI]", "seconds",
+                "forward-equiv."] + (["MIB CPR", "MIB CMD"] if mib else [])
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in self.methods.values():
+            diff = "—" if r.cpr_diff_ci is None else f"{r.cpr_diff:+.3f} [{r.cpr_diff_ci[0]:+.3f}, {r.cpr_diff_ci[1]:+.3f}]"
+            cells = [r.name, f"{r.curve.cpr:.3f} [{r.cpr_ci[0]:.3f}, {r.cpr_ci[1]:.3f}]",
+                     f"{r.curve.cmd:.3f} [{r.cmd_ci[0]:.3f}, {r.cmd_ci[1]:.3f}]", diff, f"{r.seconds:.2f}",
+                     f"{r.forward_equivalents:.1f}"]
+            if mib:
+                cells += ["—", "—"] if r.mib is None else [f"{r.mib.cpr:.3f}", f"{r.mib.cmd:.3f}"]
+            rows.append("| " + " | ".join(cells) + " |")
+        if self.random is not None:
+            (cm, cs), (dm, ds) = self.random.cpr, self.random.cmd
+            cells = [f"random ({len(self.random.seeds)} seeds)", f"{cm:.3f} ± {cs:.3f} (sd)", f"{dm:.3f} ± {ds:.3f} (sd)",
+                     "—", "—", "—"] + (["—", "—"] if mib else [])
+            rows.append("| " + " | ".join(cells) + " |")
+        rows += ["", "Spearman correlation of the head scores:", "",
+                 "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for a in names:
+            rows.append(f"| {a} | " + " | ".join(f"{self.spearman[a][b]:+.2f}" for b in names) + " |")
+        return "\n".join(rows)
+
+    def summary(self) -> str:
+        lines = [f"{self.n_layers}x{self.n_heads} heads; {self.n_discovery} discovery examples, "
+                 f"{self.n_evaluation} evaluation examples, {self.n_boot} bootstrap resamples",
+                 f"full model logit diff {self.full.logit_diff:+.4f} (accuracy {self.full.accuracy:.3f}); "
+                 f"no heads {self.empty.logit_diff:+.4f} (accuracy {self.empty.accuracy:.3f})",
+                 f"one plain forward over the discovery batches: {self.forward_seconds:.3f} s; "
+                 f"head means (shared by every method): {self.means_seconds:.2f} s", "", self.table()]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+def _repeat(batch: Batch, times: int) -> Batch:
+    return Batch(batch.input_ids.repeat(times, 1), batch.attention_mask.repeat(times, 1),
+                 batch.labels.repeat(times), batch.label_token_ids)
+
+
+@torch.no_grad()
+def per_example_metric(ab: MeanAblation, keep: torch.Tensor) -> Float[torch.Tensor, "n_tables n_examples"]:
+    """The metric of every evaluation example with each keep table applied (``MeanAblation.metrics_many``
+    before the average over examples)."""
+    step = ab.tables_per_forward
+    rows = []
+    for start in range(0, keep.shape[0], step):
+        chunk = keep[start:start + step]
+        cols = []
+        for batch in ab.batches:
+            b = len(batch.labels)
+            with attn_results(ab.model), ab.model.hooks(fwd_hooks=ablation_hooks(ab.means, chunk, b)):
+                logits = label_logits(ab.model, _repeat(batch, len(chunk))).double().cpu()
+            cols.append(ab.metric(logits, batch.labels.repeat(len(chunk))).double().view(len(chunk), b))
+        rows.append(torch.cat(cols, 1))
+    return torch.cat(rows)
+
+
+def _areas(fractions: Sequence[float], f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CPR and CMD of curves ``f [..., n_points]`` at ``fractions``, anchored as ``faithfulness.Curve`` is."""
+    xs: dict[float, Any] = {0.0: 0.0, 1.0: 1.0}
+    for i, x in enumerate(fractions):
+        xs[x] = i
+    keys = sorted(xs)
+    cols = [f[..., xs[k]] if isinstance(xs[k], int) else torch.full(f.shape[:-1], float(xs[k]), dtype=f.dtype)
+            for k in keys]
+    y = torch.stack(cols, -1)
+    x = torch.tensor(keys, dtype=f.dtype) / keys[-1]
+    w = (x[1:] - x[:-1])
+
+    def area(v: torch.Tensor) -> torch.Tensor:
+        return (w * (v[..., 1:] + v[..., :-1]) / 2).sum(-1)
+
+    return area(y), area((1 - y).abs())
+
+
+def _interval(samples: torch.Tensor) -> tuple[float, float]:
+    s = samples[~torch.isnan(samples)]
+    if len(s) == 0:
+        return math.nan, math.nan
+    q = torch.quantile(s, torch.tensor([0.025, 0.975], dtype=s.dtype))
+    return float(q[0]), float(q[1])
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks with ties averaged."""
+    order = x.argsort()
+    ranks = torch.empty_like(x)
+    ranks[order] = torch.arange(len(x), dtype=x.dtype)
+    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, inverse, ranks)
+    return (sums / counts.to(x.dtype))[inverse]
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman correlation of two score tables over the heads both scored (NaN if undefined)."""
+    a, b = a.double().flatten(), b.double().flatten()
+    ok = ~(torch.isnan(a) | torch.isnan(b))
+    if int(ok.sum()) < 2:
+        return math.nan
+    ra, rb = _ranks(a[ok]), _ranks(b[ok])
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else math.nan
+
+
+def _forward_seconds(model: Any, batch_list: list[Batch], repeats: int = 3) -> float:
+    """Seconds of one plain forward over ``batch_list`` (the fastest of ``repeats``, after a warm-up)."""
+    best = math.inf
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            for batch in batch_list:
+                label_logits(model, batch)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return best
+
+
+def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequence[Example], methods: Sequence[str],
+                    *, ig_steps: int = 5, heads_per_forward: int = 8, sizes: Sequence[int] | None = None,
+                    seeds: Sequence[int] = (0, 1, 2, 3, 4), n_boot: int = 1000, boot_seed: int = 0,
+                    batch_size: int = 8, eval_batch_size: int = 32, positions: MeanPositions = "pooled",
+                    protocol: Protocol = "ours", progress: bool = True) -> Comparison:
+    """Score heads with each of ``methods`` (keys of ``scoring.HEAD_SCORINGS``) on ``discovery`` and
+    judge every ranking on ``evaluation`` (see the module docstring). ``protocol="mib"`` adds MIB's
+    CPR / CMD (``ctsft_lens.mib``) per method."""
+    methods = list(methods)
+    if not methods:
+        raise CtsftError("give at least one method")
+    for m in methods:
+        check("method", m, tuple(HEAD_SCORINGS))
+    if len(set(methods)) != len(methods):
+        raise CtsftError(f"a method is listed twice: {methods}")
+    check("positions", positions, MEAN_POSITIONS)
+    check("protocol", protocol, PROTOCOLS)
+    if n_boot < 1:
+        raise CtsftError(f"n_boot must be >= 1, got {n_boot}")
+    cfg = model.cfg
+    n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+
+    start = time.perf_counter()
+    means = head_means(model, discovery, batch_size=batch_size, progress=progress)
+    means_seconds = time.perf_counter() - start
+    forward_seconds = _forward_seconds(model, list(batches(model, discovery, batch_size)))
+
+    tables: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for name in methods:
+        start = time.perf_counter()
+        per = HEAD_SCORINGS[name].per_example(model, discovery, means=means, batch_size=batch_size, progress=progress,
+                                              ig_steps=ig_steps, heads_per_forward=heads_per_forward)
+        seconds[name] = time.perf_counter() - start
+        tables[name] = per.mean(0)
+
+    ab = MeanAblation(model, evaluation, positions=positions, batch_size=eval_batch_size, progress=progress)
+    sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)
+    refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))  # [2, n_eval]
+    gen = torch.Generator().manual_seed(boot_seed)
+    idx = torch.randint(ab.n_examples, (n_boot, ab.n_examples), generator=gen)
+
+    def ratio(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        span = r[0] - r[1]
+        return torch.where(span.abs() > 1e-12, (d - r[1]) / span, torch.full_like(d, math.nan))
+
+    boot_refs = refs[:, idx].mean(-1)  # [2, n_boot]
+    results: dict[str, MethodResult] = {}
+    first_cpr: tuple[float, torch.Tensor] | None = None
+    for name in methods:
+        order = rank_heads(tables[name])
+        ks = [k for k in sizes if k <= len(order)]
+        d = per_example_metric(ab, torch.stack([ab.table(order[:k]) for k in ks]))  # [n_k, n_eval]
+        f = ratio(d.mean(1), refs.mean(1))
+        curve = Curve(f"{name}/top-k", "topk", tuple(
+            CurvePoint(k, k / ab.n_total, float(fk), float(d[i].mean()),
+                       math.nan) for i, (k, fk) in enumerate(zip(ks, f))))
+        fb = ratio(d[:, idx].mean(-1), boot_refs[:, None, :].expand(2, len(ks), n_boot)).T  # [n_boot, n_k]
+        fractions = [k / ab.n_total for k in ks]
+        cpr_b, cmd_b = _areas(fractions, fb)
+        diff = diff_ci = None
+        if first_cpr is None:
+            first_cpr = (curve.cpr, cpr_b)
+        else:
+            diff, diff_ci = curve.cpr - first_cpr[0], _interval(cpr_b - first_cpr[1])
+        band = tuple(_interval(fb[:, i]) for i in range(len(ks)))
+        results[name] = MethodResult(name, tables[name], seconds[name], seconds[name] / forward_seconds, curve,
+                                     _interval(cpr_b), _interval(cmd_b), diff, diff_ci, band,
+                                     mib_curve(ab, tables[name], name) if protocol == "mib" else None)
+    band_random = random_band(ab, sizes, seeds) if seeds else None
+    rho = {a: {b: spearman(tables[a], tables[b]) for b in methods} for a in methods}
+    meta = {"sizes": sizes, "ig_steps": ig_steps, "heads_per_forward": heads_per_forward, "batch_size": batch_size,
+            "eval_batch_size": eval_batch_size, "positions": positions, "protocol": protocol, "boot_seed": boot_seed,
+            "torch_threads": torch.get_num_threads(), "device": str(cfg.device)}
+    return Comparison(results, rho, band_random, ab.full, ab.empty, len(discovery), ab.n_examples, n_layers, n_heads,
+                      forward_seconds, means_seconds, n_boot, meta)
+
+
+def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> Any:
+    """Left: f against circuit size per method (95 % bootstrap band) over the random floor.
+    Right: CPR (95 % interval) against cost in forward-equivalents."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness of the top-k heads", "CPR against cost"))
+    band = comparison.random
+    if band is not None:
+        x = [100 * f for f in band.fractions]
+        hi = [m + s for m, s in zip(band.mean, band.std)]
+        lo = [m - s for m, s in zip(band.mean, band.std)]
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
+                                 line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
+                                 name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
+    for i, r in enumerate(comparison.methods.values()):
+        color = palette[i % len(palette)]
+        x = [100 * p.fraction for p in r.curve.points]
+        lo = [b[0] for b in r.band]
+        hi = [b[1] for b in r.band]
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", opacity=0.2, fillcolor=color,
+                                 line={"width": 0}, hoverinfo="skip", showlegend=False), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=[p.faithfulness for p in r.curve.points], mode="lines+markers",
+                                 line={"color": color}, name=f"{r.name} (CPR {r.curve.cpr:.2f})"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=[max(r.forward_equivalents, 1e-3)], y=[r.curve.cpr], mode="markers+text",
+                                 text=[r.name], textposition="top center", marker={"color": color, "size": 10},
+                                 error_y={"type": "data", "symmetric": False, "array": [r.cpr_ci[1] - r.curve.cpr],
+                                          "arrayminus": [r.curve.cpr - r.cpr_ci[0]]},
+                                 showlegend=False), row=1, col=2)
+    fig.update_xaxes(title_text="heads kept (% of all)", row=1, col=1)
+    fig.update_yaxes(title_text="faithfulness f", row=1, col=1)
+    fig.update_xaxes(title_text="cost (forward-equivalents, log)", type="log", row=1, col=2)
+    fig.update_yaxes(title_text="CPR (higher is better)", row=1, col=2)
+    fig.update_layout(title=f"head scorings: {comparison.n_discovery} discovery / {comparison.n_evaluation} "
+                            f"evaluation examples", template="plotly_white", width=1200, height=480)
+    if save_html is not None:
+        path = Path(save_html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_html(path, include_plotlyjs=plotlyjs)
+    return fig

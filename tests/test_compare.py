@@ -1,0 +1,136 @@
+"""``ctsft compare``, MIB's faithfulness protocol, and the EAP-IG / MIB export of unscored heads."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from ctsft_lens.cli import main
+
+
+@pytest.fixture(scope="module")
+def examples(indonesian):
+    return indonesian.sample(6, seed=0)
+
+
+def test_compare_command_on_the_tiny_model(tmp_path, capsys):
+    rc = main(["compare", "--model", "tiny", "--method", "attribution", "--method", "patching",
+               "--n-discovery", "3", "--n-eval", "6", "--points", "4", "--seeds", "2", "--n-boot", "50",
+               "--heads-per-forward", "32", "--plotlyjs", "cdn", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    data = json.loads((tmp_path / "compare.json").read_text())
+    assert list(data["methods"]) == ["attribution", "patching"] and data["n_evaluation"] == 6
+    for name, m in data["methods"].items():
+        assert m["seconds"] > 0 and m["forward_equivalents"] > 0
+        assert len(m["cpr_ci"]) == 2 and m["mib"] is None
+        assert data["spearman"][name][name] == pytest.approx(1.0)
+    assert data["methods"]["attribution"]["cpr_diff_vs_first"] is None
+    assert data["methods"]["patching"]["cpr_diff_ci"] is not None
+    table = (tmp_path / "compare.md").read_text()
+    assert "| attribution |" in table and "random (2 seeds)" in table and "Spearman" in table
+    assert "cdn.plot.ly" in (tmp_path / "compare.html").read_text()[:5000]
+    assert "CPR" in capsys.readouterr().out
+
+
+def test_compare_curves_are_the_faithfulness_curves(tiny_qwen, indonesian):
+    """Same top-k curve as faithfulness.topk_curve; bootstrap intervals bracket the estimate."""
+    from ctsft_lens.compare import compare_methods
+    from ctsft_lens.faithfulness import MeanAblation, random_band, topk_curve
+
+    discovery, evaluation = indonesian.sample(6, seed=0), indonesian.sample(9, "valid", seed=1)
+    sizes = [1, 2, 4, 8, 16]
+    c = compare_methods(tiny_qwen, discovery, evaluation, ["projection", "attribution"], sizes=sizes, seeds=(0, 1),
+                        n_boot=200, progress=False)
+    ab = MeanAblation(tiny_qwen, evaluation, progress=False)
+    for r in c.methods.values():
+        ref = topk_curve(ab, r.scores, sizes)
+        assert [p.size for p in r.curve.points] == sizes
+        assert r.curve.cpr == pytest.approx(ref.cpr, abs=1e-6) and r.curve.cmd == pytest.approx(ref.cmd, abs=1e-6)
+        assert r.cpr_ci[0] <= r.cpr_ci[1] and r.cmd_ci[0] <= r.cmd_ci[1]
+    assert c.random.cpr[0] == pytest.approx(random_band(ab, sizes, (0, 1)).cpr[0], abs=1e-9)
+    assert c.methods["attribution"].cpr_diff == pytest.approx(
+        c.methods["attribution"].curve.cpr - c.methods["projection"].curve.cpr)
+    assert -1 <= c.spearman["projection"]["attribution"] <= 1
+
+
+def test_spearman_with_ties_and_unscored_heads():
+    from ctsft_lens.compare import spearman
+
+    a = torch.tensor([[1.0, 2.0, 2.0, 4.0], [float("nan"), 0.0, 5.0, 6.0]])
+    assert spearman(a, a) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+    x, y = torch.tensor([1.0, 2.0, 2.0, 4.0]), torch.tensor([4.0, 3.0, 1.0, 2.0])
+    rx, ry = torch.tensor([1.0, 2.5, 2.5, 4.0]), torch.tensor([4.0, 3.0, 1.0, 2.0])  # average ranks of the tie
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    assert spearman(x, y) == pytest.approx(float((rx * ry).sum() / (rx.norm() * ry.norm())))
+
+
+def test_mib_protocol_fractions_area_and_rankings(tiny_qwen, examples):
+    from ctsft_lens.faithfulness import MeanAblation
+    from ctsft_lens.mib import MIB_FRACTIONS, mib_area, mib_curve, mib_sizes
+
+    assert MIB_FRACTIONS == (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+    assert mib_sizes(336) == [0, 0, 1, 3, 6, 16, 33, 67, 168, 336]
+    assert mib_area([1.0] * 10) == pytest.approx(0.999)  # no point at 0: the area starts at 0.001
+    assert mib_area([0.0] * 9 + [1.0]) == pytest.approx(0.25)  # (1 - 0.5) * (0 + 1) / 2
+    ab = MeanAblation(tiny_qwen, examples, progress=False)
+    scores = torch.tensor([[-100.0, -0.1, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7],
+                           [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, float("nan")]])  # 1.7 unscored: not ranked, not counted
+    curve = mib_curve(ab, scores)
+    assert curve.n_scored == 15 and list(curve.sizes) == mib_sizes(15)
+    half = curve.sizes[MIB_FRACTIONS.index(0.5)]  # 7 heads
+    signed = ab.faithfulness(ab.metrics(ab.table([(1, 6), (1, 5), (1, 4), (1, 3), (1, 2), (1, 1), (1, 0)])))
+    absolute = ab.faithfulness(ab.metrics(ab.table([(0, 0), (1, 6), (1, 5), (1, 4), (1, 3), (1, 2), (1, 1)])))
+    assert half == 7
+    assert curve.signed[8] == pytest.approx(signed) and curve.absolute[8] == pytest.approx(absolute)
+    assert curve.signed[0] == 0.0  # int(0.001 * 15) = 0 heads: the empty circuit
+    assert curve.cpr == pytest.approx(mib_area(curve.signed))
+    assert curve.cmd == pytest.approx(mib_area([abs(1 - v) for v in curve.absolute]))
+
+
+def test_faithfulness_command_with_the_mib_protocol(tmp_path):
+    from ctsft_lens import load_task
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.circuit import save_circuit
+    from ctsft_lens.models import load_model
+
+    model = load_model("tiny")
+    circuit = discover(model, load_task("nusax-senti", "indonesian").sample(3, seed=0), scoring="attribution",
+                       ratio=0.1, max_depth=1, progress=False)
+    save_circuit(circuit, tmp_path / "c.json")
+    rc = main(["faithfulness", "--model", "tiny", "--circuit", str(tmp_path / "c.json"), "--n-examples", "3",
+               "--seeds", "0", "--points", "3", "--protocol", "mib", "--out", str(tmp_path / "f"), "--no-progress"])
+    assert rc == 0
+    data = json.loads((tmp_path / "f" / "faithfulness.json").read_text())
+    assert data["mib"]["attribution"]["n_scored"] == 32 and len(data["mib"]["attribution"]["f_signed"]) == 10
+    assert "MIB protocol" in (tmp_path / "f" / "faithfulness.txt").read_text()
+
+
+def test_eap_graph_round_trip_keeps_unscored_heads_unscored(tiny_qwen, examples, tmp_path):
+    """A head we did not score is written with no score (not 0.0), so MIB's evaluator, which ranks
+    only scored nodes, keeps it out of its ranking; scored heads keep their exact score."""
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.eap_graph import mask_from_eap_graph, node_name, save_eap_graph
+    from ctsft_lens.masks import circuit_mask
+
+    circuit = discover(tiny_qwen, examples, scoring="patching", ratio=0.125, max_depth=0, progress=False)
+    table = circuit.scores[0].clone()
+    unscored = [(0, 1), (1, 6)]
+    for h in unscored:
+        table[h] = float("nan")
+    circuit = dataclasses.replace(circuit, scores=(table,))
+    mask = circuit_mask(circuit)
+    path = save_eap_graph(mask, tmp_path / "graph.json", circuit)
+    data = json.loads(path.read_text())
+    for layer in range(2):
+        for head in range(8):
+            node = data["nodes"][node_name((layer, head))]
+            if (layer, head) in unscored:
+                assert "score" not in node
+            else:
+                assert node["score"] == pytest.approx(float(table[layer, head]), rel=1e-6)
+                assert not math.isnan(node["score"])
+    assert "NaN" not in path.read_text() and "null" not in path.read_text()
+    assert set(mask_from_eap_graph(path).heads) == set(mask.heads)

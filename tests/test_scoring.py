@@ -1,0 +1,164 @@
+"""Attribution, attribution-IG and patching head scorings (``ctsft_lens.scoring``), each checked
+against an independent computation through ``hook_result`` (the space mean ablation writes in)."""
+
+import pytest
+import torch
+
+from ctsft_lens.batching import encode
+from ctsft_lens.errors import CtsftError
+from ctsft_lens.faithfulness import MeanAblation, logit_diff
+from ctsft_lens.forward import attn_results, hook_name, label_logits
+from ctsft_lens.means import head_means
+from ctsft_lens.scoring import (HEAD_SCORINGS, attribution_ig_scores, attribution_per_example, attribution_scores,
+                                head_scores, patching_scores, z_means)
+
+
+@pytest.fixture(scope="module")
+def examples(indonesian):
+    return indonesian.sample(6, seed=0)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "gpt2"])
+def model_and_means(request, tiny_qwen, tiny_gpt2, examples):
+    model = tiny_qwen if request.param == "qwen2" else tiny_gpt2
+    return model, head_means(model, examples)
+
+
+def _metric_with_result_shift(model, batch, shifts):
+    """Mean logit difference with ``shifts[(layer, head)](r) -> added vector`` applied at ``hook_result``."""
+    by_layer = {}
+    for (layer, head), fn in shifts.items():
+        by_layer.setdefault(layer, []).append((head, fn))
+    hooks = []
+    for layer, items in by_layer.items():
+        def hook(r, hook, items=items):
+            r = r.clone()
+            for head, fn in items:
+                r[:, :, head] = r[:, :, head] + fn(r[:, :, head])
+            return r
+        hooks.append((hook_name(layer, "attn.hook_result"), hook))
+    with torch.no_grad(), attn_results(model), model.hooks(fwd_hooks=hooks):
+        return logit_diff(label_logits(model, batch).double(), batch.labels)
+
+
+def test_attribution_matches_finite_differences(model_and_means, examples):
+    """attribution_h = d/dε m(r_h + ε (r_h − μ_h)) at 0: a central difference through hook_result."""
+    model, means = model_and_means
+    scores = attribution_scores(model, examples, means=means, progress=False)
+    batch = encode(model, examples)
+    eps = 1e-2
+    top = divmod(int(scores.abs().argmax()), model.cfg.n_heads)
+    heads = sorted({top, (0, 0), (0, 5), (1, 2), (1, 7)})
+    fd = torch.zeros(len(heads))
+    for i, (layer, head) in enumerate(heads):
+        mu = means[layer, head]
+        up = _metric_with_result_shift(model, batch, {(layer, head): lambda r, mu=mu: eps * (r - mu)}).mean()
+        down = _metric_with_result_shift(model, batch, {(layer, head): lambda r, mu=mu: -eps * (r - mu)}).mean()
+        fd[i] = float((up - down) / (2 * eps))
+    ours = torch.stack([scores[h] for h in heads])
+    scale = scores.abs().max()
+    assert scale > 1e-4  # the heads matter at all on this random model
+    assert torch.allclose(ours, fd, atol=2e-3 * float(scale), rtol=0)
+    assert abs(float(fd.abs().max()) - float(scale)) < 2e-3 * float(scale)  # the largest head is checked
+
+
+def test_patching_is_single_head_mean_ablation(model_and_means, examples):
+    """patching (hook_z, z-space μ) equals mean ablation of that head alone (hook_result, μ)."""
+    model, means = model_and_means
+    scores = patching_scores(model, examples, means=means, heads_per_forward=5, progress=False)
+    ab = MeanAblation(model, examples, means=means, progress=False)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    keep = torch.ones(n_layers * n_heads, n_layers, n_heads, dtype=torch.bool)
+    for i in range(n_layers * n_heads):
+        keep[i, i // n_heads, i % n_heads] = False
+    ablated = torch.tensor([ab.full.logit_diff - m.logit_diff for m in ab.metrics_many(keep, progress=False)])
+    assert torch.allclose(scores.double().flatten(), ablated.double(), atol=1e-5, rtol=1e-4)
+    assert scores.abs().max() > 1e-4
+
+
+def test_single_head_ig_converges_to_patching(tiny_qwen, examples):
+    """IG of one head alone on the line μ → z tends to its patching effect, error ~ 1/steps²."""
+    means = head_means(tiny_qwen, examples)
+    exact = patching_scores(tiny_qwen, examples, means=means, progress=False)
+    for layer, head in [(0, 2), (1, 4)]:
+        err = {steps: abs(float(attribution_ig_scores(tiny_qwen, examples, means=means, ig_steps=steps,
+                                                      heads=[(layer, head)], progress=False)[layer, head]
+                                - exact[layer, head]))
+               for steps in (1, 8)}
+        assert err[8] < err[1] / 16  # midpoint rule: 64x in theory
+        assert err[8] < 1e-3 * abs(float(exact[layer, head])) + 1e-7
+    one = attribution_ig_scores(tiny_qwen, examples, means=means, ig_steps=2, heads=[(1, 4)], progress=False)
+    assert torch.isnan(one[0]).all() and torch.isnan(one[1, :4]).all()  # only the listed head is scored
+
+
+def test_all_heads_ig_is_complete(tiny_qwen, examples):
+    """Moving every head together, the IG scores of an example sum to m(clean) − m(every head shifted
+    by μ − z_clean), computed independently through hook_result."""
+    means = head_means(tiny_qwen, examples)
+    per = attribution_per_example(tiny_qwen, examples, means=means, ig_steps=16, progress=False)
+    batch = encode(tiny_qwen, examples)
+    names = [hook_name(layer, "attn.hook_result") for layer in range(tiny_qwen.cfg.n_layers)]
+    with torch.no_grad(), attn_results(tiny_qwen):
+        _, cache = tiny_qwen.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask, names_filter=names)
+    shifts = {(layer, head): (lambda r, d=(means[layer, head] - cache[names[layer]][:, :, head]): d)
+              for layer in range(tiny_qwen.cfg.n_layers) for head in range(tiny_qwen.cfg.n_heads)}
+    clean = _metric_with_result_shift(tiny_qwen, batch, {})
+    shifted = _metric_with_result_shift(tiny_qwen, batch, shifts)
+    total = per.double().sum((1, 2))
+    assert torch.allclose(total, clean - shifted, atol=1e-3 * float((clean - shifted).abs().max()) + 1e-7)
+
+
+@pytest.mark.parametrize("scoring, options", [("attribution", {}), ("attribution-ig", {"ig_steps": 2}),
+                                              ("patching", {"heads_per_forward": 16})])
+def test_scores_do_not_depend_on_batch_size_or_padding(model_and_means, examples, scoring, options):
+    model, means = model_and_means
+    alone = head_scores(model, examples, scoring, means=means, batch_size=1, progress=False, **options)
+    padded = head_scores(model, examples, scoring, means=means, batch_size=6, progress=False, **options)
+    assert encode(model, examples).attention_mask.eq(0).any()  # the batch of 6 is padded
+    assert torch.allclose(alone, padded, atol=1e-5 * float(padded.abs().max()) + 1e-8, rtol=0)
+    assert not torch.isnan(padded).any()
+
+
+def test_z_means_write_the_head_means(tiny_gpt2, examples):
+    means = head_means(tiny_gpt2, examples)
+    mz = z_means(tiny_gpt2, means)
+    back = torch.einsum("lhd,lhdm->lhm", mz.double(), tiny_gpt2.W_O.detach().double())
+    assert torch.allclose(back.float(), means, atol=1e-5)
+    with pytest.raises(CtsftError, match="not head outputs"):
+        z_means(tiny_gpt2, torch.randn_like(means))
+
+
+def test_registry_relevance_and_discover_accept_the_new_scorings(tiny_qwen, examples):
+    from ctsft_lens.cdt import discover, head_relevance
+    from ctsft_lens.cdt.relevance import SCORERS
+    from ctsft_lens.circuit import rank_heads
+
+    assert set(SCORERS) < set(HEAD_SCORINGS) and {"attribution", "attribution-ig", "patching"} < set(HEAD_SCORINGS)
+    means = head_means(tiny_qwen, examples)
+    rel = head_relevance(tiny_qwen, examples, scoring="patching", means=means, progress=False)
+    assert rel.per_example.shape == (1, 6, 2, 8) and rel.scoring == "patching"
+    assert torch.allclose(rel.mean[0], patching_scores(tiny_qwen, examples, means=means, progress=False))
+    part = head_relevance(tiny_qwen, examples, scoring="attribution", means=means, sources=[(1, 3)], progress=False)
+    assert torch.isnan(part.mean[0]).sum() == 15 and not torch.isnan(part.mean[0][1, 3])
+    with pytest.raises(CtsftError, match="against the logits only"):
+        head_relevance(tiny_qwen, examples, scoring="attribution", target=[(1, 0)], progress=False)
+    with pytest.raises(CtsftError, match="source positions"):
+        head_relevance(tiny_qwen, examples, scoring="patching", positions=(-1,), progress=False)
+
+    circuit = discover(tiny_qwen, examples, scoring="attribution", ratio=0.125, max_depth=2, progress=False)
+    order = rank_heads(attribution_scores(tiny_qwen, examples, means=means, progress=False))
+    assert [list(d) for d in circuit.heads_by_depth] == [order[0:2], order[2:4], order[4:6]]
+    assert all(e.target is None for e in circuit.edges) and circuit.scoring == "attribution"
+    ig = discover(tiny_qwen, examples, scoring="attribution-ig", ig_steps=2, ratio=0.125, max_depth=0, progress=False)
+    assert ig.options["ig_steps"] == 2
+
+
+def test_bad_options_are_one_clear_error(tiny_qwen, examples):
+    with pytest.raises(CtsftError, match="ig_steps"):
+        attribution_ig_scores(tiny_qwen, examples, ig_steps=0, progress=False)
+    with pytest.raises(CtsftError, match="heads_per_forward"):
+        patching_scores(tiny_qwen, examples, heads_per_forward=0, progress=False)
+    with pytest.raises(CtsftError, match="outside the model"):
+        attribution_scores(tiny_qwen, examples, heads=[(5, 0)], progress=False)
+    with pytest.raises(CtsftError, match="scoring must be one of"):
+        head_scores(tiny_qwen, examples, "acdc", progress=False)
