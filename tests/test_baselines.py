@@ -166,6 +166,7 @@ def test_lora_variant_in_train_reports_both_counts(examples):
     assert d["kind"] == "lora" and d["targets"] == ["q", "k", "v", "o"]
     assert result.trainable_params == d["rank"] * 2 * (128 + 80 + 80 + 128)
     assert d["matched_params"] == sum(s.n_trainable for s in trainable_specs(model, mask)[0])
+    assert f"LoRA rank {d['rank']} (alpha {2 * d['rank']}) on q,k,v,o; matched to the circuit's" in result.summary()
     assert [p.requires_grad for p in model.parameters()] == n_flags
     assert not any("lora_" in n for n, _ in model.named_parameters())
 

@@ -120,6 +120,10 @@ class TrainResult:
         lines = [f"variant {self.variant}: {self.steps} steps on {self.n_train} examples in {self.seconds:.1f}s",
                  f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
                  f"trainable%: {100 * self.trainable_params / self.all_params:.4f}"]
+        if self.mask and self.mask.get("matched_params") is not None:
+            lora = (f"LoRA rank {self.mask['rank']} (alpha {self.mask['alpha']:g}) on {','.join(self.mask['targets'])}; "
+                    if "rank" in self.mask else "")
+            lines.append(f"{lora}matched to the circuit's {self.mask['matched_params']:,d} trainable params")
         if self.initial_dev:
             lines.append(f"dev before training: accuracy {self.initial_dev['accuracy']:.4f} loss {self.initial_dev['loss']:.4f}")
         for h in self.history:
