@@ -244,11 +244,16 @@ def _add_train(sub: Any) -> None:
     p.add_argument("--variant", default=None, choices=list(VARIANTS),
                    help="what trains: " + "; ".join(f"{k}: {v.help}" for k, v in VARIANTS.items())
                         + " (circuit-based variants need --circuit)")
-    p.add_argument("--circuit", default=None, help="circuit JSON (from discover) for --variant circuit|nearzero|random")
+    p.add_argument("--circuit", default=None,
+                   help="circuit JSON (from discover) for the circuit-based variants (circuit, nearzero, random, "
+                        "random-sparse, lora)")
     _add_sft_options(p)
     p.add_argument("--strict", action="store_true",
                    help="refuse a mask file whose weights fingerprint differs from the model's (default: warn)")
     p.add_argument("--save-model", action="store_true", help="also save the adapted model to OUT/model")
+    p.add_argument("--save-adapter", default=None, metavar="DIR",
+                   help="also save a head adapter (only the trained slices; see docs/mask_format.md) to DIR; "
+                        "head masks and random-sparse only")
     _add_out(p, "runs/train")
 
 
@@ -256,7 +261,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if (args.mask is None) == (args.variant is None):
         raise CLIError("give either --mask FILE or --variant NAME, not both or neither")
     if args.circuit and not args.variant:
-        raise CLIError("--circuit goes with --variant circuit|nearzero|random")
+        raise CLIError("--circuit goes with --variant (a circuit-based one: circuit, nearzero, random, random-sparse, lora)")
+    if args.save_adapter and args.variant in ("full", "lora"):
+        raise CLIError(f"--save-adapter needs a head-masked run: variant {args.variant!r} changes whole "
+                       "matrices (use --save-model)")
     _run_sft(args, "train", variant=args.variant, mask_file=args.mask, save=args.save_model)
 
 
@@ -286,6 +294,8 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
         mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=args.seed)
         if mask is not None:
             mask.check(model)
+    adapter_dir = getattr(args, "save_adapter", None)
+    base_info = model_info(model) if adapter_dir else None  # the fingerprint an adapter is checked against
     result = train(model, train_ex, dev_ex, config, mask=mask, variant=variant, progress=not args.no_progress)
     test = evaluate(model, test_ex, batch_size=args.eval_batch_size, progress=not args.no_progress)
     data = {"model": args.model, "task": args.task, "language": task.language, "n_examples": len(train_ex),
@@ -296,7 +306,38 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
         folder = save_model(model, Path(args.out) / "model")
         data["checkpoint"] = str(folder)
         lines.append(f"checkpoint: {folder}")
+    if adapter_dir:
+        import dataclasses
+
+        from ctsft_lens.adapters import save_adapter
+
+        folder = save_adapter(model, mask, adapter_dir, base=base_info, kv=config.kv,
+                              train_config=dataclasses.asdict(config))
+        data["adapter"] = str(folder)
+        lines.append(f"adapter: {folder}")
     write_results(args.out, name, data, "\n".join(lines))
+
+
+# --------------------------------------------------------------------------------------------
+# apply-adapter (a head adapter merged onto its base model; see ctsft_lens.adapters)
+# --------------------------------------------------------------------------------------------
+def _add_apply_adapter(sub: Any) -> None:
+    p = sub.add_parser("apply-adapter", help="merge a head adapter (train --save-adapter) onto its base model and save the result")
+    p.add_argument("--model", required=True, help="the base model the adapter was trained from (hub name, folder, tiny, default)")
+    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--out", required=True, help="folder for the merged model (a Hugging Face folder)")
+
+
+def _cmd_apply_adapter(args: argparse.Namespace) -> None:
+    from ctsft_lens.adapters import apply_adapter
+    from ctsft_lens.models import load_model, save_model
+
+    model = load_model(args.model)
+    adapter = apply_adapter(model, args.adapter)
+    folder = save_model(model, args.out)
+    cfg = adapter.config
+    print(f"merged adapter {args.adapter} ({cfg['variant']}, {len(cfg['head_mask']['heads'])} heads, "
+          f"{cfg['n_trainable']:,d} values) onto {args.model}\nmodel: {folder}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -632,6 +673,7 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
     (_add_quickstart, _cmd_quickstart),
     (_add_competence, _cmd_competence),
     (_add_train, _cmd_train),
+    (_add_apply_adapter, _cmd_apply_adapter),
     (_add_faithfulness, _cmd_faithfulness),
     (_add_discover, _cmd_discover),
     (_add_mask, _cmd_mask),

@@ -89,6 +89,41 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class RetentionPair:
+    """A related (task, language) whose accuracy is measured before and after each transfer run.
+
+    In TOML: ``"task:language"`` (e.g. ``"xnli:en"``) or a table ``{task = "xnli", lang = "en",
+    data_dir = "..."}``. Without ``data_dir`` a pair of the experiment's own task uses the
+    experiment's ``data_dir``, another task its default source."""
+
+    task: str
+    lang: str
+    data_dir: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.task}:{self.lang}"
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "RetentionPair":
+        if isinstance(value, RetentionPair):
+            return value
+        if isinstance(value, str):
+            task, sep, lang = value.partition(":")
+            if not sep or not task or not lang:
+                raise ConfigError(f'{where} must be "task:language" (e.g. "xnli:en"), got {value!r}')
+            return cls(task.strip(), lang.strip())
+        if isinstance(value, dict):
+            unknown = set(value) - {"task", "lang", "data_dir"}
+            if unknown or "task" not in value or "lang" not in value:
+                raise ConfigError(f"{where} takes the keys task, lang (required) and data_dir; got {sorted(value)}")
+            for key in value:
+                check_value(f"{where}.{key}", value[key], str, error=ConfigError)
+            return cls(value["task"], value["lang"], value.get("data_dir"))
+        raise ConfigError(f'{where} must be "task:language" or a table {{task, lang, data_dir}}, got {value!r}')
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole CT-SFT experiment. ``from_toml`` reads the files in ``configs/``."""
 
@@ -112,6 +147,13 @@ class ExperimentConfig:
     competence: StageConfig = field(default_factory=StageConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     transfer: StageConfig = field(default_factory=StageConfig)
+    retention: tuple[RetentionPair, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.retention, (list, tuple)):
+            raise ConfigError(f"experiment.retention must be a list, got {self.retention!r}")
+        pairs = tuple(RetentionPair.parse(v, f"experiment.retention[{i}]") for i, v in enumerate(self.retention))
+        object.__setattr__(self, "retention", pairs)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ExperimentConfig":
@@ -133,7 +175,7 @@ class ExperimentConfig:
                             skip={"competence", "discovery", "transfer"}))
         if "targets" not in top:
             raise ConfigError(f"{where}: [experiment] needs targets = [...] (the languages to adapt to)")
-        for key in ("targets", "variants", "seeds"):
+        for key in ("targets", "variants", "seeds", "retention"):
             if key in top:
                 if not isinstance(top[key], list):
                     raise ConfigError(f"{where}: experiment.{key} must be a list")
@@ -141,6 +183,9 @@ class ExperimentConfig:
         disc = dict(_checked(data.get("discovery", {}), DiscoveryConfig, where, "discovery", lists={"depths"}))
         if "depths" in disc:
             disc["depths"] = tuple(disc["depths"])
+        if "retention" in top:
+            top["retention"] = tuple(RetentionPair.parse(v, f"{where}: experiment.retention[{i}]")
+                                     for i, v in enumerate(top["retention"]))
         cfg = cls(**top,
                   competence=StageConfig.from_flat(_table(data.get("competence", {}), where, "competence"),
                                                    f"{where}: competence"),
@@ -181,6 +226,19 @@ class ExperimentConfig:
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"{where}: experiment.eval_limit must be >= 1 (omit it for the whole split), got {self.eval_limit}")
         n_labels = len(module.LABELS)
+        seen = set()
+        for i, pair in enumerate(self.retention):
+            if pair.task not in TASKS:
+                raise ConfigError(f"{where}: experiment.retention[{i}]: unknown task {pair.task!r}; choose from {sorted(TASKS)}")
+            try:
+                lang = TASKS[pair.task].canonical_language(pair.lang)
+            except TaskError as err:
+                raise ConfigError(f"{where}: experiment.retention[{i}]: {err}") from None
+            if (pair.task, lang) in seen:
+                raise ConfigError(f"{where}: experiment.retention names {pair.task}:{lang} twice")
+            if pair.task == self.task and lang == langs[0]:
+                raise ConfigError(f"{where}: experiment.retention[{i}] is the source language, which is always reported")
+            seen.add((pair.task, lang))
         for stage_name in ("competence", "transfer"):
             stage = getattr(self, stage_name)
             if stage.n_examples < 1 or stage.n_examples % n_labels:
@@ -247,7 +305,7 @@ def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = fr
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
     hints = typing.get_type_hints(cls)
     for key, value in section.items():
-        if key in lists:
+        if key in lists | {"retention"}:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: {name}.{key} must be a list")
         elif key != "sweep":
@@ -271,6 +329,9 @@ class RunResult:
     seconds: float
     n_train: int = 0
     n_dev: int = 0  # labelled target dev examples used for model selection: part of the budget
+    matched_params: int | None = None  # the circuit's trainable count (circuit-based variants)
+    lora_rank: int | None = None
+    retention: dict[str, float] = field(default_factory=dict)  # "task:lang" -> accuracy after
 
 
 @dataclass
@@ -282,6 +343,7 @@ class ExperimentResult:
     runs: list[RunResult]
     out: Path
     figures: dict[str, str] = field(default_factory=dict)
+    retention_before: dict[str, float] = field(default_factory=dict)  # "task:lang" -> competence accuracy
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (target, variant): mean and std over seeds of accuracy and retention."""
@@ -303,7 +365,16 @@ class ExperimentResult:
                     "trainable_params": runs[0].trainable_params,
                     "n_train": runs[0].n_train, "n_dev": runs[0].n_dev,
                     "target_budget": runs[0].n_train + runs[0].n_dev,  # dev examples used for selection count
+                    "matched_params": runs[0].matched_params,
+                    "lora_rank": runs[0].lora_rank,
                 })
+                for label, before in self.retention_before.items():
+                    after = [r.retention[label] for r in runs if label in r.retention]
+                    if after:
+                        rows[-1].update({f"retention:{label}:before": before,
+                                         f"retention:{label}:after_mean": statistics.fmean(after),
+                                         f"retention:{label}:after_std": _std(after),
+                                         f"retention:{label}:forgetting": before - statistics.fmean(after)})
         return rows
 
     def markdown(self) -> str:
@@ -326,6 +397,25 @@ class ExperimentResult:
             cells = [f"{by[target, v]['source_acc_mean']:.3f} ± {by[target, v]['source_acc_std']:.3f}"
                      if (target, v) in by else "" for v in variants]
             out.append(f"| {target} | " + " | ".join(cells) + " |")
+        for label, before in self.retention_before.items():
+            out += ["", f"Related task {label}: accuracy after adaptation (before: {before:.3f}; "
+                    "in brackets: forgetting = before - after)", "",
+                    "| target | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+            for target in dict.fromkeys(r["target"] for r in rows):
+                cells = []
+                for v in variants:
+                    r = by.get((target, v), {})
+                    key = f"retention:{label}:"
+                    cells.append(f"{r[key + 'after_mean']:.3f} ± {r[key + 'after_std']:.3f} "
+                                 f"({r[key + 'forgetting']:+.3f})" if key + "after_mean" in r else "")
+                out.append(f"| {target} | " + " | ".join(cells) + " |")
+        out += ["", "Trainable parameters (circuit-based variants: the circuit's count they are matched to)", "",
+                "| variant | trainable | matched to |", "|---|---|---|"]
+        for v in variants:
+            r = next(r for r in rows if r["variant"] == v)
+            name = f"{v} (r = {r['lora_rank']})" if r.get("lora_rank") else v
+            matched = f"{r['matched_params']:,d}" if r.get("matched_params") is not None else ""
+            out.append(f"| {name} | {r['trainable_params']:,d} | {matched} |")
         out += ["", f"Circuit ({cfg.discovery.scoring}, ratio {cfg.discovery.ratio}, depth ≤ {cfg.discovery.max_depth}): "
                 + ", ".join(self.circuit_heads)]
         return "\n".join(out)
@@ -373,6 +463,10 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     accs = a0_stage(config, comp_dir, test, out, stage_key(comp_key, config.eval_limit, sorted(task_of)),
                     force=force, progress=progress)
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
+    retention = _retention_tests(config)
+    retention_before = (retention_stage(config, comp_dir, retention, out, stage_key(comp_key, config.eval_limit,
+                                                                                     _retention_key(config)),
+                                        force=force, progress=progress) if retention else {})
     needs_circuit = any(_needs_circuit(v) for v in config.variants) or config.faithfulness
     circuit_key = stage_key(comp_key, config.discovery.search_key())
     circuit = (discovery_stage(config, comp_dir, task_of[source], out, circuit_key, force=force, log=log,
@@ -388,15 +482,17 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
     runs = []
     for target, variant, depth, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
         key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None, asdict(config.transfer),
-                        config.eval_limit, config.max_tokens, target, variant, depth, seed)
+                        config.eval_limit, config.max_tokens, target, variant, depth, seed,
+                        *([_retention_key(config)] if retention else []))
         runs.append(transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
                                    variant, depth, seed, out, key, force=force, progress=progress,
-                                   source_pool=task_of[source] if target == source else None))
+                                   source_pool=task_of[source] if target == source else None, retention=retention))
     from ctsft_lens.circuit import head_name
     from ctsft_lens.masks import circuit_mask
 
     heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
-    result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out)
+    result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out,
+                              retention_before=retention_before)
     _write_tables(result)
     from ctsft_lens.plots import experiment_figures
 
@@ -445,6 +541,35 @@ def _load(config: ExperimentConfig, name: str | Path) -> Any:
     from ctsft_lens.models import load_model
 
     return load_model(str(name), device=config.device, dtype=config.dtype)
+
+
+def _retention_key(config: ExperimentConfig) -> list:
+    return [asdict(p) for p in config.retention]
+
+
+def _retention_tests(config: ExperimentConfig) -> dict[str, list]:
+    """Test examples (``eval_limit``) of every related (task, language) pair, by ``task:lang``."""
+    from ctsft_lens.tasks import load_task
+
+    tests = {}
+    for pair in config.retention:
+        data_dir = pair.data_dir if pair.data_dir is not None else (config.data_dir if pair.task == config.task else None)
+        task = load_task(pair.task, pair.lang, data_dir)
+        tests[f"{pair.task}:{task.language}"] = task.examples("test", config.eval_limit)
+    return tests
+
+
+def retention_stage(config: ExperimentConfig, comp_dir: Path, tests: dict[str, list], out: Path, key: str, *,
+                    force: bool, progress: bool) -> dict[str, float]:
+    """Accuracy of the competence model on each related (task, language) pair: ``out/retention.json``."""
+    from ctsft_lens.evaluate import evaluate
+
+    def compute() -> dict[str, Any]:
+        model = _load(config, comp_dir)
+        return {"accuracy": {label: evaluate(model, _cut(config, model, ex), progress=progress).accuracy
+                             for label, ex in tests.items()}}
+
+    return _cached(out / "retention.json", key, compute, force)["accuracy"]
 
 
 def _needs_circuit(variant: str) -> bool:
@@ -532,14 +657,17 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
 
 def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task: Any, target_test: list,
                    source_test: list, variant: str, depth: int | None, seed: int, out: Path, key: str, *,
-                   force: bool, progress: bool, source_pool: Any = None) -> "RunResult":
-    """One adaptation run (target, variant at a circuit depth, seed) from the competence checkpoint.
+                   force: bool, progress: bool, source_pool: Any = None,
+                   retention: dict[str, list] | None = None) -> "RunResult":
+    """One adaptation run (target, variant at a circuit depth, seed) from the competence checkpoint;
+    with ``retention`` (``task:lang`` -> test examples) also those accuracies after the run.
 
     ``source_pool`` (continued tuning within the source language): the competence examples are
     excluded from the transfer sample."""
     from ctsft_lens.evaluate import evaluate
-    from ctsft_lens.masks import variant_mask
+    from ctsft_lens.masks import LoraSpec, circuit_mask, variant_mask
     from ctsft_lens.models import model_info
+    from ctsft_lens.train import trainable_specs
 
     label = variant if depth is None or not config.discovery.depths else f"{variant}@d{depth}"
 
@@ -548,14 +676,26 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
         # expansion that stopped early (nothing upstream) reports deeper depths as the circuit stopped
         at = None if depth is None or circuit is None else min(depth, circuit.depth)
         mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=at)
+        matched = rank = None
+        if _needs_circuit(variant):
+            specs, _ = trainable_specs(model, circuit_mask(circuit, at), config.transfer.train.kv)
+            matched = sum(s.n_trainable for s in specs)
+        if isinstance(mask, LoraSpec):
+            from ctsft_lens.train.lora import resolve_lora
+
+            mask, _ = resolve_lora(model, mask, config.transfer.train.kv)
+            rank = mask.rank
         exclude = {ex.uid for ex in _stage_data(source_pool, config.competence, seed=0)[0]} if source_pool else set()
         train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed, exclude=exclude)
         start = time.perf_counter()
         n_trainable = _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), config.transfer,
                                 mask=mask, seed=seed, progress=progress)
-        result = RunResult(task.language, label, seed, evaluate(model, _cut(config, model, target_test)).accuracy,
-                           evaluate(model, _cut(config, model, source_test)).accuracy, n_trainable,
-                           time.perf_counter() - start, len(train_ex), len(dev_ex))
+        target_acc = evaluate(model, _cut(config, model, target_test)).accuracy
+        source_acc = evaluate(model, _cut(config, model, source_test)).accuracy
+        seconds = time.perf_counter() - start
+        kept = {name: evaluate(model, _cut(config, model, ex)).accuracy for name, ex in (retention or {}).items()}
+        result = RunResult(task.language, label, seed, target_acc, source_acc, n_trainable, seconds,
+                           len(train_ex), len(dev_ex), matched_params=matched, lora_rank=rank, retention=kept)
         return {"result": asdict(result)}
 
     path = out / "runs" / task.language / label / f"seed{seed}.json"
@@ -667,7 +807,8 @@ def _write_tables(result: ExperimentResult) -> None:
         writer.writerows(rows)
     (result.out / "results.md").write_text(result.markdown() + "\n")
     write_json(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
-                                        "a0": result.a0, "circuit": result.circuit_heads,
+                                        "a0": result.a0, "retention_before": result.retention_before,
+                                        "circuit": result.circuit_heads,
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
 
 

@@ -2,14 +2,14 @@
 
 A ``HeadMask`` is a set of (layer, head) plus the identity of the model it belongs to, checked
 whenever it is applied. The transfer variants (``full``, ``circuit``, ``nearzero``, ``random``,
-``norm-only``) are one registry, :data:`VARIANTS`, that the CLI and the experiments both use.
+``random-sparse``, ``lora``, ``norm-only``) are one registry, :data:`VARIANTS`, that the CLI and the experiments both use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
@@ -194,14 +194,75 @@ def load_mask(path: str | Path, model: Any | None = None, *, strict_weights: boo
 
 
 # --------------------------------------------------------------------------------------------
-# Transfer variants: name -> head mask (None = every parameter trains)
+# Transfer variants: name -> what trains (head mask, SparseSpec, LoraSpec; None = every parameter)
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SparseSpec:
+    """Random-sparse control: as many elements as ``like``'s head slices, drawn uniformly (seeded)
+    from the attention projection weights, not aligned to heads (+ every norm weight, like the
+    head variants). Resolved into element masks by ``train.masking.trainable_specs``."""
+
+    like: HeadMask
+    seed: int = 0
+    kind: str = "random-sparse"
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.like.model
+
+    def check(self, bridge: Any, *, strict_weights: bool = False) -> None:
+        self.like.check(bridge, strict_weights=strict_weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "seed": self.seed, "like": mask_to_dict(self.like)}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA (through PEFT) on the attention projections ``targets``; ``rank=None``: the rank whose
+    trainable-parameter count is closest to ``like``'s (a circuit mask's, norms included).
+    ``alpha=None``: ``2 * rank``. ``seed`` seeds the LoRA ``A`` initialisation. Applied by
+    ``train.lora``; after training the update is merged into the base weights."""
+
+    like: HeadMask | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+    seed: int = 0
+    kind: str = "lora"
+
+    def __post_init__(self) -> None:
+        if self.rank is None and self.like is None:
+            raise MaskError("a LoRA spec needs a rank or a head mask whose trainable count it matches")
+        if self.rank is not None and self.rank < 1:
+            raise MaskError(f"LoRA rank must be >= 1, got {self.rank}")
+        bad = [t for t in self.targets if t not in ("q", "k", "v", "o")]
+        if bad or not self.targets:
+            raise MaskError(f"LoRA targets must be among q, k, v, o; got {self.targets}")
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.like.model if self.like is not None else {}
+
+    def check(self, bridge: Any, *, strict_weights: bool = False) -> None:
+        if self.like is not None:
+            self.like.check(bridge, strict_weights=strict_weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "targets": list(self.targets),
+                "seed": self.seed, "like": None if self.like is None else mask_to_dict(self.like)}
+
+
+WhatTrains = Union[HeadMask, SparseSpec, LoraSpec, None]
+"""What a variant returns: a head mask, a random-sparse or LoRA spec, or None (every parameter)."""
+
+
 @dataclass(frozen=True)
 class Variant:
     """How a transfer variant picks what trains. ``needs_circuit``: it is built from a circuit."""
 
     needs_circuit: bool
-    mask: Callable[[dict[str, Any], Circuit | None, int, int | None], HeadMask | None]
+    mask: Callable[[dict[str, Any], Circuit | None, int, int | None], HeadMask | SparseSpec | LoraSpec | None]
     help: str
 
 
@@ -214,14 +275,19 @@ VARIANTS: dict[str, Variant] = {
     "random": Variant(True, lambda model, circuit, seed, depth: random_mask(
         model, len(circuit_mask(circuit, depth).heads), seed=seed, like=circuit),
         "as many heads drawn at random per seed (+ norms)"),
+    "random-sparse": Variant(True, lambda model, circuit, seed, depth: SparseSpec(circuit_mask(circuit, depth), seed),
+                             "as many attention-weight elements as the circuit's heads, drawn at random, "
+                             "not head-aligned (+ norms)"),
+    "lora": Variant(True, lambda model, circuit, seed, depth: LoraSpec(circuit_mask(circuit, depth), seed=seed),
+                    "LoRA (PEFT) on q/k/v/o, rank matching the circuit's trainable count"),
     "norm-only": Variant(False, lambda model, circuit, seed, depth: none_mask(model), "norm weights only"),
 }
 """The one registry of transfer variants: the CLI's ``--variant`` choices and experiment configs read it."""
 
 
 def variant_mask(name: str, model: dict[str, Any], circuit: Circuit | None = None, *, seed: int = 0,
-                 depth: int | None = None) -> HeadMask | None:
-    """The head mask of variant ``name`` for a model (``model_info``), from ``circuit`` where it needs one."""
+                 depth: int | None = None) -> HeadMask | SparseSpec | LoraSpec | None:
+    """What variant ``name`` trains (a head mask, or a random-sparse / LoRA spec) for a model (``model_info``), from ``circuit`` where it needs one."""
     if name not in VARIANTS:
         raise MaskError(f"unknown variant {name!r}; choose from {tuple(VARIANTS)}")
     variant = VARIANTS[name]

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Bool
 
 from ctsft_lens.errors import MaskError
-from ctsft_lens.masks import HeadMask
+from ctsft_lens.masks import HeadMask, SparseSpec
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check
 
 
@@ -93,14 +93,17 @@ def _slice_mask(shape: torch.Size, axis: int, blocks: Iterable[int], width: int,
     return mask
 
 
-def trainable_specs(model: Any, head_mask: HeadMask | None, kv: KVPolicy = "never"
+def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVPolicy = "never"
                     ) -> tuple[list[ParamSpec], int]:
     """What a variant trains, and the model's parameter count (aliases counted once).
 
-    ``head_mask=None`` is full fine-tuning. Weight decay applies to matrices only (not biases or
-    norm weights), the usual AdamW practice.
+    ``head_mask=None`` is full fine-tuning; a :class:`~ctsft_lens.masks.SparseSpec` is the
+    random-sparse control (:func:`random_sparse_specs`). Weight decay applies to matrices only
+    (not biases or norm weights), the usual AdamW practice.
     """
     check("kv policy", kv, KV_POLICIES)
+    if isinstance(head_mask, SparseSpec):
+        return random_sparse_specs(model, head_mask, kv)
     if head_mask is not None:
         head_mask.check(model)
     cfg = model.cfg
@@ -147,6 +150,36 @@ def trainable_specs(model: Any, head_mask: HeadMask | None, kv: KVPolicy = "neve
             bias = getattr(mod, "bias", None)
             if proj != "o" and bias is not None:
                 specs.append(spec(bias, _slice_mask(bias.shape, 0, blocks, d_head, bias.device)))
+    return specs, n_all
+
+
+def random_sparse_specs(model: Any, spec: SparseSpec, kv: KVPolicy = "never") -> tuple[list[ParamSpec], int]:
+    """The random-sparse control: every norm weight (as the head variants), plus as many elements
+    as ``spec.like``'s head slices (weights and biases) drawn uniformly, without replacement, with
+    a seeded ``torch.randperm`` from the weights of the projections that policy ``kv`` lets head
+    masks train (q and o; also k and v with ``selected-groups``). Not aligned to heads: the total
+    trainable-element count equals the head mask's exactly."""
+    head_specs, n_all = trainable_specs(model, spec.like, kv)
+    n = sum(s.n_trainable for s in head_specs if s.mask is not None)
+    specs = [s for s in head_specs if s.mask is None]  # the norm weights
+    names = {id(s.param): s.name for s in trainable_specs(model, None)[0]}
+    procs = "qkvo" if kv == "selected-groups" else "qo"
+    pool = [mod.weight for layer in range(int(model.cfg.n_layers))
+            for proj, mod in _projections(model, layer).items() if proj in procs]
+    sizes = [p.numel() for p in pool]
+    total = sum(sizes)
+    if n > total:
+        raise MaskError(f"cannot draw {n} random elements from {total} attention-weight elements")
+    gen = torch.Generator().manual_seed(int(spec.seed))
+    picks = torch.randperm(total, generator=gen)[:n].sort().values
+    start = 0
+    for p, size in zip(pool, sizes):
+        lo, hi = torch.searchsorted(picks, torch.tensor([start, start + size]))
+        flat = torch.zeros(size, dtype=torch.bool)
+        flat[picks[lo:hi] - start] = True
+        start += size
+        if hi > lo:
+            specs.append(ParamSpec(names[id(p)], p, flat.view(p.shape).to(p.device), decay=True))
     return specs, n_all
 
 
@@ -201,7 +234,7 @@ class GradientMask:
     hooks after training.
     """
 
-    def __init__(self, model: Any, head_mask: HeadMask | None, kv: KVPolicy = "never") -> None:
+    def __init__(self, model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVPolicy = "never") -> None:
         self.model, self.head_mask, self.kv = model, head_mask, kv
         self.specs, self.n_all = trainable_specs(model, head_mask, kv)
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -265,9 +298,18 @@ def _zero_outside(mask: torch.Tensor):
     return hook
 
 
-def apply_head_mask(model: Any, head_mask: HeadMask | None, kv: KVPolicy = "never") -> GradientMask:
+def apply_head_mask(model: Any, head_mask: Any, kv: KVPolicy = "never") -> Any:
     """Freeze everything a variant does not train and hook the partly trainable tensors.
 
-    ``head_mask=None``: full fine-tuning; ``circuit.none_mask(info)`` (no heads): norms only.
+    ``head_mask=None``: full fine-tuning; ``circuit.none_mask(info)`` (no heads): norms only; a
+    :class:`~ctsft_lens.masks.SparseSpec`: random-sparse elements; a
+    :class:`~ctsft_lens.masks.LoraSpec`: PEFT LoRA layers (:class:`~ctsft_lens.train.lora.LoraTraining`,
+    same interface, merged on exit).
     """
+    from ctsft_lens.masks import LoraSpec
+
+    if isinstance(head_mask, LoraSpec):
+        from ctsft_lens.train.lora import LoraTraining
+
+        return LoraTraining(model, head_mask, kv)
     return GradientMask(model, head_mask, kv)

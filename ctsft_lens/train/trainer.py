@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from ctsft_lens.batching import Batch, check_examples, encode
 from ctsft_lens.evaluate import predict
 from ctsft_lens.forward import label_logits
-from ctsft_lens.masks import HeadMask
 from ctsft_lens.devices import autocast
+from ctsft_lens.masks import HeadMask, LoraSpec, SparseSpec
 from ctsft_lens.errors import ConfigError
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check_value
 from ctsft_lens.tasks.base import Example
@@ -125,6 +125,10 @@ class TrainResult:
         lines = [f"variant {self.variant}: {self.steps} steps on {self.n_train} examples in {self.seconds:.1f}s",
                  f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
                  f"trainable%: {100 * self.trainable_params / self.all_params:.4f}"]
+        if self.mask and self.mask.get("matched_params") is not None:
+            lora = (f"LoRA rank {self.mask['rank']} (alpha {self.mask['alpha']:g}) on {','.join(self.mask['targets'])}; "
+                    if "rank" in self.mask else "")
+            lines.append(f"{lora}matched to the circuit's {self.mask['matched_params']:,d} trainable params")
         if self.initial_dev:
             lines.append(f"dev before training: accuracy {self.initial_dev['accuracy']:.4f} loss {self.initial_dev['loss']:.4f}")
         for h in self.history:
@@ -182,11 +186,14 @@ def train(
     dev_examples: Sequence[Example] | None = None,
     config: TrainConfig = TrainConfig(),
     *,
-    mask: HeadMask | None = None,
+    mask: HeadMask | SparseSpec | LoraSpec | None = None,
     variant: str | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Fine-tune ``model`` in place on ``train_examples``; ``mask=None`` trains everything.
+
+    ``mask`` is what the variant trains: a head mask, a random-sparse ``SparseSpec`` or a
+    ``LoraSpec`` (PEFT LoRA layers, merged into the weights when training ends).
 
     With ``dev_examples`` the best epoch by dev accuracy (ties: lower dev loss) is restored.
     """
@@ -196,7 +203,7 @@ def train(
     if dev_examples is not None:
         check_examples(dev_examples)
     variant = variant or ("full" if mask is None else mask.kind)
-    if mask is not None and not mask.heads and mask.kind != "none":
+    if isinstance(mask, HeadMask) and not mask.heads and mask.kind != "none":
         import warnings
 
         warnings.warn(f"the {mask.kind!r} head mask selects no head: only the norm weights will train", stacklevel=2)
@@ -247,12 +254,28 @@ def train(
         if best is not None:
             gm.load_state(best[3])
         n_trainable, n_all = gm.n_trainable, gm.n_all
+        described = _describe(mask, gm)
 
     return TrainResult(
         variant=variant, config=asdict(config), n_train=len(train_examples),
         n_dev=len(dev_examples or []), steps=step, trainable_params=n_trainable, all_params=n_all,
         best_epoch=best[2] if best else None, best_dev_accuracy=best[0] if best else None,
         initial_dev=initial_dev, history=history, seconds=time.perf_counter() - start,
-        mask=None if mask is None else {"kind": mask.kind, "heads": [list(h) for h in mask.heads],
-                                         "model": mask.model},
+        mask=described,
     )
+
+
+def _describe(mask: Any, gm: Any) -> dict[str, Any] | None:
+    """The ``TrainResult.mask`` record: kind, heads (of the matched mask for a spec), model, and
+    a spec's settings (seed; LoRA rank, alpha, targets and the matched trainable count)."""
+    if mask is None:
+        return None
+    if isinstance(mask, HeadMask):
+        return {"kind": mask.kind, "heads": [list(h) for h in mask.heads], "model": mask.model}
+    like = mask.like
+    out = {"kind": mask.kind, "heads": [] if like is None else [list(h) for h in like.heads], "model": mask.model,
+           "seed": mask.seed}
+    if isinstance(mask, SparseSpec):
+        out["matched_params"] = gm.n_trainable
+    out.update(getattr(gm, "details", {}))
+    return out
