@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from ctsft_lens.batching import batches, check_examples, forward_kwargs
 from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.cdt.decompose import (ATTENTION_RULES, AttentionRule, Source, Split, cache_names,
-                                      head_output, propagate, unembed)
+from ctsft_lens.cdt.decompose import (ATTENTION_RULES, DEFAULT_DECOMPOSITION, AttentionRule, Decomposition,
+                                      Health, Source, Split, cache_names, check_decomposition, head_output,
+                                      propagate, report_unstable, unembed, RECON_TOL)
 from ctsft_lens.circuit import Head
 from ctsft_lens.tasks.base import Example
 
@@ -45,6 +46,8 @@ class Relevance:
     targets: tuple[Head | None, ...]
     per_example: Float[torch.Tensor, "target example n_layers n_heads"]
     scoring: str
+    unstable: tuple[Head, ...] = ()  # sources with non-finite β/γ or β+γ off the forward (named in a warning)
+    recon_error: Float[torch.Tensor, "n_layers n_heads"] | None = None  # worst relative β+γ error, checked hooks
 
     @property
     def mean(self) -> Float[torch.Tensor, "target n_layers n_heads"]:
@@ -99,6 +102,8 @@ def head_relevance(
     batch_size: int = 8,
     memory_gb: float = 2.0,
     progress: bool = True,
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    strict: bool = True,
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
 
@@ -106,8 +111,12 @@ def head_relevance(
     ``positions`` limits each source to those prompt tokens (negative from the end; default all).
     ``baseline="mean"`` subtracts each source head's label-balanced mean output over
     ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
+    A source whose β/γ goes non-finite or leaves the real forward, or whose score is not finite,
+    raises :class:`~ctsft_lens.cdt.decompose.UnstableDecompositionError` naming it if ``strict``;
+    otherwise a warning names it and ``Relevance.unstable`` lists it.
     """
     check_options(scoring, baseline, attention)
+    check_decomposition(decomposition)
     check_examples(examples)
     cfg = model.cfg
     targets: tuple[Head | None, ...]
@@ -136,6 +145,8 @@ def head_relevance(
         means = None
 
     per_example = torch.full((len(targets), len(examples), cfg.n_layers, cfg.n_heads), float("nan"))
+    recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
+    finite = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
     by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(set(sources)):
         by_layer.setdefault(layer, []).append(head)
@@ -156,23 +167,34 @@ def head_relevance(
             for i in range(0, len(heads), chunk):
                 part = heads[i:i + chunk]
                 srcs = [Source(layer, h, positions) for h in part]
-                scores = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
-                                          directions, means, attention)
+                scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
+                                                  directions, means, attention, decomposition)
+                recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
+                finite[layer, part] &= health.finite
                 for t, s in scores.items():  # s: [S, B]
                     per_example[t, start:start + n, layer, part] = s.T.float().cpu()
                 bar.update(len(part))
         start += n
         del cache
     bar.close()
-    return Relevance(targets, per_example, scoring)
+    scored = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    scored[tuple(zip(*sources))] = True
+    layer_ids = torch.arange(cfg.n_layers)[:, None]
+    upstream = torch.stack([scored & (layer_ids < (cfg.n_layers if t is None else t[0])) for t in targets])
+    nonfinite = (upstream & ~per_example.isfinite().all(1)).any(0)  # a score that should exist is NaN/inf
+    bad = scored & (~finite | ~(recon <= RECON_TOL) | nonfinite)
+    unstable = tuple((int(layer), int(head)) for layer, head in bad.nonzero().tolist())
+    report_unstable(unstable, decomposition, strict)
+    return Relevance(targets, per_example, scoring, unstable, recon.float())
 
 
 def _relevance_chunk(
     model: Any, cache: Any, mask: torch.Tensor, srcs: list[Source],
     targets: tuple[Head | None, ...], stop: int | None, scoring: str,
     directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
-) -> dict[int, torch.Tensor]:
-    """Scores ``{target index: [source, batch]}`` of sources in one layer."""
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+) -> tuple[dict[int, torch.Tensor], Health]:
+    """Scores ``{target index: [source, batch]}`` of sources in one layer, and their health."""
     out: dict[int, torch.Tensor] = {}
 
     def visit(name: str, x: Split) -> None:
@@ -186,6 +208,6 @@ def _relevance_chunk(
                 if tgt is not None and tgt[0] == z_layer:
                     out[t] = _score(head_output(model, z_layer, tgt[1], last), scoring, directions)
 
-    propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop,
-              last_only=True)
-    return out
+    health = propagate(model, cache, mask, srcs, means=means, attention_rule=attention,
+                       decomposition=decomposition, emit=visit, stop_layer=stop, last_only=True)
+    return out, health
