@@ -297,10 +297,20 @@ def _add_discover(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
     p.add_argument("--baseline", default="mean", choices=["mean", "zero"], help="source baseline; default: %(default)s")
     p.add_argument("--attention", default="cdt", choices=["cdt", "frozen"], help="attention rule; default: %(default)s")
+    _add_stability(p)
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward; default: %(default)s")
     p.add_argument("--out", default="runs/discover/circuit.json",
                    help="circuit JSON file (or a folder, then <folder>/circuit.json); default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_stability(p: Any) -> None:
+    from ctsft_lens.cdt.decompose import DECOMPOSITIONS, DEFAULT_DECOMPOSITION
+
+    p.add_argument("--decomposition", default=DEFAULT_DECOMPOSITION, choices=list(DECOMPOSITIONS),
+                   help="CD-T propagation rule (docs/method.md); default: %(default)s")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="fail when a head's CD-T decomposition is unstable (else warn and record it); default: strict")
 
 
 def _cmd_discover(args: argparse.Namespace) -> None:
@@ -314,9 +324,14 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, "train", seed=args.seed)
     model = load_model(args.model)
-    circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
-                       baseline=args.baseline, attention=args.attention, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+    from ctsft_lens.cdt.decompose import UnstableDecompositionError
+
+    try:
+        circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
+                           baseline=args.baseline, attention=args.attention, batch_size=args.batch_size,
+                           progress=not args.no_progress, decomposition=args.decomposition, strict=args.strict)
+    except UnstableDecompositionError as err:
+        raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / "circuit.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -326,6 +341,8 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     for e in circuit.edges:
         to = "logits" if e.target is None else head_name(e.target)
         lines.append(f"  depth {e.depth}: {head_name(e.source)} -> {to}  score {e.score:.4g}")
+    if circuit.unstable:
+        lines.append(f"  unstable (scores unreliable): {', '.join(head_name(h) for h in circuit.unstable)}")
     summary = "\n".join(lines)
     (path.parent / "summary.txt").write_text(summary + "\n")
     print(summary)

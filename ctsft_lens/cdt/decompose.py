@@ -65,6 +65,9 @@ DECOMPOSITIONS: tuple[str, ...] = get_args(Decomposition)
 DEFAULT_DECOMPOSITION: Decomposition = "shapley"
 RECON_TOL = 1e-4
 """Largest ``max|β + γ - real| / max|real|`` at a checked hook before a source counts as unstable."""
+BETA_LIMIT = 100.0
+"""Largest ``max|β| / max|real|`` at a checked hook: beyond it β and γ are cancelling parts a
+hundred times the activation, and float32 scores are differences of huge numbers."""
 
 
 class Split(NamedTuple):
@@ -207,7 +210,8 @@ def unstable_message(heads: Sequence[tuple[int, int]], decomposition: str, tol: 
     """One line naming the unstable source heads."""
     names = ", ".join(f"{layer}.{head}" for layer, head in heads)
     return (f"CD-T decomposition ({decomposition!r}) is unstable for {len(heads)} source head(s): {names} "
-            f"(non-finite β/γ, or β+γ off the real forward by > {tol:g} of its scale); their scores "
+            f"(non-finite β/γ, β+γ off the real forward by > {tol:g} of its scale, or |β| over "
+            f"{BETA_LIMIT:g}x the activation); their scores "
             f"are unreliable. Try decomposition='{DEFAULT_DECOMPOSITION}' or a float64 rule.")
 
 
@@ -228,8 +232,8 @@ class Health(NamedTuple):
     recon: Float[torch.Tensor, " source"]
     beta_scale: Float[torch.Tensor, " source"]
 
-    def unstable(self, tol: float = RECON_TOL) -> Bool[torch.Tensor, " source"]:
-        return ~self.finite | ~(self.recon <= tol)
+    def unstable(self, tol: float = RECON_TOL, beta_limit: float = BETA_LIMIT) -> Bool[torch.Tensor, " source"]:
+        return ~self.finite | ~(self.recon <= tol) | ~(self.beta_scale <= beta_limit)
 
     def merge(self, other: "Health") -> "Health":
         return Health(self.finite & other.finite, torch.maximum(self.recon, other.recon),

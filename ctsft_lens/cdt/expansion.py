@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ctsft_lens.batching import check_examples
 from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.cdt.decompose import AttentionRule
+from ctsft_lens.cdt.decompose import DEFAULT_DECOMPOSITION, AttentionRule, Decomposition, check_decomposition
 from ctsft_lens.cdt.relevance import Baseline, Scoring, check_options, head_relevance
 from ctsft_lens.circuit import Circuit, Edge, Head
 from ctsft_lens.models import model_info
@@ -55,6 +55,8 @@ def discover(
     batch_size: int = 8,
     memory_gb: float = 2.0,
     progress: bool = True,
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    strict: bool = True,
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
 
@@ -62,8 +64,11 @@ def discover(
     ``reference`` (default ``examples``) gives the label-balanced head means of the ``"mean"``
     baseline. ``scores[d]`` of the result is the depth-``d`` table: the logits scores at depth
     0, the maximum over that depth's targets after (NaN where a head was not upstream of any).
+    ``strict``: raise on a source whose decomposition is unstable; else warn and list it in
+    ``Circuit.unstable`` (its NaN scores then rank last).
     """
     check_options(scoring, baseline, attention)
+    check_decomposition(decomposition)
     check_examples(examples)
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -74,7 +79,9 @@ def discover(
     ref = reference if reference is not None else examples
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
     common = dict(scoring=scoring, baseline=baseline, attention=attention, positions=positions, means=means,
-                  batch_size=batch_size, memory_gb=memory_gb, progress=progress)
+                  batch_size=batch_size, memory_gb=memory_gb, progress=progress,
+                  decomposition=decomposition, strict=strict)
+    unstable: set[Head] = set()
 
     kept: set[Head] = set()
     heads_by_depth: list[tuple[Head, ...]] = []
@@ -94,6 +101,7 @@ def discover(
             filled = per_target.nan_to_num(float("-inf"))
             table, best = filled.max(0)
             table[per_target.isnan().all(0)] = float("nan")
+        unstable.update(rel.unstable)
         new = _top(table, kept, k)
         if not new:
             break
@@ -103,9 +111,9 @@ def discover(
         kept.update(new)
         heads_by_depth.append(tuple(new))
         tables.append(table)
-    options = {"baseline": baseline, "attention": attention, "n_examples": len(examples),
+    options = {"baseline": baseline, "attention": attention, "decomposition": decomposition, "n_examples": len(examples),
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
                "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}
     return Circuit(tuple(heads_by_depth), tuple(tables), tuple(edges), scoring, ratio,
-                   model_info(model, checksum=True), options)
+                   model_info(model, checksum=True), options, unstable=tuple(sorted(unstable)))

@@ -26,7 +26,7 @@ from ctsft_lens.batching import batches, check_examples, forward_kwargs
 from ctsft_lens.cdt.baseline import head_means
 from ctsft_lens.cdt.decompose import (ATTENTION_RULES, DEFAULT_DECOMPOSITION, AttentionRule, Decomposition,
                                       Health, Source, Split, cache_names, check_decomposition, head_output,
-                                      propagate, report_unstable, unembed, RECON_TOL)
+                                      propagate, report_unstable, unembed, BETA_LIMIT, RECON_TOL)
 from ctsft_lens.circuit import Head
 from ctsft_lens.tasks.base import Example
 
@@ -146,7 +146,7 @@ def head_relevance(
 
     per_example = torch.full((len(targets), len(examples), cfg.n_layers, cfg.n_heads), float("nan"))
     recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
-    finite = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    healthy = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # finite and |β| within BETA_LIMIT
     by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(set(sources)):
         by_layer.setdefault(layer, []).append(head)
@@ -170,7 +170,7 @@ def head_relevance(
                 scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
                                                   directions, means, attention, decomposition)
                 recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
-                finite[layer, part] &= health.finite
+                healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for t, s in scores.items():  # s: [S, B]
                     per_example[t, start:start + n, layer, part] = s.T.float().cpu()
                 bar.update(len(part))
@@ -178,11 +178,12 @@ def head_relevance(
         del cache
     bar.close()
     scored = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
-    scored[tuple(zip(*sources))] = True
+    for layer, head in sources:
+        scored[layer, head] = True
     layer_ids = torch.arange(cfg.n_layers)[:, None]
     upstream = torch.stack([scored & (layer_ids < (cfg.n_layers if t is None else t[0])) for t in targets])
     nonfinite = (upstream & ~per_example.isfinite().all(1)).any(0)  # a score that should exist is NaN/inf
-    bad = scored & (~finite | ~(recon <= RECON_TOL) | nonfinite)
+    bad = scored & (~healthy | ~(recon <= RECON_TOL) | nonfinite)
     unstable = tuple((int(layer), int(head)) for layer, head in bad.nonzero().tolist())
     report_unstable(unstable, decomposition, strict)
     return Relevance(targets, per_example, scoring, unstable, recon.float())
