@@ -8,7 +8,7 @@ norm), heads over the 1e-4 tolerance, max|β|/max|forward| at the logits, Spearm
 projection scores with exact per-head mean patching (``ctsft_lens.patching``) over all finite
 heads and over the top 5 % of heads by |patching effect|, the depth-0 circuit (top 2 %), seconds.
 
-    python benchmarks/cdt_stability.py MODEL_DIR --n-examples 3 --out results.json
+    python benchmarks/cdt_stability.py MODEL_DIR --n-examples 3 --max-tokens 40 --out results.json
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ctsft_lens.circuit import head_name
 from ctsft_lens.models import load_model
 from ctsft_lens.patching import patching_scores
 from ctsft_lens.tasks import load_task
+from ctsft_lens.tasks.base import balanced_sample
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -120,16 +121,24 @@ def main() -> None:
     ap.add_argument("--lang", default="indonesian")
     ap.add_argument("--n-examples", type=int, default=3, help="label-balanced train examples; default: %(default)s")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="sample only prompts of at most this many tokens (exact patching costs a forward per head)")
     ap.add_argument("--rules", nargs="+", default=list(DECOMPOSITIONS), choices=list(DECOMPOSITIONS))
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--chunk", type=int, default=7, help="source heads propagated together; default: %(default)s")
-    ap.add_argument("--heads-per-forward", type=int, default=8)
+    ap.add_argument("--chunk", type=int, default=14, help="source heads propagated together; default: %(default)s")
+    ap.add_argument("--heads-per-forward", type=int, default=16)
     ap.add_argument("--out", default=None, help="JSON file for the table and the score tables")
     args = ap.parse_args()
 
     torch.set_grad_enabled(False)
     model = load_model(args.model)
-    examples = load_task(args.task, args.lang).sample(args.n_examples, "train", seed=args.seed)
+    task = load_task(args.task, args.lang)
+    pool = task.examples("train")
+    if args.max_tokens is not None:
+        pool = [e for e in pool if len(model.tokenizer.encode(e.prompt, add_special_tokens=False)) <= args.max_tokens]
+    examples = balanced_sample(pool, args.n_examples, task.n_labels, seed=args.seed)
+    n_tokens = [len(model.tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples]
+    print(f"{len(examples)} examples, prompt tokens {n_tokens}", flush=True)
     means = head_means(model, examples, batch_size=args.batch_size)
     k = n_to_keep(0.02, model.cfg.n_layers * model.cfg.n_heads)
     t0 = time.time()
