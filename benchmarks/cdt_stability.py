@@ -24,7 +24,7 @@ import torch
 
 from ctsft_lens.batching import batches, forward_kwargs
 from ctsft_lens.cdt.baseline import head_means
-from ctsft_lens.cdt.decompose import DECOMPOSITIONS, RECON_TOL, Source, Split, cache_names, propagate, unembed
+from ctsft_lens.cdt.decompose import ATTENTION_RULES, DECOMPOSITIONS, RECON_TOL, Source, Split, cache_names, propagate, unembed
 from ctsft_lens.cdt.expansion import _top, n_to_keep
 from ctsft_lens.cdt.relevance import task_directions
 from ctsft_lens.circuit import head_name
@@ -45,7 +45,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def run_rule(model: Any, examples: list, means: torch.Tensor, rule: str, batch_size: int,
-             chunk: int) -> dict[str, Any]:
+             chunk: int, attention: str = "cdt") -> dict[str, Any]:
     """Projection scores and stability figures of every head for one rule."""
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
@@ -78,7 +78,7 @@ def run_rule(model: Any, examples: list, means: torch.Tensor, rule: str, batch_s
                         got["ok"] = (lg.beta.isfinite() & lg.gamma.isfinite()).flatten(1).all(1)
 
                 health = propagate(model, cache, mask, [Source(layer, h) for h in part], means=means,
-                                   decomposition=rule, emit=emit, last_only=True)
+                                   decomposition=rule, attention_rule=attention, emit=emit, last_only=True)
                 proj[layer, part] += got["proj"].sum(1).cpu()
                 finite[layer, part] &= health.finite & got["ok"].cpu() & got["proj"].isfinite().all(1).cpu()
                 recon_hook[layer, part] = torch.maximum(recon_hook[layer, part], health.recon)
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="sample only prompts of at most this many tokens (exact patching costs a forward per head)")
     ap.add_argument("--rules", nargs="+", default=list(DECOMPOSITIONS), choices=list(DECOMPOSITIONS))
+    ap.add_argument("--attention", default="cdt", choices=list(ATTENTION_RULES), help="attention rule; default: %(default)s")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=14, help="source heads propagated together; default: %(default)s")
     ap.add_argument("--heads-per-forward", type=int, default=16)
@@ -149,7 +150,7 @@ def main() -> None:
     print(f"exact patching: {t_patch:.0f} s; top-{k} heads {[head_name(h) for h in exact_top]}", flush=True)
     rows, tables = {}, {"exact": exact.tolist()}
     for rule in args.rules:
-        r = run_rule(model, examples, means, rule, args.batch_size, args.chunk)
+        r = run_rule(model, examples, means, rule, args.batch_size, args.chunk, args.attention)
         rows[rule] = summarize(r, exact, k)
         tables[rule] = r["proj"].tolist()
         print(rule, json.dumps(rows[rule]), flush=True)
