@@ -97,6 +97,7 @@ class Circuit:
     ratio: float
     model: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
+    unstable: tuple[Head, ...] = ()  # heads whose CD-T decomposition was unstable (named when found)
 
     @property
     def heads(self) -> list[Head]:
@@ -114,7 +115,7 @@ class Circuit:
             raise ValueError(f"depth {depth} outside 0..{self.depth}")
         return Circuit(self.heads_by_depth[: depth + 1], self.scores[: depth + 1],
                        tuple(e for e in self.edges if e.depth <= depth), self.scoring,
-                       self.ratio, self.model, self.options)
+                       self.ratio, self.model, self.options, self.unstable)
 
 
 def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
@@ -132,6 +133,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
         "edges": [{"source": head_name(e.source),
                    "target": None if e.target is None else head_name(e.target),
                    "depth": e.depth, "score": e.score} for e in circuit.edges],
+        "unstable": [head_name(h) for h in circuit.unstable],
     }
 
 
@@ -153,6 +155,7 @@ def circuit_from_dict(data: dict[str, Any]) -> Circuit:
             ratio=float(data["ratio"]),
             model=dict(data.get("model") or {}),
             options=dict(data.get("options") or {}),
+            unstable=tuple(parse_head(h) for h in data.get("unstable") or ()),  # absent in older files
         )
     except KeyError as err:
         raise MaskError(f"circuit file lacks the field {err}") from None

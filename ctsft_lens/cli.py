@@ -457,9 +457,19 @@ def _add_discover(sub: Any) -> None:
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory budget for propagating sources x examples at once (default: 70%% of free CUDA "
                         "memory on a GPU, 2 GiB elsewhere)")
+    _add_stability(p)
     p.add_argument("--out", default="runs/discover/circuit.json",
                    help="circuit JSON file (or a folder, then <folder>/circuit.json); default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_stability(p: Any) -> None:
+    from ctsft_lens.cdt.decompose import DECOMPOSITIONS, DEFAULT_DECOMPOSITION
+
+    p.add_argument("--decomposition", default=DEFAULT_DECOMPOSITION, choices=list(DECOMPOSITIONS),
+                   help="CD-T propagation rule (docs/method.md); default: %(default)s")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="fail when a head's CD-T decomposition is unstable (else warn and record it); default: strict")
 
 
 def _cmd_discover(args: argparse.Namespace) -> None:
@@ -483,16 +493,24 @@ def _cmd_discover(args: argparse.Namespace) -> None:
         from ctsft_lens.means import correct_examples
 
         reference = correct_examples(model, examples, args.mean_n, seed=args.seed)
-    circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
-                       baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
-                       reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
-                       ig_steps=args.ig_steps, progress=not args.no_progress)
+    from ctsft_lens.cdt.decompose import UnstableDecompositionError
+
+    try:
+        circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
+                           baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
+                           reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
+                           ig_steps=args.ig_steps, decomposition=args.decomposition, strict=args.strict,
+                           progress=not args.no_progress)
+    except UnstableDecompositionError as err:
+        raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None
     save_circuit(circuit, path)
     lines = [f"circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
              f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
     for e in circuit.edges:
         to = "logits" if e.target is None else head_name(e.target)
         lines.append(f"  depth {e.depth}: {head_name(e.source)} -> {to}  score {e.score:.4g}")
+    if circuit.unstable:
+        lines.append(f"  unstable (scores unreliable): {', '.join(head_name(h) for h in circuit.unstable)}")
     summary = "\n".join(lines)
     from ctsft_lens.files import atomic_write_text
 

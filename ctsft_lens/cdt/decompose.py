@@ -23,7 +23,14 @@ attention pattern, rotary tables) from one real ``run_with_cache`` forward:
 The streams are propagated independently (γ is never ``total - β`` below the source), so
 ``β + γ == real activation`` at every hook is a real check of the rules (see the tests).
 Where a bias share has ``|βW| + |γW| = 0`` the bias goes to γ, so the split is exact (the
-public code adds ``1e-8`` instead). Its ``normalize_rel_irrel`` sign clean-up is not applied.
+public code adds ``1e-8`` instead).
+
+``decomposition`` picks the product rule, the sign clean-up and the precision (see
+``DECOMPOSITIONS`` and docs/method.md §2): the product rule above is ``"legacy"``; it lets β
+and γ grow into large cancelling parts on real Qwen2.5 weights (issue #16), so the default is
+chosen by measurement (benchmarks/RESULTS_cdt_stability.md). Every propagation is checked
+against the real forward at the residual stream of each layer, the final norm and the target
+``hook_z`` (:class:`Health`), so an unstable source is always named, never silently ranked.
 
 Many sources propagate at once: the leading tensor dimension is ``[source, example]``.
 """
@@ -31,15 +38,39 @@ Many sources propagate at once: the leading tensor dimension is ``[source, examp
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Literal, NamedTuple, Sequence, get_args
 
 import torch
 from jaxtyping import Bool, Float
 
 from ctsft_lens.batching import Batch
+from ctsft_lens.errors import CtsftError
 from ctsft_lens.forward import attn_results, hook_layer, run
-from ctsft_lens.options import ATTENTION_RULES, AttentionRule, check
+from ctsft_lens.options import ATTENTION_RULES, AttentionRule
+from ctsft_lens.options import check as check_option
+
+Decomposition = Literal["shapley", "legacy", "normalize", "legacy-f64", "shapley-f64"]
+"""How β/γ pass products, additions and precision:
+
+* ``"legacy"``: the rules above (product: every term holding a β goes to β), float32;
+* ``"normalize"``: legacy plus the public CD-T code's ``normalize_rel_irrel`` after the attention
+  and MLP outputs and both residual additions (where β and γ disagree in sign, the larger one
+  takes the total);
+* ``"shapley"``: the SwiGLU product's cross terms split equally, ``β' = ½(β_a ⊙ u + a ⊙ β_u)``
+  with ``a``, ``u`` the totals: linear in β, so cancelling parts cannot square layer after layer;
+* ``"legacy-f64"`` / ``"shapley-f64"``: the same rules in float64.
+"""
+DECOMPOSITIONS: tuple[str, ...] = get_args(Decomposition)
+DEFAULT_DECOMPOSITION: Decomposition = "shapley"
+RECON_TOL = 1e-4
+"""Largest ``max|β + γ - real| / max|real|`` at a checked hook before a source counts as unstable."""
+LOW_PRECISION_RECON_TOL = 5e-2
+"""``RECON_TOL`` for a bfloat16 / float16 model: its own rounding is ~1e-2 of an activation (docs/method.md)."""
+BETA_LIMIT = 100.0
+"""Largest ``max|β| / max|real|`` at a checked hook: beyond it β and γ are cancelling parts a
+hundred times the activation, and float32 scores are differences of huge numbers."""
 
 
 class Split(NamedTuple):
@@ -83,7 +114,8 @@ def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None, by
 
 def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tensor | None) -> Split:
     """``x W + b`` on both streams."""
-    return share_bias(x.beta @ weight, x.gamma @ weight, bias)
+    weight = weight.to(x.beta.dtype)
+    return share_bias(x.beta @ weight, x.gamma @ weight, None if bias is None else bias.to(x.beta.dtype))
 
 
 def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
@@ -112,12 +144,124 @@ def activation(x: Split, f: Callable[[torch.Tensor], torch.Tensor]) -> Split:
 
 
 def product(a: Split, u: Split) -> Split:
-    """``a ⊙ u``: β gets ``β_a β_u + β_a γ_u + γ_a β_u``, γ gets ``γ_a γ_u``."""
+    """``a ⊙ u`` ("legacy"): β gets ``β_a β_u + β_a γ_u + γ_a β_u``, γ gets ``γ_a γ_u``.
+
+    Quadratic in β: once β and γ hold large cancelling parts, the product squares them.
+    """
     return Split(a.beta * (u.beta + u.gamma) + a.gamma * u.beta, a.gamma * u.gamma)
+
+
+def product_shapley(a: Split, u: Split) -> Split:
+    """``a ⊙ u`` with the cross terms split equally (the Shapley value of the two streams).
+
+    ``β' = ½(β_a ⊙ u + a ⊙ β_u)``, ``γ' = ½(γ_a ⊙ u + a ⊙ γ_u)`` with ``a``, ``u`` the totals:
+    β' is linear in β (no ``β²`` term to compound) and stays small when β is small.
+    """
+    ta, tu = a.beta + a.gamma, u.beta + u.gamma
+    return Split(0.5 * (a.beta * tu + ta * u.beta), 0.5 * (a.gamma * tu + ta * u.gamma))
+
+
+def normalize_rel_irrel(x: Split) -> Split:
+    """Public CD-T sign clean-up: where β and γ differ in sign, the larger takes the total, the other 0.
+
+    Same as clamping β into ``[min(0, total), max(0, total)]``: ``|β|, |γ| <= |total|`` after it.
+    """
+    total = x.beta + x.gamma
+    conflict = (x.beta * x.gamma) < 0
+    beta_wins = conflict & (x.beta.abs() >= x.gamma.abs())
+    gamma_wins = conflict & ~beta_wins
+    zero = torch.zeros_like(total)
+    return Split(torch.where(beta_wins, total, torch.where(gamma_wins, zero, x.beta)),
+                 torch.where(gamma_wins, total, torch.where(beta_wins, zero, x.gamma)))
+
+
+class _Rule(NamedTuple):
+    product: Callable[[Split, Split], Split]
+    normalize: bool
+    dtype: torch.dtype | None  # None: the forward's dtype
+
+
+RULES: dict[str, _Rule] = {
+    "legacy": _Rule(product, False, None),
+    "normalize": _Rule(product, True, None),
+    "shapley": _Rule(product_shapley, False, None),
+    "legacy-f64": _Rule(product, False, torch.float64),
+    "shapley-f64": _Rule(product_shapley, False, torch.float64),
+}
+assert set(RULES) == set(DECOMPOSITIONS)
+
+
+def check_decomposition(decomposition: str) -> None:
+    """A clear ValueError for an unknown decomposition rule."""
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+
+
+def recon_tol(model: Any) -> float:
+    """The β+γ tolerance for ``model``'s weights dtype: ``RECON_TOL`` in float32, looser in bf16/fp16."""
+    dtype = next(model.parameters()).dtype
+    return LOW_PRECISION_RECON_TOL if dtype in (torch.bfloat16, torch.float16) else RECON_TOL
+
+
+class UnstableDecompositionError(CtsftError):
+    """CD-T β/γ of some source heads went non-finite or left the real forward; ``heads`` names them."""
+
+    def __init__(self, message: str, heads: Sequence[tuple[int, int]]) -> None:
+        super().__init__(message)
+        self.heads = tuple(heads)
+
+
+class UnstableDecompositionWarning(RuntimeWarning):
+    """Like :class:`UnstableDecompositionError`, when not strict."""
+
+
+def unstable_message(heads: Sequence[tuple[int, int]], decomposition: str, tol: float = RECON_TOL) -> str:
+    """One line naming the unstable source heads."""
+    names = ", ".join(f"{layer}.{head}" for layer, head in heads)
+    return (f"CD-T decomposition ({decomposition!r}) is unstable for {len(heads)} source head(s): {names} "
+            f"(non-finite β/γ, β+γ off the real forward by > {tol:g} of its scale, or |β| over "
+            f"{BETA_LIMIT:g}x the activation); their scores "
+            f"are unreliable. Try decomposition='{DEFAULT_DECOMPOSITION}' or a float64 rule.")
+
+
+def report_unstable(heads: Sequence[tuple[int, int]], decomposition: str, strict: bool) -> None:
+    """Raise (``strict``) or warn, naming ``heads``; nothing when there are none."""
+    if not heads:
+        return
+    message = unstable_message(heads, decomposition)
+    if strict:
+        raise UnstableDecompositionError(message, heads)
+    warnings.warn(message, UnstableDecompositionWarning, stacklevel=3)
+
+
+class Health(NamedTuple):
+    """Per source, over every checked hook: all finite, worst relative reconstruction error, worst max|β|/max|real|."""
+
+    finite: Bool[torch.Tensor, " source"]
+    recon: Float[torch.Tensor, " source"]
+    beta_scale: Float[torch.Tensor, " source"]
+
+    def unstable(self, tol: float = RECON_TOL, beta_limit: float = BETA_LIMIT) -> Bool[torch.Tensor, " source"]:
+        return ~self.finite | ~(self.recon <= tol) | ~(self.beta_scale <= beta_limit)
+
+    def merge(self, other: "Health") -> "Health":
+        return Health(self.finite & other.finite, torch.maximum(self.recon, other.recon),
+                      torch.maximum(self.beta_scale, other.beta_scale))
+
+
+def health_at(x: Split, real: torch.Tensor) -> Health:
+    """Compare a split ``[source, ...]`` with the real activation ``[...]`` (NaN counts as +inf)."""
+    beta, gamma = x.beta.flatten(1), x.gamma.flatten(1)
+    real = real.to(beta.dtype).flatten()
+    scale = real.abs().max().clamp_min(torch.finfo(beta.dtype).tiny)
+    finite = torch.isfinite(beta).all(1) & torch.isfinite(gamma).all(1)
+    recon = ((beta + gamma) - real).abs().amax(1).div(scale).nan_to_num(float("inf"))
+    return Health(finite.cpu(), recon.double().cpu(), beta.abs().amax(1).div(scale).nan_to_num(float("inf")).double().cpu())
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE (Llama/Qwen convention); ``cos``/``sin`` ``[batch, pos, d_head]``."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[..., None, :] + torch.cat([-x2, x1], dim=-1) * sin[..., None, :]
 
@@ -131,6 +275,7 @@ def attention(
 ) -> Split:
     """``z`` of every head from split q/k/v ``[..., batch, pos, head, d_head]`` (KV already per query head)."""
     vb, vg = v.beta.transpose(-2, -3), v.gamma.transpose(-2, -3)  # [..., B, H, k, e]
+    pattern = pattern.to(vb.dtype)
     if rule == "frozen":
         zb, zg = pattern @ vb, pattern @ vg
     else:
@@ -167,13 +312,18 @@ def is_rotary(model: Any) -> bool:
 
 
 def cache_names(model: Any, source_layers: Sequence[int]) -> list[str]:
-    """Hooks of the real forward that the propagation from sources in ``source_layers`` reads."""
-    names = ["ln_final.hook_scale"]
+    """Hooks of the real forward that the propagation from sources in ``source_layers`` reads.
+
+    Also the hooks it is checked against (:class:`Health`): every ``hook_resid_post`` and
+    ``attn.hook_z`` above the lowest source layer and ``ln_final.hook_out``.
+    """
+    names = ["ln_final.hook_scale", "ln_final.hook_out"]
     for layer in sorted(set(source_layers)):
         names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_result"]
     for layer in range(min(source_layers), model.cfg.n_layers):
         names += [f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale",
-                  f"blocks.{layer}.attn.hook_pattern"]
+                  f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_resid_post",
+                  f"blocks.{layer}.attn.hook_z"]
         if is_rotary(model):
             names += [f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin"]
     return names
@@ -222,36 +372,60 @@ def source_split(
     return Split(beta, total[None] - beta)
 
 
+def _cached(cache: Any, name: str) -> torch.Tensor | None:
+    """``cache[name]``, or None when the forward did not keep that hook."""
+    try:
+        return cache[name]
+    except KeyError:
+        return None
+
+
 @torch.no_grad()
 def propagate(
     model: Any, cache: Any, attention_mask: torch.Tensor, sources: Sequence[Source], *,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     attention_rule: AttentionRule = "cdt",
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
     emit: Emit,
     stop_layer: int | None = None,
     last_only: bool = False,
-) -> None:
+) -> Health:
     """Push β/γ of ``sources`` (all in one layer) upward; call ``emit(hook_name, Split)`` on the way.
 
     Tensors are ``[source, batch, pos, ...]``. ``stop_layer``: stop after that layer's
     ``attn.hook_z`` (for head targets); ``None``: go on to ``ln_final.hook_out``.
     ``last_only``: in the last layer computed, only the last token's queries and MLP (all a
-    last-token target needs); what is emitted there has one position.
+    last-token target needs); what is emitted there has one position. Returns the
+    :class:`Health` of each source, checked against every real activation the cache holds among
+    ``hook_resid_post``, the final ``attn.hook_z`` and ``ln_final.hook_out``.
     """
-    check("attention rule", attention_rule, ATTENTION_RULES)
+    check_option("attention rule", attention_rule, ATTENTION_RULES)
+    check_decomposition(decomposition)
     layers = {s.layer for s in sources}
     if len(layers) != 1:
         raise ValueError(f"propagate takes sources of one layer, got layers {sorted(layers)}")
+    rule = RULES[decomposition]
     cfg = model.cfg
     first = layers.pop()
     last = cfg.n_layers - 1 if stop_layer is None else stop_layer
     allowed = allowed_keys(attention_mask)
     scale = cfg.attn_scale if cfg.attn_scale > 0 else math.sqrt(cfg.d_head)
     group = cfg.n_heads // (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    tidy = normalize_rel_irrel if rule.normalize else (lambda x: x)
+    health = Health(torch.ones(len(sources), dtype=torch.bool), torch.zeros(len(sources), dtype=torch.float64),
+                    torch.zeros(len(sources), dtype=torch.float64))
+
+    def check(name: str, x: Split, keep: slice) -> None:
+        nonlocal health
+        real = _cached(cache, name)
+        if real is not None:
+            health = health.merge(health_at(x, real[:, keep]))
 
     attn_out = source_split(model, cache, sources, attention_mask, means)
+    dt = rule.dtype or attn_out.beta.dtype
+    attn_out = Split(attn_out.beta.to(dt), attn_out.gamma.to(dt))
     emit(f"blocks.{first}.hook_attn_out", attn_out)
-    resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None] + attn_out.gamma)
+    resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None].to(dt) + attn_out.gamma)
     keep = slice(None)  # the positions computed from here on
     for layer in range(first, last + 1):
         blk, pre = model.blocks[layer], f"blocks.{layer}"
@@ -284,11 +458,12 @@ def propagate(
                           scale, attention_rule)
             emit(f"{pre}.attn.hook_z", z)
             if layer == stop_layer:
-                return
+                check(f"{pre}.attn.hook_z", z, keep)
+                return health
             w_o = a.W_O.reshape(-1, a.W_O.shape[-1])
-            attn_out = linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O)
+            attn_out = tidy(linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O))
             emit(f"{pre}.hook_attn_out", attn_out)
-            resid = Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma)
+            resid = tidy(Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma))
         else:
             resid = Split(resid.beta[..., keep, :], resid.gamma[..., keep, :])
         emit(f"{pre}.hook_resid_mid", resid)
@@ -301,23 +476,27 @@ def propagate(
             up = linear(x, mlp.W_in, mlp.b_in)
             emit(f"{pre}.mlp.hook_pre", gate)
             emit(f"{pre}.mlp.hook_pre_linear", up)
-            post = product(activation(gate, f), up)
+            post = rule.product(activation(gate, f), up)
         else:
             pre_act = linear(x, mlp.W_in, mlp.b_in)
             emit(f"{pre}.mlp.hook_pre", pre_act)
             post = activation(pre_act, f)
         emit(f"{pre}.mlp.hook_post", post)
-        mlp_out = linear(post, mlp.W_out, mlp.b_out)
+        mlp_out = tidy(linear(post, mlp.W_out, mlp.b_out))
         emit(f"{pre}.hook_mlp_out", mlp_out)
-        resid = Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma)
+        resid = tidy(Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma))
         emit(f"{pre}.hook_resid_post", resid)
+        check(f"{pre}.hook_resid_post", resid, keep)
     w, b, rms = _norm_module(model, "ln_final")
-    emit("ln_final.hook_out", norm(resid, cache["ln_final.hook_scale"][:, keep], w, b, rms=rms))
+    out = norm(resid, cache["ln_final.hook_scale"][:, keep], w, b, rms=rms)
+    emit("ln_final.hook_out", out)
+    check("ln_final.hook_out", out, keep)
+    return health
 
 
 def head_output(model: Any, layer: int, head: int, z: Split) -> Split:
     """β/γ of ``blocks.layer.attn.hook_result`` for one head, from the split ``hook_z``."""
-    w_o = model.blocks[layer].attn.W_O[head]
+    w_o = model.blocks[layer].attn.W_O[head].to(z.beta.dtype)
     return Split(z.beta[..., head, :] @ w_o, z.gamma[..., head, :] @ w_o)
 
 
@@ -334,30 +513,39 @@ def decompose(
     model: Any, batch: Batch, sources: Sequence[Source], record: Sequence[str], *,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     attention_rule: AttentionRule = "cdt",
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    strict: bool = False,
 ) -> dict[str, Split]:
     """β/γ of each ``sources[i]`` at every hook in ``record``, as ``[source, batch, ...]`` tensors.
 
     ``means=None`` is the zero baseline. Record names are TransformerLens hook names
     (``blocks.2.hook_resid_post``, ``blocks.1.attn.hook_result``, ``ln_final.hook_out``,
     ``unembed.hook_out``...). At a hook upstream of a source, β is 0 and γ the total.
+    Unstable sources (:class:`Health`) raise :class:`UnstableDecompositionError` if ``strict``,
+    else an :class:`UnstableDecompositionWarning` naming them.
     """
     if not sources:
         raise ValueError("no sources given")
+    check_decomposition(decomposition)
     names = cache_names(model, [s.layer for s in sources]) + [n for n in record if n != "unembed.hook_out"]
     with attn_results(model):
         logits, cache = run(model, batch, names=names)
     mask = batch.attention_mask.to(logits.device)
     results: dict[str, list[torch.Tensor]] = {name: [] for name in record}
     order: list[int] = []
+    unstable: list[tuple[int, int]] = []
     for layer in sorted({s.layer for s in sources}):
         idx = [i for i, s in enumerate(sources) if s.layer == layer]
         group = [sources[i] for i in idx]
         order += idx
         seen: dict[str, Split] = {}
-        propagate(model, cache, mask, group, means=means, attention_rule=attention_rule,
-                  emit=lambda name, x: seen.__setitem__(name, x))
+        health = propagate(model, cache, mask, group, means=means, attention_rule=attention_rule,
+                           decomposition=decomposition, emit=lambda name, x: seen.__setitem__(name, x))
+        unstable += [(s.layer, s.head) for s, bad in zip(group, health.unstable(recon_tol(model)).tolist()) if bad]
         for name in record:
             results[name].append(torch.stack(_recorded(model, cache, logits, seen, group, mask, means, name)))
+    if unstable:
+        report_unstable(sorted(set(unstable)), decomposition, strict)
     inverse = torch.tensor(order).argsort()
     return {name: Split(*torch.cat(parts, dim=1)[:, inverse]) for name, parts in results.items()}
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ctsft_lens.batching import check_examples
+from ctsft_lens.cdt.decompose import DEFAULT_DECOMPOSITION, Decomposition, check_decomposition
 from ctsft_lens.cdt.relevance import SCORERS, Scoring, check_options, head_relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
 from ctsft_lens.means import head_means
@@ -45,6 +46,8 @@ def discover(
     memory_gb: float | None = None,
     progress: bool = True,
     ig_steps: int = 5,
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    strict: bool = True,
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
 
@@ -57,9 +60,12 @@ def discover(
     With the total-effect scorings (``attribution``, ``attribution-ig``, ``patching``) a head's
     score already counts every path to the logits, so depth ``d`` adds the next ``ratio`` heads
     of the one logits table (edges to the logits; docs/method.md).
+    ``strict``: raise on a source whose CD-T decomposition is unstable (non-finite, or β+γ off
+    the forward); else warn and list it in ``Circuit.unstable`` (its NaN score is never ranked).
     """
     check_options(scoring, baseline, attention)
     check("aggregate", aggregate, AGGREGATES)
+    check_decomposition(decomposition)
     check_examples(examples)
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
@@ -70,7 +76,9 @@ def discover(
     ref = reference if reference is not None else examples
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
     common = dict(scoring=scoring, baseline=baseline, attention=attention, positions=positions, means=means,
-                  batch_size=batch_size, memory_gb=memory_gb, progress=progress, ig_steps=ig_steps)
+                  batch_size=batch_size, memory_gb=memory_gb, progress=progress, ig_steps=ig_steps,
+                  decomposition=decomposition, strict=strict)
+    unstable: set[Head] = set()
 
     kept: set[Head] = set()
     heads_by_depth: list[tuple[Head, ...]] = []
@@ -92,6 +100,7 @@ def discover(
             _, best = per_target.nan_to_num(float("-inf")).max(0)
             table = per_target.nansum(0) if aggregate == "sum" else per_target.nan_to_num(float("-inf")).max(0).values
             table[per_target.isnan().all(0)] = float("nan")
+        unstable.update(rel.unstable)
         new = rank_heads(table, exclude=kept)[:k]
         if not new:
             break
@@ -101,11 +110,12 @@ def discover(
         kept.update(new)
         heads_by_depth.append(tuple(new))
         tables.append(table)
-    options = {"baseline": baseline, "attention": attention, "aggregate": aggregate, "n_examples": len(examples),
+    options = {"baseline": baseline, "attention": attention, "aggregate": aggregate,
+               "decomposition": decomposition, "n_examples": len(examples),
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
                "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}
     if scoring == "attribution-ig":
         options["ig_steps"] = ig_steps
     return Circuit(tuple(heads_by_depth), tuple(tables), tuple(edges), scoring, ratio,
-                   model_info(model, checksum=True), options)
+                   model_info(model, checksum=True), options, unstable=tuple(sorted(unstable)))

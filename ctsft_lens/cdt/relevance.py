@@ -23,7 +23,9 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import Source, Split, cache_names, head_output, propagate, unembed
+from ctsft_lens.cdt.decompose import (DEFAULT_DECOMPOSITION, Decomposition, Health, Source, Split, cache_names,
+                                      check_decomposition, head_output, propagate, report_unstable, unembed,
+                                      BETA_LIMIT, recon_tol)
 from ctsft_lens.circuit import Head
 from ctsft_lens.devices import memory_budget_gb
 from ctsft_lens.forward import attn_results, hook_layer, run
@@ -42,6 +44,8 @@ class Relevance:
     targets: tuple[Head | None, ...]
     per_example: Float[torch.Tensor, "target example n_layers n_heads"]
     scoring: str
+    unstable: tuple[Head, ...] = ()  # sources with non-finite β/γ or β+γ off the forward (named in a warning)
+    recon_error: Float[torch.Tensor, "n_layers n_heads"] | None = None  # worst relative β+γ error, checked hooks
 
     @property
     def mean(self) -> Float[torch.Tensor, "target n_layers n_heads"]:
@@ -112,6 +116,8 @@ def head_relevance(
     memory_gb: float | None = None,
     progress: bool = True,
     ig_steps: int = 5,
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    strict: bool = True,
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
 
@@ -123,8 +129,12 @@ def head_relevance(
     free CUDA memory on a GPU, 2 GiB elsewhere). Scores are reduced in float32 in any model dtype.
     ``scoring`` may also be ``attribution``, ``attribution-ig`` (``ig_steps``) or ``patching``
     (``ctsft_lens.scoring``): logits target only.
+    A source whose β/γ goes non-finite or leaves the real forward, or whose score is not finite,
+    raises :class:`~ctsft_lens.cdt.decompose.UnstableDecompositionError` naming it if ``strict``;
+    otherwise a warning names it and ``Relevance.unstable`` lists it.
     """
     check_options(scoring, baseline, attention)
+    check_decomposition(decomposition)
     check_examples(examples)
     if scoring not in SCORERS:  # attribution, attribution-ig, patching (ig_steps: attribution-ig only)
         from ctsft_lens.scoring import total_effect_relevance
@@ -160,6 +170,8 @@ def head_relevance(
 
     budget = memory_budget_gb(cfg.device, memory_gb)
     per_example = torch.full((len(targets), len(examples), cfg.n_layers, cfg.n_heads), float("nan"))
+    recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
+    healthy = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # finite and |β| within BETA_LIMIT
     by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(set(sources)):
         by_layer.setdefault(layer, []).append(head)
@@ -180,23 +192,35 @@ def head_relevance(
             for i in range(0, len(heads), chunk):
                 part = heads[i:i + chunk]
                 srcs = [Source(layer, h, positions) for h in part]
-                scores = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
-                                          directions, means, attention)
+                scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
+                                                  directions, means, attention, decomposition)
+                recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
+                healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for t, s in scores.items():  # s: [S, B]
                     per_example[t, start:start + n, layer, part] = s.T.float().cpu()
                 bar.update(len(part))
         start += n
         del cache
     bar.close()
-    return Relevance(targets, per_example, scoring)
+    scored = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
+    for layer, head in sources:
+        scored[layer, head] = True
+    layer_ids = torch.arange(cfg.n_layers)[:, None]
+    upstream = torch.stack([scored & (layer_ids < (cfg.n_layers if t is None else t[0])) for t in targets])
+    nonfinite = (upstream & ~per_example.isfinite().all(1)).any(0)  # a score that should exist is NaN/inf
+    bad = scored & (~healthy | ~(recon <= recon_tol(model)) | nonfinite)
+    unstable = tuple((int(layer), int(head)) for layer, head in bad.nonzero().tolist())
+    report_unstable(unstable, decomposition, strict)
+    return Relevance(targets, per_example, scoring, unstable, recon.float())
 
 
 def _relevance_chunk(
     model: Any, cache: Any, mask: torch.Tensor, srcs: list[Source],
     targets: tuple[Head | None, ...], stop: int | None, scoring: str,
     directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
-) -> dict[int, torch.Tensor]:
-    """Scores ``{target index: [source, batch]}`` of sources in one layer."""
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+) -> tuple[dict[int, torch.Tensor], Health]:
+    """Scores ``{target index: [source, batch]}`` of sources in one layer, and their health."""
     out: dict[int, torch.Tensor] = {}
     scorer = SCORERS[scoring]
 
@@ -211,6 +235,6 @@ def _relevance_chunk(
                 if tgt is not None and tgt[0] == z_layer:
                     out[t] = scorer(head_output(model, z_layer, tgt[1], last), model, False, directions)
 
-    propagate(model, cache, mask, srcs, means=means, attention_rule=attention, emit=visit, stop_layer=stop,
-              last_only=True)
-    return out
+    health = propagate(model, cache, mask, srcs, means=means, attention_rule=attention,
+                       decomposition=decomposition, emit=visit, stop_layer=stop, last_only=True)
+    return out, health
