@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ctsft_lens.options import AGGREGATES, ATTENTION_RULES, BASELINES, MEAN_OVER, MEAN_POSITIONS, PROTOCOLS, SPLITS
+from ctsft_lens.options import AGGREGATES, ATTENTION_RULES, BASELINES, BIAS_O, MEAN_OVER, MEAN_POSITIONS, PROTOCOLS, SPLITS
 
 from ctsft_lens.errors import CLIError, CtsftError
 
@@ -468,6 +468,9 @@ def _add_stability(p: Any) -> None:
 
     p.add_argument("--decomposition", default=DEFAULT_DECOMPOSITION, choices=list(DECOMPOSITIONS),
                    help="CD-T propagation rule (docs/method.md); default: %(default)s")
+    p.add_argument("--bias-o", default="share", choices=list(BIAS_O),
+                   help="attention output bias at the source layer: shared by |beta|:|gamma| (public CD-T code) or "
+                        "all to gamma (ctsft_lens 0.1); default: %(default)s")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail when a head's CD-T decomposition is unstable (else warn and record it); default: strict")
 
@@ -499,7 +502,8 @@ def _cmd_discover(args: argparse.Namespace) -> None:
         circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
                            baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
                            reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
-                           ig_steps=args.ig_steps, decomposition=args.decomposition, strict=args.strict,
+                           ig_steps=args.ig_steps, decomposition=args.decomposition, bias_o=args.bias_o,
+                           strict=args.strict,
                            progress=not args.no_progress)
     except UnstableDecompositionError as err:
         raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None

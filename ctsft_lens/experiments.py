@@ -74,6 +74,8 @@ class DiscoveryConfig:
     attention: str = "cdt"
     baseline: str = "mean"
     aggregate: str = "sum"    # several targets at depth >= 1: "sum" (public CD-T) or "max"
+    bias_o: str = "share"     # b_O at the source layer: shared by |β|:|γ| (public CD-T) or all to "gamma"
+    decomposition: str = "shapley"  # CD-T propagation rule (cdt.decompose.DECOMPOSITIONS)
     pool: str = "shared"      # discovery examples: the competence pool (paper) or "held-out" from it
     mean_over: str = "pool"   # head means over the discovery pool, or "correct"ly answered examples only
     mean_n: int | None = None  # with mean_over = "correct": this many (label-balanced; paper: 50)
@@ -261,9 +263,11 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: discovery.depth must be in 0..max_depth ({d.max_depth}), got {d.depth}")
         if any(not 0 <= x <= d.max_depth for x in d.depths) or len(set(d.depths)) < len(d.depths):
             raise ConfigError(f"{where}: discovery.depths must be distinct depths in 0..{d.max_depth}, got {list(d.depths)}")
-        from ctsft_lens.options import AGGREGATES, MEAN_OVER, POOLS
+        from ctsft_lens.cdt.decompose import DECOMPOSITIONS
+        from ctsft_lens.options import AGGREGATES, BIAS_O, MEAN_OVER, POOLS
 
         for what, value, choices in (("aggregate", d.aggregate, AGGREGATES), ("pool", d.pool, POOLS),
+                                     ("bias_o", d.bias_o, BIAS_O), ("decomposition", d.decomposition, DECOMPOSITIONS),
                                      ("mean_over", d.mean_over, MEAN_OVER)):
             if value not in choices:
                 raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
@@ -646,7 +650,7 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
             f"means over {len(reference or examples)} {d.mean_over} examples)")
         return discover(model, examples, scoring=d.scoring, ratio=d.ratio, max_depth=d.max_depth,
                         attention=d.attention, baseline=d.baseline, aggregate=d.aggregate, reference=reference,
-                        progress=progress)
+                        bias_o=d.bias_o, decomposition=d.decomposition, progress=progress)
 
     def save(circuit: Any, path: Path) -> None:
         save_circuit(circuit, path)

@@ -115,3 +115,21 @@ def test_propagate_wants_one_layer(models, examples):
         propagate(model, None, None, [Source(0, 1), Source(1, 1)], emit=lambda *_: None)
     with pytest.raises(ValueError, match="attention rule"):
         propagate(model, None, None, [Source(0, 1)], emit=lambda *_: None, attention_rule="softmax")
+
+
+def test_b_o_is_shared_by_default_and_the_old_rule_is_an_option(models, examples):
+    """GPT-2 has b_O: shared by |β|:|γ| (public CD-T) vs all to γ (0.1); both keep β+γ exact."""
+    from ctsft_lens.models import tiny_model
+
+    model = tiny_model("gpt2", n_layers=2)
+    with torch.no_grad():  # HF initialises biases to 0: give b_O something to share
+        model.original_model.transformer.h[1].attn.c_proj.bias.copy_(torch.linspace(-0.5, 0.5, model.cfg.d_model))
+    batch = encode(model, examples)
+    src = [Source(1, 3)]
+    share = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None)["blocks.1.hook_attn_out"]
+    gamma = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None, bias_o="gamma")["blocks.1.hook_attn_out"]
+    torch.testing.assert_close(share.beta + share.gamma, gamma.beta + gamma.gamma)
+    b_o = model.blocks[1].attn.b_O
+    real = batch.attention_mask.bool()[None, :, :, None]
+    moved = (share.beta - gamma.beta).masked_select(real.expand_as(share.beta))
+    assert moved.abs().max() > 0 and (share.beta - gamma.beta).abs().max() <= b_o.abs().max() + 1e-6

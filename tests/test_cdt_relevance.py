@@ -92,11 +92,14 @@ def reference_scores(model, ids: list[int], source: tuple[int, int], direction: 
             zg[:, h * dh:(h + 1) * dh] = (pattern - p_beta) @ vb + pattern @ vg
             zt[:, h * dh:(h + 1) * dh] = pattern @ vt
         w_o, b_o = p[pre + "attn.c_proj.weight"], p[pre + "attn.c_proj.bias"]
-        if layer == source[0]:  # the source head's own output is β, everything else γ
+        if layer == source[0]:  # the source head's own output is β, the rest γ; b_O shared by |β|:|γ|
             h = source[1]
             ab = zt[:, h * dh:(h + 1) * dh] @ w_o[h * dh:(h + 1) * dh]
             at = zt @ w_o + b_o
-            ag = at - ab
+            ag = zt @ w_o - ab
+            den = ab.abs() + ag.abs()
+            frac = torch.where(den > 0, ab.abs() / den.clamp_min(1e-30), torch.zeros_like(den))
+            ab, ag = ab + b_o * frac, ag + b_o * (1 - frac)
         else:
             ab, ag, at = _lin(zb, zg, zt, w_o, b_o)
         b, g, t = b + ab, g + ag, t + at

@@ -17,7 +17,8 @@ attention pattern, rotary tables) from one real ``run_with_cache`` forward:
   non-padding) keys, ``P_γ = P - P_β`` with ``P`` the real pattern; ``z_β = P_β v_β`` and
   ``z_γ = P_γ v_β + P v_γ``, so ``z_β + z_γ = P (v_β + v_γ)`` is the real ``z``. Rule
   ``"frozen"``: the real pattern for both, ``z_β = P v_β``, ``z_γ = P v_γ``. The public CD-T
-  code (``prop_attention_no_output_hh`` in adelaidehsu/CD_Circuit) uses the frozen rule.
+  code (``prop_attention_no_output_hh`` in adelaidehsu/CD_Circuit) uses the β-pattern (``cdt``)
+  rule at its current head; its frozen lines are commented out (since Sept. 2024).
   GQA: each query head reads its KV group.
 
 The streams are propagated independently (γ is never ``total - β`` below the source), so
@@ -48,7 +49,7 @@ from jaxtyping import Bool, Float
 from ctsft_lens.batching import Batch
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.forward import attn_results, hook_layer, run
-from ctsft_lens.options import ATTENTION_RULES, AttentionRule
+from ctsft_lens.options import ATTENTION_RULES, BIAS_O, AttentionRule, BiasO
 from ctsft_lens.options import check as check_option
 
 Decomposition = Literal["shapley", "legacy", "normalize", "legacy-f64", "shapley-f64"]
@@ -356,9 +357,12 @@ def source_positions(sources: Sequence[Source], attention_mask: torch.Tensor) ->
 
 def source_split(
     model: Any, cache: Any, sources: Sequence[Source], attention_mask: torch.Tensor,
-    means: Float[torch.Tensor, "n_layers n_heads d_model"] | None,
+    means: Float[torch.Tensor, "n_layers n_heads d_model"] | None, bias_o: BiasO = "share",
 ) -> Split:
-    """β/γ of ``hook_attn_out`` at the sources' layer: β = a(s) - μ at the chosen positions."""
+    """β/γ of ``hook_attn_out`` at the sources' layer: β = a(s) - μ at the chosen positions.
+
+    ``bias_o="share"``: b_O is shared by |β|:|γ| like every other bias (the public CD-T code);
+    ``"gamma"``: b_O goes wholly to γ (ctsft_lens 0.1). Qwen2 has no b_O: the two agree there."""
     layer = sources[0].layer
     result = cache[f"blocks.{layer}.attn.hook_result"]  # [B, pos, H, d]
     heads = torch.tensor([s.head for s in sources], device=result.device)
@@ -368,8 +372,12 @@ def source_split(
     where = source_positions(sources, attention_mask)[..., None]
     beta = torch.where(where, own, torch.zeros_like(own))
     b_o = model.blocks[layer].attn.b_O
-    total = result.sum(2) + (0 if b_o is None else b_o)
-    return Split(beta, total[None] - beta)
+    rest = result.sum(2)[None] - beta
+    if b_o is None:
+        return Split(beta, rest)
+    if bias_o == "share":
+        return share_bias(beta, rest, b_o)
+    return Split(beta, rest + b_o)
 
 
 def _cached(cache: Any, name: str) -> torch.Tensor | None:
@@ -386,6 +394,7 @@ def propagate(
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     attention_rule: AttentionRule = "cdt",
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    bias_o: BiasO = "share",
     emit: Emit,
     stop_layer: int | None = None,
     last_only: bool = False,
@@ -421,7 +430,8 @@ def propagate(
         if real is not None:
             health = health.merge(health_at(x, real[:, keep]))
 
-    attn_out = source_split(model, cache, sources, attention_mask, means)
+    check_option("bias_o", bias_o, BIAS_O)
+    attn_out = source_split(model, cache, sources, attention_mask, means, bias_o)
     dt = rule.dtype or attn_out.beta.dtype
     attn_out = Split(attn_out.beta.to(dt), attn_out.gamma.to(dt))
     emit(f"blocks.{first}.hook_attn_out", attn_out)
@@ -514,6 +524,7 @@ def decompose(
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     attention_rule: AttentionRule = "cdt",
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    bias_o: BiasO = "share",
     strict: bool = False,
 ) -> dict[str, Split]:
     """β/γ of each ``sources[i]`` at every hook in ``record``, as ``[source, batch, ...]`` tensors.
@@ -540,7 +551,8 @@ def decompose(
         order += idx
         seen: dict[str, Split] = {}
         health = propagate(model, cache, mask, group, means=means, attention_rule=attention_rule,
-                           decomposition=decomposition, emit=lambda name, x: seen.__setitem__(name, x))
+                           decomposition=decomposition, bias_o=bias_o,
+                           emit=lambda name, x: seen.__setitem__(name, x))
         unstable += [(s.layer, s.head) for s, bad in zip(group, health.unstable(recon_tol(model)).tolist()) if bad]
         for name in record:
             results[name].append(torch.stack(_recorded(model, cache, logits, seen, group, mask, means, name)))

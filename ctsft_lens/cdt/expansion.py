@@ -47,6 +47,7 @@ def discover(
     progress: bool = True,
     ig_steps: int = 5,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    bias_o: str = "share",
     strict: bool = True,
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
@@ -77,7 +78,7 @@ def discover(
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
     common = dict(scoring=scoring, baseline=baseline, attention=attention, positions=positions, means=means,
                   batch_size=batch_size, memory_gb=memory_gb, progress=progress, ig_steps=ig_steps,
-                  decomposition=decomposition, strict=strict)
+                  decomposition=decomposition, bias_o=bias_o, strict=strict)
     unstable: set[Head] = set()
 
     kept: set[Head] = set()
@@ -111,7 +112,7 @@ def discover(
         heads_by_depth.append(tuple(new))
         tables.append(table)
     options = {"baseline": baseline, "attention": attention, "aggregate": aggregate,
-               "decomposition": decomposition, "n_examples": len(examples),
+               "decomposition": decomposition, "bias_o": bias_o, "n_examples": len(examples),
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
                "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}

@@ -117,6 +117,7 @@ def head_relevance(
     progress: bool = True,
     ig_steps: int = 5,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    bias_o: str = "share",
     strict: bool = True,
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
@@ -193,7 +194,7 @@ def head_relevance(
                 part = heads[i:i + chunk]
                 srcs = [Source(layer, h, positions) for h in part]
                 scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
-                                                  directions, means, attention, decomposition)
+                                                  directions, means, attention, decomposition, bias_o)
                 recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
                 healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for t, s in scores.items():  # s: [S, B]
@@ -219,6 +220,7 @@ def _relevance_chunk(
     targets: tuple[Head | None, ...], stop: int | None, scoring: str,
     directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    bias_o: str = "share",
 ) -> tuple[dict[int, torch.Tensor], Health]:
     """Scores ``{target index: [source, batch]}`` of sources in one layer, and their health."""
     out: dict[int, torch.Tensor] = {}
@@ -236,5 +238,5 @@ def _relevance_chunk(
                     out[t] = scorer(head_output(model, z_layer, tgt[1], last), model, False, directions)
 
     health = propagate(model, cache, mask, srcs, means=means, attention_rule=attention,
-                       decomposition=decomposition, emit=visit, stop_layer=stop, last_only=True)
+                       decomposition=decomposition, bias_o=bias_o, emit=visit, stop_layer=stop, last_only=True)
     return out, health
