@@ -30,7 +30,7 @@ import torch
 from ctsft_lens.errors import CtsftError, MaskError
 from ctsft_lens.masks import LoraSpec
 from ctsft_lens.options import KVPolicy
-from ctsft_lens.train.masking import MaskedAdamW, ParamSpec, _projections, trainable_specs
+from ctsft_lens.train.masking import ParamSpec, TrainableSet, _projections, trainable_specs
 
 
 def _peft() -> Any:
@@ -87,7 +87,7 @@ def resolve_lora(model: Any, spec: LoraSpec, kv: KVPolicy = "never") -> tuple[Lo
     return dataclasses.replace(spec, rank=rank, alpha=float(alpha)), matched
 
 
-class LoraTraining:
+class LoraTraining(TrainableSet):
     """PEFT LoRA layers injected into a bridge for training; the interface of ``GradientMask``.
 
     Use as a context manager (or call :meth:`remove`): on exit the LoRA update is merged into the
@@ -127,22 +127,6 @@ class LoraTraining:
         return {"rank": self.spec.rank, "alpha": self.spec.alpha, "targets": list(self.spec.targets),
                 "matched_params": self.matched_params}
 
-    @property
-    def n_trainable(self) -> int:
-        return sum(s.n_trainable for s in self.specs)
-
-    @property
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [s.param for s in self.specs]
-
-    def trainable_parameters(self) -> str:
-        """PEFT-style line (all params: the base model's)."""
-        return (f"trainable params: {self.n_trainable:,d} || all params: {self.n_all:,d} || "
-                f"trainable%: {100 * self.n_trainable / self.n_all:.4f}")
-
-    def optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                  weight_decay: float = 0.0) -> MaskedAdamW:
-        return MaskedAdamW(self.specs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {s.name: s.param.detach().clone() for s in self.specs}

@@ -227,7 +227,31 @@ class MaskedAdamW(torch.optim.Optimizer):
                     p.detach()[mask] = value
 
 
-class GradientMask:
+class TrainableSet:
+    """What every training view shares: its ``specs`` (and ``n_all``), counted and optimised one way."""
+
+    specs: list[ParamSpec]
+    n_all: int
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(s.n_trainable for s in self.specs)
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [s.param for s in self.specs]
+
+    def trainable_parameters(self) -> str:
+        """PEFT-style line: trainable elements only (masked-out slices are not counted)."""
+        return (f"trainable params: {self.n_trainable:,d} || all params: {self.n_all:,d} || "
+                f"trainable%: {100 * self.n_trainable / self.n_all:.4f}")
+
+    def optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                  weight_decay: float = 0.0) -> MaskedAdamW:
+        return MaskedAdamW(self.specs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class GradientMask(TrainableSet):
     """A head mask applied to a model: requires_grad flags, gradient hooks, optimizer, state.
 
     Use as a context manager (or call :meth:`remove`) to restore the model's flags and drop the
@@ -244,25 +268,9 @@ class GradientMask:
         self._handles = [s.param.register_hook(_zero_outside(s.mask)) for s in self.specs
                          if s.mask is not None]
 
-    @property
-    def n_trainable(self) -> int:
-        return sum(s.n_trainable for s in self.specs)
-
-    @property
-    def parameters(self) -> list[torch.nn.Parameter]:
-        return [s.param for s in self.specs]
-
-    def trainable_parameters(self) -> str:
-        """PEFT-style line: trainable elements only (masked-out slices are not counted)."""
-        return (f"trainable params: {self.n_trainable:,d} || all params: {self.n_all:,d} || "
-                f"trainable%: {100 * self.n_trainable / self.n_all:.4f}")
-
     def print_trainable_parameters(self) -> None:
         print(self.trainable_parameters())
 
-    def optimizer(self, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                  weight_decay: float = 0.0) -> MaskedAdamW:
-        return MaskedAdamW(self.specs, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     def state(self) -> dict[str, torch.Tensor]:
         """A copy of the trainable elements only (for best-checkpoint selection in memory)."""
