@@ -32,3 +32,7 @@ class ConfigError(CtsftError):
 
 class CLIError(CtsftError):
     """Bad command-line input."""
+
+
+class UnsupportedOperationError(CtsftError, NotImplementedError):
+    """An architecture, or an operation in one, that CD-T or head masking has no rule for: never a silent wrong answer."""

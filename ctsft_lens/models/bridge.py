@@ -21,10 +21,11 @@ import torch
 
 from ctsft_lens import hub
 from ctsft_lens.errors import ModelLoadError
+from ctsft_lens.models.architectures import ROWS, check_bridge
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
-# HF architecture -> the hub-style name the bridge looks its adapter up by.
-ARCHITECTURES = {"Qwen2ForCausalLM": "Qwen/Qwen2.5-0.5B", "GPT2LMHeadModel": "gpt2"}
+# HF architecture -> the hub-style name the bridge is booted with (from the architecture table).
+ARCHITECTURES = {row.hf_class: row.boot_name for row in ROWS}
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
@@ -52,6 +53,7 @@ def bridge_from_hf(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
     bridge.cfg.model_name = name
     bridge.tokenizer.padding_side = "left"
     bridge.eval()
+    check_bridge(bridge)
     return bridge
 
 
