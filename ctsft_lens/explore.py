@@ -33,7 +33,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import Source, Split, cache_names, linear, propagate
+from ctsft_lens.cdt.decompose import Source, Split, cache_names, linear, logit_cap, propagate
 from ctsft_lens.circuit import Circuit, Head, head_name, parse_head
 from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means
@@ -292,8 +292,8 @@ def label_push(model: Any, cache: Any, attention_mask: torch.Tensor, sources: Se
     """β of each source (one layer) at the label logits of the last prompt token: ``[source, batch, n_labels]``.
 
     The same numbers as ``decompose(...)["unembed.hook_out"].beta[:, :, -1, label_token_ids]``
-    (the unembedding's bias is shared column by column, so only the label columns are computed),
-    with the last layer propagated at the last position only.
+    (the unembedding's bias is shared and a logit cap applied column by column, so only the label
+    columns are computed), with the last layer propagated at the last position only.
     """
     seen: dict[str, Split] = {}
 
@@ -307,7 +307,7 @@ def label_push(model: Any, cache: Any, attention_mask: torch.Tensor, sources: Se
     last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
     ids = label_token_ids.to(model.W_U.device)
     b_u = getattr(model, "b_U", None)
-    return linear(last, model.W_U[:, ids], None if b_u is None else b_u[ids]).beta
+    return logit_cap(model, linear(last, model.W_U[:, ids], None if b_u is None else b_u[ids])).beta
 
 
 # --------------------------------------------------------------------------------------------

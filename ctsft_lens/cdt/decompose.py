@@ -9,17 +9,27 @@ attention pattern, rotary tables) from one real ``run_with_cache`` forward:
 * linear ``x W + b``: ``βW``, ``γW``, the bias shared in proportion to ``|βW| : |γW|``;
 * LayerNorm: each stream centred, both divided by the *total*'s scale, times the weight; the
   bias shared by ``|β| : |γ|`` of the input (as ``prop_layer_norm`` of the public CD-T code);
-  RMSNorm: both divided by the total's RMS, times the weight;
-* element-wise activation ``f``: ``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``;
-* product ``a ⊙ u`` (SwiGLU): every term holding a β goes to β, ``γ_a ⊙ γ_u`` to γ;
-* rotary embeddings: applied to both streams (linear at each position);
+  RMSNorm: both divided by the total's RMS, times the weight (Gemma: ``1 + w``); the same for
+  the post-sublayer norms (Gemma 2/3, OLMo-2: the total is the sublayer's whole output) and the
+  q/k norms (Qwen3, Gemma 3 per head; OLMo-2 over the projection), each scale the real forward's
+  ``hook_scale``;
+* element-wise activation ``f``: ``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``; also Gemma 2's final
+  logit cap ``c·tanh(x/c)``;
+* product ``a ⊙ u`` (SwiGLU, GeGLU): every term holding a β goes to β, ``γ_a ⊙ γ_u`` to γ;
+* rotary embeddings: applied to both streams (linear at each position); partial rotary (Phi-3)
+  on the first ``rotary_dim`` dims;
 * attention, rule ``"cdt"``: ``P_β = softmax(q_β k_βᵀ / √d)`` over the allowed (causal,
   non-padding) keys, ``P_γ = P - P_β`` with ``P`` the real pattern; ``z_β = P_β v_β`` and
   ``z_γ = P_γ v_β + P v_γ``, so ``z_β + z_γ = P (v_β + v_γ)`` is the real ``z``. Rule
   ``"frozen"``: the real pattern for both, ``z_β = P v_β``, ``z_γ = P v_γ``. The public CD-T
   code (``prop_attention_no_output_hh`` in adelaidehsu/CD_Circuit) uses the β-pattern (``cdt``)
   rule at its current head; its frozen lines are commented out (since Sept. 2024).
-  GQA: each query head reads its KV group.
+  GQA: each query head reads its KV group. The β scores are scaled and soft-capped as the real
+  ones (Gemma) and the allowed keys follow each layer's sliding window (``models/architectures.py``).
+  The embedding scale (Gemma's √d_model) is upstream of every source: no rule.
+
+Which family has which operation is ``ctsft_lens.models.architectures``; an operation or config
+feature without a rule raises :class:`~ctsft_lens.errors.UnsupportedOperationError`.
 
 The streams are propagated independently (γ is never ``total - β`` below the source), so
 ``β + γ == real activation`` at every hook is a real check of the rules (see the tests).
@@ -38,7 +48,6 @@ Many sources propagate at once: the leading tensor dimension is ``[source, examp
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, NamedTuple, Sequence, get_args
@@ -47,8 +56,9 @@ import torch
 from jaxtyping import Bool, Float
 
 from ctsft_lens.batching import Batch
-from ctsft_lens.errors import CtsftError
+from ctsft_lens.errors import CtsftError, UnsupportedOperationError
 from ctsft_lens.forward import attn_results, hook_layer, run
+from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps
 from ctsft_lens.options import ATTENTION_RULES, BIAS_O, AttentionRule, BiasO
 from ctsft_lens.options import check as check_option
 
@@ -261,7 +271,12 @@ def health_at(x: Split, real: torch.Tensor) -> Health:
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Llama/Qwen convention); ``cos``/``sin`` ``[batch, pos, d_head]``."""
+    """Rotate-half RoPE (Llama/Qwen convention); ``cos``/``sin`` ``[batch, pos, rotary_dim]``.
+
+    Partial rotary (Phi-3 / Phi-4-mini): only the first ``rotary_dim`` dims rotate, the rest pass."""
+    n = cos.shape[-1]
+    if n < x.shape[-1]:
+        return torch.cat([rotary(x[..., :n], cos, sin), x[..., n:]], dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos[..., None, :] + torch.cat([-x2, x1], dim=-1) * sin[..., None, :]
@@ -273,15 +288,22 @@ def attention(
     allowed: Bool[torch.Tensor, "batch 1 q k"],
     scale: float,
     rule: AttentionRule,
+    softcap: float | None = None,
 ) -> Split:
-    """``z`` of every head from split q/k/v ``[..., batch, pos, head, d_head]`` (KV already per query head)."""
+    """``z`` of every head from split q/k/v ``[..., batch, pos, head, d_head]`` (KV already per query head).
+
+    ``softcap`` (Gemma 2): the β scores are capped as the real ones, ``c·tanh(s/c)``, before the
+    mask and softmax; the frozen rule reads the real (capped) pattern and needs nothing."""
     vb, vg = v.beta.transpose(-2, -3), v.gamma.transpose(-2, -3)  # [..., B, H, k, e]
     pattern = pattern.to(vb.dtype)
     if rule == "frozen":
         zb, zg = pattern @ vb, pattern @ vg
     else:
         qb, kb = q.beta.transpose(-2, -3), k.beta.transpose(-2, -3)
-        scores = (qb @ kb.transpose(-1, -2)).div_(scale).masked_fill_(~allowed, float("-inf"))
+        scores = (qb @ kb.transpose(-1, -2)).div_(scale)
+        if softcap is not None:
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
+        scores = scores.masked_fill_(~allowed, float("-inf"))
         p_beta = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows with no allowed key: 0
         del scores
         zb = p_beta @ vb
@@ -294,17 +316,84 @@ def attention(
 # The model, layer by layer
 # --------------------------------------------------------------------------------------------
 def _norm_module(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    mod = model.ln_final if name == "ln_final" else getattr(model.blocks[hook_layer(name)], name.split(".")[2])
-    rms = bool(getattr(mod, "uses_rms_norm", False)) or model.cfg.normalization_type == "RMS"
-    return mod.w, (None if rms else mod.b), rms
+    """Weight (with the family's offset: Gemma's ``1 + w``), bias and RMS-ness of norm ``name``."""
+    row = architecture(model)
+    mod = model.ln_final if name == "ln_final" else model.get_submodule(name)
+    rms = row.norm == "rms"
+    return (mod.w + row.norm_offset if row.norm_offset else mod.w), (None if rms else mod.b), rms
+
+
+def _pre_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit) -> Split:
+    """``ln1``/``ln2`` before a sublayer with the total's ``hook_scale``; the identity where the
+    family has none (OLMo-2: the sublayers read the residual stream itself)."""
+    if not architecture(model).pre_norms:
+        return x
+    w, b, rms = _norm_module(model, name)
+    out = norm(x, cache[f"{name}.hook_scale"][:, keep], w, b, rms=rms)
+    emit(f"{name}.hook_out", out)
+    return out
+
+
+def _post_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit) -> Split:
+    """``ln1_post``/``ln2_post`` (Gemma 2/3, OLMo-2): a norm of the sublayer's output before the
+    residual add, divided by the *total* output's scale from the real forward (the norm's
+    ``hook_scale``); the identity elsewhere. Emits the sublayer's raw output first."""
+    if not architecture(model).post_norms:
+        return x
+    emit(name.replace("ln1_post", "attn").replace("ln2_post", "mlp") + ".hook_out", x)
+    w, b, rms = _norm_module(model, name)
+    return norm(x, cache[f"{name}.hook_scale"][:, keep], w, b, rms=rms)
+
+
+def _qk_norm(model: Any, cache: Any, pre: str, q: Split, k: Split, keep: slice, emit: Emit) -> tuple[Split, Split]:
+    """RMSNorm of q and k before RoPE (Qwen3, Gemma 3: per head over ``d_head``; OLMo-2: over the
+    whole projection) with the totals' scales from the real forward; the identity elsewhere.
+    Emitted in the bridge's layouts: ``[batch, head, pos, d_head]`` per head, ``[batch, pos, head·d_head]`` whole."""
+    row = architecture(model)
+    if row.qk_norm is None:
+        return q, k
+    out = []
+    for name, x, pos in (("q", q, keep), ("k", k, slice(None))):
+        w, _, _ = _norm_module(model, f"{pre}.attn.{name}_norm")
+        scale = cache[f"{pre}.attn.{name}_norm.hook_scale"]
+        if row.qk_norm == "head":  # [B, head, pos, 1] -> [B, pos, head, 1]
+            scale = scale.transpose(1, 2)[:, pos]
+        else:  # [B, pos, 1] over all heads; the weight holds one slice per head
+            scale, w = scale[:, pos, None], w.view(-1, x.beta.shape[-1])
+        y = norm(x, scale, w, None, rms=True)
+        layout = (lambda t: t.transpose(-2, -3)) if row.qk_norm == "head" else (lambda t: t.flatten(-2))
+        emit(f"{pre}.attn.hook_{name}_normed", Split(layout(y.beta), layout(y.gamma)))
+        out.append(y)
+    return out[0], out[1]
+
+
+def _check_rotary(model: Any, cos: torch.Tensor) -> None:
+    """RoPE the rules cover: rotate-half, on every dim or (families whose row says so) the first ``rotary_dim``."""
+    cfg = model.cfg
+    if getattr(cfg, "rotary_adjacent_pairs", False) or getattr(cfg, "rotary_interleaved_cos_sin", False):
+        raise UnsupportedOperationError("adjacent-pair (interleaved) rotary embeddings have no CD-T rule")
+    if cos.shape[-1] != cfg.d_head and architecture(model).rotary != "partial":
+        raise UnsupportedOperationError(f"partial rotary embeddings ({cos.shape[-1]} of {cfg.d_head} dims) are not "
+                                        f"expected for {cfg.architecture}: no CD-T rule")
+
+
+def _check_keys(pattern: torch.Tensor, allowed: torch.Tensor, real_queries: torch.Tensor, layer: int) -> None:
+    """The real pattern must attend only to keys CD-T's β pattern may (causal, real, in the window)."""
+    stray = pattern.masked_fill(allowed | ~real_queries[:, None, :, None], 0)
+    if bool(stray.ne(0).any()):
+        raise UnsupportedOperationError(f"layer {layer}'s real attention reaches keys outside the causal / "
+                                        "sliding-window mask that the CD-T rules assume for this architecture")
+
+
+def logit_cap(model: Any, logits: Split) -> Split:
+    """Final-logit soft-capping ``c·tanh(x/c)`` (Gemma 2) as an element-wise activation; the identity elsewhere."""
+    cap = soft_caps(model)[1]
+    return logits if cap is None else activation(logits, lambda t: torch.tanh(t / cap) * cap)
 
 
 def _act_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    orig = model.blocks[layer].mlp.original_component
-    fn = getattr(orig, "act", None) or getattr(orig, "act_fn", None)
-    if fn is None:
-        raise NotImplementedError(f"cannot find the MLP activation of layer {layer}")
-    return fn
+    """The HF MLP's own activation (SiLU for SwiGLU, GELU-tanh for Gemma's GeGLU, ...)."""
+    return getattr(model.blocks[layer].mlp.original_component, architecture(model).act_attr)
 
 
 def is_rotary(model: Any) -> bool:
@@ -321,19 +410,27 @@ def cache_names(model: Any, source_layers: Sequence[int]) -> list[str]:
     names = ["ln_final.hook_scale", "ln_final.hook_out"]
     for layer in sorted(set(source_layers)):
         names += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_result"]
+    row = architecture(model)
+    norms = (["ln1", "ln2"] if row.pre_norms else []) + (["ln1_post", "ln2_post"] if row.post_norms else [])
+    norms += ["attn.q_norm", "attn.k_norm"] if row.qk_norm else []
     for layer in range(min(source_layers), model.cfg.n_layers):
-        names += [f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale",
-                  f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_resid_post",
+        names += [f"blocks.{layer}.{n}.hook_scale" for n in norms]
+        names += [f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_resid_post",
                   f"blocks.{layer}.attn.hook_z"]
         if is_rotary(model):
             names += [f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin"]
     return names
 
 
-def allowed_keys(attention_mask: torch.Tensor) -> Bool[torch.Tensor, "batch 1 q k"]:
-    """Causal and non-padding keys for every query: what a β pattern may attend to."""
+def allowed_keys(attention_mask: torch.Tensor, window: int | None = None) -> Bool[torch.Tensor, "batch 1 q k"]:
+    """Causal and non-padding keys for every query: what a β pattern may attend to.
+
+    ``window``: a sliding-window layer also hides keys ``window`` or more positions back
+    (``q - k < window``, as transformers masks it)."""
     n = attention_mask.shape[1]
     causal = torch.ones(n, n, dtype=torch.bool, device=attention_mask.device).tril()
+    if window is not None:
+        causal = causal.triu(-(window - 1))
     return (causal[None] & attention_mask.bool()[:, None, :])[:, None]
 
 
@@ -359,7 +456,8 @@ def source_split(
     model: Any, cache: Any, sources: Sequence[Source], attention_mask: torch.Tensor,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None, bias_o: BiasO = "share",
 ) -> Split:
-    """β/γ of ``hook_attn_out`` at the sources' layer: β = a(s) - μ at the chosen positions.
+    """β/γ of the attention output (``attn.hook_out``, before any post-norm) at the sources'
+    layer: β = a(s) - μ at the chosen positions.
 
     ``bias_o="share"``: b_O is shared by |β|:|γ| like every other bias (the public CD-T code);
     ``"gamma"``: b_O goes wholly to γ (ctsft_lens 0.1). Qwen2 has no b_O: the two agree there."""
@@ -417,8 +515,11 @@ def propagate(
     cfg = model.cfg
     first = layers.pop()
     last = cfg.n_layers - 1 if stop_layer is None else stop_layer
-    allowed = allowed_keys(attention_mask)
-    scale = cfg.attn_scale if cfg.attn_scale > 0 else math.sqrt(cfg.d_head)
+    windows = sliding_windows(model)
+    allowed = {w: allowed_keys(attention_mask, w) for w in set(windows)}
+    real_queries = attention_mask.bool()
+    scale = attention_scale(model)
+    attn_cap = soft_caps(model)[0]
     group = cfg.n_heads // (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
     tidy = normalize_rel_irrel if rule.normalize else (lambda x: x)
     health = Health(torch.ones(len(sources), dtype=torch.bool), torch.zeros(len(sources), dtype=torch.float64),
@@ -434,6 +535,7 @@ def propagate(
     attn_out = source_split(model, cache, sources, attention_mask, means, bias_o)
     dt = rule.dtype or attn_out.beta.dtype
     attn_out = Split(attn_out.beta.to(dt), attn_out.gamma.to(dt))
+    attn_out = _post_norm(model, cache, f"blocks.{first}.ln1_post", attn_out, slice(None), emit)
     emit(f"blocks.{first}.hook_attn_out", attn_out)
     resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None].to(dt) + attn_out.gamma)
     keep = slice(None)  # the positions computed from here on
@@ -443,9 +545,7 @@ def propagate(
             keep = slice(-1, None)
         if layer > first:
             emit(f"{pre}.hook_resid_pre", resid)
-            w, b, rms = _norm_module(model, f"{pre}.ln1")
-            x = norm(resid, cache[f"{pre}.ln1.hook_scale"], w, b, rms=rms)
-            emit(f"{pre}.ln1.hook_out", x)
+            x = _pre_norm(model, cache, f"{pre}.ln1", resid, slice(None), emit)
             a = blk.attn
             q = linear_heads(Split(x.beta[..., keep, :], x.gamma[..., keep, :]), a.W_Q, a.b_Q)
             k = linear_heads(x, a.W_K, a.b_K)
@@ -453,10 +553,10 @@ def propagate(
             emit(f"{pre}.attn.hook_q", q)
             emit(f"{pre}.attn.hook_k", k)
             emit(f"{pre}.attn.hook_v", v)
+            q, k = _qk_norm(model, cache, pre, q, k, keep, emit)
             if is_rotary(model):
                 cos, sin = cache[f"{pre}.attn.hook_cos"], cache[f"{pre}.attn.hook_sin"]
-                if cos.shape[-1] != cfg.d_head:
-                    raise NotImplementedError("partial rotary embeddings are not supported")
+                _check_rotary(model, cos)
                 q = Split(*(rotary(t, cos[:, keep], sin[:, keep]) for t in q))
                 k = Split(*(rotary(t, cos, sin) for t in k))
                 emit(f"{pre}.attn.hook_rot_q", q)
@@ -464,24 +564,25 @@ def propagate(
             if group > 1:
                 k = Split(*(t.repeat_interleave(group, dim=-2) for t in k))
                 v = Split(*(t.repeat_interleave(group, dim=-2) for t in v))
-            z = attention(q, k, v, cache[f"{pre}.attn.hook_pattern"][:, :, keep], allowed[:, :, keep],
-                          scale, attention_rule)
+            pattern, keys = cache[f"{pre}.attn.hook_pattern"][:, :, keep], allowed[windows[layer]][:, :, keep]
+            if attention_rule == "cdt":  # the β pattern spreads over ``keys``: they must be the real ones
+                _check_keys(pattern, keys, real_queries[:, keep], layer)
+            z = attention(q, k, v, pattern, keys, scale, attention_rule, softcap=attn_cap)
             emit(f"{pre}.attn.hook_z", z)
             if layer == stop_layer:
                 check(f"{pre}.attn.hook_z", z, keep)
                 return health
             w_o = a.W_O.reshape(-1, a.W_O.shape[-1])
             attn_out = tidy(linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O))
+            attn_out = _post_norm(model, cache, f"{pre}.ln1_post", attn_out, keep, emit)
             emit(f"{pre}.hook_attn_out", attn_out)
             resid = tidy(Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma))
         else:
             resid = Split(resid.beta[..., keep, :], resid.gamma[..., keep, :])
         emit(f"{pre}.hook_resid_mid", resid)
-        w, b, rms = _norm_module(model, f"{pre}.ln2")
-        x = norm(resid, cache[f"{pre}.ln2.hook_scale"][:, keep], w, b, rms=rms)
-        emit(f"{pre}.ln2.hook_out", x)
+        x = _pre_norm(model, cache, f"{pre}.ln2", resid, keep, emit)
         mlp, f = blk.mlp, _act_fn(model, layer)
-        if cfg.gated_mlp:
+        if architecture(model).gated:
             gate = linear(x, mlp.W_gate, getattr(mlp, "b_gate", None))
             up = linear(x, mlp.W_in, mlp.b_in)
             emit(f"{pre}.mlp.hook_pre", gate)
@@ -493,6 +594,7 @@ def propagate(
             post = activation(pre_act, f)
         emit(f"{pre}.mlp.hook_post", post)
         mlp_out = tidy(linear(post, mlp.W_out, mlp.b_out))
+        mlp_out = _post_norm(model, cache, f"{pre}.ln2_post", mlp_out, keep, emit)
         emit(f"{pre}.hook_mlp_out", mlp_out)
         resid = tidy(Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma))
         emit(f"{pre}.hook_resid_post", resid)
@@ -511,8 +613,9 @@ def head_output(model: Any, layer: int, head: int, z: Split) -> Split:
 
 
 def unembed(model: Any, x: Split) -> Split:
-    """Logits from the split final normalised residual (``b_U`` shared like any bias)."""
-    return linear(x, model.W_U, model.b_U)
+    """Logits from the split final normalised residual (``b_U`` shared like any bias), soft-capped
+    where the family caps them (:func:`logit_cap`): the model's output logits."""
+    return logit_cap(model, linear(x, model.W_U, model.b_U))
 
 
 # --------------------------------------------------------------------------------------------
