@@ -9,7 +9,10 @@ A head mask selects attention heads. Training then updates, per selected head ``
   GQA one K/V head serves ``n_heads / n_kv_heads`` query heads, so this also changes what the
   group's unselected heads see); with ``kv="never"`` (default) K/V stay frozen;
 
-plus every LayerNorm / RMSNorm weight (and LayerNorm bias). Everything else (embeddings, MLPs,
+plus every LayerNorm / RMSNorm weight of the residual stream (and LayerNorm bias). Q/K norms
+(Qwen3, Gemma 3, OLMo-2) belong to the heads: a whole-projection one (OLMo-2) trains the slices of
+the selected heads (its K norm: of the selected groups, with the K rows); a per-head one, shared by
+every head (Qwen3, Gemma 3), stays frozen under a head mask. Everything else (embeddings, MLPs,
 unembedding, unselected heads) keeps ``requires_grad=False``: no gradient, no optimizer state.
 
 Three layers of protection keep frozen slices bit-identical:
@@ -21,10 +24,11 @@ Three layers of protection keep frozen slices bit-identical:
 3. :class:`MaskedAdamW` gathers only the masked elements, keeps Adam moments for those alone and
    writes them back with an index put: weight decay and moments never touch frozen elements.
 
-Layouts: Qwen2 ``q/k/v/o_proj`` are ``nn.Linear`` (``[out, in]``). GPT-2's fused ``c_attn`` is a
-``Conv1D`` (``[in, out]``); the bridge splits it into ``nn.Linear`` views that share its storage
-(so updating them updates ``c_attn``, which is then an alias we skip), and ``c_proj`` stays a
-``Conv1D``, whose per-head slices are *rows*.
+Layouts come from the architecture table (:class:`~ctsft_lens.models.architectures.HeadLayout`):
+``q/k/v/o_proj`` are ``nn.Linear`` (``[out, in]``). GPT-2's fused ``c_attn`` (a ``Conv1D``,
+``[in, out]``) and Phi-3's ``qkv_proj`` are split by the bridge into ``nn.Linear`` views that share
+their storage (so updating them updates the fused tensor, which is then an alias we skip; so is
+Phi-3's fused ``gate_up_proj``); GPT-2's ``c_proj`` stays a ``Conv1D``, whose per-head slices are *rows*.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from jaxtyping import Bool
 
 from ctsft_lens.errors import MaskError
 from ctsft_lens.masks import HeadMask, SparseSpec
+from ctsft_lens.models.architectures import architecture
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check
 
 
@@ -77,10 +82,29 @@ def _projections(model: Any, layer: int) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _head_axis(module: torch.nn.Module, proj: str) -> int:
-    """Weight axis that indexes heads: output features for q/k/v, input features for o."""
-    out_axis = 1 if type(module).__name__ == "Conv1D" else 0  # Conv1D stores [in, out]
-    return out_axis if proj in "qkv" else 1 - out_axis
+def _head_axis(model: Any, proj: str) -> int:
+    """Weight axis that indexes heads: rows of the (bridge's) q/k/v, the table's ``o_axis`` for o."""
+    return architecture(model).heads.o_axis if proj == "o" else 0
+
+
+def _qk_norms(model: Any, layer: int) -> dict[str, torch.nn.Module]:
+    """The HF q/k norm modules of a layer (Qwen3, Gemma 3, OLMo-2); empty elsewhere."""
+    if architecture(model).qk_norm is None:
+        return {}
+    attn = model.blocks[layer].attn
+    return {proj: getattr(attn, f"{proj}_norm").original_component for proj in "qk"}
+
+
+def _fused_aliases(model: Any) -> set[int]:
+    """Fused tensors the bridge trains through views (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` and
+    ``gate_up_proj``): counted once, via the views, and never handed to the optimizer."""
+    fused_mlp = architecture(model).fused_gate_up
+    out = set()
+    for blk in model.blocks:
+        out |= {id(p) for p in getattr(getattr(blk.attn, "qkv", None), "parameters", list)()}
+        if fused_mlp is not None:
+            out |= {id(p) for p in getattr(blk.mlp.original_component, fused_mlp).parameters()}
+    return out
 
 
 def _slice_mask(shape: torch.Size, axis: int, blocks: Iterable[int], width: int,
@@ -114,12 +138,11 @@ def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVP
         raise MaskError(f"head mask names heads {outside} outside this model of {n_layers} layers x {n_heads} heads")
 
     projections = {layer: _projections(model, layer) for layer in range(n_layers)}
-    # GPT-2's fused c_attn (``attn.qkv``) is split by the bridge into q/k/v views of its storage,
-    # which the forward uses: the fused tensor is an alias, skipped (counted once via the views).
-    aliases = {id(p) for layer in range(n_layers)
-               for p in getattr(getattr(model.blocks[layer].attn, "qkv", None), "parameters", list)()}
+    qk_norms = {layer: _qk_norms(model, layer) for layer in range(n_layers)}
+    aliases = _fused_aliases(model)
+    head_norms = {id(p) for norms in qk_norms.values() for m in norms.values() for p in m.parameters()}
     norm_params = {id(p) for m in model.original_model.modules() if _is_norm(m)
-                   for p in m.parameters(recurse=False)}
+                   for p in m.parameters(recurse=False)} - head_norms
 
     named: dict[int, tuple[str, torch.nn.Parameter]] = {}
     n_all = 0
@@ -145,11 +168,17 @@ def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVP
             if proj in "kv" and kv == "never":
                 continue
             blocks = groups if proj in "kv" else heads
-            axis = _head_axis(mod, proj)
+            axis = _head_axis(model, proj)
             specs.append(spec(mod.weight, _slice_mask(mod.weight.shape, axis, blocks, d_head, mod.weight.device)))
             bias = getattr(mod, "bias", None)
             if proj != "o" and bias is not None:
                 specs.append(spec(bias, _slice_mask(bias.shape, 0, blocks, d_head, bias.device)))
+        if architecture(model).qk_norm == "projection":  # one weight slice per head, like the projection's rows
+            for proj, mod in qk_norms[layer].items():
+                if proj == "k" and kv == "never":
+                    continue
+                blocks = groups if proj == "k" else heads
+                specs.append(spec(mod.weight, _slice_mask(mod.weight.shape, 0, blocks, d_head, mod.weight.device)))
     return specs, n_all
 
 
