@@ -50,7 +50,7 @@ def to_eap_graph(mask: HeadMask, circuit: Circuit | None = None) -> dict[str, An
             name = f"{parent}->{child}" + (f"<{qkv}>" if qkv else "")
             edges[name] = {"score": found.get((parent, child), 0.0), "in_graph": True}
 
-    upstream = ["input"]  # sequential attention then MLP, as in Qwen2 and GPT-2
+    upstream = ["input"]  # sequential attention then MLP, as in every family of models/architectures.py
     for layer in range(n_layers):
         heads = [node_name((layer, h)) for h in range(n_heads)]
         for parent in upstream:

@@ -1,8 +1,9 @@
 """LoRA through the real ``peft`` library, as a transfer variant trained by the shared trainer.
 
 The bridge wraps each Hugging Face projection in a ``LinearBridge`` whose
-``_original_component`` is the HF module (Qwen2 ``q/k/v/o_proj`` ``nn.Linear``; GPT-2 the
-bridge-made ``nn.Linear`` views of ``c_attn`` and the ``Conv1D`` ``c_proj``). PEFT injects its
+``_original_component`` is the HF module (``q/k/v/o_proj`` ``nn.Linear``; GPT-2 the
+bridge-made ``nn.Linear`` views of ``c_attn`` and the ``Conv1D`` ``c_proj``; Phi-3 views of
+``qkv_proj``, so a merge writes into the fused tensor). PEFT injects its
 LoRA layers in place of those modules inside ``bridge.original_model``
 (``peft.inject_adapter_in_model``), so the bridge's forward, hooks and all, runs through them.
 
