@@ -144,6 +144,9 @@ def sliding_windows(model: Any) -> list[int | None]:
     row, cfg = architecture(model), hf_config(model)
     n_layers = int(model.cfg.n_layers)
     window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_bidirectional_attention", False):  # EmbeddingGemma-style configs
+        raise UnsupportedOperationError(f"{row.hf_class} config sets use_bidirectional_attention: CD-T's rules "
+                                        "assume causal attention")
     if row.sliding == "none":
         if window is not None and getattr(cfg, "use_sliding_window", True):
             raise UnsupportedOperationError(f"{row.hf_class} config sets sliding_window={window}, which the "
