@@ -111,7 +111,8 @@ def _record(model, cache) -> list[str]:
 @pytest.mark.parametrize("arch", NEW)
 @pytest.mark.parametrize("baseline", ["mean", "zero"])
 def test_beta_plus_gamma_is_the_real_activation_at_every_hook(arch, baseline, examples):
-    """Both attention rules; in float32, within 2e-5 of each activation's scale."""
+    """The two-stream reference, where β + γ checks every rule; both attention rules; in float32,
+    within 2e-5 of each activation's scale."""
     model = _model(arch)
     batch = encode(model, examples)
     logits, cache = _forward(model, batch)
@@ -119,7 +120,8 @@ def test_beta_plus_gamma_is_the_real_activation_at_every_hook(arch, baseline, ex
     sources = [Source(0, 1), Source(1, 3), Source(0, 2, (-1, -2)), Source(1, 0, (0,))]
     record = _record(model, cache)
     for rule in ("cdt", "frozen"):
-        split = decompose(model, batch, sources, record, means=means, attention_rule=rule, strict=True)
+        split = decompose(model, batch, sources, record, means=means, attention_rule=rule, strict=True,
+                          streams="both")
         for name in record:
             real = logits if name == "unembed.hook_out" else cache[name]
             _close(split[name].beta + split[name].gamma, real, f"{rule}: {name}")
@@ -138,11 +140,12 @@ def test_every_emitted_activation_is_a_hook_of_the_real_forward(arch, examples):
     batch = encode(model, examples)
     _, cache = _forward(model, batch)
     seen: dict[str, tuple] = {}
-    propagate(model, cache, batch.attention_mask, [Source(0, 1)], emit=lambda n, x: seen.__setitem__(n, x))
+    propagate(model, cache, batch.attention_mask, [Source(0, 1)], emit=lambda n, x: seen.__setitem__(n, x),
+              streams="both")
     not_hooked = {n for n in seen if n not in cache}
     # Phi-3's fused-qkv attention rotates q/k without firing hook_rot_q/k; the rules still rotate them
     assert not_hooked == ({f"blocks.{l}.attn.hook_rot_{p}" for l in (1, 2) for p in "qk"} if arch == "phi3" else set())
-    expect = {"attn.hook_q_normed": row.qk_norm is not None, "ln1.hook_out": row.pre_norms,
+    expect = {"attn.hook_q_normed": row.qk_norm == "projection", "ln1.hook_out": row.pre_norms,
               "mlp.hook_out": row.post_norms, "mlp.hook_pre_linear": row.gated}
     for point, present in expect.items():
         assert (f"blocks.2.{point}" in seen) == present, point
@@ -170,7 +173,7 @@ def test_beta_carries_everything_when_gamma_is_zero(arch, examples):
     fake["blocks.0.hook_resid_pre"] = torch.zeros_like(mid)
     seen: dict = {}
     health = propagate(model, fake, batch.attention_mask, [Source(0, 1)], attention_rule="cdt",
-                       emit=lambda n, x: seen.__setitem__(n, x))
+                       emit=lambda n, x: seen.__setitem__(n, x), streams="both")
     assert (health.recon < 1e-5).all()
     real = batch.attention_mask.bool()
     seen["unembed.hook_out"] = unembed(model, seen["ln_final.hook_out"])
@@ -179,15 +182,39 @@ def test_beta_carries_everything_when_gamma_is_zero(arch, examples):
         if name.startswith("blocks.0.") or (name not in cache and name != "unembed.hook_out"):
             continue
         total = logits if name == "unembed.hook_out" else cache[name]
-        if name.endswith(("_normed",)) and row.qk_norm == "head":  # [B, head, pos, d]: positions on axis 2
-            keep = real[:, None, :, None].expand_as(total)
-        else:
-            keep = real.view(*real.shape, *[1] * (total.ndim - 2)).expand_as(total)
+        keep = real.view(*real.shape, *[1] * (total.ndim - 2)).expand_as(total)
         scale = total[keep].abs().max().item()
         assert x.gamma[0][keep].abs().max().item() <= 2e-5 * scale + 1e-6, f"{name}: γ is not 0"
         _close(x.beta[0][keep], total[keep], name)
         checked += 1
     assert checked >= 20
+
+
+@pytest.mark.parametrize("arch", NEW)
+def test_beta_only_path_equals_the_two_stream_reference(arch, examples):
+    """The fast path (γ = real - β, starting at the first source position) on each family, with
+    sources late in the prompt, so that windowed layers drop a different number of keys per query."""
+    from ctsft_lens.cdt import head_relevance
+
+    model = _model(arch)
+    batch = encode(model, examples)
+    logits, cache = _forward(model, batch)
+    means = _means(arch, tuple(examples))
+    sources = [Source(1, 1, (-1,)), Source(1, 2, (-3, -1)), Source(1, 3, (-7,))]
+    record = ["blocks.2.attn.hook_z", "blocks.2.hook_attn_out", "blocks.2.hook_resid_post", "unembed.hook_out"]
+    real = batch.attention_mask.bool()
+    for rule in ("cdt", "frozen"):
+        ref = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="both")
+        fast = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="beta")
+        for name in record:
+            total = logits if name == "unembed.hook_out" else cache[name]
+            keep = real.view(1, *real.shape, *[1] * (total.dim() - 2))  # padding rows of the real pattern are noise
+            _close(fast[name].beta + fast[name].gamma, total, f"{rule}: {name}")
+            _close(fast[name].beta * keep, ref[name].beta * keep, f"{rule}: {name}", tol=1e-5)
+    for positions in (None, (-1,)):
+        scores = [head_relevance(model, examples, positions=positions, streams=streams, means=means,
+                                 progress=False).per_example for streams in ("both", "beta")]
+        _close(scores[1], scores[0], f"scores, positions {positions}", tol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def _projections(model: Any, layer: int) -> dict[str, torch.nn.Module]:
         mod = getattr(sub, "original_component", None)
         if mod is None or getattr(mod, "weight", None) is None:
             raise MaskError(f"blocks.{layer}.attn has no '{proj}' projection: head masking supports "
-                            "Qwen2 and GPT-2 style attention only")
+                            "attention with q/k/v/o projections only")
         out[proj] = mod
     return out
 
