@@ -46,7 +46,7 @@ def _top_overlap(a, b, k: int) -> float:
     return len(top(a) & top(b)) / k
 
 
-def run(model_name: str, n_examples: int, modes: list[str]) -> dict:
+def run(model_name: str, n_examples: int, modes: list[str], bf16_positions: str = "all") -> dict:
     import torch
 
     from ctsft_lens.batching import encode
@@ -83,19 +83,21 @@ def run(model_name: str, n_examples: int, modes: list[str]) -> dict:
     if "both" in tables and "beta" in tables:
         a, b = tables["both"], tables["beta"]
         out["beta_vs_both_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
-    if "bf16" in modes and "beta" in tables:
+    ref_mode = "beta" if bf16_positions == "all" else "beta-last"
+    if "bf16" in modes and ref_mode in tables:
         del model
         low = load_model(model_name, dtype="bfloat16")
         low_means = head_means(low, examples, batch_size=n_examples)
         with torch.no_grad():
             forward(low, batch)
             fwd16 = statistics.median(_timed(lambda: forward(low, batch))[0] for _ in range(3))
+        positions = None if bf16_positions == "all" else (-1,)
         seconds, rel = _timed(lambda: head_relevance(low, examples, means=low_means, batch_size=n_examples,
-                                                     progress=False, strict=False))
-        fp32, bf16 = tables["beta"], rel.mean[0]
+                                                     positions=positions, progress=False, strict=False))
+        fp32, bf16 = tables[ref_mode], rel.mean[0]
         n = fp32.numel()
         out["modes"]["bf16"] = {
-            "seconds": round(seconds, 2), "forward_s": round(fwd16, 4),
+            "sources": bf16_positions, "seconds": round(seconds, 2), "forward_s": round(fwd16, 4),
             "forward_equivalents": round(seconds / fwd16, 1), "spearman_vs_fp32": round(_spearman(fp32, bf16), 4),
             f"top{max(1, round(0.02 * n))}_overlap": _top_overlap(fp32, bf16, max(1, round(0.02 * n))),
             f"top{max(1, round(0.1 * n))}_overlap": _top_overlap(fp32, bf16, max(1, round(0.1 * n))),
@@ -112,11 +114,13 @@ def main() -> None:
     parser.add_argument("--real", default=os.environ.get("CTSFT_REAL_MODEL", ""),
                         help="folder of the Qwen2.5-0.5B-shaped model (python ../shared/tools/real-qwen DIR)")
     parser.add_argument("--modes", default="both,beta,beta-last,bf16")
+    parser.add_argument("--bf16-positions", choices=["all", "last"], default="all",
+                        help="bf16 drift over sources at every token (vs fp32 beta) or the last (vs beta-last)")
     parser.add_argument("--json", default="benchmarks/bench_cdt.json", help="where to write the results")
     args = parser.parse_args()
     configs = {"tiny": ("tiny", 12), "real": (args.real, 3)}
     names = [args.only] if args.only else ["tiny"] + (["real"] if args.real else [])
-    results = [run(*configs[name], args.modes.split(",")) for name in names]
+    results = [run(*configs[name], args.modes.split(","), args.bf16_positions) for name in names]
     print(json.dumps(results, indent=1))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
