@@ -101,7 +101,7 @@ def init(timeout_minutes: float = 60.0) -> bool:
 
     Backend: ``CTSFT_DIST_BACKEND`` if set, else ``cpu:gloo,cuda:nccl`` where CUDA is visible (CPU
     tensors over gloo, CUDA tensors over NCCL) and ``gloo`` elsewhere. Returns whether this call
-    created the group (then the caller :func:`destroy`\ s it at the end).
+    created the group (the caller then calls :func:`destroy` at the end).
     """
     if not launched():
         return False
