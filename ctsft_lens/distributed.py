@@ -73,6 +73,7 @@ def group_rank() -> int:
 
 
 def group_size() -> int:
+    """The size of the process group, even inside :func:`alone` (1 without a group)."""
     return _dist().get_world_size() if group_up() else 1
 
 
@@ -82,6 +83,7 @@ def is_main() -> bool:
 
 
 def local_rank() -> int:
+    """This process's index on its node (torchrun's ``LOCAL_RANK``; 0 elsewhere)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
