@@ -86,8 +86,9 @@ DISCOVER = ["discover", "--model", "tiny", "--n-examples", "9", "--batch-size", 
 
 
 def _close(a, b, rel=1e-6):
-    a = torch.tensor(a, dtype=torch.float64)
-    b = torch.tensor(b, dtype=torch.float64)
+    nan = lambda xs: [nan(x) if isinstance(x, list) else float("nan") if x is None else x for x in xs]  # noqa: E731
+    a = torch.tensor(nan(a), dtype=torch.float64)
+    b = torch.tensor(nan(b), dtype=torch.float64)
     assert torch.equal(a.isnan(), b.isnan())
     a, b = a.nan_to_num(), b.nan_to_num()
     assert torch.allclose(a, b, rtol=rel, atol=rel * float(b.abs().max())), (a - b).abs().max()
@@ -105,8 +106,7 @@ def test_discover_over_two_ranks_equals_one_process(tmp_path):
     assert two["heads_by_depth"] == one["heads_by_depth"]  # the same circuit
     assert len(one["scores"]) == 2
     for s2, s1 in zip(two["scores"], one["scores"]):
-        _close([[float("nan") if x is None else x for x in row] for row in s2],
-               [[float("nan") if x is None else x for x in row] for row in s1])
+        _close(s2, s1)
     assert two["options"]["n_examples"] == 9
 
 
