@@ -316,7 +316,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
         folder = save_model(model, Path(args.out) / "model")
         data["checkpoint"] = str(folder)
         lines.append(f"checkpoint: {folder}")
-    if adapter_dir:
+    if adapter_dir and is_main():
         import dataclasses
 
         from ctsft_lens.adapters import save_adapter
@@ -694,6 +694,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                              seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,
                              eval_batch_size=args.eval_batch_size, positions=args.positions, protocol=args.protocol,
                              progress=not args.no_progress)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank holds the gathered comparison; rank 0 writes it
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_comparison(result, save_html=out / "compare.html",

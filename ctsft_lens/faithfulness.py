@@ -125,7 +125,7 @@ class MeanAblation:
         self.positions = positions
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.n_examples = len(examples)
-        local, _ = distributed.shard(examples, batch_size)  # under torchrun: this rank's batches; sums all-reduced
+        local, self.index = distributed.shard(examples, batch_size)  # under torchrun: this rank's batches; sums all-reduced
         self.batches = list(batches(model, local, batch_size)) if local else []
         self.tables_per_forward = (max(1, int(tables_per_forward)) if tables_per_forward is not None
                                    else _tables_that_fit(model, self.batches, memory_gb))
