@@ -45,12 +45,14 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one run. ``batch_size`` is per micro-batch; the optimizer sees
-    ``batch_size * grad_accum`` examples per step. ``max_steps`` caps optimizer steps."""
+    ``batch_size * ranks * grad_accum`` examples per step (``ranks``: 1, or the torchrun
+    processes training together). ``max_steps`` caps optimizer steps."""
 
     lr: float = _opt(1e-4, "peak learning rate (linear warm-up, then linear decay to 0)")
     epochs: int = _opt(3, "passes over the training examples")
     batch_size: int = _opt(8, "examples per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step, per rank under torchrun (effective batch: "
+                              "batch size x ranks x this)")
     warmup_ratio: float = _opt(0.1, "share of the steps spent warming the learning rate up, in [0, 1)")
     weight_decay: float = _opt(0.01, "AdamW decoupled weight decay (matrices only; never frozen slices)")
     max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this (none: no clipping)")
