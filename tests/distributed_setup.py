@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from ctsft_lens.masks import HeadMask
+from ctsft_lens.masks import HeadMask, LoraSpec, SparseSpec
 
 
-def setup(grad_accum: int = 1) -> dict[str, tuple[Any, list, list, HeadMask | None, Any]]:
-    """``{variant: (fresh tiny model, train examples, dev examples, head mask, config)}``.
+def setup(grad_accum: int = 1) -> dict[str, tuple[Any, list, list, HeadMask | SparseSpec | LoraSpec | None, Any]]:
+    """``{variant: (fresh tiny model, train examples, dev examples, what trains, config)}``: full,
+    a head mask, and the random-sparse and LoRA controls of that mask (every ``TrainableSet``).
 
     15 training examples in micro-batches of 3 make 5 micro-batches: with 2 ranks the last
     optimizer step has a micro-batch on rank 0 only (rank 1 contributes no gradient).
@@ -24,11 +25,12 @@ def setup(grad_accum: int = 1) -> dict[str, tuple[Any, list, list, HeadMask | No
     config = TrainConfig(epochs=2, batch_size=3, grad_accum=grad_accum, lr=3e-3, weight_decay=0.1, seed=0,
                          eval_batch_size=4)
     out = {}
-    for variant in ("full", "circuit"):
+    for variant in ("full", "circuit", "random-sparse", "lora"):
         model = tiny_model("qwen2", n_layers=2)
         mask = None
-        if variant == "circuit":
+        if variant != "full":
             info = model_info(model, checksum=False)
             mask = HeadMask(heads=((0, 1), (1, 3), (1, 6)), model=info, kind="circuit")
+            mask = {"circuit": mask, "random-sparse": SparseSpec(mask, 0), "lora": LoraSpec(mask, seed=0)}[variant]
         out[variant] = (model, train_ex, dev_ex, mask, config)
     return out
