@@ -1,16 +1,21 @@
-"""CD-T speed: batched sources vs one head at a time, in source-heads x examples per second.
+"""CD-T cost in forward-equivalents: all-heads relevance time over the time of one plain forward.
 
-``batched`` is ``head_relevance`` as the library runs it: one real forward per batch of
-examples, then every source head of a layer propagated together (``[source, example]`` batch,
-chunked to a memory budget). ``loop`` scores one head per call (a forward and a one-source
-propagation each), the way a per-head implementation would. Both use the same label-balanced
-means (computed before timing) and must give the same scores. Each mode runs in a fresh
-subprocess so that its peak RSS (``ru_maxrss``) is its own.
+For each model, in one process and on the same batch: a plain forward (median of 3) is the unit;
+then ``head_relevance`` over every head to the logits (projection, label-balanced mean baseline
+computed before timing, CD-T attention rule) with
 
-    CTSFT_REAL_MODEL=DIR python benchmarks/bench_cdt.py  # tiny model and the real-shape stand-in in DIR
+* ``both``: the two-stream reference (β and γ pushed through every weight);
+* ``beta``: the β-only fast path (γ = real − β), the default;
+* ``beta-last``: the fast path with sources limited to the last token (it starts there);
+* ``bf16``: the fast path on the model loaded in bfloat16 (scores reduced in float32), compared
+  with fp32 ``beta`` by Spearman ρ over heads and top-k overlap (k = 2 % of heads, and 10 %).
+
+The limit is what pushing one stream costs: Σ over source heads of (layers above) / (layers),
+i.e. each source needs the layers above it once (the last layer: last token only). Results go to
+a JSON file and stdout.
+
     python benchmarks/bench_cdt.py --only tiny
-
-``DIR`` is a Qwen2.5-0.5B-shaped Hugging Face folder, e.g. from ``python ../shared/tools/real-qwen DIR``.
+    python benchmarks/bench_cdt.py --only real --real /work/realqwen   # Qwen2.5-0.5B shape, real weights
 """
 
 from __future__ import annotations
@@ -19,83 +24,100 @@ import argparse
 import datetime
 import json
 import os
-import resource
-import subprocess
-import sys
+import statistics
 import time
 
-CONFIGS = {
-    # name: (model, n_examples, source layers (None: all), batch_size)
-    "tiny": ("tiny", 12, None, 12),
-    "qwen-standin": (os.environ.get("CTSFT_REAL_MODEL", ""), 3, [18, 21], 3),
-}
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
 
 
-def run_mode(config: str, mode: str) -> dict:
+def _spearman(a, b) -> float:
     import torch
 
-    from ctsft_lens.cdt import head_means, head_relevance
+    rank = lambda t: t.flatten().argsort().argsort().double()  # noqa: E731
+    return float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1])
+
+
+def _top_overlap(a, b, k: int) -> float:
+    top = lambda t: set(t.flatten().argsort(descending=True)[:k].tolist())  # noqa: E731
+    return len(top(a) & top(b)) / k
+
+
+def run(model_name: str, n_examples: int, modes: list[str]) -> dict:
+    import torch
+
+    from ctsft_lens.batching import encode
+    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens.forward import run as forward
+    from ctsft_lens.means import head_means
     from ctsft_lens.models import load_model
     from ctsft_lens.tasks import load_task
 
-    model_name, n_examples, layers, batch_size = CONFIGS[config]
+    torch.manual_seed(0)
     model = load_model(model_name)
-    examples = load_task("nusax-senti", "indonesian").sample(n_examples, "train", seed=0)
     cfg = model.cfg
-    layers = list(range(cfg.n_layers)) if layers is None else layers
-    heads = [(layer, head) for layer in layers for head in range(cfg.n_heads)]
-    means = head_means(model, examples, batch_size=batch_size)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    start = time.perf_counter()
-    if mode == "batched":
-        table = head_relevance(model, examples, sources=heads, means=means, batch_size=batch_size,
-                               progress=False).mean[0]
-    else:
-        table = torch.full((cfg.n_layers, cfg.n_heads), float("nan"))
-        for head in heads:
-            table[head] = head_relevance(model, examples, sources=[head], means=means,
-                                         batch_size=batch_size, progress=False).mean[0][head]
-    seconds = time.perf_counter() - start
-    return {
-        "config": config, "mode": mode, "model": model_name, "n_examples": n_examples,
-        "n_source_heads": len(heads), "source_layers": layers, "seconds": round(seconds, 2),
-        "heads_x_examples_per_s": round(len(heads) * n_examples / seconds, 2),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-        "rss_before_timing_mb": round(rss_before), "torch_threads": torch.get_num_threads(),
-        "scores": [[None if v != v else float(v) for v in row] for row in table.tolist()],
-    }
+    examples = load_task("nusax-senti", "indonesian").sample(n_examples, "train", seed=0)
+    batch = encode(model, examples)
+    means = head_means(model, examples, batch_size=n_examples)
+    with torch.no_grad():
+        forward(model, batch)  # warm-up
+        fwd = statistics.median(_timed(lambda: forward(model, batch))[0] for _ in range(3))
+    limit = sum((cfg.n_layers - layer) / cfg.n_layers for layer in range(cfg.n_layers)) * cfg.n_heads
+    common = dict(means=means, batch_size=n_examples, progress=False, strict=False)
+    out = {"model": model_name, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_examples": n_examples,
+           "tokens_per_prompt": int(batch.input_ids.shape[1]), "forward_s": round(fwd, 4),
+           "limit_forward_equivalents": round(limit, 1), "torch_threads": torch.get_num_threads(),
+           "load_before": os.getloadavg()[0], "modes": {}}
+    tables = {}
+    for mode in [m for m in modes if m != "bf16"]:
+        options = {"both": dict(streams="both"), "beta": dict(streams="beta"),
+                   "beta-last": dict(streams="beta", positions=(-1,))}[mode]
+        seconds, rel = _timed(lambda: head_relevance(model, examples, **options, **common))
+        tables[mode] = rel.mean[0]
+        out["modes"][mode] = {"seconds": round(seconds, 2), "forward_equivalents": round(seconds / fwd, 1),
+                              "x_limit": round(seconds / fwd / limit, 2)}
+        print(mode, out["modes"][mode], flush=True)
+    if "both" in tables and "beta" in tables:
+        a, b = tables["both"], tables["beta"]
+        out["beta_vs_both_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
+    if "bf16" in modes and "beta" in tables:
+        del model
+        low = load_model(model_name, dtype="bfloat16")
+        low_means = head_means(low, examples, batch_size=n_examples)
+        with torch.no_grad():
+            forward(low, batch)
+            fwd16 = statistics.median(_timed(lambda: forward(low, batch))[0] for _ in range(3))
+        seconds, rel = _timed(lambda: head_relevance(low, examples, means=low_means, batch_size=n_examples,
+                                                     progress=False, strict=False))
+        fp32, bf16 = tables["beta"], rel.mean[0]
+        n = fp32.numel()
+        out["modes"]["bf16"] = {
+            "seconds": round(seconds, 2), "forward_s": round(fwd16, 4),
+            "forward_equivalents": round(seconds / fwd16, 1), "spearman_vs_fp32": round(_spearman(fp32, bf16), 4),
+            f"top{max(1, round(0.02 * n))}_overlap": _top_overlap(fp32, bf16, max(1, round(0.02 * n))),
+            f"top{max(1, round(0.1 * n))}_overlap": _top_overlap(fp32, bf16, max(1, round(0.1 * n))),
+            "max_abs_diff_over_max": float((fp32 - bf16).abs().max() / fp32.abs().max())}
+        print("bf16", out["modes"]["bf16"], flush=True)
+    out["load_after"] = os.getloadavg()[0]
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=sorted(CONFIGS), default=None)
-    parser.add_argument("--mode", choices=["batched", "loop"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=["tiny", "real"], default=None)
+    parser.add_argument("--real", default=os.environ.get("CTSFT_REAL_MODEL", ""),
+                        help="folder of the Qwen2.5-0.5B-shaped model (python ../shared/tools/real-qwen DIR)")
+    parser.add_argument("--modes", default="both,beta,beta-last,bf16")
     parser.add_argument("--json", default="benchmarks/bench_cdt.json", help="where to write the results")
     args = parser.parse_args()
-    if args.mode:  # child process: one config, one mode
-        print(json.dumps(run_mode(args.only, args.mode)))
-        return
-    results = []
-    for config in [args.only] if args.only else list(CONFIGS):
-        pair = {}
-        for mode in ("batched", "loop"):
-            out = subprocess.run([sys.executable, __file__, "--only", config, "--mode", mode],
-                                 capture_output=True, text=True, check=True, env=os.environ)
-            pair[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        b, l = pair["batched"], pair["loop"]
-        diff = max(abs(x - y) for rb, rl in zip(b["scores"], l["scores"]) for x, y in zip(rb, rl)
-                   if x is not None and y is not None)
-        summary = {k: b[k] for k in ("config", "model", "n_examples", "n_source_heads", "source_layers", "torch_threads")}
-        summary.update({
-            "batched_heads_x_examples_per_s": b["heads_x_examples_per_s"], "batched_seconds": b["seconds"],
-            "loop_heads_x_examples_per_s": l["heads_x_examples_per_s"], "loop_seconds": l["seconds"],
-            "speedup": round(l["seconds"] / b["seconds"], 2),
-            "batched_peak_rss_mb": b["peak_rss_mb"], "loop_peak_rss_mb": l["peak_rss_mb"],
-            "rss_before_timing_mb": b["rss_before_timing_mb"], "max_score_difference": diff,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        })
-        print(json.dumps(summary))
-        results.append(summary)
+    configs = {"tiny": ("tiny", 12), "real": (args.real, 3)}
+    names = [args.only] if args.only else ["tiny"] + (["real"] if args.real else [])
+    results = [run(*configs[name], args.modes.split(",")) for name in names]
+    print(json.dumps(results, indent=1))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
 

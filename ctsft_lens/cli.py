@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ctsft_lens.options import AGGREGATES, ATTENTION_RULES, BASELINES, BIAS_O, MEAN_OVER, MEAN_POSITIONS, PROTOCOLS, SPLITS
+from ctsft_lens.options import (AGGREGATES, ATTENTION_RULES, BASELINES, BIAS_O, MEAN_OVER, MEAN_POSITIONS, PROTOCOLS,
+                                SPLITS, STREAMS)
 
 from ctsft_lens.errors import CLIError, CtsftError
 
@@ -57,6 +58,14 @@ def _add_task(p: argparse.ArgumentParser, *, lang: bool = True) -> None:
 def _add_out(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--out", default=default, help="output folder; default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _positions(text: str) -> tuple[int, ...]:
+    """``type=`` for token positions: whole numbers separated by commas (``-1`` or ``-1,-2``)."""
+    try:
+        return tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positions like -1 or -1,-2, got {text!r}") from None
 
 
 def _positive(text: str) -> int:
@@ -487,6 +496,12 @@ def _add_stability(p: Any) -> None:
                         "all to gamma (ctsft_lens 0.1); default: %(default)s")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail when a head's CD-T decomposition is unstable (else warn and record it); default: strict")
+    p.add_argument("--streams", default="beta", choices=list(STREAMS),
+                   help="CD-T: push beta only, gamma = real - beta (fast), or both streams (the reference); "
+                        "default: %(default)s")
+    p.add_argument("--source-positions", type=_positions, default=None, metavar="P[,P...]",
+                   help="limit every source head to these prompt tokens, negative from the end (e.g. -1: the "
+                        "last token; CD-T then starts there); default: every token")
 
 
 def _cmd_discover(args: argparse.Namespace) -> None:
@@ -517,7 +532,7 @@ def _cmd_discover(args: argparse.Namespace) -> None:
                            baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
                            reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
                            ig_steps=args.ig_steps, decomposition=args.decomposition, bias_o=args.bias_o,
-                           strict=args.strict,
+                           strict=args.strict, streams=args.streams, positions=args.source_positions,
                            progress=not args.no_progress)
     except UnstableDecompositionError as err:
         raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None

@@ -35,6 +35,9 @@ Pool = Literal["shared", "held-out"]
 Protocol = Literal["ours", "mib"]
 """Faithfulness summary: our anchored top-k curve, or MIB's ten fixed fractions (``ctsft_lens.mib``)."""
 
+Streams = Literal["beta", "both"]
+"""CD-T propagation: ``"beta"`` pushes β only and takes γ = real − β from the one forward (the fast
+path, issue #12); ``"both"`` pushes β and γ independently (the reference: β + γ checks the rules)."""
 BASELINES: tuple[str, ...] = get_args(Baseline)
 ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
 KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
@@ -45,6 +48,7 @@ MEAN_OVER: tuple[str, ...] = get_args(MeanOver)
 POOLS: tuple[str, ...] = get_args(Pool)
 BIAS_O: tuple[str, ...] = get_args(BiasO)
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
+STREAMS: tuple[str, ...] = get_args(Streams)
 
 
 def check(what: str, value: object, choices: tuple[str, ...] | list[str], error: type[Exception] = CtsftError) -> None:

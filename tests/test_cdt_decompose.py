@@ -52,7 +52,7 @@ def test_beta_plus_gamma_is_the_real_activation_at_every_hook(models, examples, 
     means = head_means(model, examples) if baseline == "mean" else None
     sources = [Source(0, 1), Source(1, 6), Source(0, 3, (-1, -2)), Source(1, 2, (0,))]
     record = _record(model)
-    split = decompose(model, batch, sources, record, means=means, attention_rule=rule)
+    split = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="both")
     with attn_results(model):
         logits, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
     for name in record:

@@ -77,7 +77,8 @@ def test_legacy_rule_blows_up(massive, examples):
     batch = encode(massive, examples)
     means = head_means(massive, examples)
     with pytest.warns(UnstableDecompositionWarning, match=r"0\.\d"):
-        split = decompose(massive, batch, SOURCES, ["unembed.hook_out"], means=means, decomposition="legacy")
+        split = decompose(massive, batch, SOURCES, ["unembed.hook_out"], means=means, decomposition="legacy",
+                          streams="both")
     x = split["unembed.hook_out"]
     total = (x.beta + x.gamma)[0]
     blown = ~x.beta.isfinite().all() or x.beta.abs().max() > 10 * total.abs().max()
@@ -93,7 +94,7 @@ def test_default_rule_is_finite_exact_and_on_scale(massive, examples):
     record = _record(massive)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnstableDecompositionWarning)  # the default must not warn
-        split = decompose(massive, batch, SOURCES, record, means=means)
+        split = decompose(massive, batch, SOURCES, record, means=means, streams="both")
     logits, cache = _forward(massive, batch)
     for name in record:
         real = logits if name == "unembed.hook_out" else cache[name]
@@ -112,7 +113,7 @@ def test_every_rule_keeps_the_invariant(tiny_qwen, examples, rule):
     batch = encode(tiny_qwen, examples)
     record = _record(tiny_qwen)
     split = decompose(tiny_qwen, batch, [Source(0, 1), Source(1, 6), Source(0, 3, (-1,))], record,
-                      means=head_means(tiny_qwen, examples), decomposition=rule, strict=True)
+                      means=head_means(tiny_qwen, examples), decomposition=rule, strict=True, streams="both")
     logits, cache = _forward(tiny_qwen, batch)
     for name in record:
         real = logits if name == "unembed.hook_out" else cache[name]

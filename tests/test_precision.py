@@ -23,7 +23,8 @@ def test_cdt_in_bf16_reconstructs_the_forward_within_its_tolerance(examples):
     model = load_model("tiny", dtype="bfloat16")
     batch = encode(model, examples)
     record = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post", "ln_final.hook_out", "unembed.hook_out"]
-    split = decompose(model, batch, [Source(0, 1), Source(2, 3)], record, means=head_means(model, examples))
+    split = decompose(model, batch, [Source(0, 1), Source(2, 3)], record, means=head_means(model, examples),
+                      streams="both")
     with attn_results(model):
         logits, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
     for name in record:

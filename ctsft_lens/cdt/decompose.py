@@ -21,8 +21,18 @@ attention pattern, rotary tables) from one real ``run_with_cache`` forward:
   rule at its current head; its frozen lines are commented out (since Sept. 2024).
   GQA: each query head reads its KV group.
 
-The streams are propagated independently (γ is never ``total - β`` below the source), so
-``β + γ == real activation`` at every hook is a real check of the rules (see the tests).
+Two ways to push the streams (``streams``, issue #12):
+
+* ``"both"`` (the reference): β and γ are propagated independently (γ is never ``total - β``
+  below the source), so ``β + γ == real activation`` at every hook is a real check of the rules
+  (see the tests);
+* ``"beta"`` (default, about half the matmuls): only β goes through the weights; at every linear
+  map ``γW = (real output - b) - βW`` with the real output read from the same forward, and in
+  attention ``z_γ = z - z_β``. The element-wise rules (norms, activations, products, bias shares)
+  still see both streams, so the two paths are the same equations and agree to float rounding
+  (tested ≤ 1e-5). β is zero before the first source position, so this path also starts there:
+  the keys it drops carry ``k_β = 0``, whose share of the β-softmax is kept as one pseudo-key of
+  score ``log(n)``.
 Where a bias share has ``|βW| + |γW| = 0`` the bias goes to γ, so the split is exact (the
 public code adds ``1e-8`` instead).
 
@@ -49,7 +59,7 @@ from jaxtyping import Bool, Float
 from ctsft_lens.batching import Batch
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.forward import attn_results, hook_layer, run
-from ctsft_lens.options import ATTENTION_RULES, BIAS_O, AttentionRule, BiasO
+from ctsft_lens.options import ATTENTION_RULES, BIAS_O, STREAMS, AttentionRule, BiasO, Streams
 from ctsft_lens.options import check as check_option
 
 Decomposition = Literal["shapley", "legacy", "normalize", "legacy-f64", "shapley-f64"]
@@ -113,19 +123,30 @@ def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None, by
     return Split(wb + bias * frac, wg + bias * (1 - frac))
 
 
-def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tensor | None) -> Split:
-    """``x W + b`` on both streams."""
-    weight = weight.to(x.beta.dtype)
-    return share_bias(x.beta @ weight, x.gamma @ weight, None if bias is None else bias.to(x.beta.dtype))
+def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tensor | None,
+           out: torch.Tensor | None = None) -> Split:
+    """``x W + b`` on both streams.
+
+    ``out``: the real ``(β + γ) W + b`` from the forward; then γ's matmul is skipped
+    (``γW = out - b - βW``), the β-only fast path.
+    """
+    dtype = x.beta.dtype
+    weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+    wb = x.beta @ weight
+    if out is None:
+        wg = x.gamma @ weight
+    else:
+        wg = (out.to(dtype) if bias is None else out.to(dtype) - bias) - wb
+    return share_bias(wb, wg, bias)
 
 
 def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
-                 bias: Float[torch.Tensor, "head d_head"] | None) -> Split:
+                 bias: Float[torch.Tensor, "head d_head"] | None, out: torch.Tensor | None = None) -> Split:
     """Per-head projection (``W_Q``/``W_K``/``W_V``): ``[..., pos, d_model] -> [..., pos, head, d_head]``."""
     n_heads, d_model, d_head = weight.shape
     flat = weight.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
-    out = linear(x, flat, None if bias is None else bias.reshape(-1))
-    return Split(*(t.unflatten(-1, (n_heads, d_head)) for t in out))
+    res = linear(x, flat, None if bias is None else bias.reshape(-1), None if out is None else out.flatten(-2))
+    return Split(*(t.unflatten(-1, (n_heads, d_head)) for t in res))
 
 
 def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rms: bool) -> Split:
@@ -138,10 +159,10 @@ def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return share_bias(b / scale * weight, g / scale * weight, bias, by=x)
 
 
-def activation(x: Split, f: Callable[[torch.Tensor], torch.Tensor]) -> Split:
-    """``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``."""
+def activation(x: Split, f: Callable[[torch.Tensor], torch.Tensor], total: torch.Tensor | None = None) -> Split:
+    """``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``; ``total``: the real ``f(β + γ)``, when known."""
     fg = f(x.gamma)
-    return Split(f(x.beta + x.gamma) - fg, fg)
+    return Split((f(x.beta + x.gamma) if total is None else total.to(fg.dtype)) - fg, fg)
 
 
 def product(a: Split, u: Split) -> Split:
@@ -273,20 +294,36 @@ def attention(
     allowed: Bool[torch.Tensor, "batch 1 q k"],
     scale: float,
     rule: AttentionRule,
+    z: Float[torch.Tensor, "batch q head d_head"] | None = None,
+    prefix: Float[torch.Tensor, " batch"] | None = None,
 ) -> Split:
-    """``z`` of every head from split q/k/v ``[..., batch, pos, head, d_head]`` (KV already per query head)."""
-    vb, vg = v.beta.transpose(-2, -3), v.gamma.transpose(-2, -3)  # [..., B, H, k, e]
+    """``z`` of every head from split q/k/v ``[..., batch, pos, head, d_head]`` (KV already per query head).
+
+    ``z``: the real ``z``; then ``z_γ = z - z_β`` (the β-only path). ``prefix``: the number of
+    allowed keys left out before the first key given, whose ``k_β`` is 0 (score 0 each): they
+    enter the β-softmax as one pseudo-key of score ``log(prefix)`` and value 0.
+    """
+    vb = v.beta.transpose(-2, -3)  # [..., B, H, k, e]
     pattern = pattern.to(vb.dtype)
     if rule == "frozen":
-        zb, zg = pattern @ vb, pattern @ vg
+        zb = pattern @ vb
     else:
         qb, kb = q.beta.transpose(-2, -3), k.beta.transpose(-2, -3)
         scores = (qb @ kb.transpose(-1, -2)).div_(scale).masked_fill_(~allowed, float("-inf"))
+        if prefix is not None:
+            pseudo = prefix.to(scores.dtype).log().view(-1, 1, 1, 1).expand(*scores.shape[:-1], 1)
+            scores = torch.cat([scores, pseudo], dim=-1)
         p_beta = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # rows with no allowed key: 0
         del scores
+        if prefix is not None:
+            p_beta = p_beta[..., :-1]
         zb = p_beta @ vb
-        # (P - P_β) v_β + P v_γ, with one matmul fewer: P (v_β + v_γ) - P_β v_β
-        zg = (pattern @ (vb + vg)).sub_(zb)
+    if z is not None:
+        zb = zb.transpose(-2, -3)
+        return Split(zb, z.to(zb.dtype) - zb)
+    vg = v.gamma.transpose(-2, -3)
+    # frozen: P v_γ. cdt: (P - P_β) v_β + P v_γ, with one matmul fewer: P (v_β + v_γ) - P_β v_β
+    zg = pattern @ vg if rule == "frozen" else (pattern @ (vb + vg)).sub_(zb)
     return Split(zb.transpose(-2, -3), zg.transpose(-2, -3))
 
 
@@ -312,11 +349,12 @@ def is_rotary(model: Any) -> bool:
     return model.cfg.positional_embedding_type == "rotary"
 
 
-def cache_names(model: Any, source_layers: Sequence[int]) -> list[str]:
+def cache_names(model: Any, source_layers: Sequence[int], streams: Streams = "beta") -> list[str]:
     """Hooks of the real forward that the propagation from sources in ``source_layers`` reads.
 
     Also the hooks it is checked against (:class:`Health`): every ``hook_resid_post`` and
-    ``attn.hook_z`` above the lowest source layer and ``ln_final.hook_out``.
+    ``attn.hook_z`` above the lowest source layer and ``ln_final.hook_out``. The β-only path
+    (``streams="beta"``) also reads the real output of every linear map it crosses.
     """
     names = ["ln_final.hook_scale", "ln_final.hook_out"]
     for layer in sorted(set(source_layers)):
@@ -327,7 +365,16 @@ def cache_names(model: Any, source_layers: Sequence[int]) -> list[str]:
                   f"blocks.{layer}.attn.hook_z"]
         if is_rotary(model):
             names += [f"blocks.{layer}.attn.hook_cos", f"blocks.{layer}.attn.hook_sin"]
+        if streams == "beta":
+            names += [f"blocks.{layer}.{h}" for h in _LINEAR_OUTPUTS]
+            if not model.cfg.gated_mlp:
+                names.remove(f"blocks.{layer}.mlp.hook_pre_linear")
     return names
+
+
+_LINEAR_OUTPUTS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "hook_attn_out", "mlp.hook_pre",
+                   "mlp.hook_pre_linear", "hook_mlp_out")
+"""Real outputs of the linear maps, read by the β-only path (``γW = out - b - βW``)."""
 
 
 def allowed_keys(attention_mask: torch.Tensor) -> Bool[torch.Tensor, "batch 1 q k"]:
@@ -353,6 +400,12 @@ def source_positions(sources: Sequence[Source], attention_mask: torch.Tensor) ->
                     raise ValueError(f"source position {p} is outside a prompt of {n} tokens")
                 out[i, b, width - n + p if p >= 0 else width + p] = True
     return out
+
+
+def first_position(sources: Sequence[Source], attention_mask: torch.Tensor) -> int:
+    """The first padded position where some source of some example has β (β is 0 before it)."""
+    where = source_positions(sources, attention_mask).flatten(0, 1).any(0)
+    return int(where.nonzero().min()) if bool(where.any()) else attention_mask.shape[1]
 
 
 def source_split(
@@ -398,17 +451,21 @@ def propagate(
     emit: Emit,
     stop_layer: int | None = None,
     last_only: bool = False,
+    streams: Streams = "beta",
 ) -> Health:
     """Push β/γ of ``sources`` (all in one layer) upward; call ``emit(hook_name, Split)`` on the way.
 
     Tensors are ``[source, batch, pos, ...]``. ``stop_layer``: stop after that layer's
     ``attn.hook_z`` (for head targets); ``None``: go on to ``ln_final.hook_out``.
     ``last_only``: in the last layer computed, only the last token's queries and MLP (all a
-    last-token target needs); what is emitted there has one position. Returns the
-    :class:`Health` of each source, checked against every real activation the cache holds among
-    ``hook_resid_post``, the final ``attn.hook_z`` and ``ln_final.hook_out``.
+    last-token target needs); what is emitted there has one position. ``streams="beta"``: the
+    fast path (module docstring); it needs a cache with ``cache_names(..., "beta")`` and emits
+    positions from :func:`first_position` on only. Returns the :class:`Health` of each source,
+    checked against every real activation the cache holds among ``hook_resid_post``, the final
+    ``attn.hook_z`` and ``ln_final.hook_out``.
     """
     check_option("attention rule", attention_rule, ATTENTION_RULES)
+    check_option("streams", streams, STREAMS)
     check_decomposition(decomposition)
     layers = {s.layer for s in sources}
     if len(layers) != 1:
@@ -417,7 +474,14 @@ def propagate(
     cfg = model.cfg
     first = layers.pop()
     last = cfg.n_layers - 1 if stop_layer is None else stop_layer
-    allowed = allowed_keys(attention_mask)
+    fast = streams == "beta"
+    p0 = first_position(sources, attention_mask) if fast else 0  # β is 0 before p0
+    allowed = allowed_keys(attention_mask)[..., p0:, p0:]
+    prefix = attention_mask[:, :p0].sum(1) if p0 else None  # allowed keys dropped before p0
+
+    def real(name: str, keep: slice = slice(None)) -> torch.Tensor | None:
+        """The real activation at ``name`` over the positions computed (β-only path), else None."""
+        return cache[name][:, p0:][:, keep] if fast else None
     scale = cfg.attn_scale if cfg.attn_scale > 0 else math.sqrt(cfg.d_head)
     group = cfg.n_heads // (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
     tidy = normalize_rel_irrel if rule.normalize else (lambda x: x)
@@ -426,16 +490,16 @@ def propagate(
 
     def check(name: str, x: Split, keep: slice) -> None:
         nonlocal health
-        real = _cached(cache, name)
-        if real is not None:
-            health = health.merge(health_at(x, real[:, keep]))
+        total = _cached(cache, name)
+        if total is not None:
+            health = health.merge(health_at(x, total[:, p0:][:, keep]))
 
     check_option("bias_o", bias_o, BIAS_O)
     attn_out = source_split(model, cache, sources, attention_mask, means, bias_o)
     dt = rule.dtype or attn_out.beta.dtype
-    attn_out = Split(attn_out.beta.to(dt), attn_out.gamma.to(dt))
+    attn_out = Split(attn_out.beta[..., p0:, :].to(dt), attn_out.gamma[..., p0:, :].to(dt))
     emit(f"blocks.{first}.hook_attn_out", attn_out)
-    resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None].to(dt) + attn_out.gamma)
+    resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None, :, p0:].to(dt) + attn_out.gamma)
     keep = slice(None)  # the positions computed from here on
     for layer in range(first, last + 1):
         blk, pre = model.blocks[layer], f"blocks.{layer}"
@@ -444,17 +508,18 @@ def propagate(
         if layer > first:
             emit(f"{pre}.hook_resid_pre", resid)
             w, b, rms = _norm_module(model, f"{pre}.ln1")
-            x = norm(resid, cache[f"{pre}.ln1.hook_scale"], w, b, rms=rms)
+            x = norm(resid, cache[f"{pre}.ln1.hook_scale"][:, p0:], w, b, rms=rms)
             emit(f"{pre}.ln1.hook_out", x)
             a = blk.attn
-            q = linear_heads(Split(x.beta[..., keep, :], x.gamma[..., keep, :]), a.W_Q, a.b_Q)
-            k = linear_heads(x, a.W_K, a.b_K)
-            v = linear_heads(x, a.W_V, a.b_V)
+            q = linear_heads(Split(x.beta[..., keep, :], x.gamma[..., keep, :]), a.W_Q, a.b_Q,
+                             real(f"{pre}.attn.hook_q", keep))
+            k = linear_heads(x, a.W_K, a.b_K, real(f"{pre}.attn.hook_k"))
+            v = linear_heads(x, a.W_V, a.b_V, real(f"{pre}.attn.hook_v"))
             emit(f"{pre}.attn.hook_q", q)
             emit(f"{pre}.attn.hook_k", k)
             emit(f"{pre}.attn.hook_v", v)
             if is_rotary(model):
-                cos, sin = cache[f"{pre}.attn.hook_cos"], cache[f"{pre}.attn.hook_sin"]
+                cos, sin = cache[f"{pre}.attn.hook_cos"][:, p0:], cache[f"{pre}.attn.hook_sin"][:, p0:]
                 if cos.shape[-1] != cfg.d_head:
                     raise NotImplementedError("partial rotary embeddings are not supported")
                 q = Split(*(rotary(t, cos[:, keep], sin[:, keep]) for t in q))
@@ -464,41 +529,45 @@ def propagate(
             if group > 1:
                 k = Split(*(t.repeat_interleave(group, dim=-2) for t in k))
                 v = Split(*(t.repeat_interleave(group, dim=-2) for t in v))
-            z = attention(q, k, v, cache[f"{pre}.attn.hook_pattern"][:, :, keep], allowed[:, :, keep],
-                          scale, attention_rule)
+            pattern = cache[f"{pre}.attn.hook_pattern"][..., p0:, p0:]
+            z = attention(q, k, v, pattern[:, :, keep], allowed[:, :, keep], scale, attention_rule,
+                          z=real(f"{pre}.attn.hook_z", keep), prefix=prefix)
             emit(f"{pre}.attn.hook_z", z)
             if layer == stop_layer:
                 check(f"{pre}.attn.hook_z", z, keep)
                 return health
             w_o = a.W_O.reshape(-1, a.W_O.shape[-1])
-            attn_out = tidy(linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O))
+            attn_out = tidy(linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O,
+                                   real(f"{pre}.hook_attn_out", keep)))
             emit(f"{pre}.hook_attn_out", attn_out)
             resid = tidy(Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma))
         else:
             resid = Split(resid.beta[..., keep, :], resid.gamma[..., keep, :])
         emit(f"{pre}.hook_resid_mid", resid)
         w, b, rms = _norm_module(model, f"{pre}.ln2")
-        x = norm(resid, cache[f"{pre}.ln2.hook_scale"][:, keep], w, b, rms=rms)
+        x = norm(resid, cache[f"{pre}.ln2.hook_scale"][:, p0:][:, keep], w, b, rms=rms)
         emit(f"{pre}.ln2.hook_out", x)
         mlp, f = blk.mlp, _act_fn(model, layer)
+        pre_total = real(f"{pre}.mlp.hook_pre", keep)
+        f_total = None if pre_total is None else f(pre_total.to(dt))  # once for every source
         if cfg.gated_mlp:
-            gate = linear(x, mlp.W_gate, getattr(mlp, "b_gate", None))
-            up = linear(x, mlp.W_in, mlp.b_in)
+            gate = linear(x, mlp.W_gate, getattr(mlp, "b_gate", None), pre_total)
+            up = linear(x, mlp.W_in, mlp.b_in, real(f"{pre}.mlp.hook_pre_linear", keep))
             emit(f"{pre}.mlp.hook_pre", gate)
             emit(f"{pre}.mlp.hook_pre_linear", up)
-            post = rule.product(activation(gate, f), up)
+            post = rule.product(activation(gate, f, f_total), up)
         else:
-            pre_act = linear(x, mlp.W_in, mlp.b_in)
+            pre_act = linear(x, mlp.W_in, mlp.b_in, pre_total)
             emit(f"{pre}.mlp.hook_pre", pre_act)
-            post = activation(pre_act, f)
+            post = activation(pre_act, f, f_total)
         emit(f"{pre}.mlp.hook_post", post)
-        mlp_out = tidy(linear(post, mlp.W_out, mlp.b_out))
+        mlp_out = tidy(linear(post, mlp.W_out, mlp.b_out, real(f"{pre}.hook_mlp_out", keep)))
         emit(f"{pre}.hook_mlp_out", mlp_out)
         resid = tidy(Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma))
         emit(f"{pre}.hook_resid_post", resid)
         check(f"{pre}.hook_resid_post", resid, keep)
     w, b, rms = _norm_module(model, "ln_final")
-    out = norm(resid, cache["ln_final.hook_scale"][:, keep], w, b, rms=rms)
+    out = norm(resid, cache["ln_final.hook_scale"][:, p0:][:, keep], w, b, rms=rms)
     emit("ln_final.hook_out", out)
     check("ln_final.hook_out", out, keep)
     return health
@@ -526,6 +595,7 @@ def decompose(
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
     bias_o: BiasO = "share",
     strict: bool = False,
+    streams: Streams = "beta",
 ) -> dict[str, Split]:
     """β/γ of each ``sources[i]`` at every hook in ``record``, as ``[source, batch, ...]`` tensors.
 
@@ -533,12 +603,14 @@ def decompose(
     (``blocks.2.hook_resid_post``, ``blocks.1.attn.hook_result``, ``ln_final.hook_out``,
     ``unembed.hook_out``...). At a hook upstream of a source, β is 0 and γ the total.
     Unstable sources (:class:`Health`) raise :class:`UnstableDecompositionError` if ``strict``,
-    else an :class:`UnstableDecompositionWarning` naming them.
+    else an :class:`UnstableDecompositionWarning` naming them. ``streams``: the β-only fast path
+    (default) or the two-stream reference (``"both"``, where β + γ checks every rule).
     """
     if not sources:
         raise ValueError("no sources given")
     check_decomposition(decomposition)
-    names = cache_names(model, [s.layer for s in sources]) + [n for n in record if n != "unembed.hook_out"]
+    check_option("streams", streams, STREAMS)
+    names = cache_names(model, [s.layer for s in sources], streams) + [n for n in record if n != "unembed.hook_out"]
     with attn_results(model):
         logits, cache = run(model, batch, names=names)
     mask = batch.attention_mask.to(logits.device)
@@ -550,9 +622,18 @@ def decompose(
         group = [sources[i] for i in idx]
         order += idx
         seen: dict[str, Split] = {}
+        p0 = first_position(group, mask) if streams == "beta" else 0
+
+        def keep(name: str, x: Split) -> None:
+            """Store ``x`` over every position: the β-only path starts at ``p0`` (β is 0 before)."""
+            total = _cached(cache, name)
+            if p0 and total is not None:
+                beta = torch.cat([x.beta.new_zeros(*x.beta.shape[:2], p0, *x.beta.shape[3:]), x.beta], 2)
+                x = Split(beta, total[None].to(beta.dtype) - beta)
+            seen[name] = x
+
         health = propagate(model, cache, mask, group, means=means, attention_rule=attention_rule,
-                           decomposition=decomposition, bias_o=bias_o,
-                           emit=lambda name, x: seen.__setitem__(name, x))
+                           decomposition=decomposition, bias_o=bias_o, emit=keep, streams=streams)
         unstable += [(s.layer, s.head) for s, bad in zip(group, health.unstable(recon_tol(model)).tolist()) if bad]
         for name in record:
             results[name].append(torch.stack(_recorded(model, cache, logits, seen, group, mask, means, name)))

@@ -49,6 +49,7 @@ def discover(
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
     bias_o: str = "share",
     strict: bool = True,
+    streams: str = "beta",
 ) -> Circuit:
     """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
 
@@ -63,6 +64,7 @@ def discover(
     of the one logits table (edges to the logits; docs/method.md).
     ``strict``: raise on a source whose CD-T decomposition is unstable (non-finite, or β+γ off
     the forward); else warn and list it in ``Circuit.unstable`` (its NaN score is never ranked).
+    ``streams``: CD-T's β-only fast path (default) or the two-stream reference (``"both"``).
     """
     check_options(scoring, baseline, attention)
     check("aggregate", aggregate, AGGREGATES)
@@ -78,7 +80,7 @@ def discover(
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
     common = dict(scoring=scoring, baseline=baseline, attention=attention, positions=positions, means=means,
                   batch_size=batch_size, memory_gb=memory_gb, progress=progress, ig_steps=ig_steps,
-                  decomposition=decomposition, bias_o=bias_o, strict=strict)
+                  decomposition=decomposition, bias_o=bias_o, strict=strict, streams=streams)
     unstable: set[Head] = set()
 
     kept: set[Head] = set()
@@ -112,7 +114,7 @@ def discover(
         heads_by_depth.append(tuple(new))
         tables.append(table)
     options = {"baseline": baseline, "attention": attention, "aggregate": aggregate,
-               "decomposition": decomposition, "bias_o": bias_o, "n_examples": len(examples),
+               "decomposition": decomposition, "bias_o": bias_o, "streams": streams, "n_examples": len(examples),
                "n_reference": len(ref) if baseline == "mean" else 0, "mean_positions": "pooled",
                "source_positions": None if positions is None else list(positions),
                "target_position": "last", "max_depth": max_depth, "n_keep_per_depth": k}

@@ -31,7 +31,7 @@ from ctsft_lens.circuit import Head
 from ctsft_lens.devices import memory_budget_gb
 from ctsft_lens.forward import attn_results, hook_layer, run
 from ctsft_lens.means import head_means
-from ctsft_lens.options import ATTENTION_RULES, BASELINES, AttentionRule, Baseline, check
+from ctsft_lens.options import ATTENTION_RULES, BASELINES, STREAMS, AttentionRule, Baseline, check
 from ctsft_lens.tasks.base import Example
 
 
@@ -120,6 +120,7 @@ def head_relevance(
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
     bias_o: str = "share",
     strict: bool = True,
+    streams: str = "beta",
 ) -> Relevance:
     """Relevance of every head upstream of ``target`` (the logits, or each listed head).
 
@@ -133,9 +134,11 @@ def head_relevance(
     (``ctsft_lens.scoring``): logits target only.
     A source whose β/γ goes non-finite or leaves the real forward, or whose score is not finite,
     raises :class:`~ctsft_lens.cdt.decompose.UnstableDecompositionError` naming it if ``strict``;
-    otherwise a warning names it and ``Relevance.unstable`` lists it.
+    otherwise a warning names it and ``Relevance.unstable`` lists it. ``streams``: the β-only
+    fast path (default) or the two-stream reference ``"both"`` (same scores to float rounding).
     """
     check_options(scoring, baseline, attention)
+    check("streams", streams, STREAMS)
     check_decomposition(decomposition)
     check_examples(examples)
     if scoring not in SCORERS:  # attribution, attribution-ig, patching (ig_steps: attribution-ig only)
@@ -179,7 +182,7 @@ def head_relevance(
     for layer, head in sorted(set(sources)):
         by_layer.setdefault(layer, []).append(head)
     stop = None if targets == (None,) else top
-    names = cache_names(model, list(by_layer) or [0])
+    names = cache_names(model, list(by_layer) or [0], streams)
     n_batches = (len(local) + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
                leave=False)
@@ -196,7 +199,7 @@ def head_relevance(
                 part = heads[i:i + chunk]
                 srcs = [Source(layer, h, positions) for h in part]
                 scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
-                                                  directions, means, attention, decomposition, bias_o)
+                                                  directions, means, attention, decomposition, bias_o, streams)
                 recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
                 healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for t, s in scores.items():  # s: [S, B]
@@ -226,6 +229,7 @@ def _relevance_chunk(
     directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
     bias_o: str = "share",
+    streams: str = "beta",
 ) -> tuple[dict[int, torch.Tensor], Health]:
     """Scores ``{target index: [source, batch]}`` of sources in one layer, and their health."""
     out: dict[int, torch.Tensor] = {}
@@ -243,5 +247,6 @@ def _relevance_chunk(
                     out[t] = scorer(head_output(model, z_layer, tgt[1], last), model, False, directions)
 
     health = propagate(model, cache, mask, srcs, means=means, attention_rule=attention,
-                       decomposition=decomposition, bias_o=bias_o, emit=visit, stop_layer=stop, last_only=True)
+                       decomposition=decomposition, bias_o=bias_o, emit=visit, stop_layer=stop, last_only=True,
+                       streams=streams)
     return out, health
