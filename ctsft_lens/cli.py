@@ -38,9 +38,10 @@ def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
 
 def _load(args: argparse.Namespace, name: str | None = None) -> Any:
     """The model of ``--model`` (or ``name``) on ``--device`` in ``--dtype``."""
+    from ctsft_lens.distributed import rank_device
     from ctsft_lens.models import load_model
 
-    return load_model(name or args.model, device=args.device, dtype=args.dtype)
+    return load_model(name or args.model, device=rank_device(args.device), dtype=args.dtype)
 
 
 def _add_task(p: argparse.ArgumentParser, *, lang: bool = True) -> None:
@@ -79,10 +80,14 @@ def _positive(text: str) -> int:
 
 
 def write_results(out: str | Path, name: str, data: dict[str, Any], summary: str) -> Path:
-    """Write ``<out>/<name>.json`` and ``<out>/<name>.txt`` atomically; print the summary."""
+    """Write ``<out>/<name>.json`` and ``<out>/<name>.txt`` atomically; print the summary (rank 0 only
+    under torchrun: every rank holds the same all-reduced results)."""
+    from ctsft_lens.distributed import is_main
     from ctsft_lens.files import atomic_write_text, write_json
 
     out = Path(out)
+    if not is_main():
+        return out / f"{name}.json"
     path = write_json(out / f"{name}.json", data)
     atomic_write_text(out / f"{name}.txt", summary + "\n")
     print(summary)
@@ -171,6 +176,10 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
         if getattr(args, key, None):
             config = dataclasses.replace(config, **{key: getattr(args, key)})
     result = run_experiment(config, progress=not args.no_progress, force=args.force)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():
+        return
     print(result.markdown())
     print(f"\nresults: {result.out / 'results.md'} (also .csv, .json)")
     for name, path in result.figures.items():
@@ -284,6 +293,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     from ctsft_lens.masks import load_mask, variant_mask
     from ctsft_lens.models import model_info, save_model
     from ctsft_lens.batching import check_fit
+    from ctsft_lens.distributed import is_main
     from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
     from ctsft_lens.train import train
@@ -311,11 +321,11 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
             "mask_file": mask_file, "train": result.to_dict(), "test": test.to_dict()}
     lines = [f"{name}: {args.task}/{task.language} from model {args.model}", result.summary(),
              f"test ({len(test_ex)} examples):", test.summary()]
-    if save:
+    if save and is_main():
         folder = save_model(model, Path(args.out) / "model")
         data["checkpoint"] = str(folder)
         lines.append(f"checkpoint: {folder}")
-    if adapter_dir:
+    if adapter_dir and is_main():
         import dataclasses
 
         from ctsft_lens.adapters import save_adapter
@@ -413,6 +423,10 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
                                  tables_per_forward=args.tables_per_forward, memory_gb=args.memory_gb,
                                  progress=not args.no_progress)
     out = Path(args.out)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank holds the all-reduced report; rank 0 writes it
+        return
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(out / "curves.csv")
     plot_faithfulness(report, save_html=out / "faithfulness.html", plotlyjs="directory")
@@ -522,6 +536,10 @@ def _cmd_discover(args: argparse.Namespace) -> None:
                            progress=not args.no_progress)
     except UnstableDecompositionError as err:
         raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank found the same circuit from the all-reduced scores; rank 0 writes it
+        return
     save_circuit(circuit, path)
     lines = [f"circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
              f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
@@ -691,6 +709,10 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                              seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,
                              eval_batch_size=args.eval_batch_size, positions=args.positions, protocol=args.protocol,
                              progress=not args.no_progress)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank holds the gathered comparison; rank 0 writes it
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_comparison(result, save_html=out / "compare.html",
@@ -750,6 +772,23 @@ def main(argv: list[str] | None = None) -> int:
     traceback); Ctrl-C is one line and exit code 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ctsft_lens import distributed
+
+    try:
+        joined = distributed.init()  # under torchrun: join the process group (gloo / NCCL)
+    except CtsftError as err:
+        print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if not distributed.is_main() and hasattr(args, "no_progress"):
+        args.no_progress = True  # one set of progress bars: rank 0's
+    try:
+        return _run_command(args)
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except CtsftError as err:
