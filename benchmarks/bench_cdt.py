@@ -1,6 +1,7 @@
 """CD-T cost in forward-equivalents: all-heads relevance time over the time of one plain forward.
 
-For each model, in one process and on the same batch: a plain forward (median of 3) is the unit;
+For each model, in one process and on the same batch: a plain forward (median of 3, taken just
+before and just after each mode, averaged, so a loaded machine's drift cancels) is the unit;
 then ``head_relevance`` over every head to the logits (projection, label-balanced mean baseline
 computed before timing, CD-T attention rule) with
 
@@ -62,9 +63,12 @@ def run(model_name: str, n_examples: int, modes: list[str], bf16_positions: str 
     examples = load_task("nusax-senti", "indonesian").sample(n_examples, "train", seed=0)
     batch = encode(model, examples)
     means = head_means(model, examples, batch_size=n_examples)
-    with torch.no_grad():
-        forward(model, batch)  # warm-up
-        fwd = statistics.median(_timed(lambda: forward(model, batch))[0] for _ in range(3))
+    def unit() -> float:
+        with torch.no_grad():
+            return statistics.median(_timed(lambda: forward(model, batch))[0] for _ in range(3))
+
+    unit()  # warm-up
+    fwd = unit()
     limit = sum((cfg.n_layers - layer) / cfg.n_layers for layer in range(cfg.n_layers)) * cfg.n_heads
     common = dict(means=means, batch_size=n_examples, progress=False, strict=False)
     out = {"model": model_name, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_examples": n_examples,
@@ -75,10 +79,14 @@ def run(model_name: str, n_examples: int, modes: list[str], bf16_positions: str 
     for mode in [m for m in modes if m != "bf16"]:
         options = {"both": dict(streams="both"), "beta": dict(streams="beta"),
                    "beta-last": dict(streams="beta", positions=(-1,))}[mode]
+        before = unit()
         seconds, rel = _timed(lambda: head_relevance(model, examples, **options, **common))
+        after = unit()
+        here = (before + after) / 2  # the unit measured beside this mode: a loaded machine drifts
         tables[mode] = rel.mean[0]
-        out["modes"][mode] = {"seconds": round(seconds, 2), "forward_equivalents": round(seconds / fwd, 1),
-                              "x_limit": round(seconds / fwd / limit, 2)}
+        out["modes"][mode] = {"seconds": round(seconds, 2), "forward_s": [round(before, 4), round(after, 4)],
+                              "forward_equivalents": round(seconds / here, 1),
+                              "x_limit": round(seconds / here / limit, 2)}
         print(mode, out["modes"][mode], flush=True)
     if "both" in tables and "beta" in tables:
         a, b = tables["both"], tables["beta"]
