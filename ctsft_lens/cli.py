@@ -7,6 +7,7 @@ runs it. Results go to ``--out`` as ``<command>.json`` next to a human-readable 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -686,6 +687,7 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS), help="mib: add MIB's CPR / CMD; default: %(default)s")
     p.add_argument("--plotlyjs", default="directory", choices=["directory", "cdn", "inline"],
                    help="plotly.js for compare.html: a shared file beside it, the CDN, or embedded; default: %(default)s")
+    p.add_argument("--png", action="store_true", help="also write compare.png (needs the 'png' extra: kaleido)")
     _add_out(p, "runs/compare")
 
 
@@ -698,6 +700,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     if min(args.n_discovery, args.n_eval, args.ig_steps, args.heads_per_forward, args.batch_size,
            args.eval_batch_size, args.n_boot) < 1 or args.seeds < 0 or args.points < 2:
         raise CLIError("counts must be >= 1 (--seeds >= 0, --points >= 2)")
+    if args.png and importlib.util.find_spec("kaleido") is None:
+        raise CLIError("--png needs the optional 'kaleido' package: pip install 'ctsft_lens[png]' (or drop --png)")
     task = load_task(args.task, args.lang, args.data_dir)
     discovery = task.sample(args.n_discovery, "train", seed=args.seed)
     evaluation = task.sample(args.n_eval, args.split, seed=args.seed)
@@ -715,8 +719,12 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_comparison(result, save_html=out / "compare.html",
-                    plotlyjs=True if args.plotlyjs == "inline" else args.plotlyjs)
+    fig = plot_comparison(result, save_html=out / "compare.html",
+                          plotlyjs=True if args.plotlyjs == "inline" else args.plotlyjs)
+    if args.png:
+        from ctsft_lens.plots import save_png
+
+        save_png(fig, out / "compare.png", scale=1)
     head = (f"compare: {args.task}/{task.language}, model {args.model}, discovery train (seed {args.seed}), "
             f"evaluation {args.split}")
     atomic_write_text(out / "compare.md", head + "\n\n" + result.table() + "\n")

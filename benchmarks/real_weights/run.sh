@@ -32,7 +32,7 @@ for s in $STAGES; do
       stage compare "$CTSFT" compare --model "$OUT/competence" --task nusax-senti --lang indonesian \
         --method projection --method magnitude --method attribution --method attribution-ig \
         --n-discovery 24 --n-eval 90 --split test --points 5 --max-size 68 --seeds 5 \
-        --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --out "$OUT/compare" --no-progress ;;
+        --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" --no-progress ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
 done
