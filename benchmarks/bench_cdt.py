@@ -1,6 +1,7 @@
 """CD-T cost in forward-equivalents: all-heads relevance time over the time of one plain forward.
 
-For each model, in one process and on the same batch: a plain forward (median of 3) is the unit;
+For each model, in one process and on the same batch: a plain forward (median of 3, taken just
+before and just after each mode, averaged, so a loaded machine's drift cancels) is the unit;
 then ``head_relevance`` over every head to the logits (projection, label-balanced mean baseline
 computed before timing, CD-T attention rule) with
 
@@ -46,7 +47,7 @@ def _top_overlap(a, b, k: int) -> float:
     return len(top(a) & top(b)) / k
 
 
-def run(model_name: str, n_examples: int, modes: list[str]) -> dict:
+def run(model_name: str, n_examples: int, modes: list[str], bf16_positions: str = "all") -> dict:
     import torch
 
     from ctsft_lens.batching import encode
@@ -62,9 +63,12 @@ def run(model_name: str, n_examples: int, modes: list[str]) -> dict:
     examples = load_task("nusax-senti", "indonesian").sample(n_examples, "train", seed=0)
     batch = encode(model, examples)
     means = head_means(model, examples, batch_size=n_examples)
-    with torch.no_grad():
-        forward(model, batch)  # warm-up
-        fwd = statistics.median(_timed(lambda: forward(model, batch))[0] for _ in range(3))
+    def unit() -> float:
+        with torch.no_grad():
+            return statistics.median(_timed(lambda: forward(model, batch))[0] for _ in range(3))
+
+    unit()  # warm-up
+    fwd = unit()
     limit = sum((cfg.n_layers - layer) / cfg.n_layers for layer in range(cfg.n_layers)) * cfg.n_heads
     common = dict(means=means, batch_size=n_examples, progress=False, strict=False)
     out = {"model": model_name, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_examples": n_examples,
@@ -75,27 +79,33 @@ def run(model_name: str, n_examples: int, modes: list[str]) -> dict:
     for mode in [m for m in modes if m != "bf16"]:
         options = {"both": dict(streams="both"), "beta": dict(streams="beta"),
                    "beta-last": dict(streams="beta", positions=(-1,))}[mode]
+        before = unit()
         seconds, rel = _timed(lambda: head_relevance(model, examples, **options, **common))
+        after = unit()
+        here = (before + after) / 2  # the unit measured beside this mode: a loaded machine drifts
         tables[mode] = rel.mean[0]
-        out["modes"][mode] = {"seconds": round(seconds, 2), "forward_equivalents": round(seconds / fwd, 1),
-                              "x_limit": round(seconds / fwd / limit, 2)}
+        out["modes"][mode] = {"seconds": round(seconds, 2), "forward_s": [round(before, 4), round(after, 4)],
+                              "forward_equivalents": round(seconds / here, 1),
+                              "x_limit": round(seconds / here / limit, 2)}
         print(mode, out["modes"][mode], flush=True)
     if "both" in tables and "beta" in tables:
         a, b = tables["both"], tables["beta"]
         out["beta_vs_both_max_rel_diff"] = float((a - b).abs().max() / a.abs().max())
-    if "bf16" in modes and "beta" in tables:
+    ref_mode = "beta" if bf16_positions == "all" else "beta-last"
+    if "bf16" in modes and ref_mode in tables:
         del model
         low = load_model(model_name, dtype="bfloat16")
         low_means = head_means(low, examples, batch_size=n_examples)
         with torch.no_grad():
             forward(low, batch)
             fwd16 = statistics.median(_timed(lambda: forward(low, batch))[0] for _ in range(3))
+        positions = None if bf16_positions == "all" else (-1,)
         seconds, rel = _timed(lambda: head_relevance(low, examples, means=low_means, batch_size=n_examples,
-                                                     progress=False, strict=False))
-        fp32, bf16 = tables["beta"], rel.mean[0]
+                                                     positions=positions, progress=False, strict=False))
+        fp32, bf16 = tables[ref_mode], rel.mean[0]
         n = fp32.numel()
         out["modes"]["bf16"] = {
-            "seconds": round(seconds, 2), "forward_s": round(fwd16, 4),
+            "sources": bf16_positions, "seconds": round(seconds, 2), "forward_s": round(fwd16, 4),
             "forward_equivalents": round(seconds / fwd16, 1), "spearman_vs_fp32": round(_spearman(fp32, bf16), 4),
             f"top{max(1, round(0.02 * n))}_overlap": _top_overlap(fp32, bf16, max(1, round(0.02 * n))),
             f"top{max(1, round(0.1 * n))}_overlap": _top_overlap(fp32, bf16, max(1, round(0.1 * n))),
@@ -112,11 +122,13 @@ def main() -> None:
     parser.add_argument("--real", default=os.environ.get("CTSFT_REAL_MODEL", ""),
                         help="folder of the Qwen2.5-0.5B-shaped model (python ../shared/tools/real-qwen DIR)")
     parser.add_argument("--modes", default="both,beta,beta-last,bf16")
+    parser.add_argument("--bf16-positions", choices=["all", "last"], default="all",
+                        help="bf16 drift over sources at every token (vs fp32 beta) or the last (vs beta-last)")
     parser.add_argument("--json", default="benchmarks/bench_cdt.json", help="where to write the results")
     args = parser.parse_args()
     configs = {"tiny": ("tiny", 12), "real": (args.real, 3)}
     names = [args.only] if args.only else ["tiny"] + (["real"] if args.real else [])
-    results = [run(*configs[name], args.modes.split(",")) for name in names]
+    results = [run(*configs[name], args.modes.split(","), args.bf16_positions) for name in names]
     print(json.dumps(results, indent=1))
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)

@@ -7,6 +7,7 @@ runs it. Results go to ``--out`` as ``<command>.json`` next to a human-readable 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -38,9 +39,10 @@ def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
 
 def _load(args: argparse.Namespace, name: str | None = None) -> Any:
     """The model of ``--model`` (or ``name``) on ``--device`` in ``--dtype``."""
+    from ctsft_lens.distributed import rank_device
     from ctsft_lens.models import load_model
 
-    return load_model(name or args.model, device=args.device, dtype=args.dtype)
+    return load_model(name or args.model, device=rank_device(args.device), dtype=args.dtype)
 
 
 def _add_task(p: argparse.ArgumentParser, *, lang: bool = True) -> None:
@@ -79,10 +81,14 @@ def _positive(text: str) -> int:
 
 
 def write_results(out: str | Path, name: str, data: dict[str, Any], summary: str) -> Path:
-    """Write ``<out>/<name>.json`` and ``<out>/<name>.txt`` atomically; print the summary."""
+    """Write ``<out>/<name>.json`` and ``<out>/<name>.txt`` atomically; print the summary (rank 0 only
+    under torchrun: every rank holds the same all-reduced results)."""
+    from ctsft_lens.distributed import is_main
     from ctsft_lens.files import atomic_write_text, write_json
 
     out = Path(out)
+    if not is_main():
+        return out / f"{name}.json"
     path = write_json(out / f"{name}.json", data)
     atomic_write_text(out / f"{name}.txt", summary + "\n")
     print(summary)
@@ -171,6 +177,10 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
         if getattr(args, key, None):
             config = dataclasses.replace(config, **{key: getattr(args, key)})
     result = run_experiment(config, progress=not args.no_progress, force=args.force)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():
+        return
     print(result.markdown())
     print(f"\nresults: {result.out / 'results.md'} (also .csv, .json)")
     for name, path in result.figures.items():
@@ -284,6 +294,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     from ctsft_lens.masks import load_mask, variant_mask
     from ctsft_lens.models import model_info, save_model
     from ctsft_lens.batching import check_fit
+    from ctsft_lens.distributed import is_main
     from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
     from ctsft_lens.train import train
@@ -311,11 +322,11 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
             "mask_file": mask_file, "train": result.to_dict(), "test": test.to_dict()}
     lines = [f"{name}: {args.task}/{task.language} from model {args.model}", result.summary(),
              f"test ({len(test_ex)} examples):", test.summary()]
-    if save:
+    if save and is_main():
         folder = save_model(model, Path(args.out) / "model")
         data["checkpoint"] = str(folder)
         lines.append(f"checkpoint: {folder}")
-    if adapter_dir:
+    if adapter_dir and is_main():
         import dataclasses
 
         from ctsft_lens.adapters import save_adapter
@@ -413,6 +424,10 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
                                  tables_per_forward=args.tables_per_forward, memory_gb=args.memory_gb,
                                  progress=not args.no_progress)
     out = Path(args.out)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank holds the all-reduced report; rank 0 writes it
+        return
     out.mkdir(parents=True, exist_ok=True)
     report.write_csv(out / "curves.csv")
     plot_faithfulness(report, save_html=out / "faithfulness.html", plotlyjs="directory")
@@ -522,6 +537,10 @@ def _cmd_discover(args: argparse.Namespace) -> None:
                            progress=not args.no_progress)
     except UnstableDecompositionError as err:
         raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank found the same circuit from the all-reduced scores; rank 0 writes it
+        return
     save_circuit(circuit, path)
     lines = [f"circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
              f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
@@ -668,6 +687,7 @@ def _add_compare(sub: Any) -> None:
     p.add_argument("--protocol", default="ours", choices=list(PROTOCOLS), help="mib: add MIB's CPR / CMD; default: %(default)s")
     p.add_argument("--plotlyjs", default="directory", choices=["directory", "cdn", "inline"],
                    help="plotly.js for compare.html: a shared file beside it, the CDN, or embedded; default: %(default)s")
+    p.add_argument("--png", action="store_true", help="also write compare.png (needs the 'png' extra: kaleido)")
     _add_out(p, "runs/compare")
 
 
@@ -680,6 +700,8 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     if min(args.n_discovery, args.n_eval, args.ig_steps, args.heads_per_forward, args.batch_size,
            args.eval_batch_size, args.n_boot) < 1 or args.seeds < 0 or args.points < 2:
         raise CLIError("counts must be >= 1 (--seeds >= 0, --points >= 2)")
+    if args.png and importlib.util.find_spec("kaleido") is None:
+        raise CLIError("--png needs the optional 'kaleido' package: pip install 'ctsft_lens[png]' (or drop --png)")
     task = load_task(args.task, args.lang, args.data_dir)
     discovery = task.sample(args.n_discovery, "train", seed=args.seed)
     evaluation = task.sample(args.n_eval, args.split, seed=args.seed)
@@ -691,10 +713,18 @@ def _cmd_compare(args: argparse.Namespace) -> None:
                              seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,
                              eval_batch_size=args.eval_batch_size, positions=args.positions, protocol=args.protocol,
                              progress=not args.no_progress)
+    from ctsft_lens.distributed import is_main
+
+    if not is_main():  # every rank holds the gathered comparison; rank 0 writes it
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_comparison(result, save_html=out / "compare.html",
-                    plotlyjs=True if args.plotlyjs == "inline" else args.plotlyjs)
+    fig = plot_comparison(result, save_html=out / "compare.html",
+                          plotlyjs=True if args.plotlyjs == "inline" else args.plotlyjs)
+    if args.png:
+        from ctsft_lens.plots import save_png
+
+        save_png(fig, out / "compare.png", scale=1)
     head = (f"compare: {args.task}/{task.language}, model {args.model}, discovery train (seed {args.seed}), "
             f"evaluation {args.split}")
     atomic_write_text(out / "compare.md", head + "\n\n" + result.table() + "\n")
@@ -750,6 +780,23 @@ def main(argv: list[str] | None = None) -> int:
     traceback); Ctrl-C is one line and exit code 130."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ctsft_lens import distributed
+
+    try:
+        joined = distributed.init()  # under torchrun: join the process group (gloo / NCCL)
+    except CtsftError as err:
+        print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if not distributed.is_main() and hasattr(args, "no_progress"):
+        args.no_progress = True  # one set of progress bars: rank 0's
+    try:
+        return _run_command(args)
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except CtsftError as err:

@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float
 
+from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.errors import CtsftError
@@ -131,19 +132,19 @@ def _repeat(batch: Batch, times: int) -> Batch:
 @torch.no_grad()
 def per_example_metric(ab: MeanAblation, keep: torch.Tensor) -> Float[torch.Tensor, "n_tables n_examples"]:
     """The metric of every evaluation example with each keep table applied (``MeanAblation.metrics_many``
-    before the average over examples)."""
+    before the average over examples); under torchrun gathered from every rank's batches."""
     step = ab.tables_per_forward
     rows = []
     for start in range(0, keep.shape[0], step):
         chunk = keep[start:start + step]
-        cols = []
+        cols = [torch.zeros(len(chunk), 0, dtype=torch.float64)]  # a rank may hold no batch
         for batch in ab.batches:
             b = len(batch.labels)
             with attn_results(ab.model), ab.model.hooks(fwd_hooks=ablation_hooks(ab.means, chunk, b)):
                 logits = label_logits(ab.model, _repeat(batch, len(chunk))).double().cpu()
             cols.append(ab.metric(logits, batch.labels.repeat(len(chunk))).double().view(len(chunk), b))
         rows.append(torch.cat(cols, 1))
-    return torch.cat(rows)
+    return distributed.gather_examples(torch.cat(rows), ab.index, ab.n_examples, dim=1)
 
 
 def _areas(fractions: Sequence[float], f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.forward import label_logits
 from ctsft_lens.tasks.base import Example
@@ -51,12 +52,13 @@ def predict(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
     check_examples(examples)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt))
     ordered = [examples[i] for i in order]
-    out = []
-    total = (len(examples) + batch_size - 1) // batch_size
-    for batch in tqdm(batches(model, ordered, batch_size), total=total, disable=not progress,
+    local, index = distributed.shard(ordered, batch_size)  # under torchrun: this rank's batches, gathered below
+    out = [torch.zeros(0, len(examples[0].label_names))]
+    total = (len(local) + batch_size - 1) // batch_size
+    for batch in tqdm(batches(model, local, batch_size) if local else (), total=total, disable=not progress,
                       desc="evaluate", leave=False):
         out.append(label_logits(model, batch).float().cpu())
-    logits = torch.cat(out)
+    logits = distributed.gather_examples(torch.cat(out), index, len(ordered))
     return logits[torch.argsort(torch.tensor(order))]
 
 

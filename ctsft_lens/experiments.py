@@ -443,17 +443,41 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
 
     ``force``: recompute every stage (overwriting the toolkit's own files; nothing else in
     ``out`` is touched). A config with ``sweep`` runs once per value (see :func:`run_sweep`).
+
+    Under ``torchrun`` (see docs/scaling.md) the ranks share the grid: rank 0 runs the competence,
+    A0, retention, discovery and faithfulness stages while the others wait; then each rank runs every
+    ``world``-th transfer cell (target, variant, depth, seed) on its own device, one at a time and
+    single-process; the stage cache in ``out`` is how results travel (every rank reads the others'
+    cells from it), and rank 0 writes the tables. The result equals a one-process run's.
     """
-    from ctsft_lens.tasks import load_task
+    from ctsft_lens import distributed
 
     config.validate()
     if config.sweep:
         return run_sweep(config, progress=progress, force=force)
+    spread = distributed.active()
+    with distributed.alone():  # every stage and cell runs single-process on its rank
+        return _run_experiment(config, progress=progress, force=force, spread=spread)
+
+
+def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, spread: bool) -> ExperimentResult:
+    """The protocol; ``spread``: share it with the other ranks of the process group."""
+    from ctsft_lens import distributed
+    from ctsft_lens.tasks import load_task
+
+    def first_on_main(step: Any) -> Any:
+        """``step(force)`` on rank 0 while the others wait, then on the others from the cache."""
+        if not spread:
+            return step(force)
+        value = distributed.on_main(lambda: step(force), "an experiment stage")
+        return value if distributed.is_main() else step(False)
+
     out = Path(config.out)
     langs = dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])
     task_of = {lang: load_task(config.task, lang, config.data_dir) for lang in langs}
-    preflight(config, task_of, out)
-    write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
+    distributed.on_main(lambda: preflight(config, task_of, out), "the experiment's checks")
+    if distributed.is_main():
+        write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
     source, targets = _lang(config, config.source), list(dict.fromkeys(_lang(config, t) for t in config.targets))
     test = {lang: t.examples("test", config.eval_limit) for lang, t in task_of.items()}
 
@@ -463,40 +487,59 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
 
     comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source, asdict(config.competence),
                          config.max_tokens)
-    comp_dir = competence_stage(config, task_of[source], out, comp_key, force=force, log=log, progress=progress)
-    accs = a0_stage(config, comp_dir, test, out, stage_key(comp_key, config.eval_limit, sorted(task_of)),
-                    force=force, progress=progress)
+    comp_dir = first_on_main(lambda f: competence_stage(config, task_of[source], out, comp_key, force=f, log=log,
+                                                         progress=progress))
+    accs = first_on_main(lambda f: a0_stage(config, comp_dir, test, out,
+                                            stage_key(comp_key, config.eval_limit, sorted(task_of)),
+                                            force=f, progress=progress))
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
     retention = _retention_tests(config)
-    retention_before = (retention_stage(config, comp_dir, retention, out, stage_key(comp_key, config.eval_limit,
-                                                                                     _retention_key(config)),
-                                        force=force, progress=progress) if retention else {})
+    retention_before = (first_on_main(lambda f: retention_stage(
+        config, comp_dir, retention, out, stage_key(comp_key, config.eval_limit, _retention_key(config)),
+        force=f, progress=progress)) if retention else {})
     needs_circuit = any(_needs_circuit(v) for v in config.variants) or config.faithfulness
     circuit_key = stage_key(comp_key, config.discovery.search_key())
-    circuit = (discovery_stage(config, comp_dir, task_of[source], out, circuit_key, force=force, log=log,
-                               progress=progress) if needs_circuit else None)
+    circuit = (first_on_main(lambda f: discovery_stage(config, comp_dir, task_of[source], out, circuit_key, force=f,
+                                                       log=log, progress=progress)) if needs_circuit else None)
     figures: dict[str, str] = {}
     if config.faithfulness and circuit is not None:
-        figures.update(faithfulness_stage(config, comp_dir, circuit, task_of[source], out,
-                                          stage_key(circuit_key, config.faithfulness_examples), force=force,
-                                          progress=progress))
+        figures.update(first_on_main(lambda f: faithfulness_stage(
+            config, comp_dir, circuit, task_of[source], out, stage_key(circuit_key, config.faithfulness_examples),
+            force=f, progress=progress)))
     # Seed-major order: a run stopped early still has whole seeds of every (target, variant).
     jobs = [(t, v, d, s) for s in config.seeds for t in targets for v in config.variants
             for d in (config.discovery.report_depths() if _needs_circuit(v) else (None,))]
-    runs = []
-    for target, variant, depth, seed in tqdm(jobs, desc="transfer runs", disable=not progress):
+
+    def cell(job: tuple, force_: bool) -> RunResult:
+        target, variant, depth, seed = job
         key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None, asdict(config.transfer),
                         config.eval_limit, config.max_tokens, target, variant, depth, seed,
                         *([_retention_key(config)] if retention else []))
-        runs.append(transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
-                                   variant, depth, seed, out, key, force=force, progress=progress,
-                                   source_pool=task_of[source] if target == source else None, retention=retention))
+        return transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
+                              variant, depth, seed, out, key, force=force_, progress=progress,
+                              source_pool=task_of[source] if target == source else None, retention=retention)
+
+    if spread:  # rank r runs cells r, r + world, ...; then every rank reads all cells from the cache
+        error = None
+        try:
+            for job in tqdm(jobs[distributed.group_rank()::distributed.group_size()], desc="transfer runs",
+                            disable=not progress):
+                cell(job, force)
+        except Exception as err:  # noqa: BLE001 - every rank raises it, after the others stop
+            error = err
+        distributed.all_ok(error, "a transfer run")
+        runs = [cell(job, False) for job in jobs]
+    else:
+        runs = [cell(job, force) for job in tqdm(jobs, desc="transfer runs", disable=not progress)]
     from ctsft_lens.circuit import head_name
     from ctsft_lens.masks import circuit_mask
 
     heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
     result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out,
                               retention_before=retention_before)
+    if not distributed.is_main():  # rank 0 writes the tables and figures
+        result.figures = figures
+        return result
     _write_tables(result)
     from ctsft_lens.plots import experiment_figures
 
@@ -525,7 +568,8 @@ def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = 
         runs += [dataclasses.replace(r, variant=f"{label}:{r.variant}") for r in res.runs]
         heads += [f"{label}:{h}" for h in res.circuit_heads]
     write_text = __import__("ctsft_lens.files", fromlist=["atomic_write_text"]).atomic_write_text
-    write_text(out / "sweep.md", "\n".join(lines) + "\n")
+    if __import__("ctsft_lens.distributed", fromlist=["is_main"]).is_main():
+        write_text(out / "sweep.md", "\n".join(lines) + "\n")
     return ExperimentResult(config, first.source_accuracy_before, first.a0, heads, runs, out)
 
 
@@ -542,9 +586,10 @@ def _circuit_summary(path: Path) -> str:
 
 def _load(config: ExperimentConfig, name: str | Path) -> Any:
     """A model of the experiment on its device, in its dtype."""
+    from ctsft_lens.distributed import rank_device
     from ctsft_lens.models import load_model
 
-    return load_model(str(name), device=config.device, dtype=config.dtype)
+    return load_model(str(name), device=rank_device(config.device), dtype=config.dtype)
 
 
 def _retention_key(config: ExperimentConfig) -> list:

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from tqdm.auto import tqdm
 
+from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches
 from ctsft_lens.circuit import Circuit, rank_heads
 from ctsft_lens.forward import attn_results, hook_name, label_logits
@@ -96,8 +97,8 @@ def _tables_that_fit(model: Any, batches_: Sequence[Batch], memory_gb: float | N
     if memory_gb is None and free_memory_gb(model.cfg.device) is None:
         return 1
     cfg = model.cfg
-    width = max(b.input_ids.shape[1] for b in batches_)
-    rows = max(len(b.labels) for b in batches_)
+    width = max((b.input_ids.shape[1] for b in batches_), default=1)
+    rows = max((len(b.labels) for b in batches_), default=1)
     per_row = 4 * cfg.n_layers * width * (12 * cfg.d_model + 3 * cfg.d_mlp + cfg.n_heads * (width + cfg.d_model))
     return max(1, int(memory_budget_gb(cfg.device, memory_gb) * 2**30) // (rows * per_row))
 
@@ -124,7 +125,8 @@ class MeanAblation:
         self.positions = positions
         self.n_layers, self.n_heads = int(cfg.n_layers), int(cfg.n_heads)
         self.n_examples = len(examples)
-        self.batches = list(batches(model, examples, batch_size))
+        local, self.index = distributed.shard(examples, batch_size)  # under torchrun: this rank's batches; sums all-reduced
+        self.batches = list(batches(model, local, batch_size)) if local else []
         self.tables_per_forward = (max(1, int(tables_per_forward)) if tables_per_forward is not None
                                    else _tables_that_fit(model, self.batches, memory_gb))
         self.progress = progress
@@ -171,6 +173,8 @@ class MeanAblation:
                 labels = batch.labels.repeat(len(chunk))
                 diffs[start:start + len(chunk)] += self.metric(logits, labels).double().view(len(chunk), b).sum(1)
                 hits[start:start + len(chunk)] += (logits.argmax(-1) == labels).double().view(len(chunk), b).sum(1)
+        distributed.all_reduce_sum(diffs)  # over ranks (identities in one process)
+        distributed.all_reduce_sum(hits)
         return [Metrics(float(d) / self.n_examples, float(h) / self.n_examples) for d, h in zip(diffs, hits)]
 
     def metrics(self, keep: Bool[torch.Tensor, "n_layers n_heads"]) -> Metrics:

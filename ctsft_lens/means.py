@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.errors import TaskError
 from ctsft_lens.forward import attn_results, hook_name, run
@@ -41,8 +42,9 @@ def head_means(
     sums = torch.zeros(n_labels, cfg.n_layers, cfg.n_heads, cfg.d_model, dtype=torch.float64)
     counts = torch.zeros(n_labels, dtype=torch.float64)
     names_filter = [hook_name(layer, "attn.hook_result") for layer in range(cfg.n_layers)]
-    total = (len(examples) + batch_size - 1) // batch_size
-    for batch in tqdm(batches(model, examples, batch_size), total=total, disable=not progress,
+    local, _ = distributed.shard(examples, batch_size)  # under torchrun: this rank's batches
+    total = (len(local) + batch_size - 1) // batch_size
+    for batch in tqdm(batches(model, local, batch_size) if local else (), total=total, disable=not progress,
                       desc="head means", leave=False):
         with attn_results(model):
             _, cache = run(model, batch, names=names_filter, last_only=True)
@@ -55,6 +57,8 @@ def head_means(
                 per_ex = (res * mask[:, :, None, None]).sum(1) / mask.sum(1)[:, None, None]
             sums[:, layer].index_add_(0, batch.labels, per_ex)
         counts.index_add_(0, batch.labels, torch.ones(len(batch.labels), dtype=torch.float64))
+    distributed.all_reduce_sum(sums)  # sums and counts over ranks (identities in one process)
+    distributed.all_reduce_sum(counts)
     missing = [names[i] for i in range(n_labels) if counts[i] == 0]
     if missing:
         raise TaskError(f"reference examples have no example of label(s) {missing}: a label-balanced mean needs every label")

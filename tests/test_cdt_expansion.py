@@ -120,6 +120,25 @@ def test_cli_discover_writes_a_circuit(tmp_path, capsys):
     assert rc == 2 and "divisible" in capsys.readouterr().err
 
 
+def test_cli_discover_source_positions_and_streams(tmp_path, capsys):
+    """``--source-positions -1`` and ``--streams both`` reach the circuit file; a bad position is one line."""
+    from ctsft_lens.circuit import load_circuit
+    from ctsft_lens.cli import main
+
+    out = tmp_path / "c.json"
+    base = ["discover", "--model", "tiny", "--max-depth", "0", "--n-examples", "3", "--out", str(out), "--no-progress"]
+    assert main(base + ["--source-positions", "-1", "--streams", "both"]) == 0
+    options = load_circuit(out).options
+    assert options["source_positions"] == [-1] and options["streams"] == "both"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(base + ["--source-positions", "last"])
+    assert exit_.value.code == 2 and "expected positions like -1" in capsys.readouterr().err
+    assert main(base + ["--source-positions", "-100000"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside a prompt" in err[0]
+
+
 @pytest.mark.parametrize("aggregate", ["sum", "max"])
 def test_depth_tables_aggregate_the_targets_scores(model, examples, aggregate):
     """Depth >= 1 tables are the sum (public CD-T notebooks) or the max over that depth's targets."""

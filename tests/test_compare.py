@@ -15,6 +15,17 @@ def examples(indonesian):
     return indonesian.sample(6, seed=0)
 
 
+def test_compare_png_without_kaleido_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaleido" else real(name, *a))
+    rc = main(["compare", "--model", "tiny", "--method", "attribution", "--png", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "kaleido" in err[0]
+    assert not (tmp_path / "c").exists()
+
+
 def test_compare_command_on_the_tiny_model(tmp_path, capsys):
     rc = main(["compare", "--model", "tiny", "--method", "attribution", "--method", "patching",
                "--n-discovery", "3", "--n-eval", "6", "--points", "4", "--seeds", "2", "--n-boot", "50",

@@ -498,7 +498,8 @@ def source_positions(sources: Sequence[Source], attention_mask: torch.Tensor) ->
         for b, n in enumerate(lengths.tolist()):
             for p in src.positions:
                 if not -n <= p < n:
-                    raise ValueError(f"source position {p} is outside a prompt of {n} tokens")
+                    raise CtsftError(f"source position {p} is outside a prompt of {n} tokens: give positions "
+                                     f"within the shortest prompt (e.g. -1, the last token)")
                 out[i, b, width - n + p if p >= 0 else width + p] = True
     return out
 

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.cdt.decompose import (DEFAULT_DECOMPOSITION, Decomposition, Health, Source, Split, cache_names,
                                       check_decomposition, head_output, propagate, report_unstable, unembed,
@@ -173,7 +174,8 @@ def head_relevance(
         means = None
 
     budget = memory_budget_gb(cfg.device, memory_gb)
-    per_example = torch.full((len(targets), len(examples), cfg.n_layers, cfg.n_heads), float("nan"))
+    local, index = distributed.shard(examples, batch_size)  # under torchrun: this rank's whole batches
+    per_example = torch.full((len(targets), len(local), cfg.n_layers, cfg.n_heads), float("nan"))
     recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     healthy = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # finite and |β| within BETA_LIMIT
     by_layer: dict[int, list[int]] = {}
@@ -181,11 +183,11 @@ def head_relevance(
         by_layer.setdefault(layer, []).append(head)
     stop = None if targets == (None,) else top
     names = cache_names(model, list(by_layer) or [0], streams)
-    n_batches = (len(examples) + batch_size - 1) // batch_size
+    n_batches = (len(local) + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
                leave=False)
     start = 0
-    for batch in batches(model, examples, batch_size):
+    for batch in batches(model, local, batch_size) if local else ():
         n = batch.input_ids.shape[0]
         with attn_results(model):
             _, cache = run(model, batch, names=names, last_only=True)
@@ -206,6 +208,9 @@ def head_relevance(
         start += n
         del cache
     bar.close()
+    per_example = distributed.gather_examples(per_example, index, len(examples), dim=1)  # original order, all ranks
+    distributed.all_reduce_max(recon)  # over ranks: the worst error, and healthy only where every rank saw it so
+    healthy = distributed.all_reduce_sum((~healthy).double()) == 0
     scored = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
     for layer, head in sources:
         scored[layer, head] = True

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, check_examples, encode
 from ctsft_lens.evaluate import predict
 from ctsft_lens.forward import label_logits
@@ -44,12 +45,14 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one run. ``batch_size`` is per micro-batch; the optimizer sees
-    ``batch_size * grad_accum`` examples per step. ``max_steps`` caps optimizer steps."""
+    ``batch_size * ranks * grad_accum`` examples per step (``ranks``: 1, or the torchrun
+    processes training together). ``max_steps`` caps optimizer steps."""
 
     lr: float = _opt(1e-4, "peak learning rate (linear warm-up, then linear decay to 0)")
     epochs: int = _opt(3, "passes over the training examples")
     batch_size: int = _opt(8, "examples per micro-batch")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step, per rank under torchrun (effective batch: "
+                              "batch size x ranks x this)")
     warmup_ratio: float = _opt(0.1, "share of the steps spent warming the learning rate up, in [0, 1)")
     weight_decay: float = _opt(0.01, "AdamW decoupled weight decay (matrices only; never frozen slices)")
     max_grad_norm: float | None = _opt(1.0, "clip the gradient norm to this (none: no clipping)")
@@ -117,12 +120,16 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     mask: dict[str, Any] | None = None
+    ranks: int = 1            # processes training together (torchrun); 1 in a plain run
+    effective_batch: int = 0  # examples per optimizer step: batch_size x ranks x grad_accum
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def summary(self) -> str:
-        lines = [f"variant {self.variant}: {self.steps} steps on {self.n_train} examples in {self.seconds:.1f}s",
+        lines = [f"variant {self.variant}: {self.steps} steps on {self.n_train} examples in {self.seconds:.1f}s "
+                 f"(effective batch {self.effective_batch} = {self.config.get('batch_size')} per micro-batch x "
+                 f"{self.ranks} rank(s) x {self.config.get('grad_accum')} accumulation)",
                  f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} || "
                  f"trainable%: {100 * self.trainable_params / self.all_params:.4f}"]
         if self.mask and self.mask.get("matched_params") is not None:
@@ -155,10 +162,16 @@ def dev_metrics(model: Any, examples: Sequence[Example], batch_size: int = 16) -
 
 
 def train_step(model: Any, window: Sequence[Batch], opt: torch.optim.Optimizer,
-               max_grad_norm: float | None = None, amp: str = "none") -> float:
+               max_grad_norm: float | None = None, amp: str = "none", n_window: int | None = None) -> float:
     """One optimizer step on the mean loss over all examples of ``window`` (accumulated
-    micro-batches); returns that loss. ``amp="bf16"``: forwards under bfloat16 autocast."""
-    n_window = sum(len(b.labels) for b in window)
+    micro-batches); returns that loss. ``amp="bf16"``: forwards under bfloat16 autocast.
+
+    Under torchrun each rank passes its share of the step's micro-batches and ``n_window``, the
+    examples of the whole step over all ranks: the gradients (only the trainable elements of a
+    masked tensor) and the loss are summed over ranks before clipping and the optimizer step, so
+    every rank applies the same update (see :func:`ctsft_lens.distributed.all_reduce_grads`)."""
+    if n_window is None:
+        n_window = sum(len(b.labels) for b in window)
     params = [p for g in opt.param_groups for p in g["params"]]
     loss_sum = 0.0
     for batch in window:
@@ -166,6 +179,9 @@ def train_step(model: Any, window: Sequence[Batch], opt: torch.optim.Optimizer,
             loss = classification_loss(model, batch, reduction="sum") / n_window
         loss.backward()
         loss_sum += float(loss.detach())
+    if distributed.active():
+        distributed.all_reduce_grads(params, getattr(opt, "masks", None))
+        loss_sum = float(distributed.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64)))
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     opt.step()
@@ -210,8 +226,10 @@ def train(
     start = time.perf_counter()
     rng = random.Random(config.seed)  # the only randomness: the shuffle (dropout stays off)
 
+    ranks, me = distributed.world(), distributed.rank()
+    per_step = config.grad_accum * ranks  # micro-batches per optimizer step, over all ranks
     n_batches = math.ceil(len(train_examples) / config.batch_size)
-    steps_per_epoch = math.ceil(n_batches / config.grad_accum)
+    steps_per_epoch = math.ceil(n_batches / per_step)
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
@@ -221,6 +239,7 @@ def train(
     history: list[dict[str, float]] = []
     best: tuple[float, float, int, dict[str, torch.Tensor]] | None = None
     step = 0
+    distributed.broadcast_parameters(model)  # under torchrun: every rank starts from rank 0's weights
     with apply_head_mask(model, mask, config.kv) as gm, torch.enable_grad():
         opt = gm.optimizer(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
@@ -230,11 +249,13 @@ def train(
             rng.shuffle(order)
             chunks = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
             losses = []
-            for w in range(0, len(chunks), config.grad_accum):
+            for w in range(0, len(chunks), per_step):
                 if step >= total:
                     break
-                window = [encode(model, chunk) for chunk in chunks[w:w + config.grad_accum]]
-                loss_sum = train_step(model, window, opt, config.max_grad_norm, config.amp)
+                step_chunks = chunks[w:w + per_step]  # rank r takes micro-batches r, r + ranks, ...
+                window = [encode(model, chunk) for chunk in step_chunks[me::ranks]]
+                loss_sum = train_step(model, window, opt, config.max_grad_norm, config.amp,
+                                      n_window=sum(len(c) for c in step_chunks))
                 sched.step()
                 step += 1
                 losses.append(loss_sum)
@@ -261,7 +282,7 @@ def train(
         n_dev=len(dev_examples or []), steps=step, trainable_params=n_trainable, all_params=n_all,
         best_epoch=best[2] if best else None, best_dev_accuracy=best[0] if best else None,
         initial_dev=initial_dev, history=history, seconds=time.perf_counter() - start,
-        mask=described,
+        mask=described, ranks=ranks, effective_batch=config.batch_size * ranks * config.grad_accum,
     )
 
 

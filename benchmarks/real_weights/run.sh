@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Real-weights evidence (issues #14 and #17) on the Qwen2.5-0.5B-shaped stand-in, CPU.
+#
+#   python ../shared/tools/real-qwen /work/realqwen          # once, about a minute
+#   bash benchmarks/real_weights/run.sh /work/realqwen runs/real_weights [STAGE...]
+#
+# Stages (default: all, in order): competence, compare. Each stage's wall time, peak RSS and
+# the load average before and after go to OUT/times.tsv; run nothing else heavy beside it.
+set -euo pipefail
+MODEL=${1:?model folder}; OUT=${2:-runs/real_weights}; shift 2 || true
+STAGES=${*:-competence compare}
+CTSFT=${CTSFT:-ctsft}
+mkdir -p "$OUT"
+
+stage() {  # stage NAME CMD...: run, time, log
+  local name=$1; shift
+  local load0; load0=$(cut -d' ' -f1 /proc/loadavg)
+  echo "== $name: $*" | tee -a "$OUT/commands.txt"
+  /usr/bin/time -f "%e %M" -o "$OUT/.time" "$@" 2>&1 | tee "$OUT/$name.log"
+  read -r secs rss < "$OUT/.time"
+  printf '%s\t%s s\t%s MB\tload %s -> %s\t%s\n' "$name" "$secs" "$((rss / 1024))" "$load0" \
+    "$(cut -d' ' -f1 /proc/loadavg)" "$(date -u +%FT%TZ)" | tee -a "$OUT/times.tsv"
+}
+
+for s in $STAGES; do
+  case $s in
+    competence)  # >= 120 label-balanced Indonesian examples; test accuracy on 90
+      stage competence "$CTSFT" competence --model "$MODEL" --task nusax-senti --lang indonesian \
+        --n-examples 120 --epochs 2 --lr 1e-5 --batch-size 8 --test-limit 90 --seed 0 \
+        --out "$OUT/competence" --no-progress ;;
+    compare)  # 24 discovery / 90 evaluation examples, bootstrap CIs, 5 random circuits per size
+      stage compare "$CTSFT" compare --model "$OUT/competence" --task nusax-senti --lang indonesian \
+        --method projection --method magnitude --method attribution --method attribution-ig \
+        --n-discovery 24 --n-eval 90 --split test --points 5 --max-size 68 --seeds 5 \
+        --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" --no-progress ;;
+    *) echo "unknown stage $s" >&2; exit 2 ;;
+  esac
+done
