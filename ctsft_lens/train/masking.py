@@ -98,12 +98,12 @@ def _qk_norms(model: Any, layer: int) -> dict[str, torch.nn.Module]:
 def _fused_aliases(model: Any) -> set[int]:
     """Fused tensors the bridge trains through views (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` and
     ``gate_up_proj``): counted once, via the views, and never handed to the optimizer."""
-    fused_mlp = architecture(model).fused_gate_up
+    row = architecture(model)
     out = set()
     for blk in model.blocks:
-        out |= {id(p) for p in getattr(getattr(blk.attn, "qkv", None), "parameters", list)()}
-        if fused_mlp is not None:
-            out |= {id(p) for p in getattr(blk.mlp.original_component, fused_mlp).parameters()}
+        for module, fused in ((blk.attn, row.heads.fused_qkv), (blk.mlp, row.fused_gate_up)):
+            if fused is not None:
+                out |= {id(p) for p in getattr(module.original_component, fused).parameters()}
     return out
 
 
