@@ -204,3 +204,15 @@ def test_discover_records_unstable_heads(massive, examples, tmp_path):
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert load_circuit(tmp_path / "old.json").unstable == ()
     assert DEFAULT_DECOMPOSITION != "legacy"
+
+
+def test_beta_only_path_equals_the_reference_under_a_massive_activation(massive, examples):
+    """Real Qwen2.5's regime: β-only scores (γ = real − β) agree with the two-stream path."""
+    from ctsft_lens.cdt import head_relevance
+
+    means = head_means(massive, examples)
+    ref = head_relevance(massive, examples, means=means, streams="both", progress=False).per_example
+    fast = head_relevance(massive, examples, means=means, streams="beta", progress=False).per_example
+    ok = ref.isfinite()
+    assert ok.any() and (ok == fast.isfinite()).all()
+    assert float((ref[ok] - fast[ok]).abs().max() / ref[ok].abs().max()) <= 1e-5
