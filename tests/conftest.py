@@ -66,3 +66,12 @@ def indonesian():
     from ctsft_lens.tasks import load_task
 
     return load_task("nusax-senti", "indonesian")
+
+
+@pytest.fixture(scope="session")
+def models():
+    """Read-only 3-layer tiny Qwen2 (GQA: 8 query heads, 2 K/V heads) and GPT-2 bridges for the CD-T tests."""
+    from ctsft_lens.models import tiny_model
+
+    return {"qwen2": tiny_model("qwen2", n_layers=3, n_heads=8, n_kv_heads=2),
+            "gpt2": tiny_model("gpt2", n_layers=3)}

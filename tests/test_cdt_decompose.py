@@ -19,14 +19,6 @@ HOOKS = ("hook_resid_pre", "ln1.hook_out", "attn.hook_q", "attn.hook_k", "attn.h
 
 
 @pytest.fixture(scope="module")
-def models():
-    from ctsft_lens.models import tiny_model
-
-    return {"qwen2": tiny_model("qwen2", n_layers=3, n_heads=8, n_kv_heads=2),
-            "gpt2": tiny_model("gpt2", n_layers=3)}
-
-
-@pytest.fixture(scope="module")
 def examples(indonesian):
     """Four prompts of different lengths (one much shorter), so the batch is left padded."""
     ex = indonesian.sample(3, seed=1)

@@ -15,14 +15,6 @@ from ctsft_lens.means import head_means
 
 
 @pytest.fixture(scope="module")
-def models():
-    from ctsft_lens.models import tiny_model
-
-    return {"qwen2": tiny_model("qwen2", n_layers=3, n_heads=8, n_kv_heads=2),
-            "gpt2": tiny_model("gpt2", n_layers=3)}
-
-
-@pytest.fixture(scope="module")
 def examples(indonesian):
     """Four prompts, one much shorter, so the batch is left padded."""
     ex = indonesian.sample(3, seed=3)
