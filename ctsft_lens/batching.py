@@ -69,6 +69,17 @@ def encode(model: Any, examples: Sequence[Example]) -> Batch:
     return Batch(input_ids, mask, labels, torch.tensor(ids, dtype=torch.long))
 
 
+def by_length(model: Any, examples: Sequence[Example]) -> list[Example]:
+    """``examples`` ordered by prompt length (stable), so consecutive batches pad little.
+
+    For callers whose results are per example and do not depend on order (means, scores,
+    ablation curves): on NusaX prompts (median 45, longest ~150 tokens) batches of 16 carry
+    about half as many tokens as in file order.
+    """
+    tok = model.tokenizer
+    return sorted(examples, key=lambda ex: len(tok.encode(ex.prompt, add_special_tokens=False)))
+
+
 def check_fit(model: Any, examples: Sequence[Example]) -> None:
     """Every prompt fits the model's context: one error naming how many do not, before any work."""
     tok, n_ctx = model.tokenizer, int(model.cfg.n_ctx)

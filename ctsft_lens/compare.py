@@ -22,7 +22,7 @@ import torch
 from jaxtyping import Float
 
 from ctsft_lens import distributed
-from ctsft_lens.batching import Batch, batches
+from ctsft_lens.batching import Batch, batches, by_length
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
@@ -229,6 +229,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
         raise CtsftError(f"n_boot must be >= 1, got {n_boot}")
     cfg = model.cfg
     n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+    discovery, evaluation = by_length(model, discovery), by_length(model, evaluation)  # less padding
 
     start = time.perf_counter()
     means = head_means(model, discovery, batch_size=batch_size, progress=progress)
