@@ -50,6 +50,7 @@ class MethodResult:
     cpr_diff_ci: tuple[float, float] | None = None
     band: tuple[tuple[float, float], ...] = ()  # 95 % interval of f at each curve point
     mib: MibCurve | None = None
+    per_example: Float[torch.Tensor, "n_discovery n_layers n_heads"] | None = None  # rows: meta["discovery_uids"]
 
     def to_dict(self) -> dict[str, Any]:
         from ctsft_lens.circuit import table_to_json
@@ -59,7 +60,8 @@ class MethodResult:
                 "cpr_diff_vs_first": self.cpr_diff,
                 "cpr_diff_ci": None if self.cpr_diff_ci is None else list(self.cpr_diff_ci),
                 "curve": self.curve.to_dict(), "f_ci": [list(b) for b in self.band],
-                "scores": table_to_json(self.scores), "mib": None if self.mib is None else self.mib.to_dict()}
+                "scores": table_to_json(self.scores), "mib": None if self.mib is None else self.mib.to_dict(),
+                "scores_per_example": None if self.per_example is None else [table_to_json(t) for t in self.per_example]}
 
 
 @dataclass(frozen=True)
@@ -237,13 +239,14 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     forward_seconds = _forward_seconds(model, list(batches(model, discovery, batch_size)))
 
     tables: dict[str, torch.Tensor] = {}
+    per_example: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
     for name in methods:
         start = time.perf_counter()
         per = HEAD_SCORINGS[name].per_example(model, discovery, means=means, batch_size=batch_size, progress=progress,
                                               ig_steps=ig_steps, heads_per_forward=heads_per_forward)
         seconds[name] = time.perf_counter() - start
-        tables[name] = per.mean(0)
+        tables[name], per_example[name] = per.mean(0), per
 
     ab = MeanAblation(model, evaluation, positions=positions, batch_size=eval_batch_size, progress=progress)
     sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)
@@ -277,12 +280,14 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
         band = tuple(_interval(fb[:, i]) for i in range(len(ks)))
         results[name] = MethodResult(name, tables[name], seconds[name], seconds[name] / forward_seconds, curve,
                                      _interval(cpr_b), _interval(cmd_b), diff, diff_ci, band,
-                                     mib_curve(ab, tables[name], name) if protocol == "mib" else None)
+                                     mib_curve(ab, tables[name], name) if protocol == "mib" else None,
+                                     per_example[name])
     band_random = random_band(ab, sizes, seeds) if seeds else None
     rho = {a: {b: spearman(tables[a], tables[b]) for b in methods} for a in methods}
     meta = {"sizes": sizes, "ig_steps": ig_steps, "heads_per_forward": heads_per_forward, "batch_size": batch_size,
             "eval_batch_size": eval_batch_size, "positions": positions, "protocol": protocol, "boot_seed": boot_seed,
-            "torch_threads": torch.get_num_threads(), "device": str(cfg.device)}
+            "torch_threads": torch.get_num_threads(), "device": str(cfg.device),
+            "discovery_uids": [ex.uid for ex in discovery]}
     return Comparison(results, rho, band_random, ab.full, ab.empty, len(discovery), ab.n_examples, n_layers, n_heads,
                       forward_seconds, means_seconds, n_boot, meta)
 

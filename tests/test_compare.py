@@ -38,6 +38,9 @@ def test_compare_command_on_the_tiny_model(tmp_path, capsys):
         assert len(m["cpr_ci"]) == 2 and m["mib"] is None
         assert data["spearman"][name][name] == pytest.approx(1.0)
     assert data["methods"]["attribution"]["cpr_diff_vs_first"] is None
+    per = torch.tensor(data["methods"]["attribution"]["scores_per_example"])  # rows: the discovery uids
+    assert per.shape[0] == 3 == len(data["meta"]["discovery_uids"])
+    assert torch.allclose(per.mean(0), torch.tensor(data["methods"]["attribution"]["scores"]), atol=1e-6)
     assert data["methods"]["patching"]["cpr_diff_ci"] is not None
     table = (tmp_path / "compare.md").read_text()
     assert "| attribution |" in table and "random (2 seeds)" in table and "Spearman" in table
