@@ -197,6 +197,46 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum()) / den if den > 0 else math.nan
 
 
+def split_half_stability(per_example: Float[torch.Tensor, "n_examples n_layers n_heads"], labels: Sequence[int],
+                         ks: Sequence[int], *, splits: int = 20, seed: int = 0) -> dict[str, Any]:
+    """How much a ranking depends on its discovery sample: ``splits`` times, the examples are cut into
+    two disjoint label-balanced halves and each half ranks the heads by its mean table. Per ``k``:
+    the share of one half's top-k heads that are also the other's (mean, min, max over splits; two
+    random top-k sets share ``k / n_heads`` on average, the ``chance`` entry), and the Spearman
+    correlation of the two halves' tables."""
+    n = per_example.shape[0]
+    if len(labels) != n:
+        raise CtsftError(f"{len(labels)} labels for {n} examples")
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(int(y), []).append(i)
+    if min(len(v) for v in by_label.values()) < 2:
+        raise CtsftError("every label needs at least two examples to split the sample in halves")
+    n_scored = int((~torch.isnan(per_example[0])).sum())
+    gen = torch.Generator().manual_seed(seed)
+    overlaps: dict[int, list[float]] = {int(k): [] for k in ks}
+    rhos: list[float] = []
+    for _ in range(splits):
+        a, b = [], []
+        for idx in by_label.values():
+            perm = [idx[int(j)] for j in torch.randperm(len(idx), generator=gen)]
+            half = len(perm) // 2
+            a += perm[:half]
+            b += perm[half:2 * half]
+        ta, tb = per_example[a].mean(0), per_example[b].mean(0)
+        ra, rb = rank_heads(ta), rank_heads(tb)
+        for k in overlaps:
+            overlaps[k].append(len(set(ra[:k]) & set(rb[:k])) / k)
+        rhos.append(spearman(ta, tb))
+
+    def summary(xs: list[float]) -> dict[str, float]:
+        return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
+
+    return {"n_half": len(a), "splits": splits, "n_heads": n_scored,
+            "overlap": {str(k): {**summary(v), "chance": k / n_scored} for k, v in overlaps.items()},
+            "spearman": summary(rhos)}
+
+
 def _forward_seconds(model: Any, batch_list: list[Batch], repeats: int = 3) -> float:
     """Seconds of one plain forward over ``batch_list`` (the fastest of ``repeats``, after a warm-up)."""
     best = math.inf

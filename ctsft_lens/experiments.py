@@ -48,19 +48,37 @@ class StageConfig:
     n_examples: int = 60
     n_dev: int = 30
     train: TrainConfig = field(default_factory=TrainConfig)
+    # transfer: a peak learning rate per variant (masked variants usually want a larger one than
+    # full fine-tuning); the variants not listed use train.lr. TOML: [transfer.lr_by_variant]
+    lr_by_variant: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_flat(cls, section: dict[str, Any], where: str) -> "StageConfig":
         own = {k: section[k] for k in STAGE_FIELDS if k in section}
-        rest = {k: v for k, v in section.items() if k not in STAGE_FIELDS}
+        lrs = section.get("lr_by_variant", {})
+        rest = {k: v for k, v in section.items() if k not in STAGE_FIELDS and k != "lr_by_variant"}
         for k, v in own.items():
             check_value(f"{where}.{k}", v, int, error=ConfigError)
+        if not isinstance(lrs, dict):
+            raise ConfigError(f"{where}.lr_by_variant must be a table of variant = learning rate")
+        for k, v in lrs.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"{where}.lr_by_variant.{k} must be a positive number, got {v!r}")
         try:
             train = TrainConfig.from_dict(rest, where=where)
         except ValueError as err:
             msg = str(err)
             raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
-        return cls(**own, train=train)
+        return cls(**own, train=train, lr_by_variant={k: float(v) for k, v in lrs.items()})
+
+    def key(self) -> dict[str, Any]:
+        """The settings a run of this stage depends on (``lr_by_variant`` enters through ``for_variant``)."""
+        return {k: v for k, v in asdict(self).items() if k != "lr_by_variant"}
+
+    def for_variant(self, variant: str) -> "StageConfig":
+        """The stage one variant trains with: its own learning rate, if ``lr_by_variant`` names it."""
+        lr = self.lr_by_variant.get(variant, self.train.lr)
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, lr=lr), lr_by_variant={})
 
 
 @dataclass(frozen=True)
@@ -145,6 +163,7 @@ class ExperimentConfig:
     faithfulness: bool = False     # also write the faithfulness-vs-depth curves of the circuit
     faithfulness_examples: int = 60
     competence_dir: str | None = None  # share one competence stage between runs (sweeps)
+    competence_model: str | None = None  # an already fine-tuned checkpoint folder: skips the competence stage
     sweep: dict[str, Any] = field(default_factory=dict)  # {"key": "discovery.ratio", "values": [...]}
     competence: StageConfig = field(default_factory=StageConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -276,6 +295,17 @@ class ExperimentConfig:
         if d.pool == "shared" and d.n_examples > self.competence.n_examples:
             raise ConfigError(f"{where}: discovery.n_examples ({d.n_examples}) cannot exceed the shared competence pool "
                               f"(competence.n_examples = {self.competence.n_examples}); use pool = 'held-out' or fewer")
+        bad_lr = sorted(set(self.transfer.lr_by_variant) - set(VARIANTS))
+        if bad_lr:
+            raise ConfigError(f"{where}: transfer.lr_by_variant names unknown variant(s) {bad_lr}; "
+                              f"choose from {tuple(VARIANTS)}")
+        if self.competence_model is not None:
+            if self.competence_dir is not None:
+                raise ConfigError(f"{where}: give experiment.competence_model (a checkpoint to use) or "
+                                  "experiment.competence_dir (where the stage is cached), not both")
+            if not (Path(self.competence_model) / "config.json").is_file():
+                raise ConfigError(f"{where}: experiment.competence_model {self.competence_model!r} is not a model "
+                                  "folder (no config.json); give the folder `ctsft competence` wrote (its model/)")
         if self.max_tokens is not None and self.max_tokens < 8:
             raise ConfigError(f"{where}: experiment.max_tokens must be >= 8, got {self.max_tokens}")
         if self.sweep:
@@ -485,10 +515,15 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
         if progress:
             tqdm.write(f"[{config.name}] {msg}")
 
-    comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source, asdict(config.competence),
-                         config.max_tokens)
-    comp_dir = first_on_main(lambda f: competence_stage(config, task_of[source], out, comp_key, force=f, log=log,
-                                                         progress=progress))
+    if config.competence_model:  # a checkpoint made elsewhere: its path stands for its settings
+        comp_dir = Path(config.competence_model)
+        comp_key = stage_key("checkpoint", str(comp_dir.resolve()), config.task, config.data_dir, source,
+                             config.max_tokens)
+    else:
+        comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source,
+                             config.competence.key(), config.max_tokens)
+        comp_dir = first_on_main(lambda f: competence_stage(config, task_of[source], out, comp_key, force=f, log=log,
+                                                             progress=progress))
     accs = first_on_main(lambda f: a0_stage(config, comp_dir, test, out,
                                             stage_key(comp_key, config.eval_limit, sorted(task_of)),
                                             force=f, progress=progress))
@@ -512,7 +547,8 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
 
     def cell(job: tuple, force_: bool) -> RunResult:
         target, variant, depth, seed = job
-        key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None, asdict(config.transfer),
+        key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None,
+                        config.transfer.for_variant(variant).key(),
                         config.eval_limit, config.max_tokens, target, variant, depth, seed,
                         *([_retention_key(config)] if retention else []))
         return transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
@@ -559,7 +595,8 @@ def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = 
     for value in config.sweep["values"]:
         label = f"{field_name}={value}"
         sub = dataclasses.replace(config, sweep={}, name=f"{config.name}/{label}", out=str(out / label),
-                                  competence_dir=config.competence_dir or str(out / "competence"),
+                                  competence_dir=None if config.competence_model else (
+                                      config.competence_dir or str(out / "competence")),
                                   discovery=dataclasses.replace(config.discovery, **{field_name: value}))
         res = run_experiment(sub, progress=progress, force=force)
         first = first or res
@@ -735,9 +772,10 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
             mask, _ = resolve_lora(model, mask, config.transfer.train.kv)
             rank = mask.rank
         exclude = {ex.uid for ex in _stage_data(source_pool, config.competence, seed=0)[0]} if source_pool else set()
-        train_ex, dev_ex = _stage_data(task, config.transfer, seed=seed, exclude=exclude)
+        stage = config.transfer.for_variant(variant)
+        train_ex, dev_ex = _stage_data(task, stage, seed=seed, exclude=exclude)
         start = time.perf_counter()
-        n_trainable = _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), config.transfer,
+        n_trainable = _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), stage,
                                 mask=mask, seed=seed, progress=progress)
         target_acc = evaluate(model, _cut(config, model, target_test)).accuracy
         source_acc = evaluate(model, _cut(config, model, source_test)).accuracy
@@ -881,6 +919,7 @@ def smoke_config(config: ExperimentConfig, out: str | None = None) -> Experiment
     return dataclasses.replace(
         config, name=f"{config.name} (smoke)", model="tiny", device="cpu", dtype="float32",
         targets=config.targets[:2], seeds=config.seeds[:1], eval_limit=2 * k, faithfulness_examples=k,
+        competence_model=None,
         out=out or f"{config.out}-smoke", sweep=sweep, competence=stage(config.competence),
         transfer=stage(config.transfer),
         discovery=dataclasses.replace(d, n_examples=k, max_depth=min(d.max_depth, 1),

@@ -158,3 +158,18 @@ def test_by_length_orders_prompts_and_keeps_every_example(tiny_qwen, indonesian)
     ordered = by_length(tiny_qwen, examples)
     n = [len(tiny_qwen.tokenizer.encode(ex.prompt, add_special_tokens=False)) for ex in ordered]
     assert n == sorted(n) and sorted(ex.uid for ex in ordered) == sorted(ex.uid for ex in examples)
+
+
+def test_split_half_stability_is_one_for_a_fixed_ranking_and_near_chance_for_noise():
+    from ctsft_lens.compare import split_half_stability
+
+    labels = [0, 1, 2] * 8
+    fixed = torch.arange(400, dtype=torch.float32).view(1, 20, 20).repeat(24, 1, 1) + 0.01 * torch.randn(24, 20, 20)
+    s = split_half_stability(fixed, labels, [10, 40], splits=5)
+    assert s["n_half"] == 12 and s["overlap"]["10"]["min"] == 1.0 and s["spearman"]["min"] > 0.99
+    noise = torch.randn(24, 20, 20, generator=torch.Generator().manual_seed(0))
+    s = split_half_stability(noise, labels, [40], splits=20)
+    assert s["overlap"]["40"]["chance"] == pytest.approx(0.1) and s["overlap"]["40"]["mean"] < 0.25
+    assert abs(s["spearman"]["mean"]) < 0.2
+    with pytest.raises(Exception, match="two examples"):
+        split_half_stability(noise[:3], [0, 1, 2], [5])

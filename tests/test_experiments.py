@@ -113,6 +113,9 @@ def test_shipped_configs_parse(tmp_path):
     ("[experiment]\ntargets = ['javanese']\n[transfer]\nn_dev = 4\n", "n_dev must be 0"),
     ("[experiment]\ntargets = ['javanese']\n[discovery]\nmax_depth = 1\ndepth = 2\n", "discovery.depth"),
     ("[experiment]\ntargets = ['javanese']\ndtype = 'float8'\n", "experiment.dtype"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer.lr_by_variant]\ncircuitt = 1e-4\n", "unknown variant.*circuitt"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer.lr_by_variant]\ncircuit = 0\n", "lr_by_variant.circuit must be a positive"),
+    ("[experiment]\ntargets = ['javanese']\ncompetence_model = '/nowhere'\n", "competence_model.*not a model folder"),
 ])
 def test_bad_configs_get_clear_errors(tmp_path, toml, message):
     path = tmp_path / "c.toml"
@@ -270,3 +273,31 @@ def test_a_sweep_shares_one_competence_model(tmp_path, monkeypatch):
     assert len(calls) == 3  # one competence, one transfer per ratio
     assert (tmp_path / "run" / "sweep.md").exists()
     assert {r.variant for r in result.runs} == {"ratio=0.05:circuit", "ratio=0.1:circuit"}
+
+
+def test_lr_by_variant_reaches_each_variant_and_keeps_the_others_cached(tmp_path, monkeypatch):
+    cfg = _tiny_config(tmp_path / "run", variants=("full", "norm-only"), seeds=(0,))
+    run_experiment(cfg, progress=False)
+    seen = []
+    real = experiments._finetune
+
+    def spy(model, train_ex, dev_ex, stage, **k):
+        seen.append(stage.train.lr)
+        return real(model, train_ex, dev_ex, stage, **k)
+
+    monkeypatch.setattr(experiments, "_finetune", spy)
+    faster = dataclasses.replace(cfg.transfer, lr_by_variant={"norm-only": 5e-2})
+    run_experiment(dataclasses.replace(cfg, transfer=faster), progress=False)
+    assert seen == [5e-2]  # only the variant whose rate changed trains again, with its own rate
+
+
+def test_a_competence_checkpoint_is_used_as_is(tmp_path, monkeypatch):
+    from ctsft_lens.models import load_model, save_model
+
+    save_model(load_model("tiny"), tmp_path / "ckpt")
+    monkeypatch.setattr(experiments, "competence_stage", lambda *a, **k: pytest.fail("the competence stage ran"))
+    cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,), competence_model=str(tmp_path / "ckpt"))
+    rows = run_experiment(cfg, progress=False).table()
+    assert rows[0]["n_seeds"] == 1 and not (tmp_path / "run" / "competence").exists()
+    with pytest.raises(ConfigError, match="not both"):
+        dataclasses.replace(cfg, competence_dir=str(tmp_path / "c")).validate()
