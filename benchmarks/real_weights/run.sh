@@ -30,7 +30,7 @@ for s in $STAGES; do
         --out "$OUT/competence" --no-progress ;;
     compare)  # 24 discovery / 90 evaluation examples, bootstrap CIs, 5 random circuits per size
       stage compare "$CTSFT" compare --model "$OUT/competence/model" --task nusax-senti --lang indonesian \
-        --method projection --method magnitude --method attribution --method attribution-ig \
+        --method projection --method attribution --method attribution-ig \
         --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
         --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
