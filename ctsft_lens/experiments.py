@@ -164,6 +164,7 @@ class ExperimentConfig:
     faithfulness_examples: int = 60
     competence_dir: str | None = None  # share one competence stage between runs (sweeps)
     competence_model: str | None = None  # an already fine-tuned checkpoint folder: skips the competence stage
+    circuit: str | None = None  # a circuit file (``ctsft discover``) found on that checkpoint: skips discovery
     sweep: dict[str, Any] = field(default_factory=dict)  # {"key": "discovery.ratio", "values": [...]}
     competence: StageConfig = field(default_factory=StageConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
@@ -306,6 +307,9 @@ class ExperimentConfig:
             if not (Path(self.competence_model) / "config.json").is_file():
                 raise ConfigError(f"{where}: experiment.competence_model {self.competence_model!r} is not a model "
                                   "folder (no config.json); give the folder `ctsft competence` wrote (its model/)")
+        if self.circuit is not None and not Path(self.circuit).is_file():
+            raise ConfigError(f"{where}: experiment.circuit {self.circuit!r} is not a file; give the circuit JSON "
+                              "that `ctsft discover` wrote (or drop the key to discover here)")
         if self.max_tokens is not None and self.max_tokens < 8:
             raise ConfigError(f"{where}: experiment.max_tokens must be >= 8, got {self.max_tokens}")
         if self.sweep:
@@ -533,9 +537,16 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
         config, comp_dir, retention, out, stage_key(comp_key, config.eval_limit, _retention_key(config)),
         force=f, progress=progress)) if retention else {})
     needs_circuit = any(_needs_circuit(v) for v in config.variants) or config.faithfulness
-    circuit_key = stage_key(comp_key, config.discovery.search_key())
-    circuit = (first_on_main(lambda f: discovery_stage(config, comp_dir, task_of[source], out, circuit_key, force=f,
-                                                       log=log, progress=progress)) if needs_circuit else None)
+    circuit, circuit_key = None, stage_key(comp_key, config.discovery.search_key())
+    if needs_circuit and config.circuit:  # found elsewhere: its content stands for its settings
+        from ctsft_lens.circuit import load_circuit
+        from ctsft_lens.files import sha256_file
+
+        circuit_key = stage_key(comp_key, "circuit-file", sha256_file(Path(config.circuit)))
+        circuit = load_circuit(config.circuit)
+    elif needs_circuit:
+        circuit = first_on_main(lambda f: discovery_stage(config, comp_dir, task_of[source], out, circuit_key,
+                                                          force=f, log=log, progress=progress))
     figures: dict[str, str] = {}
     if config.faithfulness and circuit is not None:
         figures.update(first_on_main(lambda f: faithfulness_stage(
@@ -919,7 +930,7 @@ def smoke_config(config: ExperimentConfig, out: str | None = None) -> Experiment
     return dataclasses.replace(
         config, name=f"{config.name} (smoke)", model="tiny", device="cpu", dtype="float32",
         targets=config.targets[:2], seeds=config.seeds[:1], eval_limit=2 * k, faithfulness_examples=k,
-        competence_model=None,
+        competence_model=None, circuit=None,
         out=out or f"{config.out}-smoke", sweep=sweep, competence=stage(config.competence),
         transfer=stage(config.transfer),
         discovery=dataclasses.replace(d, n_examples=k, max_depth=min(d.max_depth, 1),

@@ -76,7 +76,7 @@ CHECKSUMS = "ctsft_checksums.json"
 def write_checksums(folder: str | os.PathLike) -> Path:
     """SHA-256 of every file in ``folder`` into ``folder/ctsft_checksums.json`` (weights checked at read)."""
     folder = Path(folder)
-    sums = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    sums = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
     return write_json(folder / CHECKSUMS, sums)
 
 
@@ -85,12 +85,12 @@ def verify_checksums(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     sums = read_json(folder / CHECKSUMS, "checksum")
     for name, digest in sums.items():
-        if not (folder / name).is_file() or _sha256(folder / name) != digest:
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
             raise CtsftError(f"{folder / name} is missing or damaged (checksum mismatch)")
     return folder
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()

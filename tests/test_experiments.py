@@ -116,6 +116,7 @@ def test_shipped_configs_parse(tmp_path):
     ("[experiment]\ntargets = ['javanese']\n[transfer.lr_by_variant]\ncircuitt = 1e-4\n", "unknown variant.*circuitt"),
     ("[experiment]\ntargets = ['javanese']\n[transfer.lr_by_variant]\ncircuit = 0\n", "lr_by_variant.circuit must be a positive"),
     ("[experiment]\ntargets = ['javanese']\ncompetence_model = '/nowhere'\n", "competence_model.*not a model folder"),
+    ("[experiment]\ntargets = ['javanese']\ncircuit = '/nowhere.json'\n", "experiment.circuit.*not a file"),
 ])
 def test_bad_configs_get_clear_errors(tmp_path, toml, message):
     path = tmp_path / "c.toml"
@@ -301,3 +302,22 @@ def test_a_competence_checkpoint_is_used_as_is(tmp_path, monkeypatch):
     assert rows[0]["n_seeds"] == 1 and not (tmp_path / "run" / "competence").exists()
     with pytest.raises(ConfigError, match="not both"):
         dataclasses.replace(cfg, competence_dir=str(tmp_path / "c")).validate()
+
+
+def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.circuit import save_circuit
+    from ctsft_lens.models import load_model, save_model
+    from ctsft_lens.tasks import load_task
+
+    model = load_model("tiny")
+    save_model(model, tmp_path / "ckpt")
+    circuit = discover(model, load_task("nusax-senti", "indonesian").sample(3, seed=0), ratio=0.1, max_depth=0,
+                       progress=False)
+    save_circuit(circuit, tmp_path / "c.json")
+    monkeypatch.setattr(experiments, "discovery_stage", lambda *a, **k: pytest.fail("discovery ran"))
+    cfg = _tiny_config(tmp_path / "run", variants=("circuit",), seeds=(0,), competence_model=str(tmp_path / "ckpt"),
+                       circuit=str(tmp_path / "c.json"))
+    result = run_experiment(cfg, progress=False)
+    assert result.table()[0]["n_seeds"] == 1
+    assert sorted(result.circuit_heads) == sorted(f"{h[0]}.{h[1]}" for h in circuit.heads)
