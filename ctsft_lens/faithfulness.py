@@ -321,14 +321,20 @@ class RandomBand:
 
 
 def size_grid(n_total: int, points: int = 24, max_size: int | None = None) -> list[int]:
-    """About ``points`` sizes in 1..max_size, dense at the small end (geometric) and even elsewhere."""
+    """At least ``min(points, max_size)`` sizes in 1..max_size, dense at the small end (geometric) and
+    even elsewhere. (The two halves share their ends, so the even half grows until the count is
+    reached: ``points=4, max_size=68`` once gave only [1, 68].)"""
     top = n_total if max_size is None else min(max_size, n_total)
     if top < 1:
         return []
     half = max(2, points // 2)
-    geo = torch.logspace(0, math.log10(top), half, dtype=torch.float64).round().long().tolist()
-    lin = torch.linspace(1, top, max(2, points - half), dtype=torch.float64).round().long().tolist()
-    return sorted(set(geo) | set(lin))
+    geo = set(torch.logspace(0, math.log10(top), half, dtype=torch.float64).round().long().tolist())
+    n_lin = max(2, points - half)
+    while True:
+        grid = geo | set(torch.linspace(1, top, n_lin, dtype=torch.float64).round().long().tolist())
+        if len(grid) >= min(points, top) or n_lin >= top:
+            return sorted(grid)
+        n_lin += 1
 
 
 def depth_curve(ab: MeanAblation, circuit: Circuit, name: str | None = None) -> Curve:

@@ -176,6 +176,9 @@ def test_size_grid_is_sorted_unique_and_ends_at_the_top():
     grid = size_grid(336, points=24)
     assert grid == sorted(set(grid)) and grid[0] == 1 and grid[-1] == 336
     assert size_grid(336, max_size=40)[-1] == 40
+    for points, top in ((4, 68), (24, 336), (6, 3), (10, 32)):
+        grid = size_grid(336, points=points, max_size=top)
+        assert len(grid) >= min(points, top) and grid[0] == 1 and grid[-1] == top
 
 
 def test_report_serializes_to_json_and_csv(tmp_path, model, examples):

@@ -4,11 +4,11 @@
 #   python ../shared/tools/real-qwen /work/realqwen          # once, about a minute
 #   bash benchmarks/real_weights/run.sh /work/realqwen runs/real_weights [STAGE...]
 #
-# Stages (default: all, in order): competence, compare. Each stage's wall time, peak RSS and
+# Stages (default: all, in order): competence, compare, stability. Each stage's wall time, peak RSS and
 # the load average before and after go to OUT/times.tsv; run nothing else heavy beside it.
 set -euo pipefail
 MODEL=${1:?model folder}; OUT=${2:-runs/real_weights}; shift 2 || true
-STAGES=${*:-competence compare}
+STAGES=${*:-competence compare stability}
 CTSFT=${CTSFT:-ctsft}
 mkdir -p "$OUT"
 
@@ -33,6 +33,9 @@ for s in $STAGES; do
         --method projection --method attribution --method attribution-ig \
         --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
         --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" ;;
+    stability)  # split-half stability of each ranking, from compare's per-example tables (no model run)
+      stage stability python "$(dirname "$0")/stability.py" "$OUT/compare/compare.json" --splits 50 \
+        --out "$OUT/stability" ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
 done
