@@ -91,6 +91,7 @@ def verify_checksums(folder: str | os.PathLike) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 4 MiB blocks (checkpoints are gigabytes)."""
     import hashlib
 
     h = hashlib.sha256()
