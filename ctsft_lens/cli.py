@@ -138,6 +138,8 @@ def _add_experiment(sub: Any) -> None:
                    help="run the config's whole protocol on the tiny offline model with tiny sizes (minutes on a CPU)")
     _add_device(p, default=None)
     p.add_argument("--force", action="store_true", help="recompute every stage (only the toolkit's own files are rewritten)")
+    p.add_argument("--png", action="store_true",
+                   help="also write the figures as PNG beside their HTML (needs the 'png' extra: kaleido)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -176,7 +178,10 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
     for key in ("model", "device", "dtype", "data_dir"):  # flags given on the command line override the config
         if getattr(args, key, None):
             config = dataclasses.replace(config, **{key: getattr(args, key)})
-    result = run_experiment(config, progress=not args.no_progress, force=args.force)
+    png = getattr(args, "png", False)
+    if png and importlib.util.find_spec("kaleido") is None:  # before hours of work, not after
+        raise CLIError("--png needs the optional 'kaleido' package: pip install 'ctsft_lens[png]' (or drop --png)")
+    result = run_experiment(config, progress=not args.no_progress, force=args.force, png=png)
     from ctsft_lens.distributed import is_main
 
     if not is_main():

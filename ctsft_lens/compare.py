@@ -23,6 +23,7 @@ from jaxtyping import Float
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches, by_length
+from ctsft_lens.cdt.relevance import SCORERS, head_relevances
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
@@ -122,6 +123,8 @@ class Comparison:
                  f"no heads {self.empty.logit_diff:+.4f} (accuracy {self.empty.accuracy:.3f})",
                  f"one plain forward over the discovery batches: {self.forward_seconds:.3f} s; "
                  f"head means (shared by every method): {self.means_seconds:.2f} s", "", self.table()]
+        if self.meta.get("shared_cdt_pass"):
+            lines.append(f"\n{', '.join(self.meta['shared_cdt_pass'])}: one shared CD-T pass; each row shows its whole cost")
         return "\n".join(lines)
 
 
@@ -281,7 +284,16 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     tables: dict[str, torch.Tensor] = {}
     per_example: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    for name in methods:
+    shared = [m for m in methods if m in SCORERS] if sum(m in SCORERS for m in methods) > 1 else []
+    if shared:  # the CD-T scorings read one propagation: each is charged the whole pass
+        start = time.perf_counter()
+        rels = head_relevances(model, discovery, scorings=shared, means=means, batch_size=batch_size, progress=progress)
+        elapsed = time.perf_counter() - start
+        for name in shared:
+            seconds[name] = elapsed
+            per_example[name] = rels[name].per_example[0]
+            tables[name] = per_example[name].mean(0)
+    for name in (m for m in methods if m not in shared):
         start = time.perf_counter()
         per = HEAD_SCORINGS[name].per_example(model, discovery, means=means, batch_size=batch_size, progress=progress,
                                               ig_steps=ig_steps, heads_per_forward=heads_per_forward)
@@ -326,7 +338,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     rho = {a: {b: spearman(tables[a], tables[b]) for b in methods} for a in methods}
     meta = {"sizes": sizes, "ig_steps": ig_steps, "heads_per_forward": heads_per_forward, "batch_size": batch_size,
             "eval_batch_size": eval_batch_size, "positions": positions, "protocol": protocol, "boot_seed": boot_seed,
-            "torch_threads": torch.get_num_threads(), "device": str(cfg.device),
+            "torch_threads": torch.get_num_threads(), "device": str(cfg.device), "shared_cdt_pass": shared,
             "discovery_uids": [ex.uid for ex in discovery]}
     return Comparison(results, rho, band_random, ab.full, ab.empty, len(discovery), ab.n_examples, n_layers, n_heads,
                       forward_seconds, means_seconds, n_boot, meta)

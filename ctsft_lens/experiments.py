@@ -472,11 +472,13 @@ def _lang(cfg: ExperimentConfig, language: str) -> str:
 # --------------------------------------------------------------------------------------------
 # the protocol: small stages, each cached under out/ by a key of the settings it depends on
 # --------------------------------------------------------------------------------------------
-def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bool = False) -> ExperimentResult:
+def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bool = False,
+                   png: bool = False) -> ExperimentResult:
     """Run (or resume) the CT-SFT protocol of ``config``; writes tables and figures under ``out``.
 
     ``force``: recompute every stage (overwriting the toolkit's own files; nothing else in
     ``out`` is touched). A config with ``sweep`` runs once per value (see :func:`run_sweep`).
+    ``png``: also write the figures as PNG beside their HTML (needs kaleido).
 
     Under ``torchrun`` (see docs/scaling.md) the ranks share the grid: rank 0 runs the competence,
     A0, retention, discovery and faithfulness stages while the others wait; then each rank runs every
@@ -488,13 +490,14 @@ def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bo
 
     config.validate()
     if config.sweep:
-        return run_sweep(config, progress=progress, force=force)
+        return run_sweep(config, progress=progress, force=force, png=png)
     spread = distributed.active()
     with distributed.alone():  # every stage and cell runs single-process on its rank
-        return _run_experiment(config, progress=progress, force=force, spread=spread)
+        return _run_experiment(config, progress=progress, force=force, spread=spread, png=png)
 
 
-def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, spread: bool) -> ExperimentResult:
+def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, spread: bool,
+                    png: bool = False) -> ExperimentResult:
     """The protocol; ``spread``: share it with the other ranks of the process group."""
     from ctsft_lens import distributed
     from ctsft_lens.tasks import load_task
@@ -591,12 +594,13 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
     from ctsft_lens.plots import experiment_figures
 
     if runs:
-        figures.update({name: str(p) for name, p in experiment_figures(result, out / "figures").items()})
+        figures.update({name: str(p) for name, p in experiment_figures(result, out / "figures", png=png).items()})
     result.figures = figures
     return result
 
 
-def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = False) -> ExperimentResult:
+def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = False,
+              png: bool = False) -> ExperimentResult:
     """One run per value of ``sweep.key`` (a discovery field, e.g. the ratio or the pool), all from one
     competence model; ``out/sweep.md`` sets their circuits and tables side by side."""
     out = Path(config.out)
@@ -609,7 +613,7 @@ def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = 
                                   competence_dir=None if config.competence_model else (
                                       config.competence_dir or str(out / "competence")),
                                   discovery=dataclasses.replace(config.discovery, **{field_name: value}))
-        res = run_experiment(sub, progress=progress, force=force)
+        res = run_experiment(sub, progress=progress, force=force, png=png)
         first = first or res
         circuit = _circuit_summary(Path(sub.out) / "circuit.json")
         lines += [f"## {label}", "", circuit, "", res.markdown() if res.runs else "(no transfer runs)", ""]

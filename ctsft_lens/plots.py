@@ -247,10 +247,14 @@ def plot_tradeoff(result: Any, *, save_html: str | Path | None = None, plotlyjs:
     return _finish(fig, save_html, plotlyjs)
 
 
-def experiment_figures(result: Any, folder: str | Path) -> dict[str, Path]:
-    """Write the experiment's figures as HTML (one shared plotly.js) and return their paths."""
+def experiment_figures(result: Any, folder: str | Path, *, png: bool = False) -> dict[str, Path]:
+    """Write the experiment's figures as HTML (one shared plotly.js), and as PNG too when ``png``
+    (for reports and READMEs; needs kaleido); return their paths."""
     folder = Path(folder)
-    paths = {"transfer": folder / "transfer.html", "tradeoff": folder / "tradeoff.html"}
-    plot_transfer(result, save_html=paths["transfer"], plotlyjs="directory")
-    plot_tradeoff(result, save_html=paths["tradeoff"], plotlyjs="directory")
+    paths: dict[str, Path] = {}
+    for name, plot in (("transfer", plot_transfer), ("tradeoff", plot_tradeoff)):
+        paths[name] = folder / f"{name}.html"
+        fig = plot(result, save_html=paths[name], plotlyjs="directory")
+        if png:
+            paths[f"{name}_png"] = save_png(fig, folder / f"{name}.png", scale=1)
     return paths

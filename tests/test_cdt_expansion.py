@@ -171,3 +171,30 @@ def test_means_over_correct_examples_only(model, indonesian, monkeypatch):
     assert sorted(ex.label for ex in picked) == [0, 0, 1, 1, 2, 2]
     with pytest.raises(Exception, match="correctly answered"):
         correct_examples(model, pool, 30)
+
+
+@pytest.mark.parametrize("target", ["logits", [(2, 1), (3, 0)]])
+def test_several_cdt_scorings_from_one_pass_equal_separate_runs(model, examples, target, monkeypatch):
+    from ctsft_lens.cdt import relevance
+    from ctsft_lens.cdt.relevance import head_relevances
+
+    calls = []
+    real = relevance.propagate
+    monkeypatch.setattr(relevance, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = head_relevances(model, examples, scorings=("projection", "magnitude"), target=target, progress=False)
+    shared_calls, calls[:] = len(calls), []
+    for name in ("projection", "magnitude"):
+        alone = head_relevance(model, examples, scoring=name, target=target, progress=False)
+        assert both[name].scoring == name and both[name].targets == alone.targets
+        torch.testing.assert_close(both[name].per_example, alone.per_example, rtol=0, atol=0, equal_nan=True)
+        assert len(calls) == shared_calls  # each scoring alone costs what both together cost
+        calls[:] = []
+
+
+def test_head_relevances_refuses_what_cannot_share_a_pass(model, examples):
+    from ctsft_lens.cdt.relevance import head_relevances
+
+    with pytest.raises(ValueError, match="not a CD-T scoring"):
+        head_relevances(model, examples, scorings=("projection", "attribution"), progress=False)
+    with pytest.raises(ValueError, match="distinct"):
+        head_relevances(model, examples, scorings=("projection", "projection"), progress=False)

@@ -70,6 +70,28 @@ def test_compare_curves_are_the_faithfulness_curves(tiny_qwen, indonesian):
     assert -1 <= c.spearman["projection"]["attribution"] <= 1
 
 
+def test_projection_and_magnitude_share_one_cdt_pass(tiny_qwen, indonesian, monkeypatch):
+    """Both CD-T scorings come from one propagation, with the tables each would get alone."""
+    from ctsft_lens.cdt import head_relevance, relevance
+    from ctsft_lens.compare import compare_methods
+
+    calls = []
+    real = relevance.propagate
+    monkeypatch.setattr(relevance, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    discovery, evaluation = indonesian.sample(3, seed=0), indonesian.sample(6, "valid", seed=1)
+    c = compare_methods(tiny_qwen, discovery, evaluation, ["projection", "magnitude"], sizes=[1, 4], seeds=(),
+                        n_boot=20, progress=False)
+    shared, calls[:] = len(calls), []
+    ordered = [ex for uid in c.meta["discovery_uids"] for ex in discovery if ex.uid == uid]
+    for name in ("projection", "magnitude"):
+        alone = head_relevance(tiny_qwen, ordered, scoring=name, progress=False).per_example[0]
+        torch.testing.assert_close(c.methods[name].per_example, alone)
+    assert shared > 0 and len(calls) == 2 * shared  # alone, each scoring costs the whole shared pass
+    assert c.meta["shared_cdt_pass"] == ["projection", "magnitude"]
+    assert c.methods["projection"].seconds == pytest.approx(c.methods["magnitude"].seconds)
+    assert "one shared CD-T pass" in c.summary()
+
+
 def test_spearman_with_ties_and_unscored_heads():
     from ctsft_lens.compare import spearman
 

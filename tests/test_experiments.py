@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,8 +42,11 @@ def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch
         raise AssertionError("a cached stage was recomputed")
 
     monkeypatch.setattr(experiments, "_finetune", boom)
-    again = run_experiment(cfg, progress=False)
+    again = run_experiment(cfg, progress=False, png=True)  # kaleido: a dev dependency
     assert again.table() == rows
+    for name in ("transfer_png", "tradeoff_png"):  # PNGs beside the HTML, from the cached runs
+        png = tmp_path / "run" / "figures" / f"{name[:-4]}.png"
+        assert again.figures[name] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A partly finished run resumes: delete one run and only that one is trained again.
     (tmp_path / "run" / "runs" / "javanese" / "full" / "seed1.json").unlink()
@@ -123,6 +127,21 @@ def test_bad_configs_get_clear_errors(tmp_path, toml, message):
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig.from_toml(path)
+
+
+def test_png_without_kaleido_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from ctsft_lens.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaleido" else real(name, *a))
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: pytest.fail("work started"))
+    config = Path(__file__).parents[1] / "configs" / "nusax_cpu.toml"
+    rc = main(["experiment", "--config", str(config), "--smoke", "--png", "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "kaleido" in err[0]
+    assert not (tmp_path / "e").exists()
 
 
 def test_missing_config_file_via_cli(tmp_path, capsys):

@@ -4,11 +4,12 @@
 #   python ../shared/tools/real-qwen /work/realqwen          # once, about a minute
 #   bash benchmarks/real_weights/run.sh /work/realqwen runs/real_weights [STAGE...]
 #
-# Stages (default: all, in order): competence, compare, stability. Each stage's wall time, peak RSS and
+# Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer. Each stage's wall time, peak RSS and
 # the load average before and after go to OUT/times.tsv; run nothing else heavy beside it.
 set -euo pipefail
 MODEL=${1:?model folder}; OUT=${2:-runs/real_weights}; shift 2 || true
-STAGES=${*:-competence compare stability}
+STAGES=${*:-competence compare stability circuit sweep transfer}
+SWEEP=${SWEEP:-circuit:1e-4 circuit:1e-3 full:1e-5 full:1e-4 circuit:3e-4 full:3e-5}
 CTSFT=${CTSFT:-ctsft}
 mkdir -p "$OUT"
 
@@ -36,6 +37,20 @@ for s in $STAGES; do
     stability)  # split-half stability of each ranking, from compare's per-example tables (no model run)
       stage stability python "$(dirname "$0")/stability.py" "$OUT/compare/compare.json" --splits 50 \
         --out "$OUT/stability" ;;
+    circuit)  # the depth-0 projection circuit of the compare run (6 of 336 heads), no rescoring
+      stage circuit python "$(dirname "$0")/circuit_from_compare.py" "$OUT/compare/compare.json" \
+        --method projection --ratio 0.02 --out "$OUT/circuit_depth0.json" ;;
+    sweep)  # learning rate per variant on SOURCE dev only: 30 Indonesian train examples (seed 1), 60 dev
+      for cell in $SWEEP; do
+        v=${cell%%:*}; lr=${cell#*:}
+        stage "sweep_${v}_$lr" "$CTSFT" train --model "$OUT/competence/model" --task nusax-senti --lang indonesian \
+          --variant "$v" --circuit "$OUT/circuit_depth0.json" --lr "$lr" --n-examples 30 --epochs 3 \
+          --batch-size 10 --seed 1 --dev-limit 60 --test-limit 3 --select-best --no-progress \
+          --out "$OUT/sweep/${v}_$lr"
+      done
+      stage sweep_pick python "$(dirname "$0")/sweep_pick.py" "$OUT/sweep" ;;
+    transfer)  # the grid of transfer.toml (its paths assume OUT=runs/real_weights; resumable: finished cells are kept)
+      stage transfer "$CTSFT" experiment --config "$(dirname "$0")/transfer.toml" --png --no-progress ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
 done

@@ -2,7 +2,8 @@
 
 from ctsft_lens.cdt.decompose import Source, Split, decompose
 from ctsft_lens.cdt.expansion import discover
-from ctsft_lens.cdt.relevance import Relevance, head_relevance
+from ctsft_lens.cdt.relevance import Relevance, head_relevance, head_relevances
 from ctsft_lens.means import head_means  # re-exported: the baseline CD-T subtracts
 
-__all__ = ["head_means", "Source", "Split", "decompose", "discover", "Relevance", "head_relevance"]
+__all__ = ["head_means", "Source", "Split", "decompose", "discover", "Relevance", "head_relevance",
+           "head_relevances"]

@@ -138,15 +138,54 @@ def head_relevance(
     fast path (default) or the two-stream reference ``"both"`` (same scores to float rounding).
     """
     check_options(scoring, baseline, attention)
-    check("streams", streams, STREAMS)
-    check_decomposition(decomposition)
-    check_examples(examples)
     if scoring not in SCORERS:  # attribution, attribution-ig, patching (ig_steps: attribution-ig only)
         from ctsft_lens.scoring import total_effect_relevance
 
+        check_examples(examples)
         return total_effect_relevance(model, examples, scoring, target=target, baseline=baseline, sources=sources,
                                       positions=positions, reference=reference, means=means, batch_size=batch_size,
                                       progress=progress, ig_steps=ig_steps)
+    return head_relevances(model, examples, scorings=(scoring,), target=target, baseline=baseline,
+                           attention=attention, sources=sources, positions=positions, reference=reference,
+                           means=means, batch_size=batch_size, memory_gb=memory_gb, progress=progress,
+                           decomposition=decomposition, bias_o=bias_o, strict=strict, streams=streams)[scoring]
+
+
+def head_relevances(
+    model: Any,
+    examples: Sequence[Example],
+    *,
+    scorings: Sequence[Scoring] = tuple(SCORERS),
+    target: Literal["logits"] | Sequence[Head] = "logits",
+    baseline: Baseline = "mean",
+    attention: AttentionRule = "cdt",
+    sources: Sequence[Head] | None = None,
+    positions: tuple[int, ...] | None = None,
+    reference: Sequence[Example] | None = None,
+    means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
+    batch_size: int = 8,
+    memory_gb: float | None = None,
+    progress: bool = True,
+    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
+    bias_o: str = "share",
+    strict: bool = True,
+    streams: str = "beta",
+) -> dict[str, Relevance]:
+    """:func:`head_relevance` for several CD-T scorings (keys of ``SCORERS``) from **one** propagation.
+
+    The scorings differ only in how they read β (and γ) at the target, so projection and magnitude
+    together cost what one of them costs (``ctsft compare`` uses this). Same options and checks.
+    """
+    scorings = tuple(scorings)
+    if not scorings or len(set(scorings)) != len(scorings):
+        raise ValueError(f"scorings must be distinct and at least one, got {list(scorings)}")
+    for name in scorings:
+        if name not in SCORERS:
+            raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(SCORERS)}")
+        check_options(name, baseline, attention)
+    check("streams", streams, STREAMS)
+    check_decomposition(decomposition)
+    check_examples(examples)
     cfg = model.cfg
     targets: tuple[Head | None, ...]
     if isinstance(target, str):
@@ -175,7 +214,8 @@ def head_relevance(
 
     budget = memory_budget_gb(cfg.device, memory_gb)
     local, index = distributed.shard(examples, batch_size)  # under torchrun: this rank's whole batches
-    per_example = torch.full((len(targets), len(local), cfg.n_layers, cfg.n_heads), float("nan"))
+    per_example = {name: torch.full((len(targets), len(local), cfg.n_layers, cfg.n_heads), float("nan"))
+                   for name in scorings}
     recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     healthy = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # finite and |β| within BETA_LIMIT
     by_layer: dict[int, list[int]] = {}
@@ -198,17 +238,18 @@ def head_relevance(
             for i in range(0, len(heads), chunk):
                 part = heads[i:i + chunk]
                 srcs = [Source(layer, h, positions) for h in part]
-                scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scoring,
+                scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scorings,
                                                   directions, means, attention, decomposition, bias_o, streams)
                 recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
                 healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
-                for t, s in scores.items():  # s: [S, B]
-                    per_example[t, start:start + n, layer, part] = s.T.float().cpu()
+                for (name, t), s in scores.items():  # s: [S, B]
+                    per_example[name][t, start:start + n, layer, part] = s.T.float().cpu()
                 bar.update(len(part))
         start += n
         del cache
     bar.close()
-    per_example = distributed.gather_examples(per_example, index, len(examples), dim=1)  # original order, all ranks
+    per_example = {name: distributed.gather_examples(table, index, len(examples), dim=1)  # original order, all ranks
+                   for name, table in per_example.items()}
     distributed.all_reduce_max(recon)  # over ranks: the worst error, and healthy only where every rank saw it so
     healthy = distributed.all_reduce_sum((~healthy).double()) == 0
     scored = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.bool)
@@ -216,35 +257,39 @@ def head_relevance(
         scored[layer, head] = True
     layer_ids = torch.arange(cfg.n_layers)[:, None]
     upstream = torch.stack([scored & (layer_ids < (cfg.n_layers if t is None else t[0])) for t in targets])
-    nonfinite = (upstream & ~per_example.isfinite().all(1)).any(0)  # a score that should exist is NaN/inf
-    bad = scored & (~healthy | ~(recon <= recon_tol(model)) | nonfinite)
-    unstable = tuple((int(layer), int(head)) for layer, head in bad.nonzero().tolist())
-    report_unstable(unstable, decomposition, strict)
-    return Relevance(targets, per_example, scoring, unstable, recon.float())
+    shaky = scored & (~healthy | ~(recon <= recon_tol(model)))
+    unstable: dict[str, tuple[Head, ...]] = {}
+    for name, table in per_example.items():
+        nonfinite = (upstream & ~table.isfinite().all(1)).any(0)  # a score that should exist is NaN/inf
+        unstable[name] = tuple((int(layer), int(head)) for layer, head in (shaky | (scored & nonfinite)).nonzero().tolist())
+    report_unstable(tuple(sorted({h for heads in unstable.values() for h in heads})), decomposition, strict)
+    return {name: Relevance(targets, per_example[name], name, unstable[name], recon.float()) for name in scorings}
 
 
 def _relevance_chunk(
     model: Any, cache: Any, mask: torch.Tensor, srcs: list[Source],
-    targets: tuple[Head | None, ...], stop: int | None, scoring: str,
+    targets: tuple[Head | None, ...], stop: int | None, scorings: tuple[str, ...],
     directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
     bias_o: str = "share",
     streams: str = "beta",
-) -> tuple[dict[int, torch.Tensor], Health]:
-    """Scores ``{target index: [source, batch]}`` of sources in one layer, and their health."""
-    out: dict[int, torch.Tensor] = {}
-    scorer = SCORERS[scoring]
+) -> tuple[dict[tuple[str, int], torch.Tensor], Health]:
+    """Scores ``{(scoring, target index): [source, batch]}`` of sources in one layer, and their health."""
+    out: dict[tuple[str, int], torch.Tensor] = {}
 
     def visit(name: str, x: Split) -> None:
         if name == "ln_final.hook_out" and targets == (None,):
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
-            out[0] = scorer(last, model, True, directions)
+            for scoring in scorings:
+                out[scoring, 0] = SCORERS[scoring](last, model, True, directions)
         elif name.endswith(".attn.hook_z"):
             z_layer = hook_layer(name)
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
             for t, tgt in enumerate(targets):
                 if tgt is not None and tgt[0] == z_layer:
-                    out[t] = scorer(head_output(model, z_layer, tgt[1], last), model, False, directions)
+                    at = head_output(model, z_layer, tgt[1], last)
+                    for scoring in scorings:
+                        out[scoring, t] = SCORERS[scoring](at, model, False, directions)
 
     health = propagate(model, cache, mask, srcs, means=means, attention_rule=attention,
                        decomposition=decomposition, bias_o=bias_o, emit=visit, stop_layer=stop, last_only=True,
