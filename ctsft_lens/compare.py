@@ -253,6 +253,57 @@ def _forward_seconds(model: Any, batch_list: list[Batch], repeats: int = 3) -> f
     return best
 
 
+@dataclass(frozen=True)
+class Judged:
+    """One ranking judged on an evaluation: its top-k curve and paired-bootstrap intervals."""
+
+    curve: Curve
+    cpr_ci: tuple[float, float]
+    cmd_ci: tuple[float, float]
+    cpr_diff: float | None  # CPR minus the first table's CPR (None for the first)
+    cpr_diff_ci: tuple[float, float] | None
+    band: tuple[tuple[float, float], ...]  # 95 % interval of f at each curve point
+
+
+def judge_tables(ab: MeanAblation, tables: dict[str, torch.Tensor], sizes: Sequence[int], *, n_boot: int = 1000,
+                 boot_seed: int = 0) -> dict[str, Judged]:
+    """Judge each head table's ranking by the mean-ablation top-k curve of ``ab`` at ``sizes``.
+
+    The second half of :func:`compare_methods`, apart so saved tables can be re-judged (e.g. on
+    another size grid) without rescoring. Every table uses the same bootstrap resamples of the
+    evaluation examples (seeded by ``boot_seed``), so the CPR differences to the first are paired.
+    """
+    refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))  # [2, n_eval]
+    gen = torch.Generator().manual_seed(boot_seed)
+    idx = torch.randint(ab.n_examples, (n_boot, ab.n_examples), generator=gen)
+
+    def ratio(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        span = r[0] - r[1]
+        return torch.where(span.abs() > 1e-12, (d - r[1]) / span, torch.full_like(d, math.nan))
+
+    boot_refs = refs[:, idx].mean(-1)  # [2, n_boot]
+    out: dict[str, Judged] = {}
+    first_cpr: tuple[float, torch.Tensor] | None = None
+    for name, table in tables.items():
+        order = rank_heads(table)
+        ks = [k for k in sizes if k <= len(order)]
+        d = per_example_metric(ab, torch.stack([ab.table(order[:k]) for k in ks]))  # [n_k, n_eval]
+        f = ratio(d.mean(1), refs.mean(1))
+        curve = Curve(f"{name}/top-k", "topk", tuple(
+            CurvePoint(k, k / ab.n_total, float(fk), float(d[i].mean()),
+                       math.nan) for i, (k, fk) in enumerate(zip(ks, f))))
+        fb = ratio(d[:, idx].mean(-1), boot_refs[:, None, :].expand(2, len(ks), n_boot)).T  # [n_boot, n_k]
+        cpr_b, cmd_b = _areas([k / ab.n_total for k in ks], fb)
+        diff = diff_ci = None
+        if first_cpr is None:
+            first_cpr = (curve.cpr, cpr_b)
+        else:
+            diff, diff_ci = curve.cpr - first_cpr[0], _interval(cpr_b - first_cpr[1])
+        out[name] = Judged(curve, _interval(cpr_b), _interval(cmd_b), diff, diff_ci,
+                           tuple(_interval(fb[:, i]) for i in range(len(ks))))
+    return out
+
+
 def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequence[Example], methods: Sequence[str],
                     *, ig_steps: int = 5, heads_per_forward: int = 8, sizes: Sequence[int] | None = None,
                     seeds: Sequence[int] = (0, 1, 2, 3, 4), n_boot: int = 1000, boot_seed: int = 0,
@@ -302,38 +353,12 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
 
     ab = MeanAblation(model, evaluation, positions=positions, batch_size=eval_batch_size, progress=progress)
     sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)
-    refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))  # [2, n_eval]
-    gen = torch.Generator().manual_seed(boot_seed)
-    idx = torch.randint(ab.n_examples, (n_boot, ab.n_examples), generator=gen)
-
-    def ratio(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        span = r[0] - r[1]
-        return torch.where(span.abs() > 1e-12, (d - r[1]) / span, torch.full_like(d, math.nan))
-
-    boot_refs = refs[:, idx].mean(-1)  # [2, n_boot]
-    results: dict[str, MethodResult] = {}
-    first_cpr: tuple[float, torch.Tensor] | None = None
-    for name in methods:
-        order = rank_heads(tables[name])
-        ks = [k for k in sizes if k <= len(order)]
-        d = per_example_metric(ab, torch.stack([ab.table(order[:k]) for k in ks]))  # [n_k, n_eval]
-        f = ratio(d.mean(1), refs.mean(1))
-        curve = Curve(f"{name}/top-k", "topk", tuple(
-            CurvePoint(k, k / ab.n_total, float(fk), float(d[i].mean()),
-                       math.nan) for i, (k, fk) in enumerate(zip(ks, f))))
-        fb = ratio(d[:, idx].mean(-1), boot_refs[:, None, :].expand(2, len(ks), n_boot)).T  # [n_boot, n_k]
-        fractions = [k / ab.n_total for k in ks]
-        cpr_b, cmd_b = _areas(fractions, fb)
-        diff = diff_ci = None
-        if first_cpr is None:
-            first_cpr = (curve.cpr, cpr_b)
-        else:
-            diff, diff_ci = curve.cpr - first_cpr[0], _interval(cpr_b - first_cpr[1])
-        band = tuple(_interval(fb[:, i]) for i in range(len(ks)))
-        results[name] = MethodResult(name, tables[name], seconds[name], seconds[name] / forward_seconds, curve,
-                                     _interval(cpr_b), _interval(cmd_b), diff, diff_ci, band,
-                                     mib_curve(ab, tables[name], name) if protocol == "mib" else None,
-                                     per_example[name])
+    judged = judge_tables(ab, {m: tables[m] for m in methods}, sizes, n_boot=n_boot, boot_seed=boot_seed)  # first: methods[0]
+    results = {name: MethodResult(name, tables[name], seconds[name], seconds[name] / forward_seconds, j.curve,
+                                  j.cpr_ci, j.cmd_ci, j.cpr_diff, j.cpr_diff_ci, j.band,
+                                  mib_curve(ab, tables[name], name) if protocol == "mib" else None,
+                                  per_example[name])
+               for name, j in judged.items()}
     band_random = random_band(ab, sizes, seeds) if seeds else None
     rho = {a: {b: spearman(tables[a], tables[b]) for b in methods} for a in methods}
     meta = {"sizes": sizes, "ig_steps": ig_steps, "heads_per_forward": heads_per_forward, "batch_size": batch_size,

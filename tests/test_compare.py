@@ -79,9 +79,11 @@ def test_projection_and_magnitude_share_one_cdt_pass(tiny_qwen, indonesian, monk
     real = relevance.propagate
     monkeypatch.setattr(relevance, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
     discovery, evaluation = indonesian.sample(3, seed=0), indonesian.sample(6, "valid", seed=1)
-    c = compare_methods(tiny_qwen, discovery, evaluation, ["projection", "magnitude"], sizes=[1, 4], seeds=(),
-                        n_boot=20, progress=False)
+    c = compare_methods(tiny_qwen, discovery, evaluation, ["attribution", "projection", "magnitude"], sizes=[1, 4],
+                        seeds=(), n_boot=20, progress=False)
     shared, calls[:] = len(calls), []
+    assert list(c.methods) == ["attribution", "projection", "magnitude"]  # the order given, not the pass's
+    assert c.methods["attribution"].cpr_diff is None and c.methods["magnitude"].cpr_diff is not None
     ordered = [ex for uid in c.meta["discovery_uids"] for ex in discovery if ex.uid == uid]
     for name in ("projection", "magnitude"):
         alone = head_relevance(tiny_qwen, ordered, scoring=name, progress=False).per_example[0]
@@ -90,6 +92,15 @@ def test_projection_and_magnitude_share_one_cdt_pass(tiny_qwen, indonesian, monk
     assert c.meta["shared_cdt_pass"] == ["projection", "magnitude"]
     assert c.methods["projection"].seconds == pytest.approx(c.methods["magnitude"].seconds)
     assert "one shared CD-T pass" in c.summary()
+    # saved tables re-judged later (benchmarks/real_weights/recurve.py) give compare's own figures
+    from ctsft_lens.batching import by_length
+    from ctsft_lens.compare import judge_tables
+    from ctsft_lens.faithfulness import MeanAblation
+
+    ab = MeanAblation(tiny_qwen, by_length(tiny_qwen, evaluation), progress=False)
+    again = judge_tables(ab, {m: r.scores for m, r in c.methods.items()}, [1, 4], n_boot=20)
+    for name, r in c.methods.items():
+        assert again[name].curve.cpr == pytest.approx(r.curve.cpr) and again[name].cpr_ci == pytest.approx(r.cpr_ci)
 
 
 def test_spearman_with_ties_and_unscored_heads():

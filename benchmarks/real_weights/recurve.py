@@ -3,11 +3,11 @@
     python benchmarks/real_weights/recurve.py runs/real_weights/compare/compare.json MODEL \
         --sizes 1,23,46,68 [--n-eval 90 --split test --seeds 5 --n-boot 1000 --out DIR]
 
-The scores come from compare.json (same methods, same tables); the evaluation repeats what
-``compare_methods`` does: the same 90 label-balanced test examples (sample seed from the JSON),
-mean ablation with their own μ, the top-k curve at every size, 5 random circuits per size, and
-paired bootstrap intervals (boot seed 0) for CPR, CMD, the CPR difference to the first method
-and f at every size. Used once because the stage-2 run's grid had collapsed to [1, 68].
+The scores come from compare.json (same methods, same tables); the evaluation is
+``compare_methods``' own second half, ``compare.judge_tables``: the same 90 label-balanced test
+examples (sample seed from the JSON), mean ablation with their own μ, the top-k curve at every
+size, paired bootstrap intervals (boot seed 0) for CPR, CMD, the CPR difference to the first
+method and f at every size; then 5 random circuits per size. Used once because the stage-2 run's grid had collapsed to [1, 68].
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from ctsft_lens.batching import by_length
-from ctsft_lens.circuit import rank_heads, table_from_json
-from ctsft_lens.compare import _areas, _interval, per_example_metric
+from ctsft_lens.circuit import table_from_json
+from ctsft_lens.compare import judge_tables
 from ctsft_lens.faithfulness import MeanAblation, random_band
 from ctsft_lens.models import load_model
 from ctsft_lens.tasks import load_task
@@ -46,31 +44,15 @@ def main() -> None:
     evaluation = by_length(model, task.sample(args.n_eval, data["split"], seed=data["seed"]))
     ab = MeanAblation(model, evaluation, positions=data["meta"]["positions"], batch_size=args.eval_batch_size,
                       progress=False)
-    refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))
-    idx = torch.randint(ab.n_examples, (args.n_boot, ab.n_examples), generator=torch.Generator().manual_seed(0))
-    boot_refs = refs[:, idx].mean(-1)
-
-    def ratio(d: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-        return (d - r[1]) / (r[0] - r[1])
-
-    fractions = [k / ab.n_total for k in sizes]
-    out: dict = {"sizes": sizes, "full": refs[0].mean().item(), "empty": refs[1].mean().item(), "methods": {}}
-    first = None
-    for name, m in data["methods"].items():
-        order = rank_heads(table_from_json(m["scores"]))
-        d = per_example_metric(ab, torch.stack([ab.table(order[:k]) for k in sizes]))
-        f = ratio(d.mean(1), refs.mean(1))
-        fb = ratio(d[:, idx].mean(-1), boot_refs[:, None, :].expand(2, len(sizes), args.n_boot)).T
-        cpr, cmd = _areas(fractions, f[None])
-        cpr_b, cmd_b = _areas(fractions, fb)
-        row = {"f": f.tolist(), "f_ci": [_interval(fb[:, i]) for i in range(len(sizes))],
-               "cpr": float(cpr[0]), "cpr_ci": _interval(cpr_b), "cmd": float(cmd[0]), "cmd_ci": _interval(cmd_b)}
-        if first is None:
-            first = (float(cpr[0]), cpr_b)
-        else:
-            row["cpr_diff"], row["cpr_diff_ci"] = float(cpr[0]) - first[0], _interval(cpr_b - first[1])
+    tables = {name: table_from_json(m["scores"]) for name, m in data["methods"].items()}
+    out: dict = {"sizes": sizes, "full": ab.full.logit_diff, "empty": ab.empty.logit_diff, "methods": {}}
+    for name, j in judge_tables(ab, tables, sizes, n_boot=args.n_boot, boot_seed=0).items():
+        row = {"f": [p.faithfulness for p in j.curve.points], "f_ci": [list(b) for b in j.band],
+               "cpr": j.curve.cpr, "cpr_ci": list(j.cpr_ci), "cmd": j.curve.cmd, "cmd_ci": list(j.cmd_ci)}
+        if j.cpr_diff is not None:
+            row["cpr_diff"], row["cpr_diff_ci"] = j.cpr_diff, list(j.cpr_diff_ci)
         out["methods"][name] = row
-        print(name, json.dumps({k: v for k, v in row.items()}), flush=True)
+        print(name, json.dumps(row), flush=True)
     band = random_band(ab, sizes, tuple(range(args.seeds)))
     out["random"] = band.to_dict()
     out["seconds"] = time.time() - start
