@@ -11,6 +11,7 @@ stages that depend on it.
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 import sys
 import time
@@ -382,6 +383,7 @@ class ExperimentResult:
     out: Path
     figures: dict[str, str] = field(default_factory=dict)
     retention_before: dict[str, float] = field(default_factory=dict)  # "task:lang" -> competence accuracy
+    n_test: dict[str, int] = field(default_factory=dict)  # language -> test examples scored (for the SEs)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (target, variant): mean and std over seeds of accuracy and retention."""
@@ -399,6 +401,9 @@ class ExperimentResult:
                     "target": tgt, "variant": variant, "n_seeds": len(runs), "a0": self.a0[tgt],
                     "target_acc_mean": statistics.fmean(acc), "target_acc_std": _std(acc),
                     "source_acc_mean": statistics.fmean(src), "source_acc_std": _std(src),
+                    # test-set sampling error of one accuracy on this test set, beside the seed spread
+                    "target_acc_se": _binomial_se(statistics.fmean(acc), self.n_test.get(tgt)),
+                    "source_acc_se": _binomial_se(statistics.fmean(src), self.n_test.get(self.config.source)),
                     "forgetting": self.source_accuracy_before - statistics.fmean(src),
                     "trainable_params": runs[0].trainable_params,
                     "n_train": runs[0].n_train, "n_dev": runs[0].n_dev,
@@ -421,19 +426,20 @@ class ExperimentResult:
         variants = list(dict.fromkeys(r["variant"] for r in rows))
         out = [f"### {cfg.task}: {cfg.source} → targets ({cfg.model}; n_tgt = {cfg.transfer.n_examples}, "
                f"{len(cfg.seeds)} seeds)", "",
+               "mean ± sd over seeds; (SE …): the test-set standard error √(p(1−p)/n) of that accuracy", "",
                "Target accuracy (A0 = competence model before adaptation)", "",
                "| target | A0 | " + " | ".join(variants) + " |",
                "|---|---|" + "---|" * len(variants)]
         by = {(r["target"], r["variant"]): r for r in rows}
         for target in dict.fromkeys(r["target"] for r in rows):
             cells = [f"{by[target, v]['target_acc_mean']:.3f} ± {by[target, v]['target_acc_std']:.3f}"
-                     if (target, v) in by else "" for v in variants]
+                     + _se_text(by[target, v]["target_acc_se"]) if (target, v) in by else "" for v in variants]
             out.append(f"| {target} | {self.a0[target]:.3f} | " + " | ".join(cells) + " |")
         out += ["", f"Source ({cfg.source}) accuracy after adaptation (before: {self.source_accuracy_before:.3f})", "",
                 "| target | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
         for target in dict.fromkeys(r["target"] for r in rows):
             cells = [f"{by[target, v]['source_acc_mean']:.3f} ± {by[target, v]['source_acc_std']:.3f}"
-                     if (target, v) in by else "" for v in variants]
+                     + _se_text(by[target, v]["source_acc_se"]) if (target, v) in by else "" for v in variants]
             out.append(f"| {target} | " + " | ".join(cells) + " |")
         for label, before in self.retention_before.items():
             out += ["", f"Related task {label}: accuracy after adaptation (before: {before:.3f}; "
@@ -457,6 +463,15 @@ class ExperimentResult:
         out += ["", f"Circuit ({cfg.discovery.scoring}, ratio {cfg.discovery.ratio}, depth ≤ {cfg.discovery.max_depth}): "
                 + ", ".join(self.circuit_heads)]
         return "\n".join(out)
+
+
+def _binomial_se(p: float, n: int | None) -> float | None:
+    """Standard error of an accuracy ``p`` measured on ``n`` test examples (None when n is unknown)."""
+    return math.sqrt(p * (1 - p) / n) if n else None
+
+
+def _se_text(se: float | None) -> str:
+    return "" if se is None else f" (SE {se:.3f})"
 
 
 def _std(xs: list[float]) -> float:
@@ -586,7 +601,7 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
 
     heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
     result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out,
-                              retention_before=retention_before)
+                              retention_before=retention_before, n_test={lang: len(ex) for lang, ex in test.items()})
     if not distributed.is_main():  # rank 0 writes the tables and figures
         result.figures = figures
         return result
@@ -622,7 +637,7 @@ def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = 
     write_text = __import__("ctsft_lens.files", fromlist=["atomic_write_text"]).atomic_write_text
     if __import__("ctsft_lens.distributed", fromlist=["is_main"]).is_main():
         write_text(out / "sweep.md", "\n".join(lines) + "\n")
-    return ExperimentResult(config, first.source_accuracy_before, first.a0, heads, runs, out)
+    return ExperimentResult(config, first.source_accuracy_before, first.a0, heads, runs, out, n_test=first.n_test)
 
 
 def _circuit_summary(path: Path) -> str:
@@ -910,7 +925,7 @@ def _write_tables(result: ExperimentResult) -> None:
     (result.out / "results.md").write_text(result.markdown() + "\n")
     write_json(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
                                         "a0": result.a0, "retention_before": result.retention_before,
-                                        "circuit": result.circuit_heads,
+                                        "circuit": result.circuit_heads, "n_test": result.n_test,
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
 
 

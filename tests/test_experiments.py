@@ -34,6 +34,10 @@ def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch
     for name in ("results.csv", "results.md", "results.json", "circuit.json", "a0.json", "masks/circuit.json"):
         assert (tmp_path / "run" / name).exists(), name
     assert "| javanese |" in result.markdown()
+    n = result.n_test["javanese"]
+    assert n == 12 and all(r["target_acc_se"] == pytest.approx((r["target_acc_mean"] * (1 - r["target_acc_mean"]) / n) ** 0.5)
+                           for r in rows)
+    assert f"(SE {rows[0]['target_acc_se']:.3f})" in result.markdown()
     assert all(p.endswith(".html") for p in result.figures.values())
     assert (tmp_path / "run" / "competence" / "config.json").exists()
 
