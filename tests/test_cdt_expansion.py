@@ -198,3 +198,82 @@ def test_head_relevances_refuses_what_cannot_share_a_pass(model, examples):
         head_relevances(model, examples, scorings=("projection", "attribution"), progress=False)
     with pytest.raises(ValueError, match="distinct"):
         head_relevances(model, examples, scorings=("projection", "projection"), progress=False)
+
+
+def _depth_by_depth(model, examples, scoring, ratio, max_depth, aggregate):
+    """The expansion as the public CD-T code runs it: one propagation per depth, targets = last depth's heads."""
+    from ctsft_lens.circuit import rank_heads
+
+    k = n_to_keep(ratio, model.cfg.n_layers * model.cfg.n_heads)
+    kept, heads, tables = set(), [], []
+    for depth in range(max_depth + 1):
+        if depth == 0:
+            table = head_relevance(model, examples, scoring=scoring, progress=False).mean[0]
+        else:
+            targets = [h for h in heads[-1] if h[0] > 0]
+            if not targets:
+                break
+            per = head_relevance(model, examples, scoring=scoring, target=targets, progress=False).mean
+            table = per.nansum(0) if aggregate == "sum" else per.nan_to_num(float("-inf")).max(0).values
+            table[per.isnan().all(0)] = float("nan")
+        new = rank_heads(table, exclude=kept)[:k]
+        if not new:
+            break
+        kept.update(new)
+        heads.append(tuple(new))
+        tables.append(table)
+    return heads, tables
+
+
+@pytest.mark.parametrize("scoring,aggregate", [("projection", "sum"), ("magnitude", "max")])
+def test_one_pass_expansion_equals_a_pass_per_depth(model, examples, scoring, aggregate):
+    """All depths read from one propagation (target='all') give the depth-by-depth circuit."""
+    c = discover(model, examples, scoring=scoring, ratio=0.15, max_depth=2, aggregate=aggregate, progress=False)
+    heads, tables = _depth_by_depth(model, examples, scoring, 0.15, 2, aggregate)
+    assert c.heads_by_depth == tuple(heads) and len(heads) >= 2
+    for mine, ref in zip(c.scores, tables):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_discover_circuits_share_one_pass(model, examples, monkeypatch):
+    from ctsft_lens.cdt import discover_circuits, relevance
+
+    calls = []
+    real = relevance.propagate
+    monkeypatch.setattr(relevance, "propagate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    both = discover_circuits(model, examples, scorings=("projection", "magnitude"), ratio=0.15, progress=False)
+    n_both, calls[:] = len(calls), []
+    for name in ("projection", "magnitude"):
+        alone = discover(model, examples, scoring=name, ratio=0.15, progress=False)
+        assert len(calls) == n_both, "a scoring alone costs what both together cost, all depths included"
+        calls[:] = []
+        assert both[name].heads_by_depth == alone.heads_by_depth and both[name].scoring == name
+        for a, b in zip(both[name].scores, alone.scores):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    # the pass of depth 0 alone: no more propagations for depths 1-2
+    head_relevance(model, examples, scoring="projection", progress=False)
+    assert len(calls) == n_both
+
+
+def test_one_saved_pass_expands_at_any_ratio(model, examples):
+    from ctsft_lens.cdt import circuit_from_relevance, head_relevances
+
+    rel = head_relevances(model, examples, scorings=("projection",), target="all", progress=False)["projection"]
+    assert rel.targets[0] is None and len(rel.targets) == 1 + 3 * 4  # the logits, then layers 1-3
+    for ratio in (0.1, 0.3):
+        again = circuit_from_relevance(model, rel, ratio=ratio, max_depth=2)
+        assert again.heads_by_depth == discover(model, examples, ratio=ratio, progress=False).heads_by_depth
+    with pytest.raises(ValueError, match="ratio"):
+        circuit_from_relevance(model, rel, ratio=2.0)
+
+
+def test_expand_needs_every_head_as_a_target(model, examples):
+    from ctsft_lens.cdt.expansion import expand
+
+    rel = head_relevance(model, examples, progress=False)  # logits only
+    with pytest.raises(ValueError, match="target='all'"):
+        expand(rel, 2, 1)
+    with pytest.raises(ValueError, match="discover_circuits|distinct"):
+        from ctsft_lens.cdt import discover_circuits
+
+        discover_circuits(model, examples, scorings=("projection", "projection"), progress=False)

@@ -4,7 +4,7 @@
 #   python ../shared/tools/real-qwen /work/realqwen          # once, about a minute
 #   bash benchmarks/real_weights/run.sh /work/realqwen runs/real_weights [STAGE...]
 #
-# Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer; magnitude on request. Each stage's wall time, peak RSS and
+# Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer; depths on request. Each stage's wall time, peak RSS and
 # the load average before and after go to OUT/times.tsv; run nothing else heavy beside it.
 set -euo pipefail
 MODEL=${1:?model folder}; OUT=${2:-runs/real_weights}; shift 2 || true
@@ -34,11 +34,9 @@ for s in $STAGES; do
         --method projection --method attribution --method attribution-ig \
         --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
         --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" ;;
-    magnitude)  # projection and magnitude from ONE CD-T pass (head_relevances); projection repeats stage 2's table
-      stage magnitude "$CTSFT" compare --model "$OUT/competence/model" --task nusax-senti --lang indonesian \
-        --method projection --method magnitude \
-        --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
-        --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare_magnitude" --no-progress ;;
+    depths)  # projection AND magnitude at depths 0-2 from ONE CD-T pass (every head a target), judged on stage 2's evaluation
+      stage depths python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths" \
+        --compare "$OUT/compare/compare.json" --no-progress ;;
     stability)  # split-half stability of each ranking, from compare's per-example tables (no model run)
       stage stability python "$(dirname "$0")/stability.py" "$OUT/compare/compare.json" --splits 50 \
         --out "$OUT/stability" ;;

@@ -105,7 +105,7 @@ def head_relevance(
     model: Any,
     examples: Sequence[Example],
     *,
-    target: Literal["logits"] | Sequence[Head] = "logits",
+    target: Literal["logits", "all"] | Sequence[Head] = "logits",
     scoring: Scoring = "projection",
     baseline: Baseline = "mean",
     attention: AttentionRule = "cdt",
@@ -122,7 +122,8 @@ def head_relevance(
     strict: bool = True,
     streams: str = "beta",
 ) -> Relevance:
-    """Relevance of every head upstream of ``target`` (the logits, or each listed head).
+    """Relevance of every head upstream of ``target`` (the logits, each listed head, or ``"all"``:
+    the logits then every head of layers 1.. in order, as ``cdt.discover`` reads all depths from).
 
     ``sources`` restricts the heads scored (default: all heads upstream of some target);
     ``positions`` limits each source to those prompt tokens (negative from the end; default all).
@@ -156,7 +157,7 @@ def head_relevances(
     examples: Sequence[Example],
     *,
     scorings: Sequence[Scoring] = tuple(SCORERS),
-    target: Literal["logits"] | Sequence[Head] = "logits",
+    target: Literal["logits", "all"] | Sequence[Head] = "logits",
     baseline: Baseline = "mean",
     attention: AttentionRule = "cdt",
     sources: Sequence[Head] | None = None,
@@ -189,9 +190,11 @@ def head_relevances(
     cfg = model.cfg
     targets: tuple[Head | None, ...]
     if isinstance(target, str):
-        if target != "logits":
-            raise ValueError(f"target must be 'logits' or a list of (layer, head), got {target!r}")
+        if target not in ("logits", "all"):
+            raise ValueError(f"target must be 'logits', 'all' or a list of (layer, head), got {target!r}")
         targets, top = (None,), cfg.n_layers
+        if target == "all":  # the logits and every head with a head upstream: all expansion depths at once
+            targets += tuple((layer, head) for layer in range(1, cfg.n_layers) for head in range(cfg.n_heads))
     else:
         targets = tuple((int(layer), int(head)) for layer, head in target)
         if not targets:
@@ -221,7 +224,7 @@ def head_relevances(
     by_layer: dict[int, list[int]] = {}
     for layer, head in sorted(set(sources)):
         by_layer.setdefault(layer, []).append(head)
-    stop = None if targets == (None,) else top
+    stop = None if targets[0] is None else top
     names = cache_names(model, list(by_layer) or [0], streams)
     n_batches = (len(local) + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
@@ -276,13 +279,14 @@ def _relevance_chunk(
 ) -> tuple[dict[tuple[str, int], torch.Tensor], Health]:
     """Scores ``{(scoring, target index): [source, batch]}`` of sources in one layer, and their health."""
     out: dict[tuple[str, int], torch.Tensor] = {}
+    target_layers = {t[0] for t in targets if t is not None}
 
     def visit(name: str, x: Split) -> None:
-        if name == "ln_final.hook_out" and targets == (None,):
+        if name == "ln_final.hook_out" and targets[0] is None:
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
             for scoring in scorings:
                 out[scoring, 0] = SCORERS[scoring](last, model, True, directions)
-        elif name.endswith(".attn.hook_z"):
+        elif name.endswith(".attn.hook_z") and hook_layer(name) in target_layers:
             z_layer = hook_layer(name)
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
             for t, tgt in enumerate(targets):

@@ -1,0 +1,279 @@
+"""Issue #14, item 1 at depths 0-2: projection and magnitude circuits from ONE CD-T pass, judged on
+held-out examples with bootstrap intervals and random circuits of the same sizes.
+
+    python benchmarks/real_weights/depths.py runs/real_weights/competence/model --out runs/real_weights/depths \
+        [--compare runs/real_weights/compare/compare.json]
+
+Phase 1 (``discover``): the stage-2 sample (24 label-balanced train examples, sample seed 0, the
+same head means), ``head_relevances(target="all")`` for projection and magnitude in one pass,
+saved as ``relevance.pt``; ``circuit_<scoring>.json`` at ratio 0.02, depths 0-2 (sum aggregate).
+With ``--compare``, the depth-0 projection table is checked against stage 2's (reproducibility).
+Phase 2 (``judge``): the stage-2 evaluation (90 label-balanced test examples, mean ablation with
+their own means). For every scoring and depth: sufficiency (only the circuit kept) and necessity
+(the circuit ablated, the rest kept) with 95 % bootstrap intervals over examples, against
+``--random`` seeded random circuits of each size (their sufficiency, and necessity with
+``--random-necessity``); the difference to the random mean with a paired interval. Then the
+top-k curve of both logits tables at ``--sizes`` (``compare.judge_tables``: CPR, CMD, ΔCPR of
+magnitude vs projection, paired), and the split-half stability of both rankings.
+Each phase is skipped when its output exists (delete it to redo). Writes depths.json / depths.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ctsft_lens.batching import batches, by_length
+from ctsft_lens.cdt import circuit_from_relevance, head_relevances
+from ctsft_lens.cdt.relevance import Relevance
+from ctsft_lens.circuit import head_name, rank_heads, save_circuit, table_from_json
+from ctsft_lens.compare import _forward_seconds, _interval, judge_tables, per_example_metric, split_half_stability
+from ctsft_lens.faithfulness import MeanAblation
+from ctsft_lens.masks import random_mask
+from ctsft_lens.means import head_means
+from ctsft_lens.models import load_model
+from ctsft_lens.tasks import load_task
+
+SCORINGS = ("projection", "magnitude")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def discover_phase(args: argparse.Namespace, model, task, out: Path) -> dict:
+    path = out / "relevance.pt"
+    discovery = by_length(model, task.sample(args.n_discovery, "train", seed=args.seed))
+    uids = [ex.uid for ex in discovery]
+    if path.exists():
+        saved = torch.load(path)
+        if saved["uids"] != uids:
+            raise SystemExit(f"{path} holds another discovery sample: delete it to rescore")
+        _log(f"discover: reusing {path}")
+        return saved
+    start = time.perf_counter()
+    means = head_means(model, discovery, batch_size=args.batch_size, progress=False)
+    forward = _forward_seconds(model, list(batches(model, discovery, args.batch_size)))
+    t0 = time.perf_counter()
+    rels = head_relevances(model, discovery, scorings=SCORINGS, target="all", means=means,
+                           batch_size=args.batch_size, progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    saved = {"uids": uids, "labels": [ex.label for ex in discovery], "seconds": seconds,
+             "forward_seconds": forward, "means_seconds": t0 - start,
+             "rels": {n: {"targets": r.targets, "per_example": r.per_example, "unstable": r.unstable}
+                      for n, r in rels.items()}}
+    torch.save(saved, path)
+    _log(f"discover: one pass for {', '.join(SCORINGS)}, all targets: {seconds:.0f} s "
+         f"= {seconds / forward:.1f} forward-equivalents")
+    return saved
+
+
+def circuits_of(args: argparse.Namespace, model, saved: dict, out: Path) -> dict:
+    circuits = {}
+    for name, r in saved["rels"].items():
+        rel = Relevance(tuple(r["targets"]), r["per_example"], name, tuple(r["unstable"]))
+        options = {"baseline": "mean", "attention": "cdt", "n_examples": len(saved["uids"]),
+                   "n_reference": len(saved["uids"]), "mean_positions": "pooled", "source_positions": None,
+                   "one_pass_seconds": saved["seconds"]}
+        c = circuit_from_relevance(model, rel, ratio=args.ratio, max_depth=args.max_depth, options=options)
+        save_circuit(c, out / f"circuit_{name}.json")
+        circuits[name] = c
+        _log(f"{name}: " + " | ".join(f"depth {d}: {' '.join(head_name(h) for h in hs)}"
+                                      for d, hs in enumerate(c.heads_by_depth)))
+    return circuits
+
+
+def reproducibility(compare_json: str, circuits: dict) -> dict:
+    data = json.loads(Path(compare_json).read_text())
+    ref = table_from_json(data["methods"]["projection"]["scores"])
+    mine = circuits["projection"].scores[0]
+    ok = ~(ref.isnan() | mine.isnan())
+    k = len(circuits["projection"].heads_by_depth[0])
+    return {"max_abs_diff": float((ref[ok] - mine[ok]).abs().max()), "max_abs_score": float(ref[ok].abs().max()),
+            "same_top_k": rank_heads(ref)[:k] == rank_heads(mine)[:k], "k": k, "same_nan": bool(
+                (ref.isnan() == mine.isnan()).all())}
+
+
+def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: dict) -> dict:
+    evaluation = by_length(model, task.sample(args.n_eval, args.split, seed=args.seed))
+    t0 = time.perf_counter()
+    ab = MeanAblation(model, evaluation, positions="pooled", batch_size=args.eval_batch_size, progress=False)
+    info = {"n_layers": ab.n_layers, "n_heads": ab.n_heads}
+    refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))  # [2, n]
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(ab.n_examples, (args.n_boot, ab.n_examples), generator=gen)
+    full_b, empty_b = refs[0, idx].mean(-1), refs[1, idx].mean(-1)
+
+    def f_point(d: torch.Tensor) -> float:
+        return float((d.mean() - refs[1].mean()) / (refs[0].mean() - refs[1].mean()))
+
+    def f_boot(d: torch.Tensor) -> torch.Tensor:
+        return (d[idx].mean(-1) - empty_b) / (full_b - empty_b)
+
+    # circuits by depth, both directions
+    keeps, keys = [], []
+    for name, c in circuits.items():
+        for d in range(c.depth + 1):
+            keep = ab.table(c.up_to_depth(d).heads)
+            keeps += [keep, ~keep]
+            keys += [(name, d, "suff"), (name, d, "nec")]
+    sizes = sorted({int(k.sum()) for k in keeps[::2]})
+    seeds = tuple(range(args.random))
+    for size in sizes:
+        for s in seeds:
+            keep = ab.table(random_mask(info, size, seed=s))
+            keeps.append(keep)
+            keys.append(("random", size, s, "suff"))
+            if args.random_necessity:
+                keeps.append(~keep)
+                keys.append(("random", size, s, "nec"))
+    _log(f"judge: {len(keeps)} mean-ablation tables on {ab.n_examples} examples")
+    metric = per_example_metric(ab, torch.stack(keeps))
+    by_key = dict(zip(keys, metric))
+    rows = []
+    for name, c in circuits.items():
+        for d in range(c.depth + 1):
+            size = len(c.up_to_depth(d).heads)
+            row = {"scoring": name, "depth": d, "heads": size,
+                   "added": [head_name(h) for h in c.heads_by_depth[d]]}
+            for kind in ("suff", "nec"):
+                dc = by_key[(name, d, kind)]
+                fb = f_boot(dc)
+                row[kind] = f_point(dc)
+                row[kind + "_ci"] = list(_interval(fb))
+                rand = [by_key[k] for k in keys if k[0] == "random" and k[1] == size and k[3] == kind]
+                if rand:
+                    rf = [f_point(r) for r in rand]
+                    rb = torch.stack([f_boot(r) for r in rand]).mean(0)
+                    row[kind + "_random"] = {"mean": sum(rf) / len(rf), "sd": float(torch.tensor(rf).std()),
+                                             "values": rf, "n": len(rf)}
+                    row[kind + "_minus_random"] = row[kind] - sum(rf) / len(rf)
+                    row[kind + "_minus_random_ci"] = list(_interval(fb - rb))
+            rows.append(row)
+            _log(json.dumps(row))
+    depth_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tables = {name: c.scores[0] for name, c in circuits.items()}
+    judged = judge_tables(ab, tables, args.sizes, n_boot=args.n_boot, boot_seed=0)
+    topk = {}
+    for name, j in judged.items():
+        topk[name] = {"f": [p.faithfulness for p in j.curve.points], "f_ci": [list(b) for b in j.band],
+                      "cpr": j.curve.cpr, "cpr_ci": list(j.cpr_ci), "cmd": j.curve.cmd, "cmd_ci": list(j.cmd_ci),
+                      "cpr_diff": j.cpr_diff, "cpr_diff_ci": None if j.cpr_diff_ci is None else list(j.cpr_diff_ci)}
+        _log(f"top-k {name}: {json.dumps(topk[name])}")
+    topk_seconds = time.perf_counter() - t1
+    stability = {}
+    for name, r in saved["rels"].items():
+        per = r["per_example"][0]  # the logits target: [n, L, H]
+        stability[name] = split_half_stability(per, saved["labels"], (7, 17, 34), splits=50, seed=0)
+    overlap = {}
+    a, b = circuits["projection"], circuits["magnitude"]
+    for d in range(min(a.depth, b.depth) + 1):
+        ha, hb = set(a.up_to_depth(d).heads), set(b.up_to_depth(d).heads)
+        overlap[d] = len(ha & hb) / len(ha | hb)
+    return {"n_eval": ab.n_examples, "full_logit_diff": float(refs[0].mean()), "empty_logit_diff": float(refs[1].mean()),
+            "random_seeds": list(seeds), "random_necessity": args.random_necessity, "depth_rows": rows,
+            "sizes": list(args.sizes), "topk": topk, "stability": stability, "jaccard_projection_magnitude": overlap,
+            "seconds": {"depth": depth_seconds, "topk": topk_seconds}}
+
+
+def _ci(v: float, ci: list) -> str:
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def report(result: dict) -> str:
+    d = result["discover"]
+    lines = [f"Depths 0-{result['max_depth']}, ratio {result['ratio']}: projection and magnitude from one CD-T pass "
+             f"over every target ({d['seconds']:.0f} s = {d['forward_equivalents']:.1f} forward-equivalents, "
+             f"{d['n_discovery']} discovery examples); judged on {result['judge']['n_eval']} held-out examples, "
+             f"95 % bootstrap intervals over examples ({result['n_boot']} resamples).", ""]
+    if "reproducibility" in result:
+        r = result["reproducibility"]
+        lines += [f"Stage-2 projection table repeated: max |Δ| {r['max_abs_diff']:.2e} (scores up to "
+                  f"{r['max_abs_score']:.2e}); same top {r['k']}: {r['same_top_k']}.", ""]
+    j = result["judge"]
+    lines += ["| scoring | depth | heads | added | sufficiency [95% CI] | random (mean ± sd) | Δ vs random [95% CI] "
+              "| f with circuit ablated [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+    for row in j["depth_rows"]:
+        rnd = row.get("suff_random")
+        lines.append(f"| {row['scoring']} | {row['depth']} | {row['heads']} | {' '.join(row['added'])} | "
+                     f"{_ci(row['suff'], row['suff_ci'])} | "
+                     + (f"{rnd['mean']:.3f} ± {rnd['sd']:.3f} (n={rnd['n']}) | "
+                        f"{_ci(row['suff_minus_random'], row['suff_minus_random_ci'])} | " if rnd else "— | — | ")
+                     + f"{_ci(row['nec'], row['nec_ci'])} |")
+    lines += ["", f"Top-k curve of the logits tables at sizes {j['sizes']}:", "",
+              "| scoring | f at sizes | CPR [95% CI] | CMD [95% CI] | ΔCPR vs projection [95% CI] |",
+              "|---|---|---|---|---|"]
+    for name, t in j["topk"].items():
+        diff = "—" if t["cpr_diff"] is None else _ci(t["cpr_diff"], t["cpr_diff_ci"])
+        lines.append(f"| {name} | {', '.join(f'{x:.3f}' for x in t['f'])} | {_ci(t['cpr'], t['cpr_ci'])} | "
+                     f"{_ci(t['cmd'], t['cmd_ci'])} | {diff} |")
+    n_half, splits = next(iter(j["stability"].values()))["n_half"], next(iter(j["stability"].values()))["splits"]
+    lines += ["", f"Split-half stability of the logits tables ({d['n_discovery']} examples cut {splits} times into "
+              f"label-balanced halves of {n_half}; top-k overlap mean [min, max]):", "",
+              "| scoring | top-7 overlap | top-17 overlap | top-34 overlap | Spearman |", "|---|---|---|---|---|"]
+    for name, s in j["stability"].items():
+        ov = [s["overlap"][k] for k in ("7", "17", "34")]
+        lines.append(f"| {name} | " + " | ".join(f"{o['mean']:.2f} [{o['min']:.2f}, {o['max']:.2f}]" for o in ov)
+                     + f" | {s['spearman']['mean']:.2f} |")
+    lines += ["", "Jaccard overlap of the projection and magnitude circuits: "
+              + ", ".join(f"depth {k}: {v:.2f}" for k, v in j["jaccard_projection_magnitude"].items()), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--out", default="runs/real_weights/depths")
+    p.add_argument("--compare", default=None, help="stage-2 compare.json: check the depth-0 projection table")
+    p.add_argument("--task", default="nusax-senti")
+    p.add_argument("--lang", default="indonesian")
+    p.add_argument("--n-discovery", type=int, default=24)
+    p.add_argument("--n-eval", type=int, default=90)
+    p.add_argument("--split", default="test")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ratio", type=float, default=0.02)
+    p.add_argument("--max-depth", type=int, default=2)
+    p.add_argument("--random", type=int, default=5, help="random circuits per size")
+    p.add_argument("--random-necessity", action="store_true")
+    p.add_argument("--sizes", default="1,23,46,68", help="top-k sizes (stage 2's recurve grid)")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batch-size", type=int, default=16)
+    p.add_argument("--phase", choices=("discover", "all"), default="all")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args()
+    args.sizes = [int(s) for s in args.sizes.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = load_task(args.task, args.lang)
+    model = load_model(args.model)
+    saved = discover_phase(args, model, task, out)
+    circuits = circuits_of(args, model, saved, out)
+    result = {"model": args.model, "ratio": args.ratio, "max_depth": args.max_depth, "n_boot": args.n_boot,
+              "torch_threads": torch.get_num_threads(),
+              "discover": {"seconds": saved["seconds"], "forward_seconds": saved["forward_seconds"],
+                           "forward_equivalents": saved["seconds"] / saved["forward_seconds"],
+                           "n_discovery": len(saved["uids"]), "uids": saved["uids"]},
+              "circuits": {n: [[head_name(h) for h in hs] for hs in c.heads_by_depth] for n, c in circuits.items()}}
+    if args.compare:
+        result["reproducibility"] = reproducibility(args.compare, circuits)
+        _log(f"reproducibility: {result['reproducibility']}")
+    if args.phase == "discover":
+        (out / "discover.json").write_text(json.dumps(result, indent=1))
+        return
+    result["judge"] = judge_phase(args, model, task, circuits, saved)
+    (out / "depths.json").write_text(json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float)
+                                                 and math.isnan(x) else x))
+    text = report(result)
+    (out / "depths.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
