@@ -384,6 +384,7 @@ class ExperimentResult:
     figures: dict[str, str] = field(default_factory=dict)
     retention_before: dict[str, float] = field(default_factory=dict)  # "task:lang" -> competence accuracy
     n_test: dict[str, int] = field(default_factory=dict)  # language -> test examples scored (for the SEs)
+    circuit_label: str = ""  # how the circuit used was found (its own file's settings, not the config's)
 
     def table(self) -> list[dict[str, Any]]:
         """One row per (target, variant): mean and std over seeds of accuracy and retention."""
@@ -460,8 +461,9 @@ class ExperimentResult:
             name = f"{v} (r = {r['lora_rank']})" if r.get("lora_rank") else v
             matched = f"{r['matched_params']:,d}" if r.get("matched_params") is not None else ""
             out.append(f"| {name} | {r['trainable_params']:,d} | {matched} |")
-        out += ["", f"Circuit ({cfg.discovery.scoring}, ratio {cfg.discovery.ratio}, depth ≤ {cfg.discovery.max_depth}): "
-                + ", ".join(self.circuit_heads)]
+        label = self.circuit_label or (f"{cfg.discovery.scoring}, ratio {cfg.discovery.ratio}, "
+                                       f"depth ≤ {cfg.discovery.max_depth}")
+        out += ["", f"Circuit ({label}): " + ", ".join(self.circuit_heads)]
         return "\n".join(out)
 
 
@@ -600,8 +602,14 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
     from ctsft_lens.masks import circuit_mask
 
     heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
+    label = ""
+    if circuit is not None:
+        used = circuit.depth if config.discovery.depth is None else min(config.discovery.depth, circuit.depth)
+        label = (f"{circuit.scoring}, ratio {circuit.ratio}, depth ≤ {used}"
+                 + (f", file {config.circuit}" if config.circuit else ""))
     result = ExperimentResult(config, accs[source], {t: accs[t] for t in targets}, heads, runs, out,
-                              retention_before=retention_before, n_test={lang: len(ex) for lang, ex in test.items()})
+                              retention_before=retention_before, n_test={lang: len(ex) for lang, ex in test.items()},
+                              circuit_label=label)
     if not distributed.is_main():  # rank 0 writes the tables and figures
         result.figures = figures
         return result
@@ -925,7 +933,8 @@ def _write_tables(result: ExperimentResult) -> None:
     (result.out / "results.md").write_text(result.markdown() + "\n")
     write_json(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
                                         "a0": result.a0, "retention_before": result.retention_before,
-                                        "circuit": result.circuit_heads, "n_test": result.n_test,
+                                        "circuit": result.circuit_heads, "circuit_label": result.circuit_label,
+                                        "n_test": result.n_test,
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
 
 

@@ -344,3 +344,5 @@ def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
     result = run_experiment(cfg, progress=False)
     assert result.table()[0]["n_seeds"] == 1
     assert sorted(result.circuit_heads) == sorted(f"{h[0]}.{h[1]}" for h in circuit.heads)
+    # the table describes the file's circuit (depth 0), not the config's discovery settings (depth <= 2)
+    assert f"(projection, ratio 0.1, depth ≤ 0, file {tmp_path / 'c.json'})" in result.markdown()
