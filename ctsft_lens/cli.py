@@ -465,9 +465,10 @@ def _add_discover(sub: Any) -> None:
     _add_task(p)
     from ctsft_lens.scoring import HEAD_SCORINGS
 
-    p.add_argument("--scoring", default="projection", choices=list(HEAD_SCORINGS),
+    p.add_argument("--scoring", action="append", default=None, choices=list(HEAD_SCORINGS),
                    help="projection / magnitude: CD-T; attribution, attribution-ig, patching: total effect on the "
-                        "logit difference (docs/method.md); default: %(default)s")
+                        "logit difference (docs/method.md); repeat it for several circuits (the CD-T ones share "
+                        "one propagation; --out is then a folder of circuit_<scoring>.json); default: projection")
     p.add_argument("--ig-steps", type=int, default=5, help="integration steps of --scoring attribution-ig; default: %(default)s")
     p.add_argument("--max-depth", type=int, default=2, help="expansion steps after the logits; default: %(default)s")
     p.add_argument("--ratio", type=float, default=0.02, help="share of all heads kept per depth (at least one); default: %(default)s")
@@ -512,16 +513,22 @@ def _add_stability(p: Any) -> None:
 
 def _cmd_discover(args: argparse.Namespace) -> None:
     from ctsft_lens.batching import check_fit
-    from ctsft_lens.cdt import discover
+    from ctsft_lens.cdt import discover_circuits
     from ctsft_lens.circuit import head_name, save_circuit
     from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
 
     if args.max_depth < 0 or not 0 < args.ratio <= 1 or args.ig_steps < 1:
         raise CLIError("--max-depth must be >= 0, --ratio in (0, 1] and --ig-steps >= 1")
+    scorings = list(dict.fromkeys(args.scoring or ["projection"]))
+    if len(scorings) != len(args.scoring or ["projection"]):
+        raise CLIError(f"a --scoring is given twice: {' '.join(args.scoring)}")
     out = Path(args.out)
-    path = out if out.suffix == ".json" else out / "circuit.json"
-    writable_folder(path.parent)
+    if len(scorings) > 1 and out.suffix == ".json":
+        raise CLIError(f"--out {out} is a file, but {len(scorings)} scorings write a circuit each: give a folder")
+    paths = ({scorings[0]: out if out.suffix == ".json" else out / "circuit.json"} if len(scorings) == 1
+             else {name: out / f"circuit_{name}.json" for name in scorings})
+    writable_folder(out if len(scorings) > 1 else paths[scorings[0]].parent)
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, "train", seed=args.seed)
     model = _load(args)
@@ -534,7 +541,7 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     from ctsft_lens.cdt.decompose import UnstableDecompositionError
 
     try:
-        circuit = discover(model, examples, scoring=args.scoring, ratio=args.ratio, max_depth=args.max_depth,
+        circuits = discover_circuits(model, examples, scorings=scorings, ratio=args.ratio, max_depth=args.max_depth,
                            baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
                            reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
                            ig_steps=args.ig_steps, decomposition=args.decomposition, bias_o=args.bias_o,
@@ -546,20 +553,22 @@ def _cmd_discover(args: argparse.Namespace) -> None:
 
     if not is_main():  # every rank found the same circuit from the all-reduced scores; rank 0 writes it
         return
-    save_circuit(circuit, path)
-    lines = [f"circuit ({args.scoring}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
-             f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
-    for e in circuit.edges:
-        to = "logits" if e.target is None else head_name(e.target)
-        lines.append(f"  depth {e.depth}: {head_name(e.source)} -> {to}  score {e.score:.4g}")
-    if circuit.unstable:
-        lines.append(f"  unstable (scores unreliable): {', '.join(head_name(h) for h in circuit.unstable)}")
-    summary = "\n".join(lines)
     from ctsft_lens.files import atomic_write_text
 
-    atomic_write_text(path.with_suffix(".txt"), summary + "\n")  # beside its circuit: two runs never share it
-    print(summary)
-    print(f"circuit: {path}")
+    for name, circuit in circuits.items():
+        path = paths[name]
+        save_circuit(circuit, path)
+        lines = [f"circuit ({name}, ratio {args.ratio}, {args.n_examples} examples) of {args.model} "
+                 f"on {args.task}/{task.language}: {len(circuit.heads)} heads"]
+        for e in circuit.edges:
+            to = "logits" if e.target is None else head_name(e.target)
+            lines.append(f"  depth {e.depth}: {head_name(e.source)} -> {to}  score {e.score:.4g}")
+        if circuit.unstable:
+            lines.append(f"  unstable (scores unreliable): {', '.join(head_name(h) for h in circuit.unstable)}")
+        summary = "\n".join(lines)
+        atomic_write_text(path.with_suffix(".txt"), summary + "\n")  # beside its circuit: two runs never share it
+        print(summary)
+        print(f"circuit: {path}")
 
 
 # --------------------------------------------------------------------------------------------

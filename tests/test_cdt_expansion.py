@@ -120,6 +120,26 @@ def test_cli_discover_writes_a_circuit(tmp_path, capsys):
     assert rc == 2 and "divisible" in capsys.readouterr().err
 
 
+def test_cli_discover_several_scorings_from_one_pass(tmp_path, capsys):
+    from ctsft_lens.circuit import load_circuit
+    from ctsft_lens.cli import main
+
+    base = ["discover", "--model", "tiny", "--max-depth", "1", "--ratio", "0.05", "--n-examples", "3", "--no-progress"]
+    assert main(base + ["--scoring", "projection", "--scoring", "magnitude", "--out", str(tmp_path / "both")]) == 0
+    both = {n: load_circuit(tmp_path / "both" / f"circuit_{n}.json") for n in ("projection", "magnitude")}
+    assert (tmp_path / "both" / "circuit_magnitude.txt").exists()
+    assert main(base + ["--scoring", "magnitude", "--out", str(tmp_path / "m.json")]) == 0
+    alone = load_circuit(tmp_path / "m.json")
+    assert both["magnitude"].heads_by_depth == alone.heads_by_depth and both["projection"].scoring == "projection"
+    capsys.readouterr()
+    for bad, why in ((["--scoring", "projection", "--scoring", "magnitude", "--out", str(tmp_path / "x.json")],
+                      "give a folder"), (["--scoring", "magnitude", "--scoring", "magnitude"], "given twice")):
+        assert main(base + bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0]
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_cli_discover_source_positions_and_streams(tmp_path, capsys):
     """``--source-positions -1`` and ``--streams both`` reach the circuit file; a bad position is one line."""
     from ctsft_lens.circuit import load_circuit
