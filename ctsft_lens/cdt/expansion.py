@@ -80,7 +80,6 @@ def discover(
     All depths come from one CD-T propagation (module docstring); :func:`discover_circuits` gives
     several scorings from that one pass.
     """
-    check_options(scoring, baseline, attention)
     return discover_circuits(model, examples, scorings=(scoring,), ratio=ratio, max_depth=max_depth,
                              baseline=baseline, attention=attention, aggregate=aggregate, positions=positions,
                              reference=reference, batch_size=batch_size, memory_gb=memory_gb, progress=progress,
