@@ -55,15 +55,15 @@ def main() -> None:
     args = p.parse_args()
     from ctsft_lens.batching import batches
     from ctsft_lens.cdt import discover, head_means
-    from ctsft_lens.compare import _forward_seconds
+    from ctsft_lens.compare import time_forward
     from ctsft_lens.models import tiny_model
     from ctsft_lens.tasks import load_task
 
     model = tiny_model("qwen2", n_layers=args.layers, n_heads=args.heads, n_kv_heads=args.heads // 2,
                        d_model=args.d_model, seed=0)
     examples = load_task("nusax-senti", "indonesian").sample(args.examples, seed=0)
-    means = head_means(model, examples, progress=False)
-    forward = _forward_seconds(model, list(batches(model, examples, 8)))
+    head_means(model, examples, progress=False)  # warm-up: the first call pays one-off costs
+    forward = time_forward(model, list(batches(model, examples, 8)))
     best = {"one_pass": float("inf"), "per_depth": float("inf")}
     for _ in range(2):
         start = time.perf_counter()

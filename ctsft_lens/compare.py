@@ -170,7 +170,8 @@ def _areas(fractions: Sequence[float], f: torch.Tensor) -> tuple[torch.Tensor, t
     return area(y), area((1 - y).abs())
 
 
-def _interval(samples: torch.Tensor) -> tuple[float, float]:
+def bootstrap_interval(samples: torch.Tensor) -> tuple[float, float]:
+    """The 95 % percentile interval of bootstrap ``samples`` (NaN resamples dropped; NaNs if none are left)."""
     s = samples[~torch.isnan(samples)]
     if len(s) == 0:
         return math.nan, math.nan
@@ -240,8 +241,9 @@ def split_half_stability(per_example: Float[torch.Tensor, "n_examples n_layers n
             "spearman": summary(rhos)}
 
 
-def _forward_seconds(model: Any, batch_list: list[Batch], repeats: int = 3) -> float:
-    """Seconds of one plain forward over ``batch_list`` (the fastest of ``repeats``, after a warm-up)."""
+def time_forward(model: Any, batch_list: list[Batch], repeats: int = 3) -> float:
+    """Seconds of one plain forward over ``batch_list`` (the fastest of ``repeats``, after a warm-up):
+    the unit of the forward-equivalent costs that every scoring and benchmark reports."""
     best = math.inf
     with torch.no_grad():
         for i in range(repeats + 1):
@@ -298,9 +300,9 @@ def judge_tables(ab: MeanAblation, tables: dict[str, torch.Tensor], sizes: Seque
         if first_cpr is None:
             first_cpr = (curve.cpr, cpr_b)
         else:
-            diff, diff_ci = curve.cpr - first_cpr[0], _interval(cpr_b - first_cpr[1])
-        out[name] = Judged(curve, _interval(cpr_b), _interval(cmd_b), diff, diff_ci,
-                           tuple(_interval(fb[:, i]) for i in range(len(ks))))
+            diff, diff_ci = curve.cpr - first_cpr[0], bootstrap_interval(cpr_b - first_cpr[1])
+        out[name] = Judged(curve, bootstrap_interval(cpr_b), bootstrap_interval(cmd_b), diff, diff_ci,
+                           tuple(bootstrap_interval(fb[:, i]) for i in range(len(ks))))
     return out
 
 
@@ -330,7 +332,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     start = time.perf_counter()
     means = head_means(model, discovery, batch_size=batch_size, progress=progress)
     means_seconds = time.perf_counter() - start
-    forward_seconds = _forward_seconds(model, list(batches(model, discovery, batch_size)))
+    forward_seconds = time_forward(model, list(batches(model, discovery, batch_size)))
 
     tables: dict[str, torch.Tensor] = {}
     per_example: dict[str, torch.Tensor] = {}

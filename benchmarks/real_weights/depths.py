@@ -32,7 +32,7 @@ from ctsft_lens.batching import batches, by_length
 from ctsft_lens.cdt import circuit_from_relevance, head_relevances
 from ctsft_lens.cdt.relevance import Relevance
 from ctsft_lens.circuit import head_name, rank_heads, save_circuit, table_from_json
-from ctsft_lens.compare import _forward_seconds, _interval, judge_tables, per_example_metric, split_half_stability
+from ctsft_lens.compare import time_forward, bootstrap_interval, judge_tables, per_example_metric, split_half_stability
 from ctsft_lens.faithfulness import MeanAblation
 from ctsft_lens.masks import random_mask
 from ctsft_lens.means import head_means
@@ -58,7 +58,7 @@ def discover_phase(args: argparse.Namespace, model, task, out: Path) -> dict:
         return saved
     start = time.perf_counter()
     means = head_means(model, discovery, batch_size=args.batch_size, progress=False)
-    forward = _forward_seconds(model, list(batches(model, discovery, args.batch_size)))
+    forward = time_forward(model, list(batches(model, discovery, args.batch_size)))
     t0 = time.perf_counter()
     rels = head_relevances(model, discovery, scorings=SCORINGS, target="all", means=means,
                            batch_size=args.batch_size, progress=not args.no_progress)
@@ -145,7 +145,7 @@ def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: di
                 dc = by_key[(name, d, kind)]
                 fb = f_boot(dc)
                 row[kind] = f_point(dc)
-                row[kind + "_ci"] = list(_interval(fb))
+                row[kind + "_ci"] = list(bootstrap_interval(fb))
                 rand = [by_key[k] for k in keys if k[0] == "random" and k[1] == size and k[3] == kind]
                 if rand:
                     rf = [f_point(r) for r in rand]
@@ -153,7 +153,7 @@ def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: di
                     row[kind + "_random"] = {"mean": sum(rf) / len(rf), "sd": float(torch.tensor(rf).std()),
                                              "values": rf, "n": len(rf)}
                     row[kind + "_minus_random"] = row[kind] - sum(rf) / len(rf)
-                    row[kind + "_minus_random_ci"] = list(_interval(fb - rb))
+                    row[kind + "_minus_random_ci"] = list(bootstrap_interval(fb - rb))
             rows.append(row)
             _log(json.dumps(row))
     depth_seconds = time.perf_counter() - t0

@@ -4,12 +4,13 @@
 #   python ../shared/tools/real-qwen /work/realqwen          # once, about a minute
 #   bash benchmarks/real_weights/run.sh /work/realqwen runs/real_weights [STAGE...]
 #
-# Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer; depths on request. Each stage's wall time, peak RSS and
+# Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer; on request:
+# depths, necessity (after depths), transfer_depth2 (after depths and transfer). Each stage's wall time, peak RSS and
 # the load average before and after go to OUT/times.tsv; run nothing else heavy beside it.
 set -euo pipefail
 MODEL=${1:?model folder}; OUT=${2:-runs/real_weights}; shift 2 || true
 STAGES=${*:-competence compare stability circuit sweep transfer}
-SWEEP=${SWEEP:-circuit:1e-4 circuit:1e-3 full:1e-5 full:1e-4 circuit:3e-4 full:3e-5}
+SWEEP=${SWEEP:-circuit:1e-4 circuit:1e-3 full:1e-5 full:1e-4 circuit:3e-4 full:3e-5 lora:1e-4 lora:3e-4 lora:1e-3}
 CTSFT=${CTSFT:-ctsft}
 mkdir -p "$OUT"
 
@@ -37,6 +38,9 @@ for s in $STAGES; do
     depths)  # projection AND magnitude at depths 0-2 from ONE CD-T pass (every head a target), judged on stage 2's evaluation
       stage depths python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths" \
         --compare "$OUT/compare/compare.json" --no-progress ;;
+    necessity)  # the random-ablation control of depths' necessity column: judges only the new tables, merges into depths.json
+      stage necessity python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths" \
+        --phase random-necessity --no-progress ;;
     stability)  # split-half stability of each ranking, from compare's per-example tables (no model run)
       stage stability python "$(dirname "$0")/stability.py" "$OUT/compare/compare.json" --splits 50 \
         --out "$OUT/stability" ;;
@@ -54,6 +58,14 @@ for s in $STAGES; do
       stage sweep_pick python "$(dirname "$0")/sweep_pick.py" "$OUT/sweep" ;;
     transfer)  # the grid of transfer.toml (its paths assume OUT=runs/real_weights; resumable: finished cells are kept)
       stage transfer "$CTSFT" experiment --config "$(dirname "$0")/transfer.toml" --png --no-progress ;;
+    transfer_depth2)  # transfer_depth2.toml: the depth-2 projection circuit (18 heads) vs 18 random heads; the full
+      # cells are transfer's (same settings, and their cache key has no circuit in it): copied, not retrained
+      for t in javanese acehnese; do
+        mkdir -p "$OUT/transfer_depth2/runs/$t"
+        cp -rn "$OUT/transfer/runs/$t/full" "$OUT/transfer_depth2/runs/$t/"
+      done
+      cp -n "$OUT/transfer/a0.json" "$OUT/transfer/a0.json.key" "$OUT/transfer_depth2/"
+      stage transfer_depth2 "$CTSFT" experiment --config "$(dirname "$0")/transfer_depth2.toml" --png --no-progress ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
 done
