@@ -15,7 +15,10 @@ their own means). For every scoring and depth: sufficiency (only the circuit kep
 ``--random-necessity``); the difference to the random mean with a paired interval. Then the
 top-k curve of both logits tables at ``--sizes`` (``compare.judge_tables``: CPR, CMD, ΔCPR of
 magnitude vs projection, paired), and the split-half stability of both rankings.
-Each phase is skipped when its output exists (delete it to redo). Writes depths.json / depths.md.
+Phase 1 is skipped when relevance.pt exists (delete it to rescore). ``--phase random-necessity``
+adds only the random-ablation control of the necessity column to a finished depths.json (the
+circuits ablated and ``--random`` random circuits ablated; nothing else is recomputed). Writes
+depths.json / depths.md.
 """
 
 from __future__ import annotations
@@ -99,63 +102,81 @@ def reproducibility(compare_json: str, circuits: dict) -> dict:
                 (ref.isnan() == mine.isnan()).all())}
 
 
-def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: dict) -> dict:
-    evaluation = by_length(model, task.sample(args.n_eval, args.split, seed=args.seed))
-    t0 = time.perf_counter()
-    ab = MeanAblation(model, evaluation, positions="pooled", batch_size=args.eval_batch_size, progress=False)
-    info = {"n_layers": ab.n_layers, "n_heads": ab.n_heads}
-    refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))  # [2, n]
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(ab.n_examples, (args.n_boot, ab.n_examples), generator=gen)
-    full_b, empty_b = refs[0, idx].mean(-1), refs[1, idx].mean(-1)
+class Judge:
+    """The stage-2 evaluation under mean ablation, and ``f`` (0 = everything ablated, 1 = nothing) of
+    any kept-head table, as a point and on fixed bootstrap resamples (the same for every table, so
+    differences are paired, and the same in every phase: seed 0)."""
 
-    def f_point(d: torch.Tensor) -> float:
-        return float((d.mean() - refs[1].mean()) / (refs[0].mean() - refs[1].mean()))
+    def __init__(self, args: argparse.Namespace, model, task) -> None:
+        evaluation = by_length(model, task.sample(args.n_eval, args.split, seed=args.seed))
+        self.ab = ab = MeanAblation(model, evaluation, positions="pooled", batch_size=args.eval_batch_size,
+                                    progress=False)
+        self.info = {"n_layers": ab.n_layers, "n_heads": ab.n_heads}
+        self.refs = per_example_metric(ab, torch.stack([ab.table(True), ab.table(False)]))  # [2, n]
+        gen = torch.Generator().manual_seed(0)
+        self.idx = torch.randint(ab.n_examples, (args.n_boot, ab.n_examples), generator=gen)
+        self.full_b, self.empty_b = self.refs[0, self.idx].mean(-1), self.refs[1, self.idx].mean(-1)
 
-    def f_boot(d: torch.Tensor) -> torch.Tensor:
-        return (d[idx].mean(-1) - empty_b) / (full_b - empty_b)
+    def point(self, d: torch.Tensor) -> float:
+        return float((d.mean() - self.refs[1].mean()) / (self.refs[0].mean() - self.refs[1].mean()))
 
-    # circuits by depth, both directions
+    def boot(self, d: torch.Tensor) -> torch.Tensor:
+        return (d[self.idx].mean(-1) - self.empty_b) / (self.full_b - self.empty_b)
+
+
+def depth_rows(judge: Judge, circuits: dict, kinds: tuple[str, ...], random_kinds: tuple[str, ...],
+               n_random: int) -> list[dict]:
+    """One row per (scoring, depth): ``f`` of each ``kinds`` (``suff``: only the circuit kept;
+    ``nec``: the circuit ablated) with its interval, and for ``random_kinds`` the same ``f`` of
+    ``n_random`` seeded random circuits of that size, and the paired difference to their mean."""
+    ab = judge.ab
     keeps, keys = [], []
     for name, c in circuits.items():
         for d in range(c.depth + 1):
             keep = ab.table(c.up_to_depth(d).heads)
-            keeps += [keep, ~keep]
-            keys += [(name, d, "suff"), (name, d, "nec")]
-    sizes = sorted({int(k.sum()) for k in keeps[::2]})
-    seeds = tuple(range(args.random))
+            for kind in kinds:
+                keeps.append(keep if kind == "suff" else ~keep)
+                keys.append((name, d, kind))
+    sizes = sorted({len(c.up_to_depth(d).heads) for c in circuits.values() for d in range(c.depth + 1)})
     for size in sizes:
-        for s in seeds:
-            keep = ab.table(random_mask(info, size, seed=s))
-            keeps.append(keep)
-            keys.append(("random", size, s, "suff"))
-            if args.random_necessity:
-                keeps.append(~keep)
-                keys.append(("random", size, s, "nec"))
+        for s in range(n_random):
+            keep = ab.table(random_mask(judge.info, size, seed=s))
+            for kind in random_kinds:
+                keeps.append(keep if kind == "suff" else ~keep)
+                keys.append(("random", size, s, kind))
     _log(f"judge: {len(keeps)} mean-ablation tables on {ab.n_examples} examples")
-    metric = per_example_metric(ab, torch.stack(keeps))
-    by_key = dict(zip(keys, metric))
+    by_key = dict(zip(keys, per_example_metric(ab, torch.stack(keeps))))
     rows = []
     for name, c in circuits.items():
         for d in range(c.depth + 1):
             size = len(c.up_to_depth(d).heads)
             row = {"scoring": name, "depth": d, "heads": size,
                    "added": [head_name(h) for h in c.heads_by_depth[d]]}
-            for kind in ("suff", "nec"):
+            for kind in kinds:
                 dc = by_key[(name, d, kind)]
-                fb = f_boot(dc)
-                row[kind] = f_point(dc)
+                fb = judge.boot(dc)
+                row[kind] = judge.point(dc)
                 row[kind + "_ci"] = list(bootstrap_interval(fb))
                 rand = [by_key[k] for k in keys if k[0] == "random" and k[1] == size and k[3] == kind]
                 if rand:
-                    rf = [f_point(r) for r in rand]
-                    rb = torch.stack([f_boot(r) for r in rand]).mean(0)
+                    rf = [judge.point(r) for r in rand]
+                    rb = torch.stack([judge.boot(r) for r in rand]).mean(0)
                     row[kind + "_random"] = {"mean": sum(rf) / len(rf), "sd": float(torch.tensor(rf).std()),
                                              "values": rf, "n": len(rf)}
                     row[kind + "_minus_random"] = row[kind] - sum(rf) / len(rf)
                     row[kind + "_minus_random_ci"] = list(bootstrap_interval(fb - rb))
             rows.append(row)
             _log(json.dumps(row))
+    return rows
+
+
+def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: dict) -> dict:
+    t0 = time.perf_counter()
+    judge = Judge(args, model, task)
+    ab, refs = judge.ab, judge.refs
+    seeds = tuple(range(args.random))
+    rows = depth_rows(judge, circuits, ("suff", "nec"), ("suff", "nec") if args.random_necessity else ("suff",),
+                      args.random)
     depth_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     tables = {name: c.scores[0] for name, c in circuits.items()}
@@ -182,6 +203,30 @@ def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: di
             "seconds": {"depth": depth_seconds, "topk": topk_seconds}}
 
 
+def random_necessity_phase(args: argparse.Namespace, model, task, circuits: dict, out: Path) -> dict:
+    """Add the random-ablation control to a finished depths.json: judges only the circuits ablated
+    and ``--random`` random circuits of each size ablated (the other tables are not recomputed)."""
+    path = out / "depths.json"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist; run depths.py without --phase first")
+    result = json.loads(path.read_text())
+    if result["judge"]["n_eval"] != args.n_eval or result["n_boot"] != args.n_boot:
+        raise SystemExit(f"error: {path} was judged with --n-eval {result['judge']['n_eval']} --n-boot "
+                         f"{result['n_boot']}; give the same settings")
+    t0 = time.perf_counter()
+    rows = depth_rows(Judge(args, model, task), circuits, ("nec",), ("nec",), args.random)
+    for old, new in zip(result["judge"]["depth_rows"], rows):
+        if (old["scoring"], old["depth"], old["heads"]) != (new["scoring"], new["depth"], new["heads"]):
+            raise SystemExit(f"error: {path} holds other circuits than circuit_*.json; rerun depths.py whole")
+        if abs(old["nec"] - new["nec"]) > 1e-5:
+            raise SystemExit(f"error: necessity of {new['scoring']} depth {new['depth']} does not repeat "
+                             f"({old['nec']} then {new['nec']}): the evaluation changed; rerun depths.py whole")
+        old.update(new)
+    result["judge"]["random_necessity"] = True
+    result["judge"]["seconds"]["random_necessity"] = time.perf_counter() - t0
+    return result
+
+
 def _ci(v: float, ci: list) -> str:
     return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
@@ -198,14 +243,20 @@ def report(result: dict) -> str:
                   f"{r['max_abs_score']:.2e}); same top {r['k']}: {r['same_top_k']}.", ""]
     j = result["judge"]
     lines += ["| scoring | depth | heads | added | sufficiency [95% CI] | random (mean ± sd) | Δ vs random [95% CI] "
-              "| f with circuit ablated [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+              "| f with circuit ablated [95% CI] | random ablated (mean ± sd) | Δ vs random [95% CI] |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def vs_random(row: dict, kind: str) -> str:
+        rnd = row.get(kind + "_random")
+        if not rnd:
+            return "— | — |"
+        return (f"{rnd['mean']:.3f} ± {rnd['sd']:.3f} (n={rnd['n']}) | "
+                f"{_ci(row[kind + '_minus_random'], row[kind + '_minus_random_ci'])} |")
+
     for row in j["depth_rows"]:
-        rnd = row.get("suff_random")
         lines.append(f"| {row['scoring']} | {row['depth']} | {row['heads']} | {' '.join(row['added'])} | "
-                     f"{_ci(row['suff'], row['suff_ci'])} | "
-                     + (f"{rnd['mean']:.3f} ± {rnd['sd']:.3f} (n={rnd['n']}) | "
-                        f"{_ci(row['suff_minus_random'], row['suff_minus_random_ci'])} | " if rnd else "— | — | ")
-                     + f"{_ci(row['nec'], row['nec_ci'])} |")
+                     f"{_ci(row['suff'], row['suff_ci'])} | {vs_random(row, 'suff')} "
+                     f"{_ci(row['nec'], row['nec_ci'])} | {vs_random(row, 'nec')}")
     lines += ["", f"Top-k curve of the logits tables at sizes {j['sizes']}:", "",
               "| scoring | f at sizes | CPR [95% CI] | CMD [95% CI] | ΔCPR vs projection [95% CI] |",
               "|---|---|---|---|---|"]
@@ -245,7 +296,8 @@ def main() -> None:
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--phase", choices=("discover", "all"), default="all")
+    p.add_argument("--phase", choices=("discover", "all", "random-necessity"), default="all",
+                   help="random-necessity: add the random-ablation control to a finished depths.json")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
@@ -267,7 +319,10 @@ def main() -> None:
     if args.phase == "discover":
         (out / "discover.json").write_text(json.dumps(result, indent=1))
         return
-    result["judge"] = judge_phase(args, model, task, circuits, saved)
+    if args.phase == "random-necessity":
+        result = random_necessity_phase(args, model, task, circuits, out)
+    else:
+        result["judge"] = judge_phase(args, model, task, circuits, saved)
     (out / "depths.json").write_text(json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float)
                                                  and math.isnan(x) else x))
     text = report(result)
