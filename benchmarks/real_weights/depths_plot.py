@@ -1,5 +1,6 @@
 """Figure of ``depths.py``'s result: sufficiency and necessity over depth, per scoring, with 95 %
-bootstrap intervals and the random circuits of the same sizes (mean ± sd; sufficiency).
+bootstrap intervals and the random circuits of the same sizes (mean ± sd: sufficiency, and necessity
+once `depths.py --phase random-necessity` has added it).
 
     python benchmarks/real_weights/depths_plot.py runs/real_weights/depths/depths.json [--out depths.png]
 """
