@@ -203,9 +203,8 @@ def judge_phase(args: argparse.Namespace, model, task, circuits: dict, saved: di
             "seconds": {"depth": depth_seconds, "topk": topk_seconds}}
 
 
-def random_necessity_phase(args: argparse.Namespace, model, task, circuits: dict, out: Path) -> dict:
-    """Add the random-ablation control to a finished depths.json: judges only the circuits ablated
-    and ``--random`` random circuits of each size ablated (the other tables are not recomputed)."""
+def finished_result(args: argparse.Namespace, out: Path) -> dict:
+    """The depths.json ``--phase random-necessity`` adds to; checked before the model loads."""
     path = out / "depths.json"
     if not path.exists():
         raise SystemExit(f"error: {path} does not exist; run depths.py without --phase first")
@@ -213,6 +212,14 @@ def random_necessity_phase(args: argparse.Namespace, model, task, circuits: dict
     if result["judge"]["n_eval"] != args.n_eval or result["n_boot"] != args.n_boot:
         raise SystemExit(f"error: {path} was judged with --n-eval {result['judge']['n_eval']} --n-boot "
                          f"{result['n_boot']}; give the same settings")
+    return result
+
+
+def random_necessity_phase(args: argparse.Namespace, model, task, circuits: dict, out: Path) -> dict:
+    """Add the random-ablation control to a finished depths.json: judges only the circuits ablated
+    and ``--random`` random circuits of each size ablated (the other tables are not recomputed)."""
+    path = out / "depths.json"
+    result = finished_result(args, out)
     t0 = time.perf_counter()
     rows = depth_rows(Judge(args, model, task), circuits, ("nec",), ("nec",), args.random)
     for old, new in zip(result["judge"]["depth_rows"], rows):
@@ -302,6 +309,8 @@ def main() -> None:
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     out = Path(args.out)
+    if args.phase == "random-necessity":
+        finished_result(args, out)  # a missing or mismatched depths.json fails before the model loads
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(args.task, args.lang)
     model = load_model(args.model)

@@ -60,9 +60,10 @@ for s in $STAGES; do
       stage transfer "$CTSFT" experiment --config "$(dirname "$0")/transfer.toml" --png --no-progress ;;
     transfer_depth2)  # transfer_depth2.toml: the depth-2 projection circuit (18 heads) vs 18 random heads; the full
       # cells are transfer's (same settings, and their cache key has no circuit in it): copied, not retrained
-      for t in javanese acehnese; do
+      for full in "$OUT"/transfer/runs/*/full; do
+        t=$(basename "$(dirname "$full")")
         mkdir -p "$OUT/transfer_depth2/runs/$t"
-        cp -rn "$OUT/transfer/runs/$t/full" "$OUT/transfer_depth2/runs/$t/"
+        cp -rn "$full" "$OUT/transfer_depth2/runs/$t/"
       done
       cp -n "$OUT/transfer/a0.json" "$OUT/transfer/a0.json.key" "$OUT/transfer_depth2/"
       stage transfer_depth2 "$CTSFT" experiment --config "$(dirname "$0")/transfer_depth2.toml" --png --no-progress ;;
