@@ -16,7 +16,7 @@ i.e. each source needs the layers above it once (the last layer: last token only
 a JSON file and stdout.
 
     python benchmarks/bench_cdt.py --only tiny
-    python benchmarks/bench_cdt.py --only real --real /work/realqwen   # Qwen2.5-0.5B shape, real weights
+    python benchmarks/bench_cdt.py --only real --real MODEL_DIR   # Qwen2.5-0.5B shape, real weights
 """
 
 from __future__ import annotations

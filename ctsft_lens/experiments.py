@@ -90,11 +90,11 @@ class DiscoveryConfig:
     ratio: float = 0.02
     max_depth: int = 2
     n_examples: int = 30
-    attention: str = "cdt"
+    attention: str | None = None  # CD-T attention rule; None: the rule set's (cdt.rules)
     baseline: str = "mean"
     aggregate: str = "sum"    # several targets at depth >= 1: "sum" (public CD-T) or "max"
-    bias_o: str = "share"     # b_O at the source layer: shared by |β|:|γ| (public CD-T) or all to "gamma"
-    decomposition: str = "shapley"  # CD-T propagation rule (cdt.decompose.DECOMPOSITIONS)
+    bias_o: str | None = None  # b_O at the source layer: "share" by |β|:|γ| (public CD-T), "gamma"; None: the rule set's
+    decomposition: str = "faithful"  # CD-T rule set: a preset of cdt.rules.PRESETS, optionally ",field=rule" overrides
     pool: str = "shared"      # discovery examples: the competence pool (paper) or "held-out" from it
     mean_over: str = "pool"   # head means over the discovery pool, or "correct"ly answered examples only
     mean_n: int | None = None  # with mean_over = "correct": this many (label-balanced; paper: 50)
@@ -271,7 +271,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{where}: {stage_name}.n_dev must be 0 (no dev selection) or a multiple of the "
                                   f"{n_labels} labels, got {stage.n_dev}")
         d = self.discovery
-        for what, value, choices in (("scoring", d.scoring, tuple(SCORERS)), ("attention", d.attention, ATTENTION_RULES),
+        for what, value, choices in (("scoring", d.scoring, tuple(SCORERS)), ("attention", d.attention, (None, *ATTENTION_RULES)),
                                      ("baseline", d.baseline, BASELINES)):
             if value not in choices:
                 raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
@@ -284,14 +284,17 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: discovery.depth must be in 0..max_depth ({d.max_depth}), got {d.depth}")
         if any(not 0 <= x <= d.max_depth for x in d.depths) or len(set(d.depths)) < len(d.depths):
             raise ConfigError(f"{where}: discovery.depths must be distinct depths in 0..{d.max_depth}, got {list(d.depths)}")
-        from ctsft_lens.cdt.decompose import DECOMPOSITIONS
+        from ctsft_lens.cdt.rules import resolve as resolve_rules
         from ctsft_lens.options import AGGREGATES, BIAS_O, MEAN_OVER, POOLS
 
         for what, value, choices in (("aggregate", d.aggregate, AGGREGATES), ("pool", d.pool, POOLS),
-                                     ("bias_o", d.bias_o, BIAS_O), ("decomposition", d.decomposition, DECOMPOSITIONS),
-                                     ("mean_over", d.mean_over, MEAN_OVER)):
+                                     ("bias_o", d.bias_o, (None, *BIAS_O)), ("mean_over", d.mean_over, MEAN_OVER)):
             if value not in choices:
                 raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
+        try:
+            resolve_rules(d.decomposition)
+        except CtsftError as err:
+            raise ConfigError(f"{where}: discovery.decomposition: {err}") from None
         if d.mean_n is not None and (d.mean_n < n_labels or d.mean_n % n_labels):
             raise ConfigError(f"{where}: discovery.mean_n must be a multiple of the {n_labels} labels, got {d.mean_n}")
         if d.pool == "shared" and d.n_examples > self.competence.n_examples:
@@ -898,8 +901,8 @@ def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> N
     comp = out / "competence"  # a cached competence model has the same tokenizer and context
     try:
         name = verify_checksums(comp)
-    except CtsftError:
-        name = config.model
+    except CtsftError:  # a given checkpoint is the model every stage uses (``model`` is then recorded only)
+        name = config.competence_model or config.model
     model = _load(config, name)
     cut = {}
     for lang, task in task_of.items():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Real-weights evidence (issues #14 and #17) on the Qwen2.5-0.5B-shaped stand-in, CPU.
 #
-#   python ../shared/tools/real-qwen /work/realqwen          # once, about a minute
-#   bash benchmarks/real_weights/run.sh /work/realqwen runs/real_weights [STAGE...]
+#   python ../shared/tools/real-qwen MODEL_DIR          # once, about a minute
+#   bash benchmarks/real_weights/run.sh MODEL_DIR runs/real_weights [STAGE...]
 #
 # Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer; on request:
 # depths, necessity (after depths), transfer_depth2 (after depths and transfer). Each stage's wall time, peak RSS and
@@ -17,7 +17,8 @@ mkdir -p "$OUT"
 stage() {  # stage NAME CMD...: run, time, log
   local name=$1; shift
   local load0; load0=$(cut -d' ' -f1 /proc/loadavg)
-  echo "== $name: $*" | tee -a "$OUT/commands.txt"
+  local shown="$*"; shown=${shown//"$MODEL"/MODEL_DIR}  # no machine path in the (committed) log
+  echo "== $name: $shown" | tee -a "$OUT/commands.txt"
   /usr/bin/time -f "%e %M" -o "$OUT/.time" "$@" 2>&1 | tee "$OUT/$name.log"
   read -r secs rss < "$OUT/.time"
   printf '%s\t%s s\t%s MB\tload %s -> %s\t%s\n' "$name" "$secs" "$((rss / 1024))" "$load0" \

@@ -1,0 +1,66 @@
+"""No tracked file names an absolute path of one machine (a checkout, a temp folder, a home, a venv).
+
+Such a path works only where it was written: commands and configs name the model folder with a
+placeholder (``MODEL_DIR``) or a path relative to the repository root (``runs/...``).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Built from pieces so that this file does not match its own patterns.
+_S = "/"
+MACHINE_PATHS = [
+    re.compile(_S + "work" + _S),                                  # the checkout's / stand-in's folder
+    re.compile(_S + "tmp" + _S),                                   # a temp folder
+    re.compile(_S + "root" + _S),                                  # root's home
+    re.compile(_S + "home" + _S + r"[\w.-]+" + _S),                # a user's home
+    re.compile(_S + "Users" + _S + r"[\w.-]+" + _S),               # a macOS home
+    re.compile(r"(?:~|" + _S + r"[\w.-]+)" + _S + r"\.?venv" + _S + "bin" + _S),  # an absolute or ~ venv
+]
+
+
+def offending_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of every line naming a machine path."""
+    return [(i, line.strip()) for i, line in enumerate(text.splitlines(), 1)
+            if any(p.search(line) for p in MACHINE_PATHS)]
+
+
+def test_the_patterns_catch_machine_paths_and_spare_relative_ones():
+    bad = ["x " + _S + "work" + _S + "main" + _S + ".venv" + _S + "bin" + _S + "ctsft",
+           "--out " + _S + "tmp" + _S + "a", _S + "home" + _S + "alice" + _S + "m",
+           "~" + _S + "venv" + _S + "bin" + _S + "python", _S + "opt" + _S + ".venv" + _S + "bin" + _S + "python"]
+    good = [". .venv" + _S + "bin" + _S + "activate", "--model MODEL_DIR --out runs" + _S + "real_weights",
+            "~" + _S + ".cache" + _S + "ctsft_lens", "python ..." + _S + "shared" + _S + "tools" + _S + "real-qwen"]
+    assert all(offending_lines(x) for x in bad)
+    assert not any(offending_lines(x) for x in good)
+
+
+def test_no_tracked_file_names_an_absolute_machine_path():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("git ls-files failed: not a git checkout")
+    found = []
+    for name in listed.stdout.decode().split("\0"):
+        path = ROOT / name
+        if not name or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if b"\0" in data[:8192]:  # binary (figures, weights)
+            continue
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        found += [f"{name}:{i}: {line[:120]}" for i, line in offending_lines(text)]
+    assert not found, ("tracked files name an absolute machine path; use a placeholder (MODEL_DIR) or a path "
+                       "relative to the repository root (runs/...):\n" + "\n".join(found))
