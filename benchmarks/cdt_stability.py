@@ -25,7 +25,8 @@ import torch
 from ctsft_lens.batching import batches
 from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means
-from ctsft_lens.cdt.decompose import ATTENTION_RULES, DECOMPOSITIONS, RECON_TOL, Source, Split, cache_names, propagate, unembed
+from ctsft_lens.options import ATTENTION_RULES
+from ctsft_lens.cdt.decompose import DECOMPOSITIONS, RECON_TOL, Source, Split, cache_names, propagate, unembed
 from ctsft_lens.cdt.expansion import n_to_keep
 from ctsft_lens.cdt.relevance import task_directions
 from ctsft_lens.circuit import head_name, rank_heads

@@ -37,6 +37,7 @@ from ctsft_lens.cdt.decompose import Source, Split, cache_names, linear, logit_c
 from ctsft_lens.circuit import Circuit, Head, head_name, parse_head
 from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means
+from ctsft_lens.cdt.rules import resolve as resolve_rules
 from ctsft_lens.options import ATTENTION_RULES, BASELINES, AttentionRule, Baseline, check
 from ctsft_lens.tasks.base import Example
 
@@ -215,7 +216,7 @@ def as_head(model: Any, head: Head | str | Sequence[int]) -> Head:
 
 def head_view(model: Any, head: Head | str, examples: Sequence[Example], *,
               means: torch.Tensor | None = None, reference: Sequence[Example] | None = None,
-              baseline: Baseline = "mean", attention: AttentionRule = "cdt", top_k: int = 5,
+              baseline: Baseline = "mean", attention: AttentionRule | None = None, top_k: int = 5,
               batch_size: int = 8, memory_gb: float = 2.0) -> HeadView:
     """What ``head`` (``(layer, head)`` or ``"3.7"``) reads and pushes on each of ``examples``.
 
@@ -231,13 +232,14 @@ def head_view(model: Any, head: Head | str, examples: Sequence[Example], *,
 @torch.no_grad()
 def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Example], *,
                means: torch.Tensor | None = None, reference: Sequence[Example] | None = None,
-               baseline: Baseline = "mean", attention: AttentionRule = "cdt", top_k: int = 5,
+               baseline: Baseline = "mean", attention: AttentionRule | None = None, top_k: int = 5,
                batch_size: int = 8, memory_gb: float = 2.0) -> list[HeadView]:
     """:func:`head_view` of each head in ``heads``, sharing the baseline and the real forwards."""
     from ctsft_lens.cdt.relevance import _row_bytes
 
     check("baseline", baseline, BASELINES)
-    check("attention", attention, ATTENTION_RULES)
+    if attention is not None:
+        check("attention", attention, ATTENTION_RULES)
     heads = [as_head(model, h) for h in heads]
     if not heads:
         raise ValueError("no heads given")
@@ -282,13 +284,14 @@ def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Examp
         start += n
         del cache
     meta = {"model": getattr(cfg, "model_name", None), "n_examples": len(examples)}
-    return [HeadView(h, tuple(names), tuple(rows[h]), "mean" if means is not None else "zero", attention, meta)
+    rule = resolve_rules(None, attention=attention).attention
+    return [HeadView(h, tuple(names), tuple(rows[h]), "mean" if means is not None else "zero", rule, meta)
             for h in heads]
 
 
 def label_push(model: Any, cache: Any, attention_mask: torch.Tensor, sources: Sequence[Source],
                label_token_ids: torch.Tensor, *, means: torch.Tensor | None = None,
-               attention: AttentionRule = "cdt") -> torch.Tensor:
+               attention: AttentionRule | None = None) -> torch.Tensor:
     """β of each source (one layer) at the label logits of the last prompt token: ``[source, batch, n_labels]``.
 
     The same numbers as ``decompose(...)["unembed.hook_out"].beta[:, :, -1, label_token_ids]``

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.errors import TaskError
+from ctsft_lens.errors import CtsftError, TaskError
 from ctsft_lens.forward import attn_results, hook_name, run
 from ctsft_lens.options import MEAN_POSITIONS, MeanPositions, check
 from ctsft_lens.tasks.base import Example
@@ -83,3 +83,21 @@ def correct_examples(model: Any, examples: Sequence[Example], n: int | None = No
                         f"label; the model answers {dict(zip(names, per_label))} of {len(examples)} correctly "
                         "(give more examples, or a smaller count)")
     return balanced_sample(right, n, len(names), seed=seed, where="correctly answered examples")
+
+
+def z_means(model: Any, means: Float[torch.Tensor, "n_layers n_heads d_model"]) -> Float[torch.Tensor, "n_layers n_heads d_head"]:
+    """The ``hook_z`` vector of each head whose output ``z W_O[h]`` is ``means[L, h]``: ``μ W_O[h]^+``.
+
+    Refuses means that are not head outputs (off the row space of ``W_O[h]`` by more than 0.1 %).
+    """
+    w = model.W_O.detach().double().cpu()  # [L, H, d_head, d_model]
+    mu = means.detach().double().cpu()
+    if tuple(mu.shape) != (w.shape[0], w.shape[1], w.shape[3]):
+        raise CtsftError(f"means have shape {tuple(mu.shape)}, the model needs {(w.shape[0], w.shape[1], w.shape[3])}")
+    mz = torch.einsum("lhm,lhmd->lhd", mu, torch.linalg.pinv(w))
+    back = torch.einsum("lhd,lhdm->lhm", mz, w)
+    err = float((back - mu).norm() / (mu.norm() + 1e-12))
+    if err > 1e-3:
+        raise CtsftError(f"means are not head outputs (relative distance {err:.2g} from the outputs W_O can write); "
+                         "give the label-balanced means of ctsft_lens.means.head_means")
+    return mz.to(torch.float32)

@@ -14,8 +14,9 @@ from ctsft_lens.errors import CtsftError
 
 Baseline = Literal["mean", "zero"]
 """CD-T source baseline: subtract the label-balanced head mean, or nothing."""
-AttentionRule = Literal["cdt", "frozen"]
-"""How CD-T splits attention: β pattern from β queries/keys (``cdt``), or the real pattern (``frozen``)."""
+AttentionRule = Literal["cdt", "frozen", "linear"]
+"""How CD-T splits attention: β pattern from β queries/keys (``cdt``), the real pattern (``frozen``), or
+the pattern's first-order response to β (``linear``); see ``cdt.rules``."""
 KVPolicy = Literal["never", "selected-groups"]
 """Whether masked training also updates the K/V group a selected head reads."""
 MeanPositions = Literal["pooled", "last"]

@@ -46,28 +46,10 @@ from ctsft_lens.cdt.relevance import Relevance, head_relevance
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
-from ctsft_lens.means import head_means
+from ctsft_lens.means import head_means, z_means  # z_means re-exported: it lived here
 from ctsft_lens.tasks.base import Example
 
 Head = tuple[int, int]
-
-
-def z_means(model: Any, means: Float[torch.Tensor, "n_layers n_heads d_model"]) -> Float[torch.Tensor, "n_layers n_heads d_head"]:
-    """The ``hook_z`` vector of each head whose output ``z W_O[h]`` is ``means[L, h]``: ``μ W_O[h]^+``.
-
-    Refuses means that are not head outputs (off the row space of ``W_O[h]`` by more than 0.1 %).
-    """
-    w = model.W_O.detach().double().cpu()  # [L, H, d_head, d_model]
-    mu = means.detach().double().cpu()
-    if tuple(mu.shape) != (w.shape[0], w.shape[1], w.shape[3]):
-        raise CtsftError(f"means have shape {tuple(mu.shape)}, the model needs {(w.shape[0], w.shape[1], w.shape[3])}")
-    mz = torch.einsum("lhm,lhmd->lhd", mu, torch.linalg.pinv(w))
-    back = torch.einsum("lhd,lhdm->lhm", mz, w)
-    err = float((back - mu).norm() / (mu.norm() + 1e-12))
-    if err > 1e-3:
-        raise CtsftError(f"means are not head outputs (relative distance {err:.2g} from the outputs W_O can write); "
-                         "give the label-balanced means of ctsft_lens.means.head_means")
-    return mz.to(torch.float32)
 
 
 def _head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, NamedTuple, Sequence, get_args
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import torch
 from jaxtyping import Bool, Float
@@ -69,22 +69,15 @@ from ctsft_lens.batching import Batch
 from ctsft_lens.errors import CtsftError, UnsupportedOperationError
 from ctsft_lens.forward import attn_results, hook_layer, run
 from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps
-from ctsft_lens.options import ATTENTION_RULES, BIAS_O, STREAMS, AttentionRule, BiasO, Streams
+from ctsft_lens.cdt.rules import DEFAULT_PRESET, PRESETS, Rules, resolve
+from ctsft_lens.options import BIAS_O, STREAMS, AttentionRule, BiasO, Streams
 from ctsft_lens.options import check as check_option
 
-Decomposition = Literal["shapley", "legacy", "normalize", "legacy-f64", "shapley-f64"]
-"""How β/γ pass products, additions and precision:
-
-* ``"legacy"``: the rules above (product: every term holding a β goes to β), float32;
-* ``"normalize"``: legacy plus the public CD-T code's ``normalize_rel_irrel`` after the attention
-  and MLP outputs and both residual additions (where β and γ disagree in sign, the larger one
-  takes the total);
-* ``"shapley"``: the SwiGLU product's cross terms split equally, ``β' = ½(β_a ⊙ u + a ⊙ β_u)``
-  with ``a``, ``u`` the totals: linear in β, so cancelling parts cannot square layer after layer;
-* ``"legacy-f64"`` / ``"shapley-f64"``: the same rules in float64.
-"""
-DECOMPOSITIONS: tuple[str, ...] = get_args(Decomposition)
-DEFAULT_DECOMPOSITION: Decomposition = "shapley"
+Decomposition = Union[str, Rules]
+"""A CD-T rule set: a preset name of ``cdt.rules.PRESETS`` (``"faithful"``, ``"linear"``,
+``"cdt-paper"``, ``"shapley"``...), ``"preset,field=rule,..."``, or a :class:`~ctsft_lens.cdt.rules.Rules`."""
+DECOMPOSITIONS: tuple[str, ...] = tuple(PRESETS)
+DEFAULT_DECOMPOSITION: str = DEFAULT_PRESET
 RECON_TOL = 1e-4
 """Largest ``max|β + γ - real| / max|real|`` at a checked hook before a source counts as unstable."""
 LOW_PRECISION_RECON_TOL = 5e-2
@@ -120,13 +113,17 @@ Emit = Callable[[str, Split], None]
 # --------------------------------------------------------------------------------------------
 # Rules for one operation each
 # --------------------------------------------------------------------------------------------
-def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None, by: Split | None = None) -> Split:
-    """Add ``bias`` to ``wb`` and ``wg`` in proportion to ``|wb| : |wg|`` (or to ``|by.beta| : |by.gamma|``).
+def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None, by: Split | None = None,
+               rule: str = "share") -> Split:
+    """Add ``bias`` to ``wb`` and ``wg`` in proportion to ``|wb| : |wg|`` (or to ``|by.beta| : |by.gamma|``);
+    rule ``"gamma"``: all of it to γ (the linear rule: β stays the derivative).
 
     Where both weights are 0 the whole bias goes to γ, so the split stays exact.
     """
     if bias is None:
         return Split(wb, wg)
+    if rule == "gamma":
+        return Split(wb, wg + bias)
     ab, ag = (wb.abs(), wg.abs()) if by is None else (by.beta.abs(), by.gamma.abs())
     den = ab + ag
     frac = torch.where(den > 0, ab / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
@@ -134,7 +131,7 @@ def share_bias(wb: torch.Tensor, wg: torch.Tensor, bias: torch.Tensor | None, by
 
 
 def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tensor | None,
-           out: torch.Tensor | None = None) -> Split:
+           out: torch.Tensor | None = None, bias_rule: str = "share") -> Split:
     """``x W + b`` on both streams.
 
     ``out``: the real ``(β + γ) W + b`` from the forward; then γ's matmul is skipped
@@ -147,30 +144,60 @@ def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tens
         wg = x.gamma @ weight
     else:
         wg = (out.to(dtype) if bias is None else out.to(dtype) - bias) - wb
-    return share_bias(wb, wg, bias)
+    return share_bias(wb, wg, bias, rule=bias_rule)
 
 
 def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
-                 bias: Float[torch.Tensor, "head d_head"] | None, out: torch.Tensor | None = None) -> Split:
+                 bias: Float[torch.Tensor, "head d_head"] | None, out: torch.Tensor | None = None,
+                 bias_rule: str = "share") -> Split:
     """Per-head projection (``W_Q``/``W_K``/``W_V``): ``[..., pos, d_model] -> [..., pos, head, d_head]``."""
     n_heads, d_model, d_head = weight.shape
     flat = weight.permute(1, 0, 2).reshape(d_model, n_heads * d_head)
-    res = linear(x, flat, None if bias is None else bias.reshape(-1), None if out is None else out.flatten(-2))
+    res = linear(x, flat, None if bias is None else bias.reshape(-1), None if out is None else out.flatten(-2),
+                 bias_rule)
     return Split(*(t.unflatten(-1, (n_heads, d_head)) for t in res))
 
 
-def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rms: bool) -> Split:
-    """LayerNorm / RMSNorm with the total's ``scale`` (``hook_scale`` of the real forward)."""
+def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rms: bool,
+         rule: str = "frozen", bias_rule: str = "share", dims: int = 1) -> Split:
+    """LayerNorm / RMSNorm with the total's ``scale`` (``hook_scale`` of the real forward).
+
+    ``rule="frozen"``: both streams divided by the total's scale (the public CD-T code), the bias
+    shared by ``|β| : |γ|`` of the input (``bias_rule="gamma"``: to γ). ``"jacobian"``: β' is the
+    norm's derivative at the total x applied to β, ``w ⊙ (β − x̂⟨x̂, β⟩/d) / s`` with ``x̂ = x / s``
+    (LayerNorm: β and x centred first), and γ' = norm(x) − β': the component of β along x, which
+    the norm removes, is removed. ``dims``: how many trailing dims the norm covers (OLMo-2's q/k
+    norm spans every head)."""
     b, g = x
     scale, weight = scale.to(b.dtype), weight.to(b.dtype)
     bias = None if bias is None else bias.to(b.dtype)
+    over = tuple(range(-dims, 0))
     if not rms:
-        b, g = b - b.mean(-1, keepdim=True), g - g.mean(-1, keepdim=True)
-    return share_bias(b / scale * weight, g / scale * weight, bias, by=x)
+        b, g = b - b.mean(over, keepdim=True), g - g.mean(over, keepdim=True)
+    if rule == "jacobian":
+        xt = b + g
+        unit = xt / scale
+        d = 1
+        for i in over:
+            d *= xt.shape[i]
+        beta = (b - unit * (unit * b).sum(over, keepdim=True) / d) / scale * weight
+        out = unit * weight if bias is None else unit * weight + bias
+        return Split(beta, out - beta)
+    return share_bias(b / scale * weight, g / scale * weight, bias, by=x, rule=bias_rule)
 
 
-def activation(x: Split, f: Callable[[torch.Tensor], torch.Tensor], total: torch.Tensor | None = None) -> Split:
-    """``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``; ``total``: the real ``f(β + γ)``, when known."""
+def activation(x: Split, f: Callable[[torch.Tensor], torch.Tensor], total: torch.Tensor | None = None,
+               rule: str = "difference") -> Split:
+    """``"difference"``: ``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``; ``"linear"``: ``β' = f′(β + γ) ⊙ β``,
+    ``γ' = f(β + γ) − β'``. ``total``: the real ``f(β + γ)``, when known."""
+    if rule == "linear":
+        xt = x.beta + x.gamma
+        with torch.enable_grad():
+            leaf = xt.detach().requires_grad_(True)
+            y = f(leaf)
+            (slope,) = torch.autograd.grad(y.sum(), leaf)  # element-wise f: the diagonal of its Jacobian
+        beta = slope * x.beta
+        return Split(beta, (y.detach() if total is None else total.to(beta.dtype)) - beta)
     fg = f(x.gamma)
     return Split((f(x.beta + x.gamma) if total is None else total.to(fg.dtype)) - fg, fg)
 
@@ -193,6 +220,18 @@ def product_shapley(a: Split, u: Split) -> Split:
     return Split(0.5 * (a.beta * tu + ta * u.beta), 0.5 * (a.gamma * tu + ta * u.gamma))
 
 
+def product_linear(a: Split, u: Split) -> Split:
+    """``a ⊙ u`` linearised: ``β' = β_a ⊙ u + a ⊙ β_u`` with ``a``, ``u`` the totals (the product
+    rule of the derivative), ``γ' = a ⊙ u − β'``."""
+    ta, tu = a.beta + a.gamma, u.beta + u.gamma
+    beta = a.beta * tu + ta * u.beta
+    return Split(beta, ta * tu - beta)
+
+
+PRODUCTS: dict[str, Callable[[Split, Split], Split]] = {"legacy": product, "shapley": product_shapley,
+                                                        "linear": product_linear}
+
+
 def normalize_rel_irrel(x: Split) -> Split:
     """Public CD-T sign clean-up: where β and γ differ in sign, the larger takes the total, the other 0.
 
@@ -207,26 +246,9 @@ def normalize_rel_irrel(x: Split) -> Split:
                  torch.where(gamma_wins, total, torch.where(beta_wins, zero, x.gamma)))
 
 
-class _Rule(NamedTuple):
-    product: Callable[[Split, Split], Split]
-    normalize: bool
-    dtype: torch.dtype | None  # None: the forward's dtype
-
-
-RULES: dict[str, _Rule] = {
-    "legacy": _Rule(product, False, None),
-    "normalize": _Rule(product, True, None),
-    "shapley": _Rule(product_shapley, False, None),
-    "legacy-f64": _Rule(product, False, torch.float64),
-    "shapley-f64": _Rule(product_shapley, False, torch.float64),
-}
-assert set(RULES) == set(DECOMPOSITIONS)
-
-
-def check_decomposition(decomposition: str) -> None:
-    """A clear ValueError for an unknown decomposition rule."""
-    if decomposition not in DECOMPOSITIONS:
-        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+def check_decomposition(decomposition: Decomposition) -> Rules:
+    """The :class:`Rules` of a preset name / spec / Rules; one clear error for an unknown one."""
+    return resolve(decomposition)
 
 
 def recon_tol(model: Any) -> float:
@@ -247,16 +269,17 @@ class UnstableDecompositionWarning(RuntimeWarning):
     """Like :class:`UnstableDecompositionError`, when not strict."""
 
 
-def unstable_message(heads: Sequence[tuple[int, int]], decomposition: str, tol: float = RECON_TOL) -> str:
+def unstable_message(heads: Sequence[tuple[int, int]], decomposition: Decomposition, tol: float = RECON_TOL) -> str:
     """One line naming the unstable source heads."""
     names = ", ".join(f"{layer}.{head}" for layer, head in heads)
+    decomposition = resolve(decomposition).spec()
     return (f"CD-T decomposition ({decomposition!r}) is unstable for {len(heads)} source head(s): {names} "
             f"(non-finite β/γ, β+γ off the real forward by > {tol:g} of its scale, or |β| over "
             f"{BETA_LIMIT:g}x the activation); their scores "
-            f"are unreliable. Try decomposition='{DEFAULT_DECOMPOSITION}' or a float64 rule.")
+            f"are unreliable. Try decomposition='{DEFAULT_DECOMPOSITION}', 'linear' or a float64 rule set.")
 
 
-def report_unstable(heads: Sequence[tuple[int, int]], decomposition: str, strict: bool) -> None:
+def report_unstable(heads: Sequence[tuple[int, int]], decomposition: Decomposition, strict: bool) -> None:
     """Raise (``strict``) or warn, naming ``heads``; nothing when there are none."""
     if not heads:
         return
@@ -321,11 +344,30 @@ def attention(
     value 0 (per query, since a sliding window drops a different number for each).
     ``softcap`` (Gemma 2): the β scores are capped as the real ones, ``c·tanh(s/c)``, before the
     mask and softmax; the frozen rule reads the real (capped) pattern and needs nothing.
+
+    Rule ``"linear"``: the pattern's first-order response to β, ``δS = (q_β kᵀ + q k_βᵀ)/√d``
+    (times the cap's slope ``1 − tanh²`` where capped) and ``δP = P ⊙ (δS − Σ_k P δS)`` with the
+    real q, k, P; ``z_β = P v_β + δP v``. It reads every key, so it takes no ``prefix``.
     """
     vb = v.beta.transpose(-2, -3)  # [..., B, H, k, e]
     pattern = pattern.to(vb.dtype)
     if rule == "frozen":
         zb = pattern @ vb
+    elif rule == "linear":
+        if prefix is not None:
+            raise ValueError("the linear attention rule needs every key: propagate from position 0 (no prefix)")
+        qb, kb = q.beta.transpose(-2, -3), k.beta.transpose(-2, -3)
+        qt, kt = (q.beta + q.gamma).transpose(-2, -3), (k.beta + k.gamma).transpose(-2, -3)
+        d_scores = (qb @ kt.transpose(-1, -2)).add_(qt @ kb.transpose(-1, -2)).div_(scale)
+        if softcap is not None:
+            capped = (qt @ kt.transpose(-1, -2)).div_(scale * softcap).tanh_()
+            d_scores.mul_(1 - capped.square_())
+            del capped
+        d_scores = d_scores.masked_fill_(~allowed, 0.0)
+        d_pattern = pattern * (d_scores - (pattern * d_scores).sum(-1, keepdim=True))
+        del d_scores, qt, kt
+        zb = pattern @ vb + d_pattern @ (v.beta + v.gamma).transpose(-2, -3)
+        del d_pattern
     else:
         qb, kb = q.beta.transpose(-2, -3), k.beta.transpose(-2, -3)
         scores = (qb @ kb.transpose(-1, -2)).div_(scale)
@@ -360,18 +402,20 @@ def _norm_module(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | No
     return (mod.w + row.norm_offset if row.norm_offset else mod.w), (None if rms else mod.b), rms
 
 
-def _pre_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit, p0: int = 0) -> Split:
+def _pre_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit, p0: int = 0,
+              rules: Rules = PRESETS["legacy"]) -> Split:
     """``ln1``/``ln2`` before a sublayer with the total's ``hook_scale`` (positions ``p0:``, then
     ``keep``); the identity where the family has none (OLMo-2: the sublayers read the residual stream)."""
     if not architecture(model).pre_norms:
         return x
     w, b, rms = _norm_module(model, name)
-    out = norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms)
+    out = norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm, bias_rule=rules.bias)
     emit(f"{name}.hook_out", out)
     return out
 
 
-def _post_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit, p0: int = 0) -> Split:
+def _post_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit, p0: int = 0,
+               rules: Rules = PRESETS["legacy"]) -> Split:
     """``ln1_post``/``ln2_post`` (Gemma 2/3, OLMo-2): a norm of the sublayer's output before the
     residual add, divided by the *total* output's scale from the real forward (the norm's
     ``hook_scale``); the identity elsewhere. Emits the sublayer's raw output first."""
@@ -379,11 +423,12 @@ def _post_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: E
         return x
     emit(name.replace("ln1_post", "attn").replace("ln2_post", "mlp") + ".hook_out", x)
     w, b, rms = _norm_module(model, name)
-    return norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms)
+    return norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm,
+                bias_rule=rules.bias)
 
 
 def _qk_norm(model: Any, cache: Any, pre: str, q: Split, k: Split, keep: slice, emit: Emit,
-             p0: int = 0) -> tuple[Split, Split]:
+             p0: int = 0, rules: Rules = PRESETS["legacy"]) -> tuple[Split, Split]:
     """RMSNorm of q and k before RoPE (Qwen3, Gemma 3: per head over ``d_head``; OLMo-2: over the
     whole projection) with the totals' scales from the real forward; the identity elsewhere.
 
@@ -399,9 +444,10 @@ def _qk_norm(model: Any, cache: Any, pre: str, q: Split, k: Split, keep: slice, 
         w, _, _ = _norm_module(model, f"{pre}.attn.{name}_norm")
         scale = cache[f"{pre}.attn.{name}_norm.hook_scale"]
         if row.qk_norm == "head":  # [B, head, pos, 1] -> [B, pos, head, 1]
-            y = norm(x, scale.transpose(1, 2)[:, p0:][:, pos], w, None, rms=True)
+            y = norm(x, scale.transpose(1, 2)[:, p0:][:, pos], w, None, rms=True, rule=rules.norm)
         else:  # [B, pos, 1] over all heads; the weight holds one slice per head
-            y = norm(x, scale[:, p0:][:, pos, None], w.view(-1, x.beta.shape[-1]), None, rms=True)
+            y = norm(x, scale[:, p0:][:, pos, None], w.view(-1, x.beta.shape[-1]), None, rms=True, rule=rules.norm,
+                     dims=2)
             emit(f"{pre}.attn.hook_{name}_normed", Split(y.beta.flatten(-2), y.gamma.flatten(-2)))
         out.append(y)
     return out[0], out[1]
@@ -425,10 +471,10 @@ def _check_keys(pattern: torch.Tensor, allowed: torch.Tensor, real_queries: torc
                                         "sliding-window mask that the CD-T rules assume for this architecture")
 
 
-def logit_cap(model: Any, logits: Split) -> Split:
+def logit_cap(model: Any, logits: Split, rule: str = "difference") -> Split:
     """Final-logit soft-capping ``c·tanh(x/c)`` (Gemma 2) as an element-wise activation; the identity elsewhere."""
     cap = soft_caps(model)[1]
-    return logits if cap is None else activation(logits, lambda t: torch.tanh(t / cap) * cap)
+    return logits if cap is None else activation(logits, lambda t: torch.tanh(t / cap) * cap, rule=rule)
 
 
 def _act_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -510,6 +556,14 @@ def first_position(sources: Sequence[Source], attention_mask: torch.Tensor) -> i
     return int(where.nonzero().min()) if bool(where.any()) else attention_mask.shape[1]
 
 
+def start_position(sources: Sequence[Source], attention_mask: torch.Tensor, streams: Streams, rules: Rules) -> int:
+    """Where propagation starts: :func:`first_position` on the β-only path, except under the linear
+    attention rule, whose δP reaches the keys before it (then 0, as with both streams)."""
+    if streams != "beta" or rules.attention == "linear":
+        return 0
+    return first_position(sources, attention_mask)
+
+
 def source_split(
     model: Any, cache: Any, sources: Sequence[Source], attention_mask: torch.Tensor,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None, bias_o: BiasO = "share",
@@ -548,9 +602,9 @@ def _cached(cache: Any, name: str) -> torch.Tensor | None:
 def propagate(
     model: Any, cache: Any, attention_mask: torch.Tensor, sources: Sequence[Source], *,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
-    attention_rule: AttentionRule = "cdt",
+    attention_rule: AttentionRule | None = None,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: BiasO = "share",
+    bias_o: BiasO | None = None,
     emit: Emit,
     stop_layer: int | None = None,
     last_only: bool = False,
@@ -565,21 +619,22 @@ def propagate(
     fast path (module docstring); it needs a cache with ``cache_names(..., "beta")`` and emits
     positions from :func:`first_position` on only. Returns the :class:`Health` of each source,
     checked against every real activation the cache holds among ``hook_resid_post``, the final
-    ``attn.hook_z`` and ``ln_final.hook_out``.
+    ``attn.hook_z`` and ``ln_final.hook_out``. ``decomposition``: the rule set (``cdt.rules``);
+    ``attention_rule`` and ``bias_o`` (b_O at the source layer) override its attention and bias
+    rules when given.
     """
-    check_option("attention rule", attention_rule, ATTENTION_RULES)
     check_option("streams", streams, STREAMS)
-    check_decomposition(decomposition)
+    rules = resolve(decomposition, attention=attention_rule)
+    bias_o = rules.bias if bias_o is None else bias_o
     layers = {s.layer for s in sources}
     if len(layers) != 1:
         raise ValueError(f"propagate takes sources of one layer, got layers {sorted(layers)}")
-    rule = RULES[decomposition]
     cfg = model.cfg
     first = layers.pop()
     last = cfg.n_layers - 1 if stop_layer is None else stop_layer
     windows = sliding_windows(model)
     fast = streams == "beta"
-    p0 = first_position(sources, attention_mask) if fast else 0  # β is 0 before p0
+    p0 = start_position(sources, attention_mask, streams, rules)  # β is 0 before p0
     full = {w: allowed_keys(attention_mask, w) for w in set(windows)}  # per layer window (None: none)
     allowed = {w: a[..., p0:, p0:] for w, a in full.items()}
     # allowed keys dropped before p0, per query (a window drops fewer, then none, for later queries)
@@ -592,7 +647,10 @@ def propagate(
     scale = attention_scale(model)
     attn_cap = soft_caps(model)[0]
     group = cfg.n_heads // (getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
-    tidy = normalize_rel_irrel if rule.normalize else (lambda x: x)
+    tidy_bert = normalize_rel_irrel if rules.normalize == "bert" else (lambda x: x)  # the BERT code's places
+    tidy_gpt = normalize_rel_irrel if rules.normalize == "gpt" else (lambda x: x)  # prop_GPT_layer's places
+    act_rule, bias_rule = rules.activation, rules.bias
+    product_rule = PRODUCTS[rules.product]
     health = Health(torch.ones(len(sources), dtype=torch.bool), torch.zeros(len(sources), dtype=torch.float64),
                     torch.zeros(len(sources), dtype=torch.float64))
 
@@ -604,9 +662,9 @@ def propagate(
 
     check_option("bias_o", bias_o, BIAS_O)
     attn_out = source_split(model, cache, sources, attention_mask, means, bias_o)
-    dt = rule.dtype or attn_out.beta.dtype
+    dt = rules.dtype(attn_out.beta.dtype)
     attn_out = Split(attn_out.beta[..., p0:, :].to(dt), attn_out.gamma[..., p0:, :].to(dt))
-    attn_out = _post_norm(model, cache, f"blocks.{first}.ln1_post", attn_out, slice(None), emit, p0)
+    attn_out = _post_norm(model, cache, f"blocks.{first}.ln1_post", attn_out, slice(None), emit, p0, rules)
     emit(f"blocks.{first}.hook_attn_out", attn_out)
     resid = Split(attn_out.beta, cache[f"blocks.{first}.hook_resid_pre"][None, :, p0:].to(dt) + attn_out.gamma)
     keep = slice(None)  # the positions computed from here on
@@ -616,16 +674,16 @@ def propagate(
             keep = slice(-1, None)
         if layer > first:
             emit(f"{pre}.hook_resid_pre", resid)
-            x = _pre_norm(model, cache, f"{pre}.ln1", resid, slice(None), emit, p0)
+            x = _pre_norm(model, cache, f"{pre}.ln1", resid, slice(None), emit, p0, rules)
             a = blk.attn
             q = linear_heads(Split(x.beta[..., keep, :], x.gamma[..., keep, :]), a.W_Q, a.b_Q,
-                             real(f"{pre}.attn.hook_q", keep))
-            k = linear_heads(x, a.W_K, a.b_K, real(f"{pre}.attn.hook_k"))
-            v = linear_heads(x, a.W_V, a.b_V, real(f"{pre}.attn.hook_v"))
+                             real(f"{pre}.attn.hook_q", keep), bias_rule)
+            k = linear_heads(x, a.W_K, a.b_K, real(f"{pre}.attn.hook_k"), bias_rule)
+            v = linear_heads(x, a.W_V, a.b_V, real(f"{pre}.attn.hook_v"), bias_rule)
             emit(f"{pre}.attn.hook_q", q)
             emit(f"{pre}.attn.hook_k", k)
             emit(f"{pre}.attn.hook_v", v)
-            q, k = _qk_norm(model, cache, pre, q, k, keep, emit, p0)
+            q, k = _qk_norm(model, cache, pre, q, k, keep, emit, p0, rules)
             if is_rotary(model):
                 cos, sin = cache[f"{pre}.attn.hook_cos"][:, p0:], cache[f"{pre}.attn.hook_sin"][:, p0:]
                 _check_rotary(model, cos)
@@ -638,46 +696,47 @@ def propagate(
                 v = Split(*(t.repeat_interleave(group, dim=-2) for t in v))
             pattern = cache[f"{pre}.attn.hook_pattern"][..., p0:, p0:][:, :, keep]
             keys = allowed[windows[layer]][:, :, keep]
-            if attention_rule == "cdt":  # the β pattern spreads over ``keys``: they must be the real ones
+            if rules.attention == "cdt":  # the β pattern spreads over ``keys``: they must be the real ones
                 _check_keys(pattern, keys, real_queries[:, keep], layer)
-            z = attention(q, k, v, pattern, keys, scale, attention_rule, z=real(f"{pre}.attn.hook_z", keep),
+            z = attention(q, k, v, pattern, keys, scale, rules.attention, z=real(f"{pre}.attn.hook_z", keep),
                           prefix=None if prefix is None else prefix[windows[layer]][:, keep], softcap=attn_cap)
             emit(f"{pre}.attn.hook_z", z)
             if layer == stop_layer:
                 check(f"{pre}.attn.hook_z", z, keep)
                 return health
             w_o = a.W_O.reshape(-1, a.W_O.shape[-1])
-            attn_out = tidy(linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O,
-                                   real(f"{pre}.attn.hook_out", keep)))
-            attn_out = _post_norm(model, cache, f"{pre}.ln1_post", attn_out, keep, emit, p0)
+            attn_out = tidy_bert(linear(Split(z.beta.flatten(-2), z.gamma.flatten(-2)), w_o, a.b_O,
+                                        real(f"{pre}.attn.hook_out", keep), bias_rule))
+            attn_out = _post_norm(model, cache, f"{pre}.ln1_post", attn_out, keep, emit, p0, rules)
             emit(f"{pre}.hook_attn_out", attn_out)
-            resid = tidy(Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma))
+            resid = tidy_bert(Split(resid.beta[..., keep, :] + attn_out.beta, resid.gamma[..., keep, :] + attn_out.gamma))
         else:
             resid = Split(resid.beta[..., keep, :], resid.gamma[..., keep, :])
         emit(f"{pre}.hook_resid_mid", resid)
-        x = _pre_norm(model, cache, f"{pre}.ln2", resid, keep, emit, p0)
+        x = _pre_norm(model, cache, f"{pre}.ln2", resid, keep, emit, p0, rules)
         mlp, f = blk.mlp, _act_fn(model, layer)
         pre_total = real(f"{pre}.mlp.hook_pre", keep)
         f_total = None if pre_total is None else f(pre_total.to(dt))  # once for every source
         if architecture(model).gated:
-            gate = linear(x, mlp.W_gate, getattr(mlp, "b_gate", None), pre_total)
-            up = linear(x, mlp.W_in, mlp.b_in, real(f"{pre}.mlp.hook_pre_linear", keep))
+            gate = tidy_gpt(linear(x, mlp.W_gate, getattr(mlp, "b_gate", None), pre_total, bias_rule))
+            up = tidy_gpt(linear(x, mlp.W_in, mlp.b_in, real(f"{pre}.mlp.hook_pre_linear", keep), bias_rule))
             emit(f"{pre}.mlp.hook_pre", gate)
             emit(f"{pre}.mlp.hook_pre_linear", up)
-            post = rule.product(activation(gate, f, f_total), up)
+            post = product_rule(activation(gate, f, f_total, act_rule), up)
         else:
-            pre_act = linear(x, mlp.W_in, mlp.b_in, pre_total)
+            pre_act = tidy_gpt(linear(x, mlp.W_in, mlp.b_in, pre_total, bias_rule))
             emit(f"{pre}.mlp.hook_pre", pre_act)
-            post = activation(pre_act, f, f_total)
+            post = activation(pre_act, f, f_total, act_rule)
         emit(f"{pre}.mlp.hook_post", post)
-        mlp_out = tidy(linear(post, mlp.W_out, mlp.b_out, real(f"{pre}.mlp.hook_out", keep)))
-        mlp_out = _post_norm(model, cache, f"{pre}.ln2_post", mlp_out, keep, emit, p0)
+        mlp_out = tidy_gpt(tidy_bert(linear(post, mlp.W_out, mlp.b_out, real(f"{pre}.mlp.hook_out", keep), bias_rule)))
+        mlp_out = _post_norm(model, cache, f"{pre}.ln2_post", mlp_out, keep, emit, p0, rules)
         emit(f"{pre}.hook_mlp_out", mlp_out)
-        resid = tidy(Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma))
+        resid = tidy_gpt(tidy_bert(Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma)))
         emit(f"{pre}.hook_resid_post", resid)
         check(f"{pre}.hook_resid_post", resid, keep)
     w, b, rms = _norm_module(model, "ln_final")
-    out = norm(resid, cache["ln_final.hook_scale"][:, p0:][:, keep], w, b, rms=rms)
+    out = norm(resid, cache["ln_final.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm,
+               bias_rule=bias_rule)
     emit("ln_final.hook_out", out)
     check("ln_final.hook_out", out, keep)
     return health
@@ -702,9 +761,9 @@ def unembed(model: Any, x: Split) -> Split:
 def decompose(
     model: Any, batch: Batch, sources: Sequence[Source], record: Sequence[str], *,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
-    attention_rule: AttentionRule = "cdt",
+    attention_rule: AttentionRule | None = None,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: BiasO = "share",
+    bias_o: BiasO | None = None,
     strict: bool = False,
     streams: Streams = "beta",
 ) -> dict[str, Split]:
@@ -719,7 +778,7 @@ def decompose(
     """
     if not sources:
         raise ValueError("no sources given")
-    check_decomposition(decomposition)
+    rules = resolve(decomposition, attention=attention_rule)
     check_option("streams", streams, STREAMS)
     names = cache_names(model, [s.layer for s in sources], streams) + [n for n in record if n != "unembed.hook_out"]
     with attn_results(model):
@@ -733,7 +792,7 @@ def decompose(
         group = [sources[i] for i in idx]
         order += idx
         seen: dict[str, Split] = {}
-        p0 = first_position(group, mask) if streams == "beta" else 0
+        p0 = start_position(group, mask, streams, rules)
 
         def keep(name: str, x: Split) -> None:
             """Store ``x`` over every position: the β-only path starts at ``p0`` (β is 0 before)."""
@@ -743,13 +802,13 @@ def decompose(
                 x = Split(beta, total[None].to(beta.dtype) - beta)
             seen[name] = x
 
-        health = propagate(model, cache, mask, group, means=means, attention_rule=attention_rule,
-                           decomposition=decomposition, bias_o=bias_o, emit=keep, streams=streams)
+        health = propagate(model, cache, mask, group, means=means, decomposition=rules, bias_o=bias_o, emit=keep,
+                           streams=streams)
         unstable += [(s.layer, s.head) for s, bad in zip(group, health.unstable(recon_tol(model)).tolist()) if bad]
         for name in record:
             results[name].append(torch.stack(_recorded(model, cache, logits, seen, group, mask, means, name)))
     if unstable:
-        report_unstable(sorted(set(unstable)), decomposition, strict)
+        report_unstable(sorted(set(unstable)), rules, strict)
     inverse = torch.tensor(order).argsort()
     return {name: Split(*torch.cat(parts, dim=1)[:, inverse]) for name, parts in results.items()}
 

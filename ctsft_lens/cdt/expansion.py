@@ -50,7 +50,7 @@ def discover(
     ratio: float = 0.02,
     max_depth: int = 2,
     baseline: Baseline = "mean",
-    attention: AttentionRule = "cdt",
+    attention: AttentionRule | None = None,
     aggregate: Aggregate = "sum",
     positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
@@ -59,7 +59,7 @@ def discover(
     progress: bool = True,
     ig_steps: int = 5,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str = "share",
+    bias_o: str | None = None,
     strict: bool = True,
     streams: str = "beta",
 ) -> Circuit:
@@ -96,7 +96,7 @@ def discover_circuits(
     ratio: float = 0.02,
     max_depth: int = 2,
     baseline: Baseline = "mean",
-    attention: AttentionRule = "cdt",
+    attention: AttentionRule | None = None,
     aggregate: Aggregate = "sum",
     positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
@@ -105,7 +105,7 @@ def discover_circuits(
     progress: bool = True,
     ig_steps: int = 5,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str = "share",
+    bias_o: str | None = None,
     strict: bool = True,
     streams: str = "beta",
 ) -> dict[str, Circuit]:
@@ -118,7 +118,7 @@ def discover_circuits(
     for name in scorings:
         check_options(name, baseline, attention)
     _check_expansion(ratio, max_depth, aggregate)
-    check_decomposition(decomposition)
+    rules = check_decomposition(decomposition)
     check_examples(examples)
     ref = reference if reference is not None else examples
     means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
@@ -132,7 +132,8 @@ def discover_circuits(
     for name in scorings:
         if name not in rels:  # total effect: one logits table
             rels[name] = head_relevance(model, examples, scoring=name, ig_steps=ig_steps, **common)
-    options = {"baseline": baseline, "attention": attention, "decomposition": decomposition, "bias_o": bias_o,
+    options = {"baseline": baseline, "attention": rules.attention if attention is None else attention,
+               "decomposition": rules.spec(), "bias_o": rules.bias if bias_o is None else bias_o,
                "streams": streams, "n_examples": len(examples), "n_reference": len(ref) if baseline == "mean" else 0,
                "mean_positions": "pooled", "source_positions": None if positions is None else list(positions)}
     return {name: circuit_from_relevance(model, rels[name], ratio=ratio, max_depth=max_depth, aggregate=aggregate,

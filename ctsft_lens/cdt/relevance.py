@@ -10,7 +10,11 @@ Two scores, per example then averaged:
   vector for the logits target).
 
 Speed: one real forward per batch of examples; the sources of each layer then propagate
-together as a ``[source, example]`` batch, chunked to a memory budget.
+together as a ``[source, example]`` batch, chunked to a memory budget. With a fully linear rule
+set (``cdt.rules``: ``Rules.linear``) β is the derivative of the network along ``a − μ``, so the
+projection score against the logits is ``Σ_pos (a − μ)·∂m/∂a`` with ``m = ⟨final-normed residual,
+v_task⟩``: every source comes from **one backward pass** (:func:`linear_projection`), tested
+equal to the per-source propagation.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from tqdm.auto import tqdm
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.cdt.decompose import (DEFAULT_DECOMPOSITION, Decomposition, Health, Source, Split, cache_names,
-                                      check_decomposition, head_output, propagate, report_unstable, unembed,
-                                      BETA_LIMIT, recon_tol)
+                                      check_decomposition, head_output, propagate, report_unstable, source_positions,
+                                      unembed, BETA_LIMIT, recon_tol)
+from ctsft_lens.cdt.rules import Rules, resolve
 from ctsft_lens.circuit import Head
 from ctsft_lens.devices import memory_budget_gb
 from ctsft_lens.forward import attn_results, hook_layer, run
-from ctsft_lens.means import head_means
+from ctsft_lens.means import head_means, z_means
 from ctsft_lens.options import ATTENTION_RULES, BASELINES, STREAMS, AttentionRule, Baseline, check
 from ctsft_lens.tasks.base import Example
 
@@ -91,13 +96,14 @@ def _dtype_bytes(model: Any) -> int:
     return torch.finfo(next(model.parameters()).dtype).bits // 8
 
 
-def check_options(scoring: str, baseline: str, attention: str) -> None:
+def check_options(scoring: str, baseline: str, attention: str | None) -> None:
     """A clear ValueError for an unknown scoring, baseline or attention rule, before any work."""
     from ctsft_lens.scoring import HEAD_SCORINGS  # every head scoring: CD-T's and attribution / patching
 
     check("scoring", scoring, tuple(HEAD_SCORINGS))
     check("baseline", baseline, BASELINES)
-    check("attention", attention, ATTENTION_RULES)
+    if attention is not None:
+        check("attention", attention, ATTENTION_RULES)
 
 
 @torch.no_grad()
@@ -108,7 +114,7 @@ def head_relevance(
     target: Literal["logits", "all"] | Sequence[Head] = "logits",
     scoring: Scoring = "projection",
     baseline: Baseline = "mean",
-    attention: AttentionRule = "cdt",
+    attention: AttentionRule | None = None,
     sources: Sequence[Head] | None = None,
     positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
@@ -118,7 +124,7 @@ def head_relevance(
     progress: bool = True,
     ig_steps: int = 5,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str = "share",
+    bias_o: str | None = None,
     strict: bool = True,
     streams: str = "beta",
 ) -> Relevance:
@@ -159,7 +165,7 @@ def head_relevances(
     scorings: Sequence[Scoring] = tuple(SCORERS),
     target: Literal["logits", "all"] | Sequence[Head] = "logits",
     baseline: Baseline = "mean",
-    attention: AttentionRule = "cdt",
+    attention: AttentionRule | None = None,
     sources: Sequence[Head] | None = None,
     positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
@@ -168,7 +174,7 @@ def head_relevances(
     memory_gb: float | None = None,
     progress: bool = True,
     decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str = "share",
+    bias_o: str | None = None,
     strict: bool = True,
     streams: str = "beta",
 ) -> dict[str, Relevance]:
@@ -185,7 +191,8 @@ def head_relevances(
             raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(SCORERS)}")
         check_options(name, baseline, attention)
     check("streams", streams, STREAMS)
-    check_decomposition(decomposition)
+    rules = resolve(decomposition, attention=attention)
+    rules_linear = rules.linear and bias_o in (None, rules.bias)  # b_O shared at the source: not the derivative
     check_examples(examples)
     cfg = model.cfg
     targets: tuple[Head | None, ...]
@@ -230,8 +237,18 @@ def head_relevances(
     bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
                leave=False)
     start = 0
+    # fully linear rules against the logits: one backward pass gives every source (module docstring)
+    one_backward = rules_linear and targets == (None,) and scorings == ("projection",) and streams == "beta"
     for batch in batches(model, local, batch_size) if local else ():
         n = batch.input_ids.shape[0]
+        if one_backward:
+            table = linear_projection(model, batch, means, positions)  # [B, L, H]
+            for layer, heads in by_layer.items():
+                per_example["projection"][0, start:start + n, layer, heads] = table[:, layer, heads].float()
+                healthy[layer, heads] &= table[:, layer, heads].isfinite().all(0)
+            bar.update(len(sources))
+            start += n
+            continue
         with attn_results(model):
             _, cache = run(model, batch, names=names, last_only=True)
         mask = batch.attention_mask.to(cfg.device)
@@ -242,7 +259,7 @@ def head_relevances(
                 part = heads[i:i + chunk]
                 srcs = [Source(layer, h, positions) for h in part]
                 scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scorings,
-                                                  directions, means, attention, decomposition, bias_o, streams)
+                                                  directions, means, rules, bias_o, streams)
                 recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
                 healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for (name, t), s in scores.items():  # s: [S, B]
@@ -265,16 +282,15 @@ def head_relevances(
     for name, table in per_example.items():
         nonfinite = (upstream & ~table.isfinite().all(1)).any(0)  # a score that should exist is NaN/inf
         unstable[name] = tuple((int(layer), int(head)) for layer, head in (shaky | (scored & nonfinite)).nonzero().tolist())
-    report_unstable(tuple(sorted({h for heads in unstable.values() for h in heads})), decomposition, strict)
+    report_unstable(tuple(sorted({h for heads in unstable.values() for h in heads})), rules, strict)
     return {name: Relevance(targets, per_example[name], name, unstable[name], recon.float()) for name in scorings}
 
 
 def _relevance_chunk(
     model: Any, cache: Any, mask: torch.Tensor, srcs: list[Source],
     targets: tuple[Head | None, ...], stop: int | None, scorings: tuple[str, ...],
-    directions: torch.Tensor, means: torch.Tensor | None, attention: AttentionRule,
-    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str = "share",
+    directions: torch.Tensor, means: torch.Tensor | None, rules: Rules,
+    bias_o: str | None = None,
     streams: str = "beta",
 ) -> tuple[dict[tuple[str, int], torch.Tensor], Health]:
     """Scores ``{(scoring, target index): [source, batch]}`` of sources in one layer, and their health."""
@@ -295,7 +311,47 @@ def _relevance_chunk(
                     for scoring in scorings:
                         out[scoring, t] = SCORERS[scoring](at, model, False, directions)
 
-    health = propagate(model, cache, mask, srcs, means=means, attention_rule=attention,
-                       decomposition=decomposition, bias_o=bias_o, emit=visit, stop_layer=stop, last_only=True,
-                       streams=streams)
+    health = propagate(model, cache, mask, srcs, means=means, decomposition=rules, bias_o=bias_o, emit=visit,
+                       stop_layer=stop, last_only=True, streams=streams)
     return out, health
+
+
+def linear_projection(model: Any, batch: Any, means: torch.Tensor | None,
+                      positions: tuple[int, ...] | None = None) -> Float[torch.Tensor, "batch n_layers n_heads"]:
+    """Projection scores of every head under fully linear CD-T rules, from one forward and one backward.
+
+    With every rule the derivative's, β at the final norm is the directional derivative along the
+    sources' ``a − μ``, so ``⟨β, v_task⟩ = Σ_pos (z − μ^z)·∂m/∂z`` at ``hook_z`` with
+    ``m = ⟨ln_final.hook_out[-1], v_task⟩`` (``μ^z``: the means in z space, ``means.z_means``);
+    ``positions`` keep only those source tokens. Equal to the per-source propagation (tested).
+    """
+    cfg = model.cfg
+    device = cfg.device
+    n_layers = int(cfg.n_layers)
+    mu = (z_means(model, means).to(device) if means is not None else
+          torch.zeros(n_layers, int(cfg.n_heads), int(cfg.d_head), device=device))
+    mask = batch.attention_mask.to(device)
+    where = source_positions([Source(0, 0, positions)], mask)[0].to(torch.float32)[:, :, None]  # [B, pos, 1]
+    directions = task_directions(model, batch.label_token_ids)[batch.labels.to(device)]  # [B, d]
+    leaves: dict[int, torch.Tensor] = {}
+    clean: dict[int, torch.Tensor] = {}
+    final: list[torch.Tensor] = []
+
+    def at_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        layer = hook_layer(hook.name)
+        clean[layer] = z.detach()
+        leaves[layer] = torch.zeros_like(z, requires_grad=True)
+        return z + leaves[layer]
+
+    def at_final(x: torch.Tensor, hook: Any) -> torch.Tensor:
+        final.append(x)
+        return x
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", at_z) for layer in range(n_layers)] + [("ln_final.hook_out", at_final)]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        run(model, batch, last_only=True)
+        m = (final[0][:, -1].float() * directions.float()).sum()
+        grads = torch.autograd.grad(m, [leaves[layer] for layer in range(n_layers)])
+    out = torch.stack([(((clean[layer] - mu[layer].to(g.dtype)) * g).sum(-1) * where).sum(1)
+                       for layer, g in enumerate(grads)], 1)  # [B, L, H]
+    return out.detach().cpu()

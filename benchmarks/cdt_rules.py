@@ -1,0 +1,158 @@
+"""CD-T rule study: which propagation rules rank heads like exact patching on a real model?
+
+The yardstick, declared before any run: the Spearman correlation (``compare.spearman``, ties
+averaged) of a scorer's mean head table with **exact per-head mean patching**
+(``scoring.patching_per_example``) over all heads, ties broken by the Spearman over the top 5 %
+of heads by |exact effect|; beside it the top-6 overlap with exact's top 6, the heads whose CD-T
+decomposition was unstable, seconds and forward-equivalents (seconds / one plain forward over the
+same examples, timed in the same process).
+
+Every score table is cached per (model, task, language, examples, scorer) under ``--out``, so a
+study grows over several runs and across sessions; ``--summary`` writes the Markdown table.
+
+    python benchmarks/cdt_rules.py MODEL_DIR --task nusax-senti --lang indonesian \\
+        --n-examples 12 --max-tokens 48 --scorer patching --scorer attribution --scorer cdt:faithful \\
+        --out runs/cdt_rules
+
+A scorer is ``patching``, ``attribution``, ``attribution-ig`` or ``cdt:SPEC`` where SPEC is a
+rule preset (``ctsft_lens.cdt.rules.PRESETS``) optionally followed by overrides, e.g.
+``cdt:shapley,norm=jacobian,attention=linear``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ctsft_lens.batching import batches
+from ctsft_lens.circuit import head_name, rank_heads
+from ctsft_lens.compare import spearman, time_forward
+from ctsft_lens.means import head_means
+from ctsft_lens.models import load_model
+from ctsft_lens.tasks import load_task
+from ctsft_lens.tasks.base import balanced_sample
+
+
+def load(args: argparse.Namespace) -> tuple[Any, list, torch.Tensor, str]:
+    model = load_model(args.model)
+    task = load_task(args.task, args.lang, **({"data_dir": args.data_dir} if args.data_dir else {}))
+    pool = task.examples(args.split)
+    tok = model.tokenizer
+    if args.max_tokens is not None:
+        pool = [e for e in pool if len(tok.encode(e.prompt, add_special_tokens=False)) <= args.max_tokens]
+    examples = balanced_sample(pool, args.n_examples, task.n_labels, seed=args.seed)
+    means = head_means(model, examples, batch_size=args.batch_size, progress=False)
+    key = hashlib.sha256(json.dumps([Path(args.model).name, args.task, args.lang, args.split,
+                                     [e.prompt for e in examples]]).encode()).hexdigest()[:12]
+    return model, examples, means, key
+
+
+def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_size: int) -> dict[str, Any]:
+    """Per-example table ``[n, L, H]`` of one scorer, its unstable heads and its seconds."""
+    from ctsft_lens.cdt.relevance import head_relevance
+    from ctsft_lens.scoring import attribution_per_example, patching_per_example
+
+    unstable: list[str] = []
+    t0 = time.perf_counter()
+    if scorer == "patching":
+        table = patching_per_example(model, examples, means=means, batch_size=batch_size, heads_per_forward=16,
+                                     progress=False)
+    elif scorer == "attribution":
+        table = attribution_per_example(model, examples, means=means, batch_size=batch_size, progress=False)
+    elif scorer == "attribution-ig":
+        table = attribution_per_example(model, examples, means=means, batch_size=batch_size, ig_steps=5,
+                                        progress=False)
+    elif scorer.startswith("cdt:"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rel = head_relevance(model, examples, scoring="projection", means=means, decomposition=scorer[4:],
+                                 batch_size=batch_size, strict=False, progress=False)
+        table = rel.per_example[0]
+        unstable = [head_name(h) for h in rel.unstable]
+    else:
+        raise SystemExit(f"unknown scorer {scorer!r}: patching, attribution, attribution-ig or cdt:SPEC")
+    return {"table": table.float(), "unstable": unstable, "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", help="model folder (e.g. the real-weights stand-in) or name for load_model")
+    ap.add_argument("--task", default="nusax-senti")
+    ap.add_argument("--lang", default="indonesian")
+    ap.add_argument("--data-dir", default=None, help="task data folder (e.g. ../shared/data/xnli)")
+    ap.add_argument("--split", default="train", help="examples come from this split (never test); default: train")
+    ap.add_argument("--n-examples", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--scorer", action="append", default=[], help="repeatable; see the module docstring")
+    ap.add_argument("--label", default=None, help="name of this model in the table (default: the folder name)")
+    ap.add_argument("--out", default="runs/cdt_rules")
+    args = ap.parse_args()
+    torch.set_grad_enabled(False)
+    model, examples, means, key = load(args)
+    label = args.label or Path(args.model).name
+    folder = Path(args.out) / f"{label}-{args.task}-{args.lang}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    n_tok = [len(model.tokenizer.encode(e.prompt, add_special_tokens=False)) for e in examples]
+    blist = list(batches(model, examples, args.batch_size))
+    fwd = time_forward(model, blist)
+    meta = {"model": label, "task": args.task, "lang": args.lang, "split": args.split, "n": len(examples),
+            "prompt_tokens": n_tok, "forward_seconds": fwd, "threads": torch.get_num_threads()}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"{folder}: {len(examples)} examples, tokens {n_tok}, forward {fwd:.2f} s", flush=True)
+    for scorer in args.scorer:
+        path = folder / (scorer.replace(":", "_").replace(",", "_").replace("=", "-") + ".pt")
+        if path.exists():
+            print(f"{scorer}: cached", flush=True)
+            continue
+        load0 = os.getloadavg()[0]
+        res = score(model, examples, means, scorer, args.batch_size)
+        res.update(scorer=scorer, load=[load0, os.getloadavg()[0]], forward_seconds=fwd)
+        torch.save(res, path)
+        print(f"{scorer}: {res['seconds']:.0f} s = {res['seconds'] / fwd:.1f} fwd-eq, "
+              f"{len(res['unstable'])} unstable, load {load0:.2f}->{res['load'][1]:.2f}", flush=True)
+    print(summary(folder))
+
+
+def summary(folder: Path) -> str:
+    """The Markdown table of every cached scorer in ``folder`` against its ``patching`` table."""
+    meta = json.loads((folder / "meta.json").read_text())
+    runs = {p.stem: torch.load(p) for p in sorted(folder.glob("*.pt"))}
+    if "patching" not in runs:
+        return f"{folder}: no exact patching table yet"
+    exact = runs["patching"]["table"].double().mean(0)
+    flat = exact.flatten()
+    n_top = max(3, round(0.05 * flat.numel()))
+    top = torch.zeros_like(flat, dtype=torch.bool)
+    top[flat.abs().argsort(descending=True)[:n_top]] = True
+    ex6 = set(rank_heads(exact.float())[:6])
+    lines = [f"{meta['model']} · {meta['task']} {meta['lang']} · {meta['n']} label-balanced {meta['split']} examples "
+             f"({min(meta['prompt_tokens'])}–{max(meta['prompt_tokens'])} tokens) · one forward "
+             f"{meta['forward_seconds']:.2f} s · exact top 6: {', '.join(head_name(h) for h in rank_heads(exact.float())[:6])}",
+             "", "| scorer | Spearman all | Spearman top 5 % | top 6 shared | unstable heads | s | fwd-eq / example | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for name, r in runs.items():
+        t = r["table"].double().mean(0)
+        s_all = spearman(t, exact)
+        s_top = spearman(t.flatten()[top], flat[top])
+        shared = len(set(rank_heads(t.float())[:6]) & ex6)
+        fe = r["seconds"] / r["forward_seconds"]
+        rows.append((s_all, f"| {r['scorer']} | {s_all:.3f} | {s_top:.3f} | {shared} | "
+                     f"{len(r['unstable'])}{' (' + ', '.join(r['unstable'][:4]) + ')' if r['unstable'] else ''} | "
+                     f"{r['seconds']:.0f} | {fe:.1f} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |"))
+    lines += [row for _, row in sorted(rows, key=lambda x: -x[0])]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

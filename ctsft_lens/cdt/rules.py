@@ -1,0 +1,155 @@
+"""CD-T propagation rules: one field per operation, and the named rule sets (presets).
+
+Each operation has a small set of rules; docs/method.md §2 gives every rule's equation and
+source. A rule is *linear* when β' depends linearly on β at the real activations: with every
+rule linear, β is the forward-mode derivative of the network along the source's ``a − μ``, so
+CD-T's projection score equals attribution patching's ``(z − μ)·∂m/∂z`` (tested) and all
+sources come from one backward pass (``relevance.linear_projection_scores``).
+
+=========== =============== ========================================================= ========
+operation   rule            β' (γ' = real output − β' unless said)                     linear
+=========== =============== ========================================================= ========
+norm        ``frozen``      ``w ⊙ β / s`` with the total's scale s; bias by |β|:|γ|     no*
+            ``jacobian``    ``w ⊙ (β − x̂⟨x̂, β⟩/d) / s``, x̂ = x/s (LayerNorm: centred)   yes
+attention   ``cdt``         ``softmax(q_β k_βᵀ/√d) v_β``                               no
+            ``frozen``      ``P v_β`` (the real pattern P)                              no*
+            ``linear``      ``P v_β + δP v``, δP = P ⊙ (δS − Σ_k P δS),                yes
+                            δS = (q_β kᵀ + q k_βᵀ)/√d
+activation  ``difference``  ``f(x) − f(x − β)``                                         no
+            ``linear``      ``f′(x) ⊙ β``                                               yes
+product     ``legacy``      ``a ⊙ u − γ_a ⊙ γ_u`` (every term holding a β)              no
+            ``shapley``     ``½(β_a ⊙ u + a ⊙ β_u)``                                    half
+            ``linear``      ``β_a ⊙ u + a ⊙ β_u``                                       yes
+bias        ``share``       b split by |βW| : |γW|                                      no
+            ``gamma``       b wholly to γ                                               yes
+normalize   ``none``        —                                                           —
+            ``bert`` /      the public code's ``normalize_rel_irrel`` at the BERT      no
+            ``gpt``         code's places or at ``prop_GPT_layer``'s places
+=========== =============== ========================================================= ========
+
+(* linear in β, but not the derivative: the frozen norm keeps the component along x, the
+frozen pattern drops the pattern's response.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+
+from ctsft_lens.errors import CtsftError
+from ctsft_lens.options import ATTENTION_RULES, AttentionRule
+
+NormRule = Literal["frozen", "jacobian"]
+ActivationRule = Literal["difference", "linear"]
+ProductRule = Literal["legacy", "shapley", "linear"]
+BiasRule = Literal["share", "gamma"]
+NormalizePlaces = Literal["none", "bert", "gpt"]
+Precision = Literal["model", "float64"]
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "norm": get_args(NormRule),
+    "attention": ATTENTION_RULES,
+    "activation": get_args(ActivationRule),
+    "product": get_args(ProductRule),
+    "bias": get_args(BiasRule),
+    "normalize": get_args(NormalizePlaces),
+    "precision": get_args(Precision),
+}
+"""Every operation's rules, by field name of :class:`Rules`: validation, docs and the CLI read it."""
+
+
+@dataclass(frozen=True)
+class Rules:
+    """One CD-T rule per operation (see the module table)."""
+
+    norm: NormRule = "jacobian"
+    attention: AttentionRule = "linear"
+    activation: ActivationRule = "difference"
+    product: ProductRule = "legacy"
+    bias: BiasRule = "gamma"
+    normalize: NormalizePlaces = "none"
+    precision: Precision = "model"
+
+    def __post_init__(self) -> None:
+        for name, choices in CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise CtsftError(f"CD-T {name} rule must be one of {choices}, got {value!r}")
+
+    @property
+    def linear(self) -> bool:
+        """Whether every rule is the derivative's: then β is the JVP along the source and the
+        projection score is attribution patching's (one backward pass computes all sources)."""
+        return (self.norm, self.attention, self.activation, self.product, self.bias, self.normalize) == (
+            "jacobian", "linear", "linear", "linear", "gamma", "none")
+
+    def dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        return torch.float64 if self.precision == "float64" else model_dtype
+
+    def spec(self) -> str:
+        """The shortest ``preset,field=rule,...`` string naming these rules."""
+        for name, preset in PRESETS.items():
+            if preset == self:
+                return name
+        best = min(PRESETS, key=lambda n: sum(getattr(PRESETS[n], f) != getattr(self, f) for f in CHOICES))
+        diff = [f"{f}={getattr(self, f)}" for f in CHOICES if getattr(PRESETS[best], f) != getattr(self, f)]
+        return ",".join([best, *diff])
+
+
+_PAPER = Rules(norm="frozen", attention="cdt", activation="difference", product="legacy", bias="share")
+PRESETS: dict[str, Rules] = {
+    "faithful": Rules(),
+    "linear": Rules(activation="linear", product="linear"),
+    "cdt-paper": dataclasses.replace(_PAPER, normalize="gpt"),
+    "legacy": _PAPER,
+    "normalize": dataclasses.replace(_PAPER, normalize="bert"),
+    "shapley": dataclasses.replace(_PAPER, product="shapley"),
+    "legacy-f64": dataclasses.replace(_PAPER, precision="float64"),
+    "shapley-f64": dataclasses.replace(_PAPER, product="shapley", precision="float64"),
+}
+"""Named rule sets (``decomposition=`` / ``--decomposition``):
+
+* ``faithful`` (default): the rules that keep the gradient's first-order change (Jacobian norm,
+  linearised attention, all biases to γ) with the exact element-wise removal at MLPs
+  (``f(x) − f(x − β)``, legacy product): chosen by benchmarks/RESULTS_cdt_rules.md;
+* ``linear``: every rule linear, CD-T = attribution patching (one backward pass);
+* ``cdt-paper``: the public CD-T code's GPT rules (adelaidehsu/CD_Circuit ``prop_GPT_layer``):
+  frozen norm, β-pattern attention, legacy product, shared biases, ``normalize_rel_irrel`` at
+  the GPT code's places; ``legacy`` the same without the clean-up (``--normalize off``);
+* ``normalize``: ``legacy`` with the clean-up at the BERT code's places (ctsft_lens 0.2);
+* ``shapley``: ctsft_lens 0.2's default (legacy with the Shapley product);
+* ``*-f64``: the same rules in float64.
+"""
+DEFAULT_PRESET = "faithful"
+
+
+def resolve(spec: "str | Rules | None", **overrides: Any) -> Rules:
+    """Rules from a preset name, ``"preset,field=rule,..."`` or a :class:`Rules`, with keyword
+    ``overrides`` (None: keep the preset's). One clear error for an unknown name."""
+    if spec is None:
+        spec = DEFAULT_PRESET
+    from_spec: dict[str, str] = {}
+    if isinstance(spec, Rules):
+        rules = spec
+    elif isinstance(spec, str):
+        name, *parts = [p.strip() for p in spec.split(",")]
+        if name not in PRESETS:
+            raise CtsftError(f"unknown CD-T rule set {name!r}: choose one of {tuple(PRESETS)}, optionally followed "
+                             f"by overrides such as ',norm=frozen' (fields: {', '.join(CHOICES)})")
+        rules = PRESETS[name]
+        for part in parts:
+            field, sep, value = part.partition("=")
+            if not sep or field.strip() not in CHOICES:
+                raise CtsftError(f"bad CD-T rule override {part!r} in {spec!r}: write field=rule with a field of "
+                                 f"{tuple(CHOICES)}")
+            from_spec[field.strip()] = value.strip()
+    else:
+        raise CtsftError(f"CD-T rules must be a preset name or a Rules, got {spec!r}")
+    unknown = {k for k, v in overrides.items() if v is not None} - set(CHOICES)
+    if unknown:
+        raise CtsftError(f"unknown CD-T rule field(s) {sorted(unknown)}; fields: {tuple(CHOICES)}")
+    given = {**from_spec, **{k: v for k, v in overrides.items() if v is not None}}  # keywords win over the spec
+    return dataclasses.replace(rules, **given) if given else rules
