@@ -80,6 +80,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _check_fit(model: Any, examples: Any) -> None:
+    """Every prompt fits the model's context, checked before any work; the error says what to do."""
+    from ctsft_lens.batching import check_fit
+    from ctsft_lens.errors import TaskError
+
+    try:
+        check_fit(model, examples)
+    except TaskError as err:
+        raise TaskError(f"{err}; shorten or drop them in the data, or use a model with a longer context") from None
+
+
 def write_results(out: str | Path, name: str, data: dict[str, Any], summary: str) -> Path:
     """Write ``<out>/<name>.json`` and ``<out>/<name>.txt`` atomically; print the summary (rank 0 only
     under torchrun: every rank holds the same all-reduced results)."""
@@ -118,6 +129,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.examples(args.split, args.limit)
     model = _load(args)
+    _check_fit(model, examples)  # before scoring any prompt (batches run shortest first), as train does
     result = evaluate(model, examples, batch_size=args.batch_size, progress=not args.no_progress)
     head = f"{args.task}/{task.language}/{args.split} with model {args.model}"
     write_results(args.out, "eval", {"model": args.model, "task": args.task, "language": task.language,
@@ -307,16 +319,29 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     config = _train_config(args)
     writable_folder(args.out)
     circuit = load_circuit(args.circuit) if getattr(args, "circuit", None) else None
+    if circuit is not None:
+        from ctsft_lens.errors import MaskError
+        from ctsft_lens.masks import check_circuit
+
+        try:
+            check_circuit(circuit)
+        except MaskError as err:
+            raise MaskError(f"{args.circuit}: {err}") from None
     task = load_task(args.task, args.lang, args.data_dir)
     train_ex = task.sample(args.n_examples, "train", seed=args.seed)
     dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
     test_ex = task.examples("test", args.test_limit)
     model = _load(args)
-    check_fit(model, [*train_ex, *dev_ex, *test_ex])  # before training, not after
+    _check_fit(model, [*train_ex, *dev_ex, *test_ex])  # before training, not after
     if mask_file:
         mask = load_mask(mask_file, model, strict_weights=getattr(args, "strict", False), warn_weights=True)
     else:
-        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=args.seed)
+        from ctsft_lens.errors import MaskError
+
+        try:
+            mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=args.seed)
+        except MaskError as err:
+            raise MaskError(f"{args.circuit}: {err}" if args.circuit else str(err)) from None
         if mask is not None:
             mask.check(model)
     adapter_dir = getattr(args, "save_adapter", None)
@@ -355,8 +380,10 @@ def _add_apply_adapter(sub: Any) -> None:
 
 def _cmd_apply_adapter(args: argparse.Namespace) -> None:
     from ctsft_lens.adapters import apply_adapter
+    from ctsft_lens.files import writable_folder
     from ctsft_lens.models import load_model, save_model
 
+    writable_folder(args.out)
     model = load_model(args.model)
     adapter = apply_adapter(model, args.adapter)
     folder = save_model(model, args.out)
@@ -588,12 +615,18 @@ def _add_mask(sub: Any) -> None:
 
 def _cmd_mask(args: argparse.Namespace) -> None:
     from ctsft_lens.circuit import head_name, load_circuit
+    from ctsft_lens.errors import MaskError
+    from ctsft_lens.files import writable_folder
     from ctsft_lens.masks import save_mask, variant_mask
 
+    writable_folder(Path(args.out).parent)
     circuit = load_circuit(args.circuit)
     if args.depth is not None and not 0 <= args.depth <= circuit.depth:
         raise CLIError(f"--depth {args.depth}: {args.circuit} reaches depths 0..{circuit.depth}")
-    mask = variant_mask(args.variant, circuit.model, circuit, seed=args.seed, depth=args.depth)
+    try:
+        mask = variant_mask(args.variant, circuit.model, circuit, seed=args.seed, depth=args.depth)
+    except MaskError as err:
+        raise MaskError(f"{args.circuit}: {err}") from None
     path = save_mask(mask, args.out)
     print(f"{args.variant} mask of {len(mask.heads)} heads: {', '.join(head_name(h) for h in mask.heads)}")
     print(f"mask: {path}")
@@ -764,11 +797,27 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
 ]
 
 
+# Flags users (and once docs/cli.md) pass to a command that has none: what to do instead.
+_FLAG_HINTS = {("competence", "--save-model"): "competence always saves the tuned model to OUT/model: drop the flag"}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line (and exit code 2) instead of usage + error."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse, but an unknown flag is reported with the command it was given to."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            cmd = getattr(ns, "command", None)
+            where = f"{self.prog} {cmd}" if cmd else self.prog
+            flag = next((x.split("=")[0] for x in extra if x.startswith("-")), extra[0])
+            hint = _FLAG_HINTS.get((cmd, flag), f"ctsft {cmd} has no {flag}" if cmd else "")
+            self.exit(2, f"{where}: error: unrecognized arguments: {' '.join(extra)}{'; ' + hint if hint else ''} "
+                         f"(see {where} --help)\n")
+        return ns
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -350,6 +350,8 @@ def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = fr
         if key in lists | {"retention"}:
             if not isinstance(value, list):
                 raise ConfigError(f"{where}: {name}.{key} must be a list")
+            if key in lists:  # every entry too (seeds = ["a"] must not wait for the transfer stage)
+                check_value(f"{where}: {name}.{key}", value, hints[key], error=ConfigError)
         elif key != "sweep":
             check_value(f"{where}: {name}.{key}", value, hints[key], error=ConfigError)
     return section

@@ -113,6 +113,13 @@ def writable_folder(path: str | os.PathLike, what: str = "--out") -> Path:
         raise CtsftError(f"{what} {path} is not a writable folder ({probe} is a file); choose another")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CtsftError(f"{what} {path} is not a writable folder (no write permission in {probe}); choose another")
+    try:  # permissions are not the whole story (root, /proc, /sys, read-only mounts): try, and leave nothing
+        import tempfile
+
+        os.rmdir(tempfile.mkdtemp(prefix=".ctsft-probe-", dir=probe))
+    except OSError as err:
+        raise CtsftError(f"{what} {path} is not a writable folder (cannot create a folder in {probe}: "
+                         f"{err.strerror or err}); choose another") from None
     return path
 
 

@@ -293,4 +293,16 @@ def variant_mask(name: str, model: dict[str, Any], circuit: Circuit | None = Non
     variant = VARIANTS[name]
     if variant.needs_circuit and circuit is None:
         raise MaskError(f"variant {name!r} is built from a circuit: give one (e.g. --circuit circuit.json)")
+    if variant.needs_circuit:
+        check_circuit(circuit)
     return variant.mask(model, circuit, seed, depth)
+
+
+def check_circuit(circuit: Circuit) -> None:
+    """Refuse a circuit that names a head outside the model it records, for every variant built
+    from it (``nearzero`` ranks the score table and would otherwise pick around such a head)."""
+    try:
+        circuit_mask(circuit)
+    except MaskError as err:
+        raise MaskError(f"the circuit does not fit its own model: {err}; re-run ctsft discover on this model "
+                        "(or fix the file's heads)") from None

@@ -182,3 +182,141 @@ def test_env_reports_what_a_bug_report_needs(capsys):
     env = json.loads(capsys.readouterr().out)
     assert env["packages"]["torch"] and "cpu" in env["devices"] and "default_model_cached" in env
     assert env["auto_device"] in ("cpu", "cuda")
+
+
+# --------------------------------------------------------------------------------------------
+# The six hostile inputs of issue 28, item 7: one line naming the problem and the fix, exit 2,
+# nothing written.
+# --------------------------------------------------------------------------------------------
+def _circuit_with_head_outside(tmp_path) -> Path:
+    """The fixture circuit (2 layers x 8 heads) with head 1.9 added: a head its own model lacks."""
+    c = json.loads((FIXTURES / "v0.1_circuit.json").read_text())
+    c["heads_by_depth"][0].append("1.9")
+    c["edges"].append({"source": "1.9", "target": None, "depth": 0, "score": 0.5})
+    path = tmp_path / "bad_circuit.json"
+    path.write_text(json.dumps(c))
+    return path
+
+
+@pytest.mark.parametrize("argv", [
+    ["mask", "--variant", "nearzero"],  # used to exit 0 with a mask around the bad head
+    ["mask", "--variant", "circuit"],
+    ["mask", "--variant", "random"],
+    ["train", "--model", "tiny", "--variant", "nearzero", "--n-examples", "3", "--epochs", "1"],
+])
+def test_a_circuit_head_outside_its_model_is_refused_by_every_variant(argv, tmp_path, capsys, monkeypatch):
+    import ctsft_lens.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the circuit check"))
+    bad = _circuit_with_head_outside(tmp_path)
+    out = tmp_path / ("m.json" if argv[0] == "mask" else "o")
+    rc, err = _run([*argv, "--circuit", str(bad), "--out", str(out)], capsys)
+    assert rc == 2 and str(bad) in err and "head 1.9 is outside a model of 2 layers x 8 heads" in err, err
+    assert "ctsft discover" in err  # the fix
+    _one_line(err)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc (a folder nobody can create in)")
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "tiny"],
+    ["train", "--model", "tiny", "--variant", "full", "--n-examples", "3", "--epochs", "1"],
+    ["competence", "--model", "tiny", "--n-examples", "3", "--epochs", "1"],
+])
+def test_an_out_under_a_system_folder_is_refused_before_any_work(argv, capsys, monkeypatch):
+    """/proc passes a permission check (as root, every folder does) but refuses mkdir: tried, not assumed."""
+    import ctsft_lens.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    out = Path("/proc") / "ctsft-test-out" / "run"
+    rc, err = _run([*argv, "--out", str(out)], capsys)
+    assert rc == 2 and "not a writable folder" in err and "choose another" in err, err
+    _one_line(err)
+    assert not out.parent.exists()
+
+
+def test_a_non_integer_seed_in_an_experiment_config_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "exp"
+    config = tmp_path / "bad.toml"
+    config.write_text(f'[experiment]\nmodel = "tiny"\ntargets = ["javanese"]\nseeds = ["a"]\nout = "{out.as_posix()}"\n')
+    rc, err = _run(["experiment", "--config", str(config)], capsys)
+    assert rc == 2 and "experiment.seeds[0] must be an integer, got 'a'" in err, err
+    _one_line(err)
+    assert not out.exists()
+
+
+def test_eval_refuses_a_prompt_longer_than_the_context_before_scoring_any(tmp_path, capsys, monkeypatch):
+    import csv
+    import importlib
+
+    evaluate_module = importlib.import_module("ctsft_lens.evaluate")  # the package exports a function of that name
+    folder = tmp_path / "nusax" / "indonesian"
+    folder.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+            rows = csv.writer(f)
+            rows.writerow(["id", "text", "label"])
+            rows.writerows([i, "bagus sekali", ("positive", "negative", "neutral")[i % 3]] for i in range(6))
+            if split == "test":
+                rows.writerow([99, " ".join(["kata"] * 600), "neutral"])  # far beyond tiny's 256 tokens
+    monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("scored before the check"))
+    out = tmp_path / "o"
+    rc, err = _run(["eval", "--model", "tiny", "--data-dir", str(tmp_path / "nusax"), "--out", str(out)], capsys)
+    assert rc == 2 and "1 prompt(s) are longer than the model's context of 256 tokens" in err, err
+    assert "indonesian/test/99" in err and "shorten or drop them" in err
+    _one_line(err)
+    assert not out.exists()
+
+
+def test_a_model_folder_whose_config_disagrees_with_its_weights_is_one_line(tmp_path, capsys):
+    from ctsft_lens.models import load_model, save_model
+
+    folder = save_model(load_model("tiny"), tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_attention_heads"] == 8
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 7}))
+    out = tmp_path / "o"
+    rc, err = _run(["eval", "--model", str(folder), "--out", str(out)], capsys)
+    assert rc == 2 and "config.json disagrees with the weights" in err and "num_attention_heads=7" in err, err
+    assert "fix config.json or re-save the model" in err
+    _one_line(err)
+    assert not out.exists()
+
+
+def _documented_commands() -> list[tuple[str, str, str]]:
+    """(file, subcommand, rest of the line) of every ``ctsft <command> ...`` in README.md and docs/."""
+    import re
+
+    root = FIXTURES.parents[1]
+    found = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", path.read_text(encoding="utf-8"))  # shell line continuations
+        for m in re.finditer(r"(?<![\w/.-])ctsft ([a-z][\w-]*)([^`\n|]*)", text):
+            found.append((path.name, m.group(1), m.group(2)))
+    return found
+
+
+def test_the_docs_pass_only_flags_the_commands_have(capsys):
+    """The parser (and the tables generated from it) is the one source of flags: every command in
+    the prose of README.md and docs/ uses flags its subcommand has (docs/cli.md once passed
+    --save-model to competence, which always saves the model)."""
+    import re
+
+    from ctsft_lens.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    top = {s for a in parser._actions for s in a.option_strings}
+    commands = _documented_commands()
+    assert any(cmd == "competence" for _, cmd, _ in commands)  # the scan sees the typical session
+    bad = []
+    for name, cmd, rest in commands:
+        if cmd not in sub.choices:
+            continue  # prose such as "ctsft is ...", not a command line
+        known = top | {s for a in sub.choices[cmd]._actions for s in a.option_strings}
+        bad += [f"{name}: ctsft {cmd} {flag}" for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest)
+                if flag not in known]
+    assert not bad, bad
+    rc, err = _run(["competence", "--model", "tiny", "--save-model", "--out", "x"], capsys)
+    assert rc == 2 and "ctsft competence" in err and "--save-model" in err and "OUT/model" in err, err
+    _one_line(err)

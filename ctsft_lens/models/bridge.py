@@ -95,6 +95,52 @@ def _check_folder(path: Path) -> None:
         raise ModelLoadError(f"{path} has config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
 
 
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a folder's safetensors checkpoint, read from the file headers (no weights
+    loaded); empty for a ``pytorch_model.bin`` checkpoint or an unreadable header."""
+    index = path / "model.safetensors.index.json"
+    try:
+        files = (sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+                 if index.exists() else ["model.safetensors"])
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            with open(path / name, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 1 << 28:
+                    return {}
+                header = json.loads(f.read(size))
+            shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+        return shapes
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # not safetensors, or damaged: from_pretrained reports it
+
+
+def _check_config_matches_weights(path: Path) -> None:
+    """Every checkpoint tensor has the shape config.json gives it (built on the meta device: no
+    memory): a config that says 7 heads for 8-head weights is one line, not transformers' report."""
+    shapes = _checkpoint_shapes(path)
+    if not shapes:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception:  # noqa: BLE001 -- an unusual config: from_pretrained below reports it
+        return
+    bad = [(k, got, expected[k]) for k, got in shapes.items() if k in expected and got != expected[k]]
+    if bad:
+        key, got, want = bad[0]
+        fields = ", ".join(f"{f}={getattr(config, f)}" for f in ("num_attention_heads", "num_key_value_heads",
+                                                                   "hidden_size", "head_dim", "n_head", "n_embd")
+                           if getattr(config, f, None) is not None)
+        raise ModelLoadError(f"{path}: config.json disagrees with the weights: {key} is {list(got)} in the checkpoint "
+                             f"but {list(want)} by config.json ({fields}; {len(bad)} tensors differ); fix "
+                             "config.json or re-save the model")
+
+
 def _cached_on_hub(name: str) -> bool:
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -117,6 +163,7 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.exists():
         _check_folder(path)
+        _check_config_matches_weights(path)
         source = str(path)
     else:
         name = str(name_or_path)
