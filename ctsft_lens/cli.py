@@ -502,7 +502,8 @@ def _add_discover(sub: Any) -> None:
     p.add_argument("--n-examples", type=_positive, default=30, help="label-balanced train examples; default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
     p.add_argument("--baseline", default="mean", choices=list(BASELINES), help="source baseline; default: %(default)s")
-    p.add_argument("--attention", default="cdt", choices=list(ATTENTION_RULES), help="attention rule; default: %(default)s")
+    p.add_argument("--attention", default=None, choices=list(ATTENTION_RULES),
+                   help="CD-T attention rule, overriding the rule set's (--decomposition); default: the rule set's")
     p.add_argument("--aggregate", default="sum", choices=list(AGGREGATES),
                    help="depth >= 1: combine a head's relevance to several targets by their sum (public CD-T) "
                         "or max; default: %(default)s")
@@ -521,13 +522,21 @@ def _add_discover(sub: Any) -> None:
 
 
 def _add_stability(p: Any) -> None:
-    from ctsft_lens.cdt.decompose import DECOMPOSITIONS, DEFAULT_DECOMPOSITION
+    from ctsft_lens.cdt.rules import CHOICES, DEFAULT_PRESET, PRESETS, resolve
 
-    p.add_argument("--decomposition", default=DEFAULT_DECOMPOSITION, choices=list(DECOMPOSITIONS),
-                   help="CD-T propagation rule (docs/method.md); default: %(default)s")
-    p.add_argument("--bias-o", default="share", choices=list(BIAS_O),
+    def rule_set(value: str) -> str:
+        try:
+            resolve(value)
+        except CtsftError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    p.add_argument("--decomposition", default=DEFAULT_PRESET, type=rule_set, metavar="RULES",
+                   help=f"CD-T rule set (docs/method.md §2): one of {', '.join(PRESETS)}, optionally followed by "
+                        f"overrides 'preset,field=rule' with fields {', '.join(CHOICES)}; default: %(default)s")
+    p.add_argument("--bias-o", default=None, choices=list(BIAS_O),
                    help="attention output bias at the source layer: shared by |beta|:|gamma| (public CD-T code) or "
-                        "all to gamma (ctsft_lens 0.1); default: %(default)s")
+                        "all to gamma; default: the rule set's bias rule")
     p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
                    help="fail when a head's CD-T decomposition is unstable (else warn and record it); default: strict")
     p.add_argument("--streams", default="beta", choices=list(STREAMS),

@@ -56,6 +56,16 @@ def _ln(b, g, t, weight, bias, eps):
             (t - mean) / std * weight + bias)
 
 
+def _normalize(b, g):
+    """The public code's ``normalize_rel_irrel``: where β and γ differ in sign, the larger takes the total."""
+    conflict = b * g < 0
+    b_wins = conflict & (b.abs() >= g.abs())
+    g_wins = conflict & ~b_wins
+    t = b + g
+    return (torch.where(b_wins, t, torch.where(g_wins, torch.zeros_like(t), b)),
+            torch.where(g_wins, t, torch.where(b_wins, torch.zeros_like(t), g)))
+
+
 def _gelu(x):
     return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
@@ -67,8 +77,13 @@ def _softmax_causal(scores):
 
 
 @torch.no_grad()
-def reference_scores(model, ids: list[int], source: tuple[int, int], direction: torch.Tensor) -> tuple[float, float]:
-    """(projection, magnitude) of ``source`` for the logits at the last token: zero baseline, CD-T rule."""
+def reference_scores(model, ids: list[int], source: tuple[int, int], direction: torch.Tensor,
+                     normalize: bool = False) -> tuple[float, float]:
+    """(projection, magnitude) of ``source`` for the logits at the last token: zero baseline, CD-T rule.
+
+    ``normalize``: ``normalize_rel_irrel`` where adelaidehsu/CD_Circuit's ``prop_GPT_layer`` applies
+    it: after the MLP input linear (before GELU), after the MLP output linear and after the MLP
+    residual add."""
     p = hf_params(model)
     cfg = model.original_model.config
     d, n_heads, eps = cfg.n_embd, cfg.n_head, cfg.layer_norm_epsilon
@@ -105,9 +120,15 @@ def reference_scores(model, ids: list[int], source: tuple[int, int], direction: 
         b, g, t = b + ab, g + ag, t + at
         xb, xg, xt = _ln(b, g, t, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)
         hb, hg, ht = _lin(xb, xg, xt, p[pre + "mlp.c_fc.weight"], p[pre + "mlp.c_fc.bias"])
+        if normalize:
+            hb, hg = _normalize(hb, hg)
         hb, hg, ht = _gelu(hb + hg) - _gelu(hg), _gelu(hg), _gelu(ht)
         mb, mg, mt = _lin(hb, hg, ht, p[pre + "mlp.c_proj.weight"], p[pre + "mlp.c_proj.bias"])
+        if normalize:
+            mb, mg = _normalize(mb, mg)
         b, g, t = b + mb, g + mg, t + mt
+        if normalize:
+            b, g = _normalize(b, g)
     fb, fg, _ = _ln(b, g, t, p["transformer.ln_f.weight"], p["transformer.ln_f.bias"], eps)
     w_u = p["lm_head.weight"]  # [vocab, d], tied to the embedding
     projection = float(fb[-1] @ direction)
@@ -115,12 +136,15 @@ def reference_scores(model, ids: list[int], source: tuple[int, int], direction: 
     return projection, magnitude
 
 
-def test_logit_relevance_matches_plain_reference(gpt2, examples):
+@pytest.mark.parametrize("preset", ["legacy", "cdt-paper"])
+def test_logit_relevance_matches_plain_reference(gpt2, examples, preset):
+    """The public code's rules (``legacy``: ``--normalize off``; ``cdt-paper``: the clean-up at
+    ``prop_GPT_layer``'s places) against the plain re-implementation above."""
     batch = encode(gpt2, examples)
     directions = task_directions(gpt2, batch.label_token_ids)
-    proj = head_relevance(gpt2, examples, scoring="projection", baseline="zero", attention="cdt",
+    proj = head_relevance(gpt2, examples, scoring="projection", baseline="zero", decomposition=preset,
                           batch_size=3, progress=False)
-    mag = head_relevance(gpt2, examples, scoring="magnitude", baseline="zero", attention="cdt",
+    mag = head_relevance(gpt2, examples, scoring="magnitude", baseline="zero", decomposition=preset,
                          batch_size=3, progress=False)
     assert proj.per_example.shape == (1, 3, 3, 8) and not proj.per_example.isnan().any()
     ref_p = torch.zeros(3, 3, 8)
@@ -130,7 +154,7 @@ def test_logit_relevance_matches_plain_reference(gpt2, examples):
         for layer in range(3):
             for head in range(8):
                 ref_p[i, layer, head], ref_m[i, layer, head] = reference_scores(
-                    gpt2, ids, (layer, head), directions[ex.label])
+                    gpt2, ids, (layer, head), directions[ex.label], normalize=preset == "cdt-paper")
     torch.testing.assert_close(proj.per_example[0], ref_p, rtol=1e-3, atol=1e-4 * ref_p.abs().max().item())
     torch.testing.assert_close(mag.per_example[0], ref_m, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(proj.mean[0], ref_p.mean(0), rtol=1e-3, atol=1e-4 * ref_p.abs().max().item())

@@ -172,8 +172,8 @@ def test_beta_carries_everything_when_gamma_is_zero(arch, examples):
     fake["blocks.0.attn.hook_result"] = result
     fake["blocks.0.hook_resid_pre"] = torch.zeros_like(mid)
     seen: dict = {}
-    health = propagate(model, fake, batch.attention_mask, [Source(0, 1)], attention_rule="cdt",
-                       emit=lambda n, x: seen.__setitem__(n, x), streams="both")
+    health = propagate(model, fake, batch.attention_mask, [Source(0, 1)], decomposition="legacy",
+                       emit=lambda n, x: seen.__setitem__(n, x), streams="both")  # frozen norms: β = x stays x
     assert (health.recon < 1e-5).all()
     real = batch.attention_mask.bool()
     seen["unembed.hook_out"] = unembed(model, seen["ln_final.hook_out"])
@@ -362,4 +362,4 @@ def test_operations_without_a_rule_raise(monkeypatch, examples):
     rules = importlib.import_module("ctsft_lens.cdt.decompose")  # the module, not the function of that name
     monkeypatch.setattr(rules, "sliding_windows", lambda model: [2] * model.cfg.n_layers)
     with pytest.raises(UnsupportedOperationError, match="outside the causal / sliding-window mask"):
-        decompose(llama, batch, [Source(0, 1)], ["ln_final.hook_out"])
+        decompose(llama, batch, [Source(0, 1)], ["ln_final.hook_out"], decomposition="cdt-paper")  # the β-pattern rule
