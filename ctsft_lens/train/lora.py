@@ -31,7 +31,8 @@ import torch
 from ctsft_lens.errors import CtsftError, MaskError
 from ctsft_lens.masks import LoraSpec
 from ctsft_lens.options import KVPolicy
-from ctsft_lens.train.masking import ParamSpec, TrainableSet, _projections, trainable_specs
+from ctsft_lens.train.masking import ParamSpec, TrainableSet, trainable_specs
+from ctsft_lens.train.projections import projections
 
 
 def _peft() -> Any:
@@ -48,7 +49,7 @@ def lora_targets(model: Any, targets: tuple[str, ...] = ("q", "k", "v", "o")) ->
     names = {id(m): n for n, m in model.original_model.named_modules()}
     out = []
     for layer in range(int(model.cfg.n_layers)):
-        for proj, mod in _projections(model, layer).items():
+        for proj, mod in projections(model, layer).items():
             if proj in targets:
                 if id(mod) not in names:
                     raise MaskError(f"blocks.{layer}.attn.{proj} is not a module of the HF model: LoRA cannot target it")

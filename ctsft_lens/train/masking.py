@@ -44,6 +44,7 @@ from ctsft_lens.errors import MaskError
 from ctsft_lens.masks import HeadMask, SparseSpec
 from ctsft_lens.models.architectures import architecture
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check
+from ctsft_lens.train.projections import projections as _projections  # shared with train.lora
 
 
 @dataclass
@@ -66,20 +67,6 @@ def _clean(name: str) -> str:
 
 def _is_norm(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
-
-
-def _projections(model: Any, layer: int) -> dict[str, torch.nn.Module]:
-    """The HF modules behind ``blocks.L.attn.{q,k,v,o}`` (GPT-2: bridge-made Linear views)."""
-    attn = model.blocks[layer].attn
-    out = {}
-    for proj in "qkvo":
-        sub = getattr(attn, proj, None)
-        mod = getattr(sub, "original_component", None)
-        if mod is None or getattr(mod, "weight", None) is None:
-            raise MaskError(f"blocks.{layer}.attn has no '{proj}' projection: head masking supports "
-                            "attention with q/k/v/o projections only")
-        out[proj] = mod
-    return out
 
 
 def _head_axis(model: Any, proj: str) -> int:
@@ -333,20 +320,3 @@ def _zero_outside(mask: torch.Tensor):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         return grad.masked_fill(~mask, 0.0)
     return hook
-
-
-def apply_head_mask(model: Any, head_mask: Any, kv: KVPolicy = "never") -> Any:
-    """Freeze everything a variant does not train and hook the partly trainable tensors.
-
-    ``head_mask=None``: full fine-tuning; ``circuit.none_mask(info)`` (no heads): norms only; a
-    :class:`~ctsft_lens.masks.SparseSpec`: random-sparse elements; a
-    :class:`~ctsft_lens.masks.LoraSpec`: PEFT LoRA layers (:class:`~ctsft_lens.train.lora.LoraTraining`,
-    same interface, merged on exit).
-    """
-    from ctsft_lens.masks import LoraSpec
-
-    if isinstance(head_mask, LoraSpec):
-        from ctsft_lens.train.lora import LoraTraining
-
-        return LoraTraining(model, head_mask, kv)
-    return GradientMask(model, head_mask, kv)

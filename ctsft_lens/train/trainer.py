@@ -34,7 +34,7 @@ from ctsft_lens.masks import HeadMask, LoraSpec, SparseSpec
 from ctsft_lens.errors import ConfigError
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check_value
 from ctsft_lens.tasks.base import Example
-from ctsft_lens.train.masking import apply_head_mask
+from ctsft_lens.train.views import apply_head_mask
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
