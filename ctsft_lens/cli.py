@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ctsft_lens.options import (AGGREGATES, ATTENTION_RULES, BASELINES, BIAS_O, MEAN_OVER, MEAN_POSITIONS, PROTOCOLS,
-                                SPLITS, STREAMS)
+from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, SPLITS
 
 from ctsft_lens.errors import CLIError, CtsftError
 
@@ -207,6 +206,60 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------
 # competence / train (one fine-tuning run each; see ctsft_lens.train)
 # --------------------------------------------------------------------------------------------
+def _add_field_flag(p: argparse.ArgumentParser, f: Any, tp: Any, *, validate: Callable[[str, Any], None] | None = None,
+                    flags: tuple[str, ...] | None = None, more_help: str = "", **kw: Any) -> None:
+    """One flag for a config dataclass field: type, choices and default from its annotation, help from its
+    metadata (``flag``, ``metavar`` too; ``more_help`` appended); ``validate(name, value)`` checks a parsed value (a bad one is a
+    one-line usage error); ``kw`` overrides any argparse setting."""
+    import dataclasses
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    optional = type(None) in typing.get_args(tp)
+    inner = args[0] if optional and len(args) == 1 else tp
+    spec: dict[str, Any] = {}
+    if tp is bool:
+        spec["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(inner) is typing.Literal:
+        spec["choices"] = list(typing.get_args(inner))
+    elif typing.get_origin(inner) is tuple and typing.get_args(inner)[-1] is Ellipsis:
+        spec["type"] = _positions
+    elif typing.get_origin(inner) is tuple:
+        spec.update(type=typing.get_args(inner)[0], nargs=len(typing.get_args(inner)))
+    elif inner in (int, float, str):
+        spec["type"] = _optional(inner) if optional else inner
+    else:  # a union such as ``str | Rules``: the text form
+        spec["type"] = str
+    if validate is not None and "type" in spec:
+        spec["type"] = _checked_type(f.name, spec["type"], validate)
+    if f.metadata.get("metavar"):
+        spec["metavar"] = f.metadata["metavar"]
+    spec["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    spec["dest"] = _dest(f)
+    spec.update(kw)
+    if "help" not in kw:  # a flag that collects values (default None) shows the field's default
+        shown = "%(default)s" if spec.get("default") is not None or f.default is None else str(f.default)
+        spec["help"] = f.metadata.get("help", "") + more_help + f"; default: {shown}"
+    p.add_argument(*(flags or (f.metadata.get("flag") or f"--{f.name.replace('_', '-')}",)), **spec)
+
+
+def _dest(f: Any) -> str:
+    """The namespace attribute of a field's flag: the flag's name (``--source-positions``: source_positions)."""
+    return (f.metadata.get("flag") or f.name).lstrip("-").replace("-", "_")
+
+
+def _checked_type(name: str, parse: Callable[[str], Any], validate: Callable[[str, Any], None]) -> Callable[[str], Any]:
+    def typed(text: str) -> Any:
+        value = parse(text)
+        try:
+            validate(name, value)
+        except CtsftError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+    typed.__name__ = getattr(parse, "__name__", name)
+    return typed
+
+
 def _add_train_config(p: argparse.ArgumentParser) -> None:
     """One flag per field of ``TrainConfig`` (``--lr``, ``--grad-accum``...), help from its metadata."""
     import dataclasses
@@ -216,19 +269,40 @@ def _add_train_config(p: argparse.ArgumentParser) -> None:
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        tp, kw = hints[f.name], {}
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) is typing.Literal:
-            kw["choices"] = list(typing.get_args(tp))
-        elif typing.get_origin(tp) is tuple:
-            kw.update(type=typing.get_args(tp)[0], nargs=len(typing.get_args(tp)))
-        else:
-            kw["type"] = _optional(args[0]) if type(None) in typing.get_args(tp) else tp
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        p.add_argument(f"--{f.name.replace('_', '-')}", default=default, **kw,
-                       help=f.metadata.get("help", "") + "; default: %(default)s")
+        _add_field_flag(p, f, hints[f.name])
+
+
+def _add_discovery_config(p: argparse.ArgumentParser, command: str, **overrides: dict[str, Any]) -> None:
+    """One flag per field of ``DiscoveryConfig`` that ``command`` shows (the field's ``cli`` metadata),
+    help from its metadata, each value checked as the config checks it; ``overrides``: argparse
+    settings by field name. ``scoring`` takes the registry's names and repeats."""
+    import dataclasses
+    import typing
+
+    from ctsft_lens.discovery_config import DiscoveryConfig, cli_fields
+    from ctsft_lens.scoring import HEAD_SCORINGS
+
+    def validate(name: str, value: Any) -> None:
+        dataclasses.replace(DiscoveryConfig(), **{name: value})
+
+    hints = typing.get_type_hints(DiscoveryConfig)
+    for f in cli_fields(command):
+        kw = dict(overrides.get(f.name, {}))
+        if f.name == "scoring":
+            kw = {"action": "append", "choices": list(HEAD_SCORINGS), "default": None, **kw}
+        _add_field_flag(p, f, hints[f.name], validate=validate, **kw)
+
+
+def _discovery_config(args: argparse.Namespace, command: str) -> Any:
+    """The ``DiscoveryConfig`` of the flags :func:`_add_discovery_config` declared (``scoring``: the first
+    given; the commands read the whole list)."""
+    from ctsft_lens.discovery_config import DiscoveryConfig, cli_fields
+
+    values = {f.name: getattr(args, _dest(f)) for f in cli_fields(command) if f.name != "scoring"}
+    scorings = getattr(args, "scoring", None)
+    if scorings:
+        values["scoring"] = scorings[0]
+    return DiscoveryConfig(**values)
 
 
 def _optional(tp: type) -> Callable[[str], Any]:
@@ -490,72 +564,27 @@ def _add_discover(sub: Any) -> None:
     p = sub.add_parser("discover", help="find a circuit of attention heads with CD-T and backward expansion")
     _add_model(p)
     _add_task(p)
-    from ctsft_lens.scoring import HEAD_SCORINGS
-
-    p.add_argument("--scoring", action="append", default=None, choices=list(HEAD_SCORINGS),
-                   help="projection / magnitude: CD-T; attribution, attribution-ig, patching: total effect on the "
-                        "logit difference (docs/method.md); repeat it for several circuits (the CD-T ones share "
-                        "one propagation; --out is then a folder of circuit_<scoring>.json); default: projection")
-    p.add_argument("--ig-steps", type=int, default=5, help="integration steps of --scoring attribution-ig; default: %(default)s")
-    p.add_argument("--max-depth", type=int, default=2, help="expansion steps after the logits; default: %(default)s")
-    p.add_argument("--ratio", type=float, default=0.02, help="share of all heads kept per depth (at least one); default: %(default)s")
-    p.add_argument("--n-examples", type=_positive, default=30, help="label-balanced train examples; default: %(default)s")
+    _add_discovery_config(p, "discover", scoring={"more_help": "; repeat it for several circuits (the CD-T ones share "
+                                                                "one propagation; --out is then a folder of "
+                                                                "circuit_<scoring>.json)"})
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
-    p.add_argument("--baseline", default="mean", choices=list(BASELINES), help="source baseline; default: %(default)s")
-    p.add_argument("--attention", default=None, choices=list(ATTENTION_RULES),
-                   help="CD-T attention rule, overriding the rule set's (--decomposition); default: the rule set's")
-    p.add_argument("--aggregate", default="sum", choices=list(AGGREGATES),
-                   help="depth >= 1: combine a head's relevance to several targets by their sum (public CD-T) "
-                        "or max; default: %(default)s")
-    p.add_argument("--mean-over", default="pool", choices=list(MEAN_OVER),
-                   help="head means over the discovery examples, or only the correctly answered ones; default: %(default)s")
-    p.add_argument("--mean-n", type=_positive, default=None,
-                   help="with --mean-over correct: this many label-balanced examples (paper: 50; default: all correct)")
     p.add_argument("--batch-size", type=_positive, default=8, help="examples per forward; default: %(default)s")
     p.add_argument("--memory-gb", type=float, default=None,
                    help="memory budget for propagating sources x examples at once (default: 70%% of free CUDA "
                         "memory on a GPU, 2 GiB elsewhere)")
-    _add_stability(p)
     p.add_argument("--out", default="runs/discover/circuit.json",
                    help="circuit JSON file (or a folder, then <folder>/circuit.json); default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_stability(p: Any) -> None:
-    from ctsft_lens.cdt.rules import CHOICES, DEFAULT_PRESET, PRESETS, resolve
-
-    def rule_set(value: str) -> str:
-        try:
-            resolve(value)
-        except CtsftError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return value
-
-    p.add_argument("--decomposition", default=DEFAULT_PRESET, type=rule_set, metavar="RULES",
-                   help=f"CD-T rule set (docs/method.md §2): one of {', '.join(PRESETS)}, optionally followed by "
-                        f"overrides 'preset,field=rule' with fields {', '.join(CHOICES)}; default: %(default)s")
-    p.add_argument("--bias-o", default=None, choices=list(BIAS_O),
-                   help="attention output bias at the source layer: shared by |beta|:|gamma| (public CD-T code) or "
-                        "all to gamma; default: the rule set's bias rule")
-    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
-                   help="fail when a head's CD-T decomposition is unstable (else warn and record it); default: strict")
-    p.add_argument("--streams", default="beta", choices=list(STREAMS),
-                   help="CD-T: push beta only, gamma = real - beta (fast), or both streams (the reference); "
-                        "default: %(default)s")
-    p.add_argument("--source-positions", type=_positions, default=None, metavar="P[,P...]",
-                   help="limit every source head to these prompt tokens, negative from the end (e.g. -1: the "
-                        "last token; CD-T then starts there); default: every token")
-
-
 def _cmd_discover(args: argparse.Namespace) -> None:
     from ctsft_lens.batching import check_fit
-    from ctsft_lens.cdt import discover_circuits
+    from ctsft_lens.discovery import discover_circuits
     from ctsft_lens.circuit import head_name, save_circuit
     from ctsft_lens.files import writable_folder
     from ctsft_lens.tasks import load_task
 
-    if args.max_depth < 0 or not 0 < args.ratio <= 1 or args.ig_steps < 1:
-        raise CLIError("--max-depth must be >= 0, --ratio in (0, 1] and --ig-steps >= 1")
+    config = _discovery_config(args, "discover")
     scorings = list(dict.fromkeys(args.scoring or ["projection"]))
     if len(scorings) != len(args.scoring or ["projection"]):
         raise CLIError(f"a --scoring is given twice: {' '.join(args.scoring)}")
@@ -577,12 +606,9 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     from ctsft_lens.cdt.decompose import UnstableDecompositionError
 
     try:
-        circuits = discover_circuits(model, examples, scorings=scorings, ratio=args.ratio, max_depth=args.max_depth,
-                           baseline=args.baseline, attention=args.attention, aggregate=args.aggregate,
-                           reference=reference, batch_size=args.batch_size, memory_gb=args.memory_gb,
-                           ig_steps=args.ig_steps, decomposition=args.decomposition, bias_o=args.bias_o,
-                           strict=args.strict, streams=args.streams, positions=args.source_positions,
-                           progress=not args.no_progress)
+        circuits = discover_circuits(model, examples, config, scorings=scorings, reference=reference,
+                                     batch_size=args.batch_size, memory_gb=args.memory_gb,
+                                     progress=not args.no_progress)
     except UnstableDecompositionError as err:
         raise CLIError(f"{err} Rerun with --no-strict to record them in the circuit file and go on.") from None
     from ctsft_lens.distributed import is_main
@@ -723,15 +749,14 @@ def _add_compare(sub: Any) -> None:
                                        "bootstrap intervals, rank correlations, cost")
     _add_model(p)
     _add_task(p)
-    p.add_argument("--method", action="append", required=True, choices=list(HEAD_SCORINGS),
-                   help="a head scoring; repeat to compare (the first is the reference of the CPR differences)")
+    _add_discovery_config(p, "compare", scoring={
+        "flags": ("--method", "--scoring"), "dest": "method", "required": True,
+        "help": "a head scoring; repeat to compare (the first is the reference of the CPR differences)"})
     p.add_argument("--n-discovery", type=int, default=24, help="label-balanced train examples the methods score on; default: %(default)s")
     p.add_argument("--n-eval", type=int, default=90, help="label-balanced evaluation examples; default: %(default)s")
     p.add_argument("--split", default="test", choices=list(SPLITS),
                    help="evaluation split (NusaX valid holds only 24 neutral examples); default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="example sampling seed; default: %(default)s")
-    p.add_argument("--ig-steps", type=int, default=5, help="integration steps of attribution-ig; default: %(default)s")
-    p.add_argument("--heads-per-forward", type=int, default=8, help="heads sharing a forward in patching; default: %(default)s")
     p.add_argument("--batch-size", type=int, default=8, help="discovery examples per forward; default: %(default)s")
     p.add_argument("--eval-batch-size", type=int, default=32, help="evaluation examples per forward; default: %(default)s")
     p.add_argument("--positions", default="pooled", choices=list(MEAN_POSITIONS),
@@ -753,8 +778,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from ctsft_lens.files import atomic_write_text, writable_folder
     from ctsft_lens.tasks import load_task
 
-    if min(args.n_discovery, args.n_eval, args.ig_steps, args.heads_per_forward, args.batch_size,
-           args.eval_batch_size, args.n_boot) < 1 or args.seeds < 0 or args.points < 2:
+    if min(args.n_discovery, args.n_eval, args.batch_size, args.eval_batch_size, args.n_boot) < 1 or args.seeds < 0 or args.points < 2:
         raise CLIError("counts must be >= 1 (--seeds >= 0, --points >= 2)")
     if args.png and importlib.util.find_spec("kaleido") is None:
         raise CLIError("--png needs the optional 'kaleido' package: pip install 'ctsft_lens[png]' (or drop --png)")
@@ -764,8 +788,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     writable_folder(args.out)
     model = _load(args)
     n_total = int(model.cfg.n_layers) * int(model.cfg.n_heads)
-    result = compare_methods(model, discovery, evaluation, args.method, ig_steps=args.ig_steps,
-                             heads_per_forward=args.heads_per_forward, sizes=size_grid(n_total, args.points, args.max_size),
+    result = compare_methods(model, discovery, evaluation, args.method, _discovery_config(args, "compare"), sizes=size_grid(n_total, args.points, args.max_size),
                              seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,
                              eval_batch_size=args.eval_batch_size, positions=args.positions, protocol=args.protocol,
                              progress=not args.no_progress)

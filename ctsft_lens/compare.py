@@ -23,8 +23,8 @@ from jaxtyping import Float
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches, by_length
-from ctsft_lens.cdt.relevance import SCORERS, head_relevances
 from ctsft_lens.circuit import rank_heads
+from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
                                      random_band, size_grid)
@@ -32,7 +32,7 @@ from ctsft_lens.forward import attn_results, label_logits
 from ctsft_lens.means import head_means
 from ctsft_lens.mib import MibCurve, mib_curve
 from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, MeanPositions, Protocol, check
-from ctsft_lens.scoring import HEAD_SCORINGS
+from ctsft_lens.scoring import HEAD_SCORINGS, relevances
 from ctsft_lens.tasks.base import Example
 
 
@@ -307,13 +307,17 @@ def judge_tables(ab: MeanAblation, tables: dict[str, torch.Tensor], sizes: Seque
 
 
 def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequence[Example], methods: Sequence[str],
-                    *, ig_steps: int = 5, heads_per_forward: int = 8, sizes: Sequence[int] | None = None,
+                    config: DiscoveryConfig | None = None, *, sizes: Sequence[int] | None = None,
                     seeds: Sequence[int] = (0, 1, 2, 3, 4), n_boot: int = 1000, boot_seed: int = 0,
                     batch_size: int = 8, eval_batch_size: int = 32, positions: MeanPositions = "pooled",
-                    protocol: Protocol = "ours", progress: bool = True) -> Comparison:
+                    protocol: Protocol = "ours", progress: bool = True, **options: Any) -> Comparison:
     """Score heads with each of ``methods`` (keys of ``scoring.HEAD_SCORINGS``) on ``discovery`` and
-    judge every ranking on ``evaluation`` (see the module docstring). ``protocol="mib"`` adds MIB's
-    CPR / CMD (``ctsft_lens.mib``) per method."""
+    judge every ranking on ``evaluation`` (see the module docstring). The scoring options are the
+    fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`: ``ig_steps``,
+    ``heads_per_forward``, the CD-T rule set...; keyword ``options`` override them; its ``scoring``
+    is not read: ``methods`` are the scorings). ``positions``: the evaluation head means, pooled or
+    at the last token. ``protocol="mib"`` adds MIB's CPR / CMD (``ctsft_lens.mib``) per method."""
+    config = discovery_config(config, **options)
     methods = list(methods)
     if not methods:
         raise CtsftError("give at least one method")
@@ -337,10 +341,12 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     tables: dict[str, torch.Tensor] = {}
     per_example: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    shared = [m for m in methods if m in SCORERS] if sum(m in SCORERS for m in methods) > 1 else []
+    cdt = [m for m in methods if HEAD_SCORINGS[m].cdt]
+    shared = cdt if len(cdt) > 1 else []
+    run = dict(means=means, batch_size=batch_size, progress=progress)
     if shared:  # the CD-T scorings read one propagation: each is charged the whole pass
         start = time.perf_counter()
-        rels = head_relevances(model, discovery, scorings=shared, means=means, batch_size=batch_size, progress=progress)
+        rels = relevances(model, discovery, config, scorings=shared, **run)
         elapsed = time.perf_counter() - start
         for name in shared:
             seconds[name] = elapsed
@@ -348,8 +354,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
             tables[name] = per_example[name].mean(0)
     for name in (m for m in methods if m not in shared):
         start = time.perf_counter()
-        per = HEAD_SCORINGS[name].per_example(model, discovery, means=means, batch_size=batch_size, progress=progress,
-                                              ig_steps=ig_steps, heads_per_forward=heads_per_forward)
+        per = relevances(model, discovery, config, scorings=(name,), **run)[name].per_example[0]
         seconds[name] = time.perf_counter() - start
         tables[name], per_example[name] = per.mean(0), per
 
@@ -363,7 +368,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
                for name, j in judged.items()}
     band_random = random_band(ab, sizes, seeds) if seeds else None
     rho = {a: {b: spearman(tables[a], tables[b]) for b in methods} for a in methods}
-    meta = {"sizes": sizes, "ig_steps": ig_steps, "heads_per_forward": heads_per_forward, "batch_size": batch_size,
+    meta = {"sizes": sizes, "ig_steps": config.ig_steps, "heads_per_forward": config.heads_per_forward, "batch_size": batch_size,
             "eval_batch_size": eval_batch_size, "positions": positions, "protocol": protocol, "boot_seed": boot_seed,
             "torch_threads": torch.get_num_threads(), "device": str(cfg.device), "shared_cdt_pass": shared,
             "discovery_uids": [ex.uid for ex in discovery]}

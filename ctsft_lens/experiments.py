@@ -31,6 +31,7 @@ else:  # Python 3.10: the same parser, as a package (a dependency there)
 from ctsft_lens.errors import ConfigError, CtsftError
 from ctsft_lens.files import (atomic_dir, cached, stage_key, verify_checksums, writable_folder, write_checksums,
                               write_json)
+from ctsft_lens.discovery_config import DiscoveryConfig  # re-exported: it lived here
 from ctsft_lens.options import check_value
 from ctsft_lens.train.trainer import TrainConfig
 
@@ -80,33 +81,6 @@ class StageConfig:
         """The stage one variant trains with: its own learning rate, if ``lr_by_variant`` names it."""
         lr = self.lr_by_variant.get(variant, self.train.lr)
         return dataclasses.replace(self, train=dataclasses.replace(self.train, lr=lr), lr_by_variant={})
-
-
-@dataclass(frozen=True)
-class DiscoveryConfig:
-    """CD-T discovery on the competence checkpoint."""
-
-    scoring: str = "projection"
-    ratio: float = 0.02
-    max_depth: int = 2
-    n_examples: int = 30
-    attention: str | None = None  # CD-T attention rule; None: the rule set's (cdt.rules)
-    baseline: str = "mean"
-    aggregate: str = "sum"    # several targets at depth >= 1: "sum" (public CD-T) or "max"
-    bias_o: str | None = None  # b_O at the source layer: "share" by |β|:|γ| (public CD-T), "gamma"; None: the rule set's
-    decomposition: str = "faithful"  # CD-T rule set: a preset of cdt.rules.PRESETS, optionally ",field=rule" overrides
-    pool: str = "shared"      # discovery examples: the competence pool (paper) or "held-out" from it
-    mean_over: str = "pool"   # head means over the discovery pool, or "correct"ly answered examples only
-    mean_n: int | None = None  # with mean_over = "correct": this many (label-balanced; paper: 50)
-    depth: int | None = None  # circuit depth used for the masks (None: the deepest reached)
-    depths: tuple[int, ...] = ()  # report circuit-based variants at each of these depths (one discovery)
-
-    def search_key(self) -> dict[str, Any]:
-        """The settings the circuit depends on: the reported depth(s) are not among them."""
-        return {k: v for k, v in asdict(self).items() if k not in ("depth", "depths")}
-
-    def report_depths(self) -> tuple[int | None, ...]:
-        return self.depths or (self.depth,)
 
 
 @dataclass(frozen=True)
@@ -203,16 +177,13 @@ class ExperimentConfig:
                 if not isinstance(top[key], list):
                     raise ConfigError(f"{where}: experiment.{key} must be a list")
                 top[key] = tuple(top[key])
-        disc = dict(_checked(data.get("discovery", {}), DiscoveryConfig, where, "discovery", lists={"depths"}))
-        if "depths" in disc:
-            disc["depths"] = tuple(disc["depths"])
         if "retention" in top:
             top["retention"] = tuple(RetentionPair.parse(v, f"{where}: experiment.retention[{i}]")
                                      for i, v in enumerate(top["retention"]))
         cfg = cls(**top,
                   competence=StageConfig.from_flat(_table(data.get("competence", {}), where, "competence"),
                                                    f"{where}: competence"),
-                  discovery=DiscoveryConfig(**disc),
+                  discovery=DiscoveryConfig.from_dict(data.get("discovery", {}), f"{where}: discovery"),
                   transfer=StageConfig.from_flat(_table(data.get("transfer", {}), where, "transfer"),
                                                  f"{where}: transfer"))
         cfg.validate(where)
@@ -220,9 +191,7 @@ class ExperimentConfig:
 
     def validate(self, where: str = "config") -> None:
         """Check values before any model is loaded, naming the bad key."""
-        from ctsft_lens.cdt.relevance import SCORERS
         from ctsft_lens.masks import VARIANTS
-        from ctsft_lens.options import ATTENTION_RULES, BASELINES
         from ctsft_lens.devices import DTYPES
         from ctsft_lens.tasks import TASKS, TaskError
 
@@ -270,31 +239,14 @@ class ExperimentConfig:
             if stage.n_dev < 0 or stage.n_dev % n_labels:
                 raise ConfigError(f"{where}: {stage_name}.n_dev must be 0 (no dev selection) or a multiple of the "
                                   f"{n_labels} labels, got {stage.n_dev}")
-        d = self.discovery
-        for what, value, choices in (("scoring", d.scoring, tuple(SCORERS)), ("attention", d.attention, (None, *ATTENTION_RULES)),
-                                     ("baseline", d.baseline, BASELINES)):
-            if value not in choices:
-                raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
-        if not 0 < d.ratio <= 1:
-            raise ConfigError(f"{where}: discovery.ratio must be in (0, 1], got {d.ratio}")
-        if d.max_depth < 0 or d.n_examples < 1 or d.n_examples % n_labels:
-            raise ConfigError(f"{where}: discovery.max_depth must be >= 0 and n_examples a positive multiple of "
-                              f"the {n_labels} labels")
-        if d.depth is not None and not 0 <= d.depth <= d.max_depth:
-            raise ConfigError(f"{where}: discovery.depth must be in 0..max_depth ({d.max_depth}), got {d.depth}")
-        if any(not 0 <= x <= d.max_depth for x in d.depths) or len(set(d.depths)) < len(d.depths):
-            raise ConfigError(f"{where}: discovery.depths must be distinct depths in 0..{d.max_depth}, got {list(d.depths)}")
-        from ctsft_lens.cdt.rules import resolve as resolve_rules
-        from ctsft_lens.options import AGGREGATES, BIAS_O, MEAN_OVER, POOLS
+        d = self.discovery  # DiscoveryConfig checked its own fields; here: what needs the task or registry
+        from ctsft_lens.scoring import HEAD_SCORINGS
 
-        for what, value, choices in (("aggregate", d.aggregate, AGGREGATES), ("pool", d.pool, POOLS),
-                                     ("bias_o", d.bias_o, (None, *BIAS_O)), ("mean_over", d.mean_over, MEAN_OVER)):
-            if value not in choices:
-                raise ConfigError(f"{where}: discovery.{what} must be one of {choices}, got {value!r}")
-        try:
-            resolve_rules(d.decomposition)
-        except CtsftError as err:
-            raise ConfigError(f"{where}: discovery.decomposition: {err}") from None
+        if d.scoring not in HEAD_SCORINGS:
+            raise ConfigError(f"{where}: discovery.scoring must be one of {tuple(HEAD_SCORINGS)}, got {d.scoring!r}")
+        if d.n_examples % n_labels:
+            raise ConfigError(f"{where}: discovery.n_examples must be a positive multiple of the {n_labels} labels, "
+                              f"got {d.n_examples}")
         if d.mean_n is not None and (d.mean_n < n_labels or d.mean_n % n_labels):
             raise ConfigError(f"{where}: discovery.mean_n must be a multiple of the {n_labels} labels, got {d.mean_n}")
         if d.pool == "shared" and d.n_examples > self.competence.n_examples:
@@ -773,9 +725,7 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
             reference = correct_examples(model, _cut(config, model, pool), d.mean_n, seed=1)
         log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth}, {d.pool} pool, "
             f"means over {len(reference or examples)} {d.mean_over} examples)")
-        return discover(model, examples, scoring=d.scoring, ratio=d.ratio, max_depth=d.max_depth,
-                        attention=d.attention, baseline=d.baseline, aggregate=d.aggregate, reference=reference,
-                        bias_o=d.bias_o, decomposition=d.decomposition, progress=progress)
+        return discover(model, examples, d, reference=reference, progress=progress)
 
     def save(circuit: Any, path: Path) -> None:
         save_circuit(circuit, path)

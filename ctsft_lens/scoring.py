@@ -1,274 +1,99 @@
-"""Head scorings beside CD-T: attribution patching, its integrated-gradients form, and exact patching.
+"""Every head scoring: one registry, one signature.
 
-All three use the task metric of the faithfulness curves (``faithfulness.logit_diff``: the gold
-label's logit minus the mean of the other labels' logits at the last prompt token) and the
-label-balanced mean μ of ``means.head_means``, and score a head positive when it helps the gold
-label. They score a head's *total* effect on the metric (every path from the head to the logits,
-through later heads and MLPs).
+``HEAD_SCORINGS[name].score(model, examples, config, metric, **run)`` gives a
+:class:`~ctsft_lens.cdt.relevance.Relevance`, the per-example head tables ``[target, example,
+n_layers, n_heads]``, for CD-T's ``projection`` and ``magnitude`` (``cdt.relevance``) and the
+total-effect scorings ``attribution``, ``attribution-ig`` and ``patching`` (``total_effect``).
+``config`` is the :class:`~ctsft_lens.discovery_config.DiscoveryConfig` (each scoring reads the fields
+it uses), ``metric`` the task metric of the total-effect scorings (CD-T has none: it reads β at the
+logits); ``run`` holds how to run it (``target``, ``sources``, ``reference``, ``means``,
+``batch_size``, ``memory_gb``, ``progress``).
 
-The intervention point is each query head's ``blocks.L.attn.hook_z`` (``[batch, pos, head,
-d_head]``; with GQA one slot per query head, no K/V ungrouping). A head's output is
-``z_h W_O[h]`` (``hook_result`` has no bias), so the result-space mean μ_h of ``head_means`` is
-``μ^z_h W_O[h]`` with ``μ^z_h = μ_h W_O[h]^+`` (:func:`z_means`, exact: μ_h lies in the row
-space of ``W_O[h]``). Writing μ^z at ``hook_z`` is therefore the same intervention as writing μ
-at ``hook_result`` (what mean ablation does), without the ``[batch, pos, head, d_model]``
-per-head results.
-
-Write ``F(δ)`` for the metric with ``δ_h`` added to head h's ``hook_z`` at every position, and
-``Δ_h = μ^z_h − z_h`` (``z`` from the clean forward). Per example, summed over real positions,
-with the sign that makes a helpful head positive (``m(clean) − m(patched)``):
-
-* ``attribution``: ``−Δ_h · ∂F/∂δ_h`` at δ = 0 (the first-order estimate of the patching effect,
-  i.e. ``(μ − z)·∂m/∂z`` negated) — one forward and one backward for every head;
-* ``attribution-ig``: ``−Δ_h · mean_k ∂F/∂δ_h`` at δ = (1 − α_k) Δ, α_k = (k − ½)/steps — every
-  head moves together on the straight line from μ to z (midpoint rule); one clean forward plus
-  ``ig_steps`` forward + backward passes. Restricted to one head (``heads=[h]``) it converges to
-  that head's patching effect; over all heads the scores sum to ``F(0) − F(Δ)`` (completeness);
-* ``patching``: ``F(0) − F(Δ_h only)``, the exact effect of writing μ into head h alone: one
-  clean forward plus one forward per head, ``heads_per_forward`` heads sharing a forward along
-  the batch dimension.
-
-``HEAD_SCORINGS`` is the one registry of head scorings (CD-T's ``projection`` and ``magnitude``
-and these three); ``head_scores`` runs any of them with one signature.
+This module sits above both ``cdt/`` and ``total_effect``, and neither imports it: the ``--scoring``
+and ``compare --method`` choices, the TOML check of ``discovery.scoring``, :func:`head_relevance`,
+discovery (``ctsft_lens.discovery``) and ``compare`` all read this one dict, so every scoring is valid
+everywhere and a new scoring is one entry.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from ctsft_lens.batching import Batch, batches, check_examples
-from ctsft_lens.cdt.relevance import Relevance, head_relevance
+from ctsft_lens.cdt.relevance import SCORERS, Relevance, head_relevances
+from ctsft_lens.circuit import Head
+from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.faithfulness import Metric, logit_diff
-from ctsft_lens.forward import hook_name, run
-from ctsft_lens.means import head_means, z_means  # z_means re-exported: it lived here
+from ctsft_lens.faithfulness import Metric
+from ctsft_lens.means import head_means
+from ctsft_lens.options import check
 from ctsft_lens.tasks.base import Example
+from ctsft_lens.total_effect import (  # noqa: F401  (re-exported: they lived here)
+    attribution_ig_scores, attribution_per_example, attribution_scores, patching_per_example, patching_scores,
+    z_means,
+)
 
-Head = tuple[int, int]
-
-
-def _head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:
-    """Boolean ``[n_layers, n_heads]`` of the heads to score (all when ``heads`` is None)."""
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    if heads is None:
-        return torch.ones(n_layers, n_heads, dtype=torch.bool)
-    table = torch.zeros(n_layers, n_heads, dtype=torch.bool)
-    for layer, head in heads:
-        if not (0 <= int(layer) < n_layers and 0 <= int(head) < n_heads):
-            raise CtsftError(f"head {layer}.{head} is outside the model ({n_layers} layers x {n_heads} heads)")
-        table[int(layer), int(head)] = True
-    return table
+Target = Literal["logits", "all"] | Sequence[Head]
+Scorer = Callable[..., Relevance]
+"""``(model, examples, config, metric=None, *, target, sources, reference, means, batch_size, memory_gb,
+progress) -> Relevance``."""
 
 
-def _setup(model: Any, examples: Sequence[Example], means: torch.Tensor | None, batch_size: int,
-           progress: bool) -> tuple[torch.Tensor, list[Batch]]:
-    check_examples(examples)
-    if batch_size < 1:
-        raise CtsftError(f"batch_size must be >= 1, got {batch_size}")
-    if means is None:
-        means = head_means(model, examples, batch_size=batch_size, progress=progress)
-    return z_means(model, means).to(model.cfg.device), list(batches(model, examples, batch_size))
-
-
-def _metric(model: Any, batch: Batch, metric: Metric, fwd_hooks: list | None = None) -> torch.Tensor:
-    """Per-example metric ``[batch]`` of one forward (hooks applied)."""
-    with model.hooks(fwd_hooks=fwd_hooks or []):
-        logits = run(model, batch, last_only=True)
-    label = logits[:, -1, :][:, batch.label_token_ids.to(logits.device)]
-    return metric(label, batch.labels.to(label.device))
-
-
-def _gradient_effects(model: Any, batch: Batch, mu_z: torch.Tensor, alphas: Sequence[float],
-                      select: torch.Tensor, metric: Metric) -> torch.Tensor:
-    """``−Δ_h · mean_α ∂F/∂δ_h`` at ``δ = (1 − α) Δ`` on the selected heads: ``[batch, n_layers, n_heads]``."""
-    cfg = model.cfg
-    n_layers = int(cfg.n_layers)
-    names = [hook_name(layer, "attn.hook_z") for layer in range(n_layers)]
-    device = cfg.device
-    sel = select.to(device)
-    real = batch.attention_mask.to(device).to(torch.float32)[:, :, None]  # [B, P, 1]
-    clean: dict[int, torch.Tensor] = {}
-    if any(a != 1.0 for a in alphas):
-        with torch.no_grad():
-            _, cache = run(model, batch, names=names, last_only=True)
-        clean = {layer: cache[names[layer]].detach() for layer in range(n_layers)}
-        del cache
-    total = torch.zeros(batch.input_ids.shape[0], n_layers, int(cfg.n_heads), dtype=torch.float64)
-    for alpha in alphas:
-        leaves: dict[int, torch.Tensor] = {}
-
-        def hook(z: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
-            layer = int(hook.name.split(".")[1])
-            if layer not in clean:  # alpha == 1: this forward is the clean one
-                clean[layer] = z.detach()
-            leaf = torch.zeros_like(z, requires_grad=True)
-            leaves[layer] = leaf
-            if alpha == 1.0:
-                return z + leaf
-            shift = (1.0 - alpha) * (mu_z[layer].to(z.dtype) - clean[layer]) * sel[layer][None, None, :, None]
-            return z + shift.detach() + leaf
-
-        with torch.enable_grad():
-            m = _metric(model, batch, metric, [(n, hook) for n in names])
-            grads = torch.autograd.grad(m.sum(), [leaves[layer] for layer in range(n_layers)])
-        for layer, g in enumerate(grads):
-            away = clean[layer] - mu_z[layer].to(g.dtype)  # z − μ: [B, P, H, d_head]
-            per_head = ((away * g).sum(-1) * real).sum(1)  # [B, H]
-            total[:, layer] += (per_head * sel[layer]).double().cpu()
-    return total / len(alphas)
-
-
-def _scores(per_batch: Callable[[Batch], torch.Tensor], batch_list: list[Batch], n_examples: int,
-            select: torch.Tensor, desc: str, progress: bool) -> torch.Tensor:
-    """Per-example tables ``[example, n_layers, n_heads]``, NaN where a head was not scored."""
-    rows = [per_batch(b) for b in tqdm(batch_list, disable=not progress, desc=desc, leave=False)]
-    out = torch.cat(rows).to(torch.float32) if rows else torch.zeros(0, *select.shape)
-    assert out.shape[0] == n_examples
-    return out.masked_fill(~select[None], float("nan"))
-
-
-def attribution_per_example(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
-                            heads: Sequence[Head] | None = None, ig_steps: int | None = None,
-                            metric: Metric | None = None, batch_size: int = 8,
-                            progress: bool = True) -> Float[torch.Tensor, "example n_layers n_heads"]:
-    """``attribution`` (``ig_steps=None``) or ``attribution-ig`` scores of every example, ``[n, L, H]``."""
-    if ig_steps is not None and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
-        raise CtsftError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
-    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
-    select = _head_table(model, heads)
-    alphas = [1.0] if ig_steps is None else [(k + 0.5) / ig_steps for k in range(ig_steps)]
-    fn = metric or logit_diff
-    return _scores(lambda b: _gradient_effects(model, b, mu_z, alphas, select, fn), batch_list, len(examples),
-                   select, "attribution" if ig_steps is None else f"attribution-ig ({ig_steps} steps)", progress)
-
-
-def attribution_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
-                       heads: Sequence[Head] | None = None, metric: Metric | None = None, batch_size: int = 8,
-                       progress: bool = True) -> Float[torch.Tensor, "n_layers n_heads"]:
-    """Attribution patching: ``(μ − z)·∂m/∂z`` at each head's ``hook_z``, summed over positions,
-    averaged over examples; one forward and one backward per batch for every head."""
-    return attribution_per_example(model, examples, means=means, heads=heads, metric=metric,
-                                   batch_size=batch_size, progress=progress).mean(0)
-
-
-def attribution_ig_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
-                          ig_steps: int = 5, heads: Sequence[Head] | None = None, metric: Metric | None = None,
-                          batch_size: int = 8, progress: bool = True) -> Float[torch.Tensor, "n_layers n_heads"]:
-    """Integrated gradients on the straight line from μ to z (all heads in ``heads`` moving
-    together), ``ig_steps`` midpoint steps; ``heads=[h]`` moves that head alone."""
-    return attribution_per_example(model, examples, means=means, heads=heads, ig_steps=ig_steps, metric=metric,
-                                   batch_size=batch_size, progress=progress).mean(0)
-
-
-def patching_per_example(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
-                         heads: Sequence[Head] | None = None, metric: Metric | None = None, batch_size: int = 8,
-                         heads_per_forward: int = 8, progress: bool = True) -> Float[torch.Tensor, "example n_layers n_heads"]:
-    """``m(clean) − m(head h ← μ)`` of every example and head, ``[n, L, H]`` (NaN: not in ``heads``)."""
-    if not isinstance(heads_per_forward, int) or heads_per_forward < 1:
-        raise CtsftError(f"heads_per_forward must be an integer >= 1, got {heads_per_forward!r}")
-    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
-    select = _head_table(model, heads)
-    listed = [(int(layer), int(head)) for layer, head in select.nonzero().tolist()]
-    fn = metric or logit_diff
-    n_layers, n_heads = select.shape
-    device = model.cfg.device
-
-    @torch.no_grad()
-    def per_batch(batch: Batch) -> torch.Tensor:
-        b = batch.input_ids.shape[0]
-        clean = fn_metric(batch)
-        out = torch.zeros(b, n_layers, n_heads, dtype=torch.float64)
-        for start in range(0, len(listed), heads_per_forward):
-            part = listed[start:start + heads_per_forward]
-            rows = torch.zeros(len(part), n_layers, n_heads, dtype=torch.bool)
-            for i, (layer, head) in enumerate(part):
-                rows[i, layer, head] = True
-            hooks = []
-            for layer in sorted({layer for layer, _ in part}):
-                patch = rows[:, layer].repeat_interleave(b, dim=0).to(device)[:, None, :, None]  # [k*B, 1, H, 1]
-
-                def hook(z: torch.Tensor, hook: Any, patch: torch.Tensor = patch, layer: int = layer) -> torch.Tensor:
-                    return torch.where(patch, mu_z[layer].to(z.dtype), z)
-
-                hooks.append((hook_name(layer, "attn.hook_z"), hook))
-            rep = Batch(batch.input_ids.repeat(len(part), 1), batch.attention_mask.repeat(len(part), 1),
-                        batch.labels.repeat(len(part)), batch.label_token_ids)
-            patched = _metric(model, rep, fn, hooks).double().cpu().view(len(part), b)
-            for i, (layer, head) in enumerate(part):
-                out[:, layer, head] = clean - patched[i]
-        return out
-
-    def fn_metric(batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            return _metric(model, batch, fn).double().cpu()
-
-    return _scores(per_batch, batch_list, len(examples), select, "patching", progress)
-
-
-def patching_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
-                    heads: Sequence[Head] | None = None, batch_size: int = 8, heads_per_forward: int = 8,
-                    progress: bool = True, metric: Metric | None = None) -> Float[torch.Tensor, "n_layers n_heads"]:
-    """Exact mean patching: the mean over examples of ``m(clean) − m(head h ← μ)`` for each head
-    (NaN for heads not in ``heads``); ``batch_size`` examples x ``heads_per_forward`` heads per forward.
-    The yardstick the estimates (attribution, CD-T) are judged against."""
-    return patching_per_example(model, examples, means=means, heads=heads, metric=metric, batch_size=batch_size,
-                                heads_per_forward=heads_per_forward, progress=progress).mean(0)
-
-
-# --------------------------------------------------------------------------------------------
-# The registry
-# --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class HeadScoring:
-    """One head scoring: ``per_example(model, examples, *, means, batch_size, progress, **options)``
-    gives ``[n, L, H]``; ``cdt`` scorings also score against head targets (backward expansion)."""
+    """One head scoring: ``score`` (the module's signature); ``cdt``: a CD-T readout (several share one
+    propagation, and they score against head targets too, for backward expansion)."""
 
     name: str
-    per_example: Callable[..., torch.Tensor]
+    score: Scorer
     cdt: bool
     cost: str
     help: str
 
+    def per_example(self, model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
+                    batch_size: int = 8, progress: bool = True, heads: Sequence[Head] | None = None,
+                    metric: Metric | None = None, **options: Any) -> Float[torch.Tensor, "example n_layers n_heads"]:
+        """The ``[n, L, H]`` table against the logits; ``options``: fields of ``DiscoveryConfig``."""
+        config = discovery_config(None, scoring=self.name, **options)
+        return self.score(model, examples, config, metric, means=means, sources=heads, batch_size=batch_size,
+                          progress=progress).per_example[0]
 
-def _cdt(name: str) -> Callable[..., torch.Tensor]:
-    def per_example(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
-                    batch_size: int = 8, progress: bool = True, **options: Any) -> torch.Tensor:
-        options.pop("ig_steps", None)
-        options.pop("heads_per_forward", None)
-        if options.pop("metric", None) is not None:
+
+def _cdt(name: str) -> Scorer:
+    def score(model: Any, examples: Sequence[Example], config: DiscoveryConfig, metric: Metric | None = None,
+              **run: Any) -> Relevance:
+        if metric is not None:
             raise CtsftError(f"scoring {name!r} is a CD-T scoring: it has no metric option")
-        if options.get("heads") is not None:
-            options["sources"] = options.pop("heads")
-        options.pop("heads", None)
-        return head_relevance(model, examples, target="logits", scoring=name, means=means, batch_size=batch_size,
-                              progress=progress, **options).per_example[0]
-    return per_example
+        return head_relevances(model, examples, config, scorings=(name,), **run)[name]
+    return score
 
 
-def _attribution(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None, batch_size: int = 8,
-                 progress: bool = True, heads: Sequence[Head] | None = None, metric: Metric | None = None,
-                 **_: Any) -> torch.Tensor:
-    return attribution_per_example(model, examples, means=means, heads=heads, metric=metric, batch_size=batch_size,
-                                   progress=progress)
-
-
-def _attribution_ig(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None, batch_size: int = 8,
-                    progress: bool = True, ig_steps: int = 5, heads: Sequence[Head] | None = None,
-                    metric: Metric | None = None, **_: Any) -> torch.Tensor:
-    return attribution_per_example(model, examples, means=means, heads=heads, ig_steps=ig_steps, metric=metric,
-                                   batch_size=batch_size, progress=progress)
-
-
-def _patching(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None, batch_size: int = 8,
-              progress: bool = True, heads: Sequence[Head] | None = None, heads_per_forward: int = 8,
-              metric: Metric | None = None, **_: Any) -> torch.Tensor:
-    return patching_per_example(model, examples, means=means, heads=heads, metric=metric, batch_size=batch_size,
-                                heads_per_forward=heads_per_forward, progress=progress)
+def _total_effect(name: str, table: Callable[..., torch.Tensor]) -> Scorer:
+    """A total-effect scoring: the logits are its only target; the ``"zero"`` baseline takes μ = 0;
+    ``sources`` restricts the heads scored; CD-T's rules and source positions do not apply."""
+    def score(model: Any, examples: Sequence[Example], config: DiscoveryConfig, metric: Metric | None = None, *,
+              target: Target = "logits", sources: Sequence[Head] | None = None,
+              reference: Sequence[Example] | None = None, means: torch.Tensor | None = None, batch_size: int = 8,
+              memory_gb: float | None = None, progress: bool = True) -> Relevance:
+        if not (isinstance(target, str) and target == "logits"):
+            raise CtsftError(f"scoring {name!r} scores heads against the logits only (its score already counts "
+                             "every path through later heads); head targets are for the CD-T scorings "
+                             f"{' and '.join(SCORERS)}")
+        if config.positions is not None:
+            raise CtsftError(f"scoring {name!r} intervenes at every position; source positions are a CD-T option")
+        if config.baseline == "zero":
+            cfg = model.cfg
+            means = torch.zeros(int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_model))
+        elif means is None:
+            means = head_means(model, reference if reference is not None else examples, batch_size=batch_size,
+                               progress=progress)
+        per = table(model, examples, config, means=means, heads=sources, metric=metric, batch_size=batch_size,
+                    progress=progress)
+        return Relevance((None,), per[None], name)
+    return score
 
 
 HEAD_SCORINGS: dict[str, HeadScoring] = {
@@ -276,56 +101,87 @@ HEAD_SCORINGS: dict[str, HeadScoring] = {
                               "CD-T β of each head projected on the task direction at the logits (CT-SFT)"),
     "magnitude": HeadScoring("magnitude", _cdt("magnitude"), True, "one forward + CD-T propagation of every head",
                              "CD-T ‖β‖₁/‖γ‖₁ at the logits (original CD-T, unsigned)"),
-    "attribution": HeadScoring("attribution", _attribution, False, "1 forward + 1 backward",
-                               "attribution patching: (μ − z)·∂m/∂z at each head's hook_z"),
-    "attribution-ig": HeadScoring("attribution-ig", _attribution_ig, False, "1 forward + ig_steps x (forward + backward)",
-                                  "integrated gradients of m on the straight line μ → z, --ig-steps midpoint steps"),
-    "patching": HeadScoring("patching", _patching, False, "1 forward + n_heads / heads_per_forward forwards of k x batch",
-                            "exact effect m(clean) − m(head ← μ), one head at a time"),
+    "attribution": HeadScoring(
+        "attribution", _total_effect("attribution", lambda model, ex, config, **kw: attribution_per_example(
+            model, ex, **kw)), False, "1 forward + 1 backward",
+        "attribution patching: (μ − z)·∂m/∂z at each head's hook_z"),
+    "attribution-ig": HeadScoring(
+        "attribution-ig", _total_effect("attribution-ig", lambda model, ex, config, **kw: attribution_per_example(
+            model, ex, ig_steps=config.ig_steps, **kw)), False, "1 forward + ig_steps x (forward + backward)",
+        "integrated gradients of m on the straight line μ → z, --ig-steps midpoint steps"),
+    "patching": HeadScoring(
+        "patching", _total_effect("patching", lambda model, ex, config, **kw: patching_per_example(
+            model, ex, heads_per_forward=config.heads_per_forward, **kw)), False,
+        "1 forward + n_heads / heads_per_forward forwards of k x batch",
+        "exact effect m(clean) − m(head ← μ), one head at a time"),
 }
-"""Every head scoring by name: ``--scoring`` / ``--method`` choices, ``head_scores``, ``discover``."""
+"""Every head scoring by name: ``--scoring`` / ``--method`` choices, ``discovery.scoring``, discovery, compare."""
+
+
+def check_scoring(name: str) -> None:
+    """One clear error for a scoring that is not in the registry."""
+    check("scoring", name, tuple(HEAD_SCORINGS))
+
+
+def relevances(model: Any, examples: Sequence[Example], config: DiscoveryConfig | None = None, *,
+               scorings: Sequence[str] | None = None, target: Target = "logits", metric: Metric | None = None,
+               **run: Any) -> dict[str, Relevance]:
+    """Several scorings (default: ``config.scoring``) of the same examples, keyed by scoring; the CD-T
+    ones share one propagation. ``run``: ``sources``, ``reference``, ``means``, ``batch_size``,
+    ``memory_gb``, ``progress``."""
+    config = config if config is not None else DiscoveryConfig()
+    scorings = tuple(scorings) if scorings is not None else (config.scoring,)
+    if not scorings or len(set(scorings)) != len(scorings):
+        raise CtsftError(f"scorings must be distinct and at least one, got {list(scorings)}")
+    for name in scorings:
+        check_scoring(name)
+    shared = tuple(s for s in scorings if HEAD_SCORINGS[s].cdt)
+    out: dict[str, Relevance] = {}
+    if shared:
+        if metric is not None:
+            raise CtsftError(f"scoring {shared[0]!r} is a CD-T scoring: it has no metric option")
+        out.update(head_relevances(model, examples, config, scorings=shared, target=target, **run))
+    for name in scorings:
+        if name not in out:
+            out[name] = HEAD_SCORINGS[name].score(model, examples, config, metric, target=target, **run)
+    return {name: out[name] for name in scorings}
+
+
+def head_relevance(model: Any, examples: Sequence[Example], config: DiscoveryConfig | None = None, *,
+                   target: Target = "logits", sources: Sequence[Head] | None = None,
+                   reference: Sequence[Example] | None = None, means: torch.Tensor | None = None,
+                   batch_size: int = 8, memory_gb: float | None = None, progress: bool = True,
+                   metric: Metric | None = None, **options: Any) -> Relevance:
+    """Relevance of every head by ``config.scoring``, any scoring of ``HEAD_SCORINGS`` (keyword
+    ``options``: fields of :class:`~ctsft_lens.discovery_config.DiscoveryConfig` overriding
+    ``config``). CD-T scorings: see ``cdt.relevance.head_relevance`` (head targets, source
+    positions...); the total-effect ones score against the logits only."""
+    config = discovery_config(config, **options)
+    check_scoring(config.scoring)
+    return HEAD_SCORINGS[config.scoring].score(model, examples, config, metric, target=target, sources=sources,
+                                               reference=reference, means=means, batch_size=batch_size,
+                                               memory_gb=memory_gb, progress=progress)
 
 
 def head_scores(model: Any, examples: Sequence[Example], scoring: str, *, means: torch.Tensor | None = None,
                 batch_size: int = 8, progress: bool = True, **options: Any) -> Float[torch.Tensor, "n_layers n_heads"]:
     """Any scoring of ``HEAD_SCORINGS`` against the logits, averaged over examples: ``[n_layers, n_heads]``.
 
-    ``options``: ``ig_steps`` (attribution-ig), ``heads_per_forward`` (patching), ``heads``
-    (restrict the heads scored; not for CD-T), ``metric``; CD-T scorings take ``head_relevance``'s
-    options (``baseline``, ``attention``, ``memory_gb``...).
+    ``options``: ``heads`` (restrict the heads scored; not for CD-T), ``metric``, and any field of
+    ``DiscoveryConfig`` (``ig_steps``, ``heads_per_forward``, ``baseline``, ``decomposition``...).
     """
-    from ctsft_lens.options import check
-
-    check("scoring", scoring, tuple(HEAD_SCORINGS))
+    check_scoring(scoring)
     return HEAD_SCORINGS[scoring].per_example(model, examples, means=means, batch_size=batch_size,
                                               progress=progress, **options).mean(0)
 
 
 def total_effect_relevance(model: Any, examples: Sequence[Example], scoring: str, *, target: Any = "logits",
-                           baseline: str = "mean", sources: Sequence[Head] | None = None,
-                           positions: tuple[int, ...] | None = None, reference: Sequence[Example] | None = None,
+                           sources: Sequence[Head] | None = None, reference: Sequence[Example] | None = None,
                            means: torch.Tensor | None = None, batch_size: int = 8, progress: bool = True,
-                           **options: Any) -> Relevance:
-    """``head_relevance`` for the scorings that are not CD-T's (attribution, attribution-ig, patching).
-
-    They score a head's total effect on the task metric, so the only target is the logits; the
-    ``"zero"`` baseline takes μ = 0; ``sources`` restricts the heads scored; the CD-T attention
-    rule does not apply.
-    """
+                           metric: Metric | None = None, **options: Any) -> Relevance:
+    """:func:`head_relevance` for a scoring that is not CD-T's (attribution, attribution-ig, patching)."""
     if scoring not in HEAD_SCORINGS or HEAD_SCORINGS[scoring].cdt:
         raise CtsftError(f"{scoring!r} is not a total-effect scoring; choose from "
                          f"{tuple(k for k, v in HEAD_SCORINGS.items() if not v.cdt)}")
-    if not (isinstance(target, str) and target == "logits"):
-        raise CtsftError(f"scoring {scoring!r} scores heads against the logits only (its score already counts every "
-                         "path through later heads); head targets are for the CD-T scorings projection and magnitude")
-    if positions is not None:
-        raise CtsftError(f"scoring {scoring!r} intervenes at every position; source positions are a CD-T option")
-    if baseline == "zero":
-        cfg = model.cfg
-        means = torch.zeros(int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_model))
-    elif means is None:
-        means = head_means(model, reference if reference is not None else examples, batch_size=batch_size,
-                           progress=progress)
-    per = HEAD_SCORINGS[scoring].per_example(model, examples, means=means, batch_size=batch_size, progress=progress,
-                                             heads=sources, **options)
-    return Relevance((None,), per[None], scoring)
+    return head_relevance(model, examples, scoring=scoring, target=target, sources=sources, reference=reference,
+                          means=means, batch_size=batch_size, progress=progress, metric=metric, **options)

@@ -10,30 +10,22 @@ Cost: a source's β is the same whichever target reads it, so one CD-T propagati
 source against the logits *and* every head (``head_relevances(target="all")``); the depths are
 then table lookups. Depths 0..D together cost what depth 0 costs (the public CD-T code, and
 ctsft_lens 0.1, propagate again per depth), and several scorings share that pass too.
+
+Scoring then expanding, for every scoring of the registry: ``ctsft_lens.discovery.discover`` (also
+``ctsft_lens.cdt.discover``); this module expands a table already scored.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from ctsft_lens.batching import check_examples
-from ctsft_lens.cdt.decompose import DEFAULT_DECOMPOSITION, Decomposition, check_decomposition
-from ctsft_lens.cdt.relevance import SCORERS, Relevance, Scoring, check_options, head_relevance, head_relevances
+from ctsft_lens.cdt.relevance import SCORERS, Relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
-from ctsft_lens.means import head_means
+from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.models.bridge import model_info
-from ctsft_lens.options import AGGREGATES, AttentionRule, Aggregate, Baseline, check
-from ctsft_lens.tasks.base import Example
-
-
-def _check_expansion(ratio: float, max_depth: int, aggregate: str) -> None:
-    check("aggregate", aggregate, AGGREGATES)
-    if not 0 < ratio <= 1:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    if max_depth < 0:
-        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
+from ctsft_lens.options import Aggregate
 
 
 def n_to_keep(ratio: float, n_heads_total: int) -> int:
@@ -41,112 +33,14 @@ def n_to_keep(ratio: float, n_heads_total: int) -> int:
     return max(1, int(ratio * n_heads_total))
 
 
-@torch.no_grad()
-def discover(
-    model: Any,
-    examples: Sequence[Example],
-    *,
-    scoring: Scoring = "projection",
-    ratio: float = 0.02,
-    max_depth: int = 2,
-    baseline: Baseline = "mean",
-    attention: AttentionRule | None = None,
-    aggregate: Aggregate = "sum",
-    positions: tuple[int, ...] | None = None,
-    reference: Sequence[Example] | None = None,
-    batch_size: int = 8,
-    memory_gb: float | None = None,
-    progress: bool = True,
-    ig_steps: int = 5,
-    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str | None = None,
-    strict: bool = True,
-    streams: str = "beta",
-) -> Circuit:
-    """Find a circuit of attention heads by CD-T relevance and iterative backward expansion.
-
-    ``positions`` limits each source head to those prompt tokens (e.g. ``(-1,)``; default all).
-    ``reference`` (default ``examples``) gives the label-balanced head means of the ``"mean"``
-    baseline. ``scores[d]`` of the result is the depth-``d`` table: the logits scores at depth
-    0; after that the ``aggregate`` over that depth's targets — ``"sum"`` (as the public CD-T
-    notebooks) or ``"max"`` — NaN where a head was not upstream of any target. An edge records
-    the target a head scored highest against.
-    With the total-effect scorings (``attribution``, ``attribution-ig``, ``patching``) a head's
-    score already counts every path to the logits, so depth ``d`` adds the next ``ratio`` heads
-    of the one logits table (edges to the logits; docs/method.md).
-    ``strict``: raise on a source whose CD-T decomposition is unstable (non-finite, or β+γ off
-    the forward); else warn and list it in ``Circuit.unstable`` (its NaN score is never ranked).
-    ``streams``: CD-T's β-only fast path (default) or the two-stream reference (``"both"``).
-    All depths come from one CD-T propagation (module docstring); :func:`discover_circuits` gives
-    several scorings from that one pass.
-    """
-    return discover_circuits(model, examples, scorings=(scoring,), ratio=ratio, max_depth=max_depth,
-                             baseline=baseline, attention=attention, aggregate=aggregate, positions=positions,
-                             reference=reference, batch_size=batch_size, memory_gb=memory_gb, progress=progress,
-                             ig_steps=ig_steps, decomposition=decomposition, bias_o=bias_o, strict=strict,
-                             streams=streams)[scoring]
-
-
-@torch.no_grad()
-def discover_circuits(
-    model: Any,
-    examples: Sequence[Example],
-    *,
-    scorings: Sequence[Scoring] = ("projection",),
-    ratio: float = 0.02,
-    max_depth: int = 2,
-    baseline: Baseline = "mean",
-    attention: AttentionRule | None = None,
-    aggregate: Aggregate = "sum",
-    positions: tuple[int, ...] | None = None,
-    reference: Sequence[Example] | None = None,
-    batch_size: int = 8,
-    memory_gb: float | None = None,
-    progress: bool = True,
-    ig_steps: int = 5,
-    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str | None = None,
-    strict: bool = True,
-    streams: str = "beta",
-) -> dict[str, Circuit]:
-    """:func:`discover` for several scorings, keyed by scoring; the CD-T ones (keys of ``SCORERS``)
-    share one propagation, so projection and magnitude at depths 0..D cost one CD-T pass.
-    Same options and checks as :func:`discover`."""
-    scorings = tuple(scorings)
-    if not scorings or len(set(scorings)) != len(scorings):
-        raise ValueError(f"scorings must be distinct and at least one, got {list(scorings)}")
-    for name in scorings:
-        check_options(name, baseline, attention)
-    _check_expansion(ratio, max_depth, aggregate)
-    rules = check_decomposition(decomposition)
-    check_examples(examples)
-    ref = reference if reference is not None else examples
-    means = head_means(model, ref, batch_size=batch_size, progress=progress) if baseline == "mean" else None
-    common = dict(baseline=baseline, attention=attention, positions=positions, means=means, batch_size=batch_size,
-                  memory_gb=memory_gb, progress=progress, decomposition=decomposition, bias_o=bias_o, strict=strict,
-                  streams=streams)
-    cdt = tuple(s for s in scorings if s in SCORERS)
-    rels: dict[str, Relevance] = {}
-    if cdt:  # the logits and every head as targets: all depths from one pass
-        rels = head_relevances(model, examples, scorings=cdt, target="all" if max_depth > 0 else "logits", **common)
-    for name in scorings:
-        if name not in rels:  # total effect: one logits table
-            rels[name] = head_relevance(model, examples, scoring=name, ig_steps=ig_steps, **common)
-    options = {"baseline": baseline, "attention": rules.attention if attention is None else attention,
-               "decomposition": rules.spec(), "bias_o": rules.bias if bias_o is None else bias_o,
-               "streams": streams, "n_examples": len(examples), "n_reference": len(ref) if baseline == "mean" else 0,
-               "mean_positions": "pooled", "source_positions": None if positions is None else list(positions)}
-    return {name: circuit_from_relevance(model, rels[name], ratio=ratio, max_depth=max_depth, aggregate=aggregate,
-                                         options={**options, "ig_steps": ig_steps} if name == "attribution-ig" else options)
-            for name in scorings}
-
-
-def circuit_from_relevance(model: Any, rel: Relevance, *, ratio: float = 0.02, max_depth: int = 2,
-                           aggregate: Aggregate = "sum", options: dict[str, Any] | None = None) -> Circuit:
+def circuit_from_relevance(model: Any, rel: Relevance, config: DiscoveryConfig | None = None, *,
+                           options: dict[str, Any] | None = None, **overrides: Any) -> Circuit:
     """The circuit of a relevance table already scored (``head_relevances(target="all")`` for
-    depths > 0): :func:`expand` plus the model's fingerprint and ``options`` (how ``rel`` was
+    depths > 0): :func:`expand` at ``config``'s ``ratio``, ``max_depth`` and ``aggregate`` (keyword
+    ``overrides`` change them), plus the model's fingerprint and ``options`` (how ``rel`` was
     scored, recorded in the file). Lets one saved pass be expanded at several ratios or depths."""
-    _check_expansion(ratio, max_depth, aggregate)
+    config = discovery_config(config, **overrides)
+    ratio, max_depth, aggregate = config.ratio, config.max_depth, config.aggregate
     cfg = model.cfg
     k = n_to_keep(ratio, cfg.n_layers * cfg.n_heads)
     heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate, total_effect=rel.scoring not in SCORERS)

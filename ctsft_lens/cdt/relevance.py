@@ -28,15 +28,14 @@ from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import (DEFAULT_DECOMPOSITION, Decomposition, Health, Source, Split, cache_names,
-                                      check_decomposition, head_output, propagate, report_unstable, source_positions,
-                                      unembed, BETA_LIMIT, recon_tol)
+from ctsft_lens.cdt.decompose import (Health, Source, Split, cache_names, head_output, propagate, report_unstable,
+                                      source_positions, unembed, BETA_LIMIT, recon_tol)
 from ctsft_lens.cdt.rules import Rules, resolve
 from ctsft_lens.circuit import Head
 from ctsft_lens.devices import memory_budget_gb
 from ctsft_lens.forward import attn_results, hook_layer, run
 from ctsft_lens.means import head_means, z_means
-from ctsft_lens.options import ATTENTION_RULES, BASELINES, STREAMS, AttentionRule, Baseline, check
+from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.tasks.base import Example
 
 
@@ -96,102 +95,82 @@ def _dtype_bytes(model: Any) -> int:
     return torch.finfo(next(model.parameters()).dtype).bits // 8
 
 
-def check_options(scoring: str, baseline: str, attention: str | None) -> None:
-    """A clear ValueError for an unknown scoring, baseline or attention rule, before any work."""
-    from ctsft_lens.scoring import HEAD_SCORINGS  # every head scoring: CD-T's and attribution / patching
-
-    check("scoring", scoring, tuple(HEAD_SCORINGS))
-    check("baseline", baseline, BASELINES)
-    if attention is not None:
-        check("attention", attention, ATTENTION_RULES)
+def _cdt_only(scorings: Sequence[str]) -> tuple[str, ...]:
+    scorings = tuple(scorings)
+    if not scorings or len(set(scorings)) != len(scorings):
+        raise ValueError(f"scorings must be distinct and at least one, got {list(scorings)}")
+    for name in scorings:
+        if name not in SCORERS:
+            raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(SCORERS)} "
+                             "(every scoring: ctsft_lens.scoring.head_relevance)")
+    return scorings
 
 
 @torch.no_grad()
 def head_relevance(
     model: Any,
     examples: Sequence[Example],
+    config: DiscoveryConfig | None = None,
     *,
     target: Literal["logits", "all"] | Sequence[Head] = "logits",
-    scoring: Scoring = "projection",
-    baseline: Baseline = "mean",
-    attention: AttentionRule | None = None,
     sources: Sequence[Head] | None = None,
-    positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     batch_size: int = 8,
     memory_gb: float | None = None,
     progress: bool = True,
-    ig_steps: int = 5,
-    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str | None = None,
-    strict: bool = True,
-    streams: str = "beta",
+    **options: Any,
 ) -> Relevance:
-    """Relevance of every head upstream of ``target`` (the logits, each listed head, or ``"all"``:
-    the logits then every head of layers 1.. in order, as ``cdt.discover`` reads all depths from).
+    """CD-T relevance of every head upstream of ``target`` (the logits, each listed head, or ``"all"``:
+    the logits then every head of layers 1.. in order, as discovery reads all depths from).
 
+    The options are the fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`;
+    keyword ``options`` override them): ``scoring`` (a CD-T one, ``SCORERS``), ``baseline``,
+    ``attention``, ``decomposition``, ``bias_o``, ``streams``, ``strict``, ``positions``.
     ``sources`` restricts the heads scored (default: all heads upstream of some target);
     ``positions`` limits each source to those prompt tokens (negative from the end; default all).
     ``baseline="mean"`` subtracts each source head's label-balanced mean output over
     ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
     ``memory_gb`` bounds the ``[source, example]`` chunks propagated at once (default: 70 % of the
     free CUDA memory on a GPU, 2 GiB elsewhere). Scores are reduced in float32 in any model dtype.
-    ``scoring`` may also be ``attribution``, ``attribution-ig`` (``ig_steps``) or ``patching``
-    (``ctsft_lens.scoring``): logits target only.
     A source whose β/γ goes non-finite or leaves the real forward, or whose score is not finite,
     raises :class:`~ctsft_lens.cdt.decompose.UnstableDecompositionError` naming it if ``strict``;
     otherwise a warning names it and ``Relevance.unstable`` lists it. ``streams``: the β-only
     fast path (default) or the two-stream reference ``"both"`` (same scores to float rounding).
+    Every scoring, CD-T's and the total-effect ones: ``ctsft_lens.scoring.head_relevance``.
     """
-    check_options(scoring, baseline, attention)
-    if scoring not in SCORERS:  # attribution, attribution-ig, patching (ig_steps: attribution-ig only)
-        from ctsft_lens.scoring import total_effect_relevance
-
-        check_examples(examples)
-        return total_effect_relevance(model, examples, scoring, target=target, baseline=baseline, sources=sources,
-                                      positions=positions, reference=reference, means=means, batch_size=batch_size,
-                                      progress=progress, ig_steps=ig_steps)
-    return head_relevances(model, examples, scorings=(scoring,), target=target, baseline=baseline,
-                           attention=attention, sources=sources, positions=positions, reference=reference,
-                           means=means, batch_size=batch_size, memory_gb=memory_gb, progress=progress,
-                           decomposition=decomposition, bias_o=bias_o, strict=strict, streams=streams)[scoring]
+    config = discovery_config(config, **options)
+    return head_relevances(model, examples, config, scorings=(config.scoring,), target=target, sources=sources,
+                           reference=reference, means=means, batch_size=batch_size, memory_gb=memory_gb,
+                           progress=progress)[config.scoring]
 
 
 def head_relevances(
     model: Any,
     examples: Sequence[Example],
+    config: DiscoveryConfig | None = None,
     *,
     scorings: Sequence[Scoring] = tuple(SCORERS),
     target: Literal["logits", "all"] | Sequence[Head] = "logits",
-    baseline: Baseline = "mean",
-    attention: AttentionRule | None = None,
     sources: Sequence[Head] | None = None,
-    positions: tuple[int, ...] | None = None,
     reference: Sequence[Example] | None = None,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
     batch_size: int = 8,
     memory_gb: float | None = None,
     progress: bool = True,
-    decomposition: Decomposition = DEFAULT_DECOMPOSITION,
-    bias_o: str | None = None,
-    strict: bool = True,
-    streams: str = "beta",
+    **options: Any,
 ) -> dict[str, Relevance]:
     """:func:`head_relevance` for several CD-T scorings (keys of ``SCORERS``) from **one** propagation.
 
     The scorings differ only in how they read β (and γ) at the target, so projection and magnitude
-    together cost what one of them costs (``ctsft compare`` uses this). Same options and checks.
+    together cost what one of them costs (``ctsft compare`` uses this). Same options and checks
+    (``config.scoring`` is not read: ``scorings`` are the scorings).
     """
-    scorings = tuple(scorings)
-    if not scorings or len(set(scorings)) != len(scorings):
-        raise ValueError(f"scorings must be distinct and at least one, got {list(scorings)}")
-    for name in scorings:
-        if name not in SCORERS:
-            raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(SCORERS)}")
-        check_options(name, baseline, attention)
-    check("streams", streams, STREAMS)
-    rules = resolve(decomposition, attention=attention)
+    scorings = _cdt_only(scorings)
+    config = discovery_config(config, **options)
+    baseline, positions, bias_o, streams, strict = (config.baseline, config.positions, config.bias_o,
+                                                    config.streams, config.strict)
+    rules = resolve(config.decomposition, attention=config.attention)
     rules_linear = rules.linear and bias_o in (None, rules.bias)  # b_O shared at the source: not the derivative
     check_examples(examples)
     cfg = model.cfg

@@ -1,0 +1,219 @@
+"""Total-effect head scorings beside CD-T: attribution patching, its integrated-gradients form, and exact patching.
+
+All three use the task metric of the faithfulness curves (``faithfulness.logit_diff``: the gold
+label's logit minus the mean of the other labels' logits at the last prompt token) and the
+label-balanced mean μ of ``means.head_means``, and score a head positive when it helps the gold
+label. They score a head's *total* effect on the metric (every path from the head to the logits,
+through later heads and MLPs).
+
+The intervention point is each query head's ``blocks.L.attn.hook_z`` (``[batch, pos, head,
+d_head]``; with GQA one slot per query head, no K/V ungrouping). A head's output is
+``z_h W_O[h]`` (``hook_result`` has no bias), so the result-space mean μ_h of ``head_means`` is
+``μ^z_h W_O[h]`` with ``μ^z_h = μ_h W_O[h]^+`` (:func:`z_means`, exact: μ_h lies in the row
+space of ``W_O[h]``). Writing μ^z at ``hook_z`` is therefore the same intervention as writing μ
+at ``hook_result`` (what mean ablation does), without the ``[batch, pos, head, d_model]``
+per-head results.
+
+Write ``F(δ)`` for the metric with ``δ_h`` added to head h's ``hook_z`` at every position, and
+``Δ_h = μ^z_h − z_h`` (``z`` from the clean forward). Per example, summed over real positions,
+with the sign that makes a helpful head positive (``m(clean) − m(patched)``):
+
+* ``attribution``: ``−Δ_h · ∂F/∂δ_h`` at δ = 0 (the first-order estimate of the patching effect,
+  i.e. ``(μ − z)·∂m/∂z`` negated) — one forward and one backward for every head;
+* ``attribution-ig``: ``−Δ_h · mean_k ∂F/∂δ_h`` at δ = (1 − α_k) Δ, α_k = (k − ½)/steps — every
+  head moves together on the straight line from μ to z (midpoint rule); one clean forward plus
+  ``ig_steps`` forward + backward passes. Restricted to one head (``heads=[h]``) it converges to
+  that head's patching effect; over all heads the scores sum to ``F(0) − F(Δ)`` (completeness);
+* ``patching``: ``F(0) − F(Δ_h only)``, the exact effect of writing μ into head h alone: one
+  clean forward plus one forward per head, ``heads_per_forward`` heads sharing a forward along
+  the batch dimension.
+
+These are the scoring functions; the one registry of every head scoring (CD-T's ``projection`` and
+``magnitude`` and these three) is ``ctsft_lens.scoring.HEAD_SCORINGS``, above this module and
+``cdt/``: nothing here imports CD-T.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from ctsft_lens.batching import Batch, batches, check_examples
+from ctsft_lens.errors import CtsftError
+from ctsft_lens.faithfulness import Metric, logit_diff
+from ctsft_lens.forward import hook_name, run
+from ctsft_lens.means import head_means, z_means  # z_means re-exported: it lived here
+from ctsft_lens.tasks.base import Example
+
+Head = tuple[int, int]
+
+
+def _head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:
+    """Boolean ``[n_layers, n_heads]`` of the heads to score (all when ``heads`` is None)."""
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    if heads is None:
+        return torch.ones(n_layers, n_heads, dtype=torch.bool)
+    table = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer, head in heads:
+        if not (0 <= int(layer) < n_layers and 0 <= int(head) < n_heads):
+            raise CtsftError(f"head {layer}.{head} is outside the model ({n_layers} layers x {n_heads} heads)")
+        table[int(layer), int(head)] = True
+    return table
+
+
+def _setup(model: Any, examples: Sequence[Example], means: torch.Tensor | None, batch_size: int,
+           progress: bool) -> tuple[torch.Tensor, list[Batch]]:
+    check_examples(examples)
+    if batch_size < 1:
+        raise CtsftError(f"batch_size must be >= 1, got {batch_size}")
+    if means is None:
+        means = head_means(model, examples, batch_size=batch_size, progress=progress)
+    return z_means(model, means).to(model.cfg.device), list(batches(model, examples, batch_size))
+
+
+def _metric(model: Any, batch: Batch, metric: Metric, fwd_hooks: list | None = None) -> torch.Tensor:
+    """Per-example metric ``[batch]`` of one forward (hooks applied)."""
+    with model.hooks(fwd_hooks=fwd_hooks or []):
+        logits = run(model, batch, last_only=True)
+    label = logits[:, -1, :][:, batch.label_token_ids.to(logits.device)]
+    return metric(label, batch.labels.to(label.device))
+
+
+def _gradient_effects(model: Any, batch: Batch, mu_z: torch.Tensor, alphas: Sequence[float],
+                      select: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """``−Δ_h · mean_α ∂F/∂δ_h`` at ``δ = (1 − α) Δ`` on the selected heads: ``[batch, n_layers, n_heads]``."""
+    cfg = model.cfg
+    n_layers = int(cfg.n_layers)
+    names = [hook_name(layer, "attn.hook_z") for layer in range(n_layers)]
+    device = cfg.device
+    sel = select.to(device)
+    real = batch.attention_mask.to(device).to(torch.float32)[:, :, None]  # [B, P, 1]
+    clean: dict[int, torch.Tensor] = {}
+    if any(a != 1.0 for a in alphas):
+        with torch.no_grad():
+            _, cache = run(model, batch, names=names, last_only=True)
+        clean = {layer: cache[names[layer]].detach() for layer in range(n_layers)}
+        del cache
+    total = torch.zeros(batch.input_ids.shape[0], n_layers, int(cfg.n_heads), dtype=torch.float64)
+    for alpha in alphas:
+        leaves: dict[int, torch.Tensor] = {}
+
+        def hook(z: torch.Tensor, hook: Any, alpha: float = alpha) -> torch.Tensor:
+            layer = int(hook.name.split(".")[1])
+            if layer not in clean:  # alpha == 1: this forward is the clean one
+                clean[layer] = z.detach()
+            leaf = torch.zeros_like(z, requires_grad=True)
+            leaves[layer] = leaf
+            if alpha == 1.0:
+                return z + leaf
+            shift = (1.0 - alpha) * (mu_z[layer].to(z.dtype) - clean[layer]) * sel[layer][None, None, :, None]
+            return z + shift.detach() + leaf
+
+        with torch.enable_grad():
+            m = _metric(model, batch, metric, [(n, hook) for n in names])
+            grads = torch.autograd.grad(m.sum(), [leaves[layer] for layer in range(n_layers)])
+        for layer, g in enumerate(grads):
+            away = clean[layer] - mu_z[layer].to(g.dtype)  # z − μ: [B, P, H, d_head]
+            per_head = ((away * g).sum(-1) * real).sum(1)  # [B, H]
+            total[:, layer] += (per_head * sel[layer]).double().cpu()
+    return total / len(alphas)
+
+
+def _scores(per_batch: Callable[[Batch], torch.Tensor], batch_list: list[Batch], n_examples: int,
+            select: torch.Tensor, desc: str, progress: bool) -> torch.Tensor:
+    """Per-example tables ``[example, n_layers, n_heads]``, NaN where a head was not scored."""
+    rows = [per_batch(b) for b in tqdm(batch_list, disable=not progress, desc=desc, leave=False)]
+    out = torch.cat(rows).to(torch.float32) if rows else torch.zeros(0, *select.shape)
+    assert out.shape[0] == n_examples
+    return out.masked_fill(~select[None], float("nan"))
+
+
+def attribution_per_example(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
+                            heads: Sequence[Head] | None = None, ig_steps: int | None = None,
+                            metric: Metric | None = None, batch_size: int = 8,
+                            progress: bool = True) -> Float[torch.Tensor, "example n_layers n_heads"]:
+    """``attribution`` (``ig_steps=None``) or ``attribution-ig`` scores of every example, ``[n, L, H]``."""
+    if ig_steps is not None and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
+        raise CtsftError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
+    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
+    select = _head_table(model, heads)
+    alphas = [1.0] if ig_steps is None else [(k + 0.5) / ig_steps for k in range(ig_steps)]
+    fn = metric or logit_diff
+    return _scores(lambda b: _gradient_effects(model, b, mu_z, alphas, select, fn), batch_list, len(examples),
+                   select, "attribution" if ig_steps is None else f"attribution-ig ({ig_steps} steps)", progress)
+
+
+def attribution_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
+                       heads: Sequence[Head] | None = None, metric: Metric | None = None, batch_size: int = 8,
+                       progress: bool = True) -> Float[torch.Tensor, "n_layers n_heads"]:
+    """Attribution patching: ``(μ − z)·∂m/∂z`` at each head's ``hook_z``, summed over positions,
+    averaged over examples; one forward and one backward per batch for every head."""
+    return attribution_per_example(model, examples, means=means, heads=heads, metric=metric,
+                                   batch_size=batch_size, progress=progress).mean(0)
+
+
+def attribution_ig_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
+                          ig_steps: int = 5, heads: Sequence[Head] | None = None, metric: Metric | None = None,
+                          batch_size: int = 8, progress: bool = True) -> Float[torch.Tensor, "n_layers n_heads"]:
+    """Integrated gradients on the straight line from μ to z (all heads in ``heads`` moving
+    together), ``ig_steps`` midpoint steps; ``heads=[h]`` moves that head alone."""
+    return attribution_per_example(model, examples, means=means, heads=heads, ig_steps=ig_steps, metric=metric,
+                                   batch_size=batch_size, progress=progress).mean(0)
+
+
+def patching_per_example(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
+                         heads: Sequence[Head] | None = None, metric: Metric | None = None, batch_size: int = 8,
+                         heads_per_forward: int = 8, progress: bool = True) -> Float[torch.Tensor, "example n_layers n_heads"]:
+    """``m(clean) − m(head h ← μ)`` of every example and head, ``[n, L, H]`` (NaN: not in ``heads``)."""
+    if not isinstance(heads_per_forward, int) or heads_per_forward < 1:
+        raise CtsftError(f"heads_per_forward must be an integer >= 1, got {heads_per_forward!r}")
+    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
+    select = _head_table(model, heads)
+    listed = [(int(layer), int(head)) for layer, head in select.nonzero().tolist()]
+    fn = metric or logit_diff
+    n_layers, n_heads = select.shape
+    device = model.cfg.device
+
+    @torch.no_grad()
+    def per_batch(batch: Batch) -> torch.Tensor:
+        b = batch.input_ids.shape[0]
+        clean = fn_metric(batch)
+        out = torch.zeros(b, n_layers, n_heads, dtype=torch.float64)
+        for start in range(0, len(listed), heads_per_forward):
+            part = listed[start:start + heads_per_forward]
+            rows = torch.zeros(len(part), n_layers, n_heads, dtype=torch.bool)
+            for i, (layer, head) in enumerate(part):
+                rows[i, layer, head] = True
+            hooks = []
+            for layer in sorted({layer for layer, _ in part}):
+                patch = rows[:, layer].repeat_interleave(b, dim=0).to(device)[:, None, :, None]  # [k*B, 1, H, 1]
+
+                def hook(z: torch.Tensor, hook: Any, patch: torch.Tensor = patch, layer: int = layer) -> torch.Tensor:
+                    return torch.where(patch, mu_z[layer].to(z.dtype), z)
+
+                hooks.append((hook_name(layer, "attn.hook_z"), hook))
+            rep = Batch(batch.input_ids.repeat(len(part), 1), batch.attention_mask.repeat(len(part), 1),
+                        batch.labels.repeat(len(part)), batch.label_token_ids)
+            patched = _metric(model, rep, fn, hooks).double().cpu().view(len(part), b)
+            for i, (layer, head) in enumerate(part):
+                out[:, layer, head] = clean - patched[i]
+        return out
+
+    def fn_metric(batch: Batch) -> torch.Tensor:
+        with torch.no_grad():
+            return _metric(model, batch, fn).double().cpu()
+
+    return _scores(per_batch, batch_list, len(examples), select, "patching", progress)
+
+
+def patching_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
+                    heads: Sequence[Head] | None = None, batch_size: int = 8, heads_per_forward: int = 8,
+                    progress: bool = True, metric: Metric | None = None) -> Float[torch.Tensor, "n_layers n_heads"]:
+    """Exact mean patching: the mean over examples of ``m(clean) − m(head h ← μ)`` for each head
+    (NaN for heads not in ``heads``); ``batch_size`` examples x ``heads_per_forward`` heads per forward.
+    The yardstick the estimates (attribution, CD-T) are judged against."""
+    return patching_per_example(model, examples, means=means, heads=heads, metric=metric, batch_size=batch_size,
+                                heads_per_forward=heads_per_forward, progress=progress).mean(0)
