@@ -141,10 +141,11 @@ def linear(x: Split, weight: Float[torch.Tensor, "d_in d_out"], bias: torch.Tens
     weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
     wb = x.beta @ weight
     if out is None:
-        wg = x.gamma @ weight
-    else:
-        wg = (out.to(dtype) if bias is None else out.to(dtype) - bias) - wb
-    return share_bias(wb, wg, bias, rule=bias_rule)
+        return share_bias(wb, x.gamma @ weight, bias, rule=bias_rule)
+    out = out.to(dtype)
+    if bias is not None and bias_rule == "share":
+        wb = share_bias(wb, out - bias - wb, bias).beta
+    return Split(wb, out - wb)  # γ = real − β: where β is 0, γ is the real output bit for bit
 
 
 def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
@@ -351,8 +352,10 @@ def attention(
     """
     vb = v.beta.transpose(-2, -3)  # [..., B, H, k, e]
     pattern = pattern.to(vb.dtype)
+    if rule in ("frozen", "linear"):  # β reads only allowed keys (a padding query's real row is arbitrary)
+        pattern_b = pattern.masked_fill(~allowed, 0.0)
     if rule == "frozen":
-        zb = pattern @ vb
+        zb = pattern_b @ vb
     elif rule == "linear":
         if prefix is not None:
             raise ValueError("the linear attention rule needs every key: propagate from position 0 (no prefix)")
@@ -364,9 +367,9 @@ def attention(
             d_scores.mul_(1 - capped.square_())
             del capped
         d_scores = d_scores.masked_fill_(~allowed, 0.0)
-        d_pattern = pattern * (d_scores - (pattern * d_scores).sum(-1, keepdim=True))
+        d_pattern = pattern_b * (d_scores - (pattern_b * d_scores).sum(-1, keepdim=True))
         del d_scores, qt, kt
-        zb = pattern @ vb + d_pattern @ (v.beta + v.gamma).transpose(-2, -3)
+        zb = pattern_b @ vb + d_pattern @ (v.beta + v.gamma).transpose(-2, -3)
         del d_pattern
     else:
         qb, kb = q.beta.transpose(-2, -3), k.beta.transpose(-2, -3)
@@ -386,8 +389,8 @@ def attention(
         zb = zb.transpose(-2, -3)
         return Split(zb, z.to(zb.dtype) - zb)
     vg = v.gamma.transpose(-2, -3)
-    # frozen: P v_γ. cdt: (P - P_β) v_β + P v_γ, with one matmul fewer: P (v_β + v_γ) - P_β v_β
-    zg = pattern @ vg if rule == "frozen" else (pattern @ (vb + vg)).sub_(zb)
+    # z_γ = z − z_β with z = P (v_β + v_γ) (cdt: (P − P_β) v_β + P v_γ; frozen: P v_γ on the real queries)
+    zg = (pattern @ (vb + vg)).sub_(zb)
     return Split(zb.transpose(-2, -3), zg.transpose(-2, -3))
 
 
