@@ -22,6 +22,7 @@ rule preset (``ctsft_lens.cdt.rules.PRESETS``) optionally followed by overrides,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -117,10 +118,21 @@ def main() -> None:
         load0 = os.getloadavg()[0]
         res = score(model, examples, means, scorer, args.batch_size)
         res.update(scorer=scorer, load=[load0, os.getloadavg()[0]], forward_seconds=fwd)
+        if scorer.startswith("cdt:"):  # the rules in full: a preset's meaning may change later
+            from ctsft_lens.cdt.rules import resolve
+            res["rules"] = dataclasses.asdict(resolve(scorer[4:]))
         torch.save(res, path)
         print(f"{scorer}: {res['seconds']:.0f} s = {res['seconds'] / fwd:.1f} fwd-eq, "
               f"{len(res['unstable'])} unstable, load {load0:.2f}->{res['load'][1]:.2f}", flush=True)
     print(summary(folder))
+
+
+def label(r: dict[str, Any]) -> str:
+    """A row's name: the scorer, with a CD-T rule set named by today's presets (``Rules.spec``)."""
+    if "rules" not in r:
+        return r["scorer"]
+    from ctsft_lens.cdt.rules import Rules
+    return "cdt:" + Rules(**r["rules"]).spec()
 
 
 def summary(folder: Path) -> str:
@@ -147,7 +159,7 @@ def summary(folder: Path) -> str:
         s_top = spearman(t.flatten()[top], flat[top])
         shared = len(set(rank_heads(t.float())[:6]) & ex6)
         fe = r["seconds"] / r["forward_seconds"]
-        rows.append((s_all, f"| {r['scorer']} | {s_all:.3f} | {s_top:.3f} | {shared} | "
+        rows.append((s_all, f"| {label(r)} | {s_all:.3f} | {s_top:.3f} | {shared} | "
                      f"{len(r['unstable'])}{' (' + ', '.join(r['unstable'][:4]) + ')' if r['unstable'] else ''} | "
                      f"{r['seconds']:.0f} | {fe:.1f} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |"))
     lines += [row for _, row in sorted(rows, key=lambda x: -x[0])]

@@ -110,7 +110,8 @@ def test_propagate_wants_one_layer(models, examples):
 
 
 def test_b_o_is_shared_by_default_and_the_old_rule_is_an_option(models, examples):
-    """GPT-2 has b_O: shared by |β|:|γ| (public CD-T) vs all to γ (0.1); both keep β+γ exact."""
+    """GPT-2 has b_O: shared by |β|:|γ| (public CD-T, the default of its rule sets) vs all to γ (the
+    default rule set's bias rule); both keep β+γ exact."""
     from ctsft_lens.models import tiny_model
 
     model = tiny_model("gpt2", n_layers=2)
@@ -118,8 +119,12 @@ def test_b_o_is_shared_by_default_and_the_old_rule_is_an_option(models, examples
         model.original_model.transformer.h[1].attn.c_proj.bias.copy_(torch.linspace(-0.5, 0.5, model.cfg.d_model))
     batch = encode(model, examples)
     src = [Source(1, 3)]
-    share = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None)["blocks.1.hook_attn_out"]
-    gamma = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None, bias_o="gamma")["blocks.1.hook_attn_out"]
+    share = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None,
+                      decomposition="cdt-paper")["blocks.1.hook_attn_out"]
+    gamma = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None, decomposition="cdt-paper",
+                      bias_o="gamma")["blocks.1.hook_attn_out"]
+    default = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None)["blocks.1.hook_attn_out"]
+    torch.testing.assert_close(default.beta, gamma.beta)  # the default rule set gives every bias to γ
     torch.testing.assert_close(share.beta + share.gamma, gamma.beta + gamma.gamma)
     b_o = model.blocks[1].attn.b_O
     real = batch.attention_mask.bool()[None, :, :, None]

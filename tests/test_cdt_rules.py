@@ -58,6 +58,32 @@ def test_jacobian_norm_is_the_derivative(rms):
     assert _rel(frozen.beta, jvp) > 0.05  # not the derivative: it keeps β's component along x
 
 
+@pytest.mark.parametrize("rms", [True, False])
+def test_difference_norm_is_the_exact_removal(rms):
+    """β' = norm(x) − norm(x − β), each with its own scale: bounded by the norm's output even when
+    β is a thousand times the activation (where the Jacobian extrapolates without bound)."""
+    torch.manual_seed(3)
+    x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((5, 16), (16,), (16,)))
+    eps = 1e-6
+
+    def f(t):
+        c = t if rms else t - t.mean(-1, keepdim=True)
+        return c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w + (0 if rms else b)
+
+    c = x if rms else x - x.mean(-1, keepdim=True)
+    scale = (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    for size in (1e-3, 1e3):
+        beta = torch.randn(5, 16, dtype=torch.float64) * size
+        out = norm(Split(beta, x - beta), scale, w, None if rms else b, rms=rms, rule="difference", eps=eps)
+        torch.testing.assert_close(out.beta, f(x) - f(x - beta), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out.beta + out.gamma, f(x), rtol=1e-5, atol=1e-5)
+        assert out.beta.abs().max() <= 2 * w.abs().max() * 4 + 2 * b.abs().max()  # |norm| <= |w| sqrt(d)
+    small = torch.randn(5, 16, dtype=torch.float64) * 1e-4
+    jac = norm(Split(small, x - small), scale, w, None if rms else b, rms=rms, rule="jacobian")
+    diff = norm(Split(small, x - small), scale, w, None if rms else b, rms=rms, rule="difference", eps=eps)
+    torch.testing.assert_close(diff.beta, jac.beta, rtol=0, atol=1e-3 * float(jac.beta.abs().max()))  # same first order
+
+
 def test_linear_attention_is_the_derivative():
     torch.manual_seed(1)
     B, P, H, E = 2, 6, 3, 4

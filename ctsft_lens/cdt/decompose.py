@@ -4,29 +4,20 @@
 baseline), γ is everything else. Both streams are pushed through the model layer by layer with
 the rules of contextual decomposition (Hsu et al. 2024, after Murdoch et al. 2018), reading the
 weights from the ``TransformerBridge`` and the totals the rules need (norm scales, the real
-attention pattern, rotary tables) from one real ``run_with_cache`` forward:
+attention pattern, rotary tables) from one real ``run_with_cache`` forward.
 
-* linear ``x W + b``: ``βW``, ``γW``, the bias shared in proportion to ``|βW| : |γW|``;
-* LayerNorm: each stream centred, both divided by the *total*'s scale, times the weight; the
-  bias shared by ``|β| : |γ|`` of the input (as ``prop_layer_norm`` of the public CD-T code);
-  RMSNorm: both divided by the total's RMS, times the weight (Gemma: ``1 + w``); the same for
-  the post-sublayer norms (Gemma 2/3, OLMo-2: the total is the sublayer's whole output) and the
-  q/k norms (Qwen3, Gemma 3 per head; OLMo-2 over the projection), each scale the real forward's
-  ``hook_scale``;
-* element-wise activation ``f``: ``γ' = f(γ)``, ``β' = f(β + γ) - f(γ)``; also Gemma 2's final
-  logit cap ``c·tanh(x/c)``;
-* product ``a ⊙ u`` (SwiGLU, GeGLU): every term holding a β goes to β, ``γ_a ⊙ γ_u`` to γ;
-* rotary embeddings: applied to both streams (linear at each position); partial rotary (Phi-3)
-  on the first ``rotary_dim`` dims;
-* attention, rule ``"cdt"``: ``P_β = softmax(q_β k_βᵀ / √d)`` over the allowed (causal,
-  non-padding) keys, ``P_γ = P - P_β`` with ``P`` the real pattern; ``z_β = P_β v_β`` and
-  ``z_γ = P_γ v_β + P v_γ``, so ``z_β + z_γ = P (v_β + v_γ)`` is the real ``z``. Rule
-  ``"frozen"``: the real pattern for both, ``z_β = P v_β``, ``z_γ = P v_γ``. The public CD-T
-  code (``prop_attention_no_output_hh`` in adelaidehsu/CD_Circuit) uses the β-pattern (``cdt``)
-  rule at its current head; its frozen lines are commented out (since Sept. 2024).
-  GQA: each query head reads its KV group. The β scores are scaled and soft-capped as the real
-  ones (Gemma) and the allowed keys follow each layer's sliding window (``models/architectures.py``).
-  The embedding scale (Gemma's √d_model) is upstream of every source: no rule.
+Each operation has a few rules, one field of :class:`~ctsft_lens.cdt.rules.Rules` each (the table,
+with equations and sources, is ``cdt/rules.py`` and docs/method.md §2): linear maps (bias
+``share``/``gamma``), norms (``frozen``/``jacobian``/``difference``; LayerNorm on the centred
+streams, RMSNorm, Gemma's ``1 + w``, post-sublayer norms and q/k norms alike), attention
+(``cdt``: ``P_β = softmax(q_β k_βᵀ/√d)``; ``frozen``: the real pattern; ``linear``: the pattern's
+first-order response), element-wise activations (``difference``/``linear``; also Gemma 2's logit
+cap), products (``legacy``/``shapley``/``linear``), the public code's sign clean-up at the BERT or
+GPT code's places, and precision. Rotary embeddings apply to both streams (partial rotary on the
+first ``rotary_dim`` dims); GQA query heads read their KV group; the β scores of the ``cdt`` rule
+are scaled, soft-capped and windowed as the real ones. The embedding scale is upstream of every
+source: no rule. ``decomposition=`` names a preset (``faithful``, the default; ``linear``;
+``cdt-paper``...) optionally with overrides.
 
 Which family has which operation is ``ctsft_lens.models.architectures``; an operation or config
 feature without a rule raises :class:`~ctsft_lens.errors.UnsupportedOperationError`.
@@ -43,15 +34,15 @@ Two ways to push the streams (``streams``, issue #12):
   (tested ≤ 1e-5). β is zero before the first source position, so this path also starts there:
   the keys it drops carry ``k_β = 0``, whose share of the β-softmax is kept as one pseudo-key of
   score ``log(n)`` (``n`` per query: under a sliding window later queries drop fewer keys).
+  The ``linear`` attention rule reads every key (its δP reaches keys with ``k_β = 0``), so under
+  it this path starts at position 0.
 Where a bias share has ``|βW| + |γW| = 0`` the bias goes to γ, so the split is exact (the
 public code adds ``1e-8`` instead).
 
-``decomposition`` picks the product rule, the sign clean-up and the precision (see
-``DECOMPOSITIONS`` and docs/method.md §2): the product rule above is ``"legacy"``; it lets β
-and γ grow into large cancelling parts on real Qwen2.5 weights (issue #16), so the default is
-chosen by measurement (benchmarks/RESULTS_cdt_stability.md). Every propagation is checked
-against the real forward at the residual stream of each layer, the final norm and the target
-``hook_z`` (:class:`Health`), so an unstable source is always named, never silently ranked.
+The default rule set is chosen by measurement against exact patching
+(benchmarks/RESULTS_cdt_rules.md). Every propagation is checked against the real forward at the
+residual stream of each layer, the final norm and the target ``hook_z`` (:class:`Health`), so an
+unstable source is always named, never silently ranked.
 
 Many sources propagate at once: the leading tensor dimension is ``[source, example]``.
 """
@@ -160,21 +151,29 @@ def linear_heads(x: Split, weight: Float[torch.Tensor, "head d_model d_head"],
 
 
 def norm(x: Split, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, rms: bool,
-         rule: str = "frozen", bias_rule: str = "share", dims: int = 1) -> Split:
+         rule: str = "frozen", bias_rule: str = "share", dims: int = 1, eps: float = 1e-6) -> Split:
     """LayerNorm / RMSNorm with the total's ``scale`` (``hook_scale`` of the real forward).
 
     ``rule="frozen"``: both streams divided by the total's scale (the public CD-T code), the bias
     shared by ``|β| : |γ|`` of the input (``bias_rule="gamma"``: to γ). ``"jacobian"``: β' is the
     norm's derivative at the total x applied to β, ``w ⊙ (β − x̂⟨x̂, β⟩/d) / s`` with ``x̂ = x / s``
     (LayerNorm: β and x centred first), and γ' = norm(x) − β': the component of β along x, which
-    the norm removes, is removed. ``dims``: how many trailing dims the norm covers (OLMo-2's q/k
-    norm spans every head)."""
+    the norm removes, is removed. ``"difference"``: γ' = norm(γ) with γ's own scale (``eps``: the
+    norm's), β' = norm(x) − norm(x − β): the exact removal of β, bounded by the norm's output
+    whatever β's size. ``dims``: how many trailing dims the norm covers (OLMo-2's q/k norm spans
+    every head)."""
     b, g = x
     scale, weight = scale.to(b.dtype), weight.to(b.dtype)
     bias = None if bias is None else bias.to(b.dtype)
     over = tuple(range(-dims, 0))
     if not rms:
         b, g = b - b.mean(over, keepdim=True), g - g.mean(over, keepdim=True)
+    if rule == "difference":  # both norms computed here, so β' is exactly 0 where β is
+        def own(t: torch.Tensor) -> torch.Tensor:
+            y = t / (t.pow(2).mean(over, keepdim=True) + eps).sqrt() * weight
+            return y if bias is None else y + bias
+        gamma = own(g)
+        return Split(own(b + g) - gamma, gamma)
     if rule == "jacobian":
         xt = b + g
         unit = xt / scale
@@ -397,12 +396,14 @@ def attention(
 # --------------------------------------------------------------------------------------------
 # The model, layer by layer
 # --------------------------------------------------------------------------------------------
-def _norm_module(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """Weight (with the family's offset: Gemma's ``1 + w``), bias and RMS-ness of norm ``name``."""
+def _norm_module(model: Any, name: str) -> tuple[torch.Tensor, torch.Tensor | None, bool, float]:
+    """Weight (with the family's offset: Gemma's ``1 + w``), bias, RMS-ness and eps of norm ``name``."""
     row = architecture(model)
     mod = model.ln_final if name == "ln_final" else model.get_submodule(name)
     rms = row.norm == "rms"
-    return (mod.w + row.norm_offset if row.norm_offset else mod.w), (None if rms else mod.b), rms
+    hf = getattr(mod, "original_component", None)
+    eps = getattr(hf, "variance_epsilon", None) or getattr(hf, "eps", None) or model.cfg.eps
+    return (mod.w + row.norm_offset if row.norm_offset else mod.w), (None if rms else mod.b), rms, float(eps)
 
 
 def _pre_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Emit, p0: int = 0,
@@ -411,8 +412,9 @@ def _pre_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: Em
     ``keep``); the identity where the family has none (OLMo-2: the sublayers read the residual stream)."""
     if not architecture(model).pre_norms:
         return x
-    w, b, rms = _norm_module(model, name)
-    out = norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm, bias_rule=rules.bias)
+    w, b, rms, eps = _norm_module(model, name)
+    out = norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm, bias_rule=rules.bias,
+               eps=eps)
     emit(f"{name}.hook_out", out)
     return out
 
@@ -425,9 +427,9 @@ def _post_norm(model: Any, cache: Any, name: str, x: Split, keep: slice, emit: E
     if not architecture(model).post_norms:
         return x
     emit(name.replace("ln1_post", "attn").replace("ln2_post", "mlp") + ".hook_out", x)
-    w, b, rms = _norm_module(model, name)
+    w, b, rms, eps = _norm_module(model, name)
     return norm(x, cache[f"{name}.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm,
-                bias_rule=rules.bias)
+                bias_rule=rules.bias, eps=eps)
 
 
 def _qk_norm(model: Any, cache: Any, pre: str, q: Split, k: Split, keep: slice, emit: Emit,
@@ -444,13 +446,13 @@ def _qk_norm(model: Any, cache: Any, pre: str, q: Split, k: Split, keep: slice, 
         return q, k
     out = []
     for name, x, pos in (("q", q, keep), ("k", k, slice(None))):
-        w, _, _ = _norm_module(model, f"{pre}.attn.{name}_norm")
+        w, _, _, eps = _norm_module(model, f"{pre}.attn.{name}_norm")
         scale = cache[f"{pre}.attn.{name}_norm.hook_scale"]
         if row.qk_norm == "head":  # [B, head, pos, 1] -> [B, pos, head, 1]
-            y = norm(x, scale.transpose(1, 2)[:, p0:][:, pos], w, None, rms=True, rule=rules.norm)
+            y = norm(x, scale.transpose(1, 2)[:, p0:][:, pos], w, None, rms=True, rule=rules.norm, eps=eps)
         else:  # [B, pos, 1] over all heads; the weight holds one slice per head
             y = norm(x, scale[:, p0:][:, pos, None], w.view(-1, x.beta.shape[-1]), None, rms=True, rule=rules.norm,
-                     dims=2)
+                     dims=2, eps=eps)
             emit(f"{pre}.attn.hook_{name}_normed", Split(y.beta.flatten(-2), y.gamma.flatten(-2)))
         out.append(y)
     return out[0], out[1]
@@ -737,9 +739,9 @@ def propagate(
         resid = tidy_gpt(tidy_bert(Split(resid.beta + mlp_out.beta, resid.gamma + mlp_out.gamma)))
         emit(f"{pre}.hook_resid_post", resid)
         check(f"{pre}.hook_resid_post", resid, keep)
-    w, b, rms = _norm_module(model, "ln_final")
+    w, b, rms, eps = _norm_module(model, "ln_final")
     out = norm(resid, cache["ln_final.hook_scale"][:, p0:][:, keep], w, b, rms=rms, rule=rules.norm,
-               bias_rule=bias_rule)
+               bias_rule=bias_rule, eps=eps)
     emit("ln_final.hook_out", out)
     check("ln_final.hook_out", out, keep)
     return health
