@@ -216,3 +216,19 @@ def test_beta_only_path_equals_the_reference_under_a_massive_activation(massive,
     ok = ref.isfinite()
     assert ok.any() and (ok == fast.isfinite()).all()
     assert float((ref[ok] - fast[ok]).abs().max() / ref[ok].abs().max()) <= 1e-5
+
+
+def test_removal_norm_keeps_the_legacy_product_stable(massive, examples):
+    """Why the default norm rule is the exact removal: with the Jacobian norm the legacy product's
+    β_a⊙β_u term compounds layer after layer on this model (head 0.4 overflows, as head 0.11 of
+    the real-weights stand-in does); the removal norm is bounded and keeps it on scale."""
+    batch = encode(massive, examples)
+    means = head_means(massive, examples)
+    src = [Source(0, 4)]
+    with pytest.warns(UnstableDecompositionWarning, match="0.4"):
+        decompose(massive, batch, src, ["ln_final.hook_out"], means=means, decomposition="faithful,norm=jacobian")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnstableDecompositionWarning)
+        x = decompose(massive, batch, src, ["ln_final.hook_out"], means=means)["ln_final.hook_out"]
+    _, cache = _forward(massive, batch)
+    assert x.beta.abs().max() <= cache["ln_final.hook_out"].abs().max()
