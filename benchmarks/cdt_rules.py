@@ -85,7 +85,7 @@ def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_si
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", help="model folder (e.g. the real-weights stand-in) or name for load_model")
+    ap.add_argument("model", nargs="?", default="", help="model folder (e.g. the real-weights stand-in) or name for load_model")
     ap.add_argument("--task", default="nusax-senti")
     ap.add_argument("--lang", default="indonesian")
     ap.add_argument("--data-dir", default=None, help="task data folder (e.g. ../shared/data/xnli)")
@@ -97,7 +97,14 @@ def main() -> None:
     ap.add_argument("--scorer", action="append", default=[], help="repeatable; see the module docstring")
     ap.add_argument("--label", default=None, help="name of this model in the table (default: the folder name)")
     ap.add_argument("--out", default="runs/cdt_rules")
+    ap.add_argument("--summary", action="store_true", help="only print the tables of every study under --out")
     args = ap.parse_args()
+    if args.summary:
+        for folder in sorted(p for p in Path(args.out).iterdir() if (p / "meta.json").exists()):
+            print(summary(folder) + "\n")
+        return
+    if not args.model:
+        ap.error("give the model folder (e.g. runs/realqwen), or --summary")
     torch.set_grad_enabled(False)
     model, examples, means, key = load(args)
     label = args.label or Path(args.model).name
