@@ -11,6 +11,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
+from tqdm.auto import tqdm
 
 from ctsft_lens.errors import TaskError
 from ctsft_lens.tasks.base import Example, label_token_ids
@@ -90,34 +91,74 @@ def check_fit(model: Any, examples: Sequence[Example]) -> None:
                         f"{ex.uid or ex.prompt[:40]!r} ({n} tokens)")
 
 
-def truncate(model: Any, examples: Sequence[Example], max_tokens: int) -> tuple[list[Example], int]:
+def _token_lengths(tok: Any, prompts: Sequence[str]) -> list[int]:
+    """Token count of each prompt (no special tokens), one batched call on a fast tokenizer."""
+    if not prompts:
+        return []
+    if getattr(tok, "is_fast", False):
+        return [len(ids) for ids in tok(list(prompts), add_special_tokens=False)["input_ids"]]
+    return [len(tok.encode(p, add_special_tokens=False)) for p in prompts]
+
+
+def _cut_field(tok: Any, value: str, excess: int) -> str:
+    """``value`` less its last ``excess`` tokens (as tokenised alone), in one step.
+
+    The text is the decoded prefix of the value's own tokens, as the loop before this one gave
+    it; on a fast tokenizer the cut moves back to a character boundary (the token offsets say
+    where one character's bytes end), so a byte-level tokenizer never leaves half a character
+    that decodes to U+FFFD and re-encodes longer.
+    """
+    if getattr(tok, "is_fast", False):
+        enc = tok(value, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        keep = max(0, len(ids) - excess)
+        # token ``keep`` opens a new character unless it starts inside the previous token's span
+        while 0 < keep < len(ids) and offsets[keep][0] < offsets[keep - 1][1]:
+            keep -= 1
+    else:
+        ids = tok.encode(value, add_special_tokens=False)
+        keep = max(0, len(ids) - excess)
+    return tok.decode(ids[:keep]).rstrip() if keep else ""
+
+
+def truncate(model: Any, examples: Sequence[Example], max_tokens: int, *,
+             progress: bool = False) -> tuple[list[Example], int]:
     """Prompts cut to ``max_tokens`` tokens, keeping the template and so the answer position.
 
     Tokens are removed from the end of the longest field (XNLI: usually the premise), never from
-    the template's text; the last prompt token is still the template's last token. Returns the
-    examples and how many were cut (the paper is reported to cap inputs at 128 tokens).
+    the template's text; the last prompt token is still the template's last token. One batched
+    tokenisation measures every prompt; a prompt over the limit loses its excess in one cut on
+    token offsets (see :func:`_cut_field`), then is measured again in case the field tokenises
+    differently inside the template (a rare second cut). Returns the examples and how many were
+    cut (the paper is reported to cap inputs at 128 tokens). ``progress``: a bar over the prompts.
     """
     if max_tokens < 1:
         raise TaskError(f"max_tokens must be >= 1, got {max_tokens}")
     tok = model.tokenizer
-    length = lambda ex: len(tok.encode(ex.prompt, add_special_tokens=False))  # noqa: E731
+    lengths = _token_lengths(tok, [ex.prompt for ex in examples])
     out, n_cut = [], 0
-    for ex in examples:
-        excess = length(ex) - max_tokens
+    bar = tqdm(total=len(examples), desc=f"truncating prompts to {max_tokens} tokens", unit="prompt",
+               disable=not progress)
+    for ex, n in zip(examples, lengths):
+        bar.update()
+        excess = n - max_tokens
         if excess <= 0:
             out.append(ex)
             continue
         if not ex.fields:
-            raise TaskError(f"prompt {ex.uid or ex.prompt[:40]!r} has no fields to shorten; it is {length(ex)} tokens")
+            raise TaskError(f"prompt {ex.uid or ex.prompt[:40]!r} has no fields to shorten; it is {n} tokens")
         while excess > 0:
             name, value = max(ex.fields, key=lambda kv: len(kv[1]))
-            ids = tok.encode(value, add_special_tokens=False)
-            if not ids:
+            if not value:
                 raise TaskError(f"prompt {ex.uid!r}: the template alone is longer than max_tokens={max_tokens}")
-            ex = ex.with_fields(**{name: tok.decode(ids[:max(0, len(ids) - excess)]).rstrip()})
-            excess = length(ex) - max_tokens
+            shorter = _cut_field(tok, value, excess)
+            if len(shorter) >= len(value):  # a tokenizer whose decode does not shorten: cut characters
+                shorter = value[:len(value) - 1].rstrip()
+            ex = ex.with_fields(**{name: shorter})
+            excess = _token_lengths(tok, [ex.prompt])[0] - max_tokens
         out.append(ex)
         n_cut += 1
+    bar.close()
     return out, n_cut
 
 

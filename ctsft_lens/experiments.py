@@ -486,7 +486,7 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
     out = Path(config.out)
     langs = dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])
     task_of = {lang: load_task(config.task, lang, config.data_dir) for lang in langs}
-    distributed.on_main(lambda: preflight(config, task_of, out), "the experiment's checks")
+    distributed.on_main(lambda: preflight(config, task_of, out, progress=progress), "the experiment's checks")
     if distributed.is_main():
         write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
     source, targets = _lang(config, config.source), list(dict.fromkeys(_lang(config, t) for t in config.targets))
@@ -835,20 +835,55 @@ def _cut(config: ExperimentConfig, model: Any, examples: list) -> list:
     return truncate(model, examples, config.max_tokens)[0]
 
 
-def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> None:
-    """Every check that needs data but no training, before the first stage: the output folder is
-    writable, every sample can be drawn, and every prompt fits the model's context."""
-    writable_folder(out, "experiment.out")
-    source = _lang(config, config.source)
-    needs = [(task_of[source], config.competence, 0)] + [
-        (task_of[_lang(config, t)], config.transfer, s) for t in config.targets for s in config.seeds]
-    for task, stage, seed in needs:
-        _stage_data(task, stage, seed)  # raises TaskError naming the split and label counts
+def used_examples(config: ExperimentConfig, task_of: dict[str, Any]) -> dict[str, list]:
+    """The examples the stages will read, by ``lang/split`` (``task:lang/test`` for retention), each
+    once: the competence and transfer samples, the discovery sample (and its pool for a correct-only
+    mean), the faithfulness sample and the test cut. Drawing them checks every sample can be drawn
+    (a TaskError names the split and its label counts)."""
     from ctsft_lens.tasks.base import balanced_sample
 
-    balanced_sample(discovery_pool(config, task_of[source]), config.discovery.n_examples, task_of[source].n_labels,
-                    where=f"the {config.discovery.pool} discovery pool")
-    from ctsft_lens.batching import check_fit
+    used: dict[str, dict[str, Any]] = {}
+
+    def add(key: str, examples: list) -> None:
+        group = used.setdefault(key, {})
+        for ex in examples:
+            group.setdefault(ex.uid or ex.prompt, ex)
+
+    source = _lang(config, config.source)
+    src = task_of[source]
+    competence = _stage_data(src, config.competence, seed=0)
+    add(f"{source}/train", competence[0])
+    add(f"{source}/valid", competence[1])
+    for lang, task in task_of.items():
+        add(f"{lang}/test", task.examples("test", config.eval_limit))
+    for target in dict.fromkeys(_lang(config, t) for t in config.targets):
+        exclude = {ex.uid for ex in competence[0]} if target == source else set()
+        for seed in config.seeds:
+            train_ex, dev_ex = _stage_data(task_of[target], config.transfer, seed, exclude)
+            add(f"{target}/train", train_ex)
+            add(f"{target}/valid", dev_ex)
+    d = config.discovery
+    pool = discovery_pool(config, src)
+    sample = balanced_sample(pool, d.n_examples, src.n_labels, seed=1, where=f"the {d.pool} discovery pool")
+    if (any(_needs_circuit(v) for v in config.variants) or config.faithfulness) and not config.circuit:
+        add(f"{source}/train", sample)
+        if d.mean_over == "correct":
+            add(f"{source}/train", pool)
+    if config.faithfulness:
+        n = min(config.faithfulness_examples, len(src.examples("valid")) // src.n_labels * src.n_labels)
+        add(f"{source}/valid", src.sample(n, "valid", seed=2))
+    for label, examples in _retention_tests(config).items():
+        add(f"{label}/test", examples)
+    return {key: list(group.values()) for key, group in used.items() if group}
+
+
+def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path, *, progress: bool = False) -> None:
+    """Every check that needs data but no training, before the first stage: the output folder is
+    writable, every sample can be drawn, and every prompt a stage reads fits the model's context
+    (after truncation to ``max_tokens``, whose counts go to ``truncation.json``)."""
+    writable_folder(out, "experiment.out")
+    used = used_examples(config, task_of)
+    from ctsft_lens.batching import check_fit, truncate
 
     comp = out / "competence"  # a cached competence model has the same tokenizer and context
     try:
@@ -857,14 +892,10 @@ def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path) -> N
         name = config.competence_model or config.model
     model = _load(config, name)
     cut = {}
-    for lang, task in task_of.items():
-        for split in ("train", "valid", "test"):
-            examples = task.examples(split, config.eval_limit if split == "test" else None)
-            if config.max_tokens is not None:
-                from ctsft_lens.batching import truncate
-
-                examples, cut[f"{lang}/{split}"] = truncate(model, examples, config.max_tokens)
-            check_fit(model, examples)
+    for key, examples in used.items():
+        if config.max_tokens is not None:
+            examples, cut[key] = truncate(model, examples, config.max_tokens, progress=progress)
+        check_fit(model, examples)
     if cut:
         write_json(out / "truncation.json", {"max_tokens": config.max_tokens, "prompts_cut": cut})
 
