@@ -22,27 +22,18 @@ from typing import Any
 
 import torch
 
-from ctsft_lens.batching import batches
-from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means
 from ctsft_lens.options import ATTENTION_RULES
-from ctsft_lens.cdt.decompose import DECOMPOSITIONS, RECON_TOL, Source, Split, cache_names, propagate, unembed
+from ctsft_lens.cdt.decompose import DECOMPOSITIONS, RECON_TOL, Split, unembed
+from ctsft_lens.cdt.driver import forwards
 from ctsft_lens.cdt.expansion import n_to_keep
 from ctsft_lens.cdt.relevance import task_directions
 from ctsft_lens.circuit import head_name, rank_heads
+from ctsft_lens.compare import spearman
 from ctsft_lens.models import load_model
 from ctsft_lens.scoring import patching_scores
 from ctsft_lens.tasks import load_task
 from ctsft_lens.tasks.base import balanced_sample
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Rank correlation of two 1-D tensors (no ties expected in float scores)."""
-    if a.numel() < 3:
-        return float("nan")
-    ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 @torch.no_grad()
@@ -56,39 +47,34 @@ def run_rule(model: Any, examples: list, means: torch.Tensor, rule: str, batch_s
     recon_hook = torch.zeros(L, H, dtype=torch.float64)
     recon_logits = torch.zeros(L, H, dtype=torch.float64)
     beta_logits = torch.zeros(L, H, dtype=torch.float64)
-    names = cache_names(model, list(range(L)))
     t0 = time.time()
-    for batch in batches(model, examples, batch_size):
-        with attn_results(model):
-            logits, cache = run(model, batch, names=names)
-        real = logits[:, -1].double()  # [B, vocab]
+    heads = [(layer, head) for layer in range(L) for head in range(H)]
+    for fwd in forwards(model, examples, heads, batch_size=batch_size, chunk=chunk, forward_last_only=False,
+                        means=means, decomposition=rule, attention_rule=attention):
+        real = fwd.logits[:, -1].double()  # [B, vocab]
         scale = real.abs().max()
-        mask = batch.attention_mask.to(cfg.device)
-        directions = task_directions(model, batch.label_token_ids)[batch.labels.to(cfg.device)]
-        for layer in range(L):
-            for start in range(0, H, chunk):
-                part = list(range(start, min(H, start + chunk)))
-                got: dict[str, torch.Tensor] = {}
+        directions = task_directions(model, fwd.batch.label_token_ids)[fwd.batch.labels.to(cfg.device)]
+        for part in fwd.chunks():
+            layer, heads_ = part.layer, part.heads
+            got: dict[str, torch.Tensor] = {}
 
-                def emit(name: str, x: Split) -> None:
-                    if name == "ln_final.hook_out":
-                        last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
-                        got["proj"] = (last.beta * directions).sum(-1).double()  # [S, B]
-                        lg = unembed(model, last)
-                        got["recon"] = ((lg.beta + lg.gamma).double() - real).abs().flatten(1).amax(1) / scale
-                        got["beta"] = lg.beta.double().abs().flatten(1).amax(1) / scale
-                        got["ok"] = (lg.beta.isfinite() & lg.gamma.isfinite()).flatten(1).all(1)
+            def emit(name: str, x: Split) -> None:
+                if name == "ln_final.hook_out":
+                    last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
+                    got["proj"] = (last.beta * directions).sum(-1).double()  # [S, B]
+                    lg = unembed(model, last)
+                    got["recon"] = ((lg.beta + lg.gamma).double() - real).abs().flatten(1).amax(1) / scale
+                    got["beta"] = lg.beta.double().abs().flatten(1).amax(1) / scale
+                    got["ok"] = (lg.beta.isfinite() & lg.gamma.isfinite()).flatten(1).all(1)
 
-                health = propagate(model, cache, mask, [Source(layer, h) for h in part], means=means,
-                                   decomposition=rule, attention_rule=attention, emit=emit, last_only=True)
-                proj[layer, part] += got["proj"].sum(1).cpu()
-                finite[layer, part] &= health.finite & got["ok"].cpu() & got["proj"].isfinite().all(1).cpu()
-                recon_hook[layer, part] = torch.maximum(recon_hook[layer, part], health.recon)
-                recon_logits[layer, part] = torch.maximum(recon_logits[layer, part],
-                                                          got["recon"].nan_to_num(math.inf).cpu())
-                beta_logits[layer, part] = torch.maximum(beta_logits[layer, part],
-                                                         got["beta"].nan_to_num(math.inf).cpu())
-        del cache
+            health = part.propagate(emit)
+            proj[layer, heads_] += got["proj"].sum(1).cpu()
+            finite[layer, heads_] &= health.finite & got["ok"].cpu() & got["proj"].isfinite().all(1).cpu()
+            recon_hook[layer, heads_] = torch.maximum(recon_hook[layer, heads_], health.recon)
+            recon_logits[layer, heads_] = torch.maximum(recon_logits[layer, heads_],
+                                                        got["recon"].nan_to_num(math.inf).cpu())
+            beta_logits[layer, heads_] = torch.maximum(beta_logits[layer, heads_],
+                                                       got["beta"].nan_to_num(math.inf).cpu())
     return {"proj": proj / len(examples), "finite": finite, "recon_hook": torch.maximum(recon_hook, recon_logits),
             "recon_logits": recon_logits, "beta_logits": beta_logits, "seconds": time.time() - t0}
 

@@ -33,9 +33,9 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import Source, Split, cache_names, linear, logit_cap, propagate
+from ctsft_lens.cdt.decompose import Source, Split, linear, logit_cap, propagate
+from ctsft_lens.cdt.driver import forwards
 from ctsft_lens.circuit import Circuit, Head, head_name, parse_head
-from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means
 from ctsft_lens.cdt.rules import resolve as resolve_rules
 from ctsft_lens.options import ATTENTION_RULES, BASELINES, AttentionRule, Baseline, check
@@ -235,8 +235,6 @@ def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Examp
                baseline: Baseline = "mean", attention: AttentionRule | None = None, top_k: int = 5,
                batch_size: int = 8, memory_gb: float = 2.0) -> list[HeadView]:
     """:func:`head_view` of each head in ``heads``, sharing the baseline and the real forwards."""
-    from ctsft_lens.cdt.relevance import _row_bytes
-
     check("baseline", baseline, BASELINES)
     if attention is not None:
         check("attention", attention, ATTENTION_RULES)
@@ -249,40 +247,32 @@ def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Examp
     if baseline == "zero":
         means = None
     cfg = model.cfg
-    layers = sorted({layer for layer, _ in heads})
-    hooks = cache_names(model, layers)
     rows: dict[Head, list[ExampleView]] = {h: [] for h in heads}
-    start = 0
-    for batch in batches(model, examples, batch_size):
-        n, width = batch.input_ids.shape
-        with attn_results(model):
-            logits, cache = run(model, batch, names=hooks, last_only=True)
-        mask = batch.attention_mask.to(logits.device)
+    for fwd in forwards(model, examples, heads, batch_size=batch_size, memory_gb=memory_gb, means=means,
+                        attention_rule=attention):
+        batch, logits, start, n = fwd.batch, fwd.logits, fwd.start, fwd.n
+        width = batch.input_ids.shape[1]
         ids = batch.label_token_ids.to(logits.device)
         label_logits = logits[:, -1, ids].float().cpu()
         lengths = batch.attention_mask.sum(1).tolist()
         tokens = [tuple(model.tokenizer.decode([t]) for t in batch.input_ids[b, width - lengths[b]:].tolist())
                   for b in range(n)]
-        chunk = max(1, int(memory_gb * 2**30) // (n * _row_bytes(model, width)))
-        for layer in layers:
-            in_layer = sorted({h for lay, h in heads if lay == layer})
-            for i in range(0, len(in_layer), chunk):
-                part = in_layer[i:i + chunk]
-                push = label_push(model, cache, mask, [Source(layer, h) for h in part], ids,
-                                  means=means, attention=attention).float().cpu()  # [S, B, n_labels]
-                pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, part, -1].float().cpu()  # [B, S, k]
-                for s, h in enumerate(part):
-                    for b in range(n):
-                        att = pattern[b, s, width - lengths[b]:]
-                        order = sorted(range(len(att)), key=lambda p: (-float(att[p]), p))[:top_k]
-                        rows[(layer, h)].append(ExampleView(
-                            index=start + b, uid=examples[start + b].uid,
-                            gold=int(batch.labels[b]), predicted=int(label_logits[b].argmax()),
-                            push=tuple(push[s, b].tolist()), label_logits=tuple(label_logits[b].tolist()),
-                            tokens=tokens[b], attention=tuple(att.tolist()),
-                            top_tokens=tuple((p, tokens[b][p], float(att[p])) for p in order)))
-        start += n
-        del cache
+        for chunk in fwd.chunks():
+            layer, part = chunk.layer, chunk.heads
+            seen: dict[str, Split] = {}
+            chunk.propagate(_keep_final(seen))
+            push = _label_beta(model, seen["ln_final.hook_out"], ids).float().cpu()  # [S, B, n_labels]
+            pattern = fwd.cache[f"blocks.{layer}.attn.hook_pattern"][:, part, -1].float().cpu()  # [B, S, k]
+            for s, h in enumerate(part):
+                for b in range(n):
+                    att = pattern[b, s, width - lengths[b]:]
+                    order = sorted(range(len(att)), key=lambda p: (-float(att[p]), p))[:top_k]
+                    rows[(layer, h)].append(ExampleView(
+                        index=start + b, uid=examples[start + b].uid,
+                        gold=int(batch.labels[b]), predicted=int(label_logits[b].argmax()),
+                        push=tuple(push[s, b].tolist()), label_logits=tuple(label_logits[b].tolist()),
+                        tokens=tokens[b], attention=tuple(att.tolist()),
+                        top_tokens=tuple((p, tokens[b][p], float(att[p])) for p in order)))
     meta = {"model": getattr(cfg, "model_name", None), "n_examples": len(examples)}
     rule = resolve_rules(None, attention=attention).attention
     return [HeadView(h, tuple(names), tuple(rows[h]), "mean" if means is not None else "zero", rule, meta)
@@ -299,14 +289,22 @@ def label_push(model: Any, cache: Any, attention_mask: torch.Tensor, sources: Se
     columns are computed), with the last layer propagated at the last position only.
     """
     seen: dict[str, Split] = {}
+    propagate(model, cache, attention_mask, sources, means=means, attention_rule=attention, emit=_keep_final(seen),
+              last_only=True)
+    return _label_beta(model, seen["ln_final.hook_out"], label_token_ids)
 
+
+def _keep_final(seen: dict[str, Split]) -> Any:
+    """An ``emit`` that keeps the β/γ at the final norm in ``seen``."""
     def keep(name: str, x: Split) -> None:
         if name == "ln_final.hook_out":
             seen[name] = x
 
-    propagate(model, cache, attention_mask, sources, means=means, attention_rule=attention, emit=keep,
-              last_only=True)
-    x = seen["ln_final.hook_out"]
+    return keep
+
+
+def _label_beta(model: Any, x: Split, label_token_ids: torch.Tensor) -> torch.Tensor:
+    """β at the label logits of the last position, from β/γ at the final norm: ``[source, batch, n_labels]``."""
     last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
     ids = label_token_ids.to(model.W_U.device)
     b_u = getattr(model, "b_U", None)

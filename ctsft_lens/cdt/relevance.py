@@ -10,7 +10,8 @@ Two scores, per example then averaged:
   vector for the logits target).
 
 Speed: one real forward per batch of examples; the sources of each layer then propagate
-together as a ``[source, example]`` batch, chunked to a memory budget. With a fully linear rule
+together as a ``[source, example]`` batch, chunked to a memory budget (``cdt.driver``, the loop
+``explore`` and the rule benchmark walk too). With a fully linear rule
 set (``cdt.rules``: ``Rules.linear``) β is the derivative of the network along ``a − μ``, so the
 projection score against the logits is ``Σ_pos (a − μ)·∂m/∂a`` with ``m = ⟨final-normed residual,
 v_task⟩``: every source comes from **one backward pass** (:func:`linear_projection`), tested
@@ -28,12 +29,12 @@ from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import (Health, Source, Split, cache_names, head_output, propagate, report_unstable,
-                                      source_positions, unembed, BETA_LIMIT, recon_tol)
-from ctsft_lens.cdt.rules import Rules, resolve
+from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, propagate, report_unstable, source_positions,
+                                      unembed, BETA_LIMIT, recon_tol)
+from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
+from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import Head
-from ctsft_lens.devices import memory_budget_gb
-from ctsft_lens.forward import attn_results, hook_layer, run
+from ctsft_lens.forward import hook_layer, run
 from ctsft_lens.means import head_means, z_means
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.tasks.base import Example
@@ -83,16 +84,6 @@ SCORERS: dict[str, Scorer] = {"projection": _projection, "magnitude": _magnitude
 """CD-T head scorings: ``(split target [source, batch, d], model, is_logits, v_task [batch, d]) -> [source, batch]``.
 The one registry: ``--scoring`` choices, validation and docs read it; a new scoring is one entry."""
 Scoring = str  # a key of SCORERS
-
-
-def _row_bytes(model: Any, n_pos: int) -> int:
-    """Rough peak bytes of one (source, example) row during propagation."""
-    cfg = model.cfg
-    return _dtype_bytes(model) * n_pos * (8 * cfg.d_mlp + 4 * cfg.n_heads * n_pos + 16 * cfg.d_model)
-
-
-def _dtype_bytes(model: Any) -> int:
-    return torch.finfo(next(model.parameters()).dtype).bits // 8
 
 
 def _cdt_only(scorings: Sequence[str]) -> tuple[str, ...]:
@@ -201,51 +192,40 @@ def head_relevances(
     if baseline == "zero":
         means = None
 
-    budget = memory_budget_gb(cfg.device, memory_gb)
     local, index = distributed.shard(examples, batch_size)  # under torchrun: this rank's whole batches
     per_example = {name: torch.full((len(targets), len(local), cfg.n_layers, cfg.n_heads), float("nan"))
                    for name in scorings}
     recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
     healthy = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # finite and |β| within BETA_LIMIT
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in sorted(set(sources)):
-        by_layer.setdefault(layer, []).append(head)
     stop = None if targets[0] is None else top
-    names = cache_names(model, list(by_layer) or [0], streams)
     n_batches = (len(local) + batch_size - 1) // batch_size
     bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
                leave=False)
-    start = 0
     # fully linear rules against the logits: one backward pass gives every source (module docstring)
     one_backward = rules_linear and targets == (None,) and scorings == ("projection",) and streams == "beta"
-    for batch in batches(model, local, batch_size) if local else ():
-        n = batch.input_ids.shape[0]
-        if one_backward:
+    if one_backward:
+        start = 0
+        for batch in batches(model, local, batch_size) if local else ():
+            n = batch.input_ids.shape[0]
             table = linear_projection(model, batch, means, positions)  # [B, L, H]
-            for layer, heads in by_layer.items():
+            for layer, heads in by_layer(sources).items():
                 per_example["projection"][0, start:start + n, layer, heads] = table[:, layer, heads].float()
                 healthy[layer, heads] &= table[:, layer, heads].isfinite().all(0)
             bar.update(len(sources))
             start += n
-            continue
-        with attn_results(model):
-            _, cache = run(model, batch, names=names, last_only=True)
-        mask = batch.attention_mask.to(cfg.device)
-        directions = task_directions(model, batch.label_token_ids)[batch.labels.to(cfg.device)]  # [B, d]
-        chunk = max(1, int(budget * 2**30) // (n * _row_bytes(model, batch.input_ids.shape[1])))
-        for layer, heads in by_layer.items():
-            for i in range(0, len(heads), chunk):
-                part = heads[i:i + chunk]
-                srcs = [Source(layer, h, positions) for h in part]
-                scores, health = _relevance_chunk(model, cache, mask, srcs, targets, stop, scorings,
-                                                  directions, means, rules, bias_o, streams)
-                recon[layer, part] = torch.maximum(recon[layer, part], health.recon)
-                healthy[layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
+    else:
+        for fwd in forwards(model, local, sources, batch_size=batch_size, memory_gb=memory_gb, positions=positions,
+                            streams=streams, means=means, decomposition=rules, bias_o=bias_o, stop_layer=stop):
+            directions = task_directions(model, fwd.batch.label_token_ids)[fwd.batch.labels.to(cfg.device)]  # [B, d]
+            rows = slice(fwd.start, fwd.start + fwd.n)
+            for chunk in fwd.chunks():
+                part = chunk.heads
+                scores, health = _relevance_chunk(model, chunk, targets, scorings, directions)
+                recon[chunk.layer, part] = torch.maximum(recon[chunk.layer, part], health.recon)
+                healthy[chunk.layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for (name, t), s in scores.items():  # s: [S, B]
-                    per_example[name][t, start:start + n, layer, part] = s.T.float().cpu()
+                    per_example[name][t, rows, chunk.layer, part] = s.T.float().cpu()
                 bar.update(len(part))
-        start += n
-        del cache
     bar.close()
     per_example = {name: distributed.gather_examples(table, index, len(examples), dim=1)  # original order, all ranks
                    for name, table in per_example.items()}
@@ -266,13 +246,9 @@ def head_relevances(
 
 
 def _relevance_chunk(
-    model: Any, cache: Any, mask: torch.Tensor, srcs: list[Source],
-    targets: tuple[Head | None, ...], stop: int | None, scorings: tuple[str, ...],
-    directions: torch.Tensor, means: torch.Tensor | None, rules: Rules,
-    bias_o: str | None = None,
-    streams: str = "beta",
+    model: Any, chunk: Chunk, targets: tuple[Head | None, ...], scorings: tuple[str, ...], directions: torch.Tensor,
 ) -> tuple[dict[tuple[str, int], torch.Tensor], Health]:
-    """Scores ``{(scoring, target index): [source, batch]}`` of sources in one layer, and their health."""
+    """Scores ``{(scoring, target index): [source, batch]}`` of one chunk's sources, and their health."""
     out: dict[tuple[str, int], torch.Tensor] = {}
     target_layers = {t[0] for t in targets if t is not None}
 
@@ -290,8 +266,7 @@ def _relevance_chunk(
                     for scoring in scorings:
                         out[scoring, t] = SCORERS[scoring](at, model, False, directions)
 
-    health = propagate(model, cache, mask, srcs, means=means, decomposition=rules, bias_o=bias_o, emit=visit,
-                       stop_layer=stop, last_only=True, streams=streams)
+    health = chunk.propagate(visit, via=propagate)  # this module's binding: tests count the passes through it
     return out, health
 
 
