@@ -1,0 +1,133 @@
+"""``ctsft``: the command line, a thin layer over the library calls.
+
+Each subcommand is a pair: ``_add_<name>(sub)`` declares its options and ``_cmd_<name>(args)``
+runs it. Results go to ``--out`` as ``<command>.json`` next to a human-readable ``<command>.txt``.
+
+One module per command group, over the options they share (:mod:`~ctsft_lens.cli.common`):
+:mod:`~ctsft_lens.cli.evaluation` (eval), :mod:`~ctsft_lens.cli.experiment` (experiment,
+quickstart), :mod:`~ctsft_lens.cli.sft` (competence, train, apply-adapter),
+:mod:`~ctsft_lens.cli.circuits` (discover, mask), :mod:`~ctsft_lens.cli.analysis` (faithfulness,
+report, compare) and :mod:`~ctsft_lens.cli.env` (env). Every name is re-exported here, and
+rebinding one here rebinds it in those modules (see :mod:`ctsft_lens._floors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from ctsft_lens import distributed
+from ctsft_lens._floors import rebind_through
+from ctsft_lens.cli import analysis, circuits, common, env, evaluation, experiment, sft
+from ctsft_lens.cli.analysis import (_add_compare, _add_faithfulness, _add_report, _cmd_compare, _cmd_faithfulness,
+                                     _cmd_report)
+from ctsft_lens.cli.circuits import _add_discover, _add_mask, _cmd_discover, _cmd_mask
+from ctsft_lens.cli.common import (_add_device, _add_discovery_config, _add_field_flag, _add_model, _add_out,
+                                   _add_task, _add_train_config, _check_fit, _checked_type, _dest,
+                                   _discovery_config, _load, _optional, _positions, _positive, _train_config,
+                                   write_results)
+from ctsft_lens.cli.env import _add_env, _cmd_env
+from ctsft_lens.cli.evaluation import _add_eval, _cmd_eval
+from ctsft_lens.cli.experiment import (_add_experiment, _add_quickstart, _cmd_experiment, _cmd_quickstart,
+                                       _run_experiment)
+from ctsft_lens.cli.sft import (_add_apply_adapter, _add_competence, _add_sft_options, _add_train,
+                                _cmd_apply_adapter, _cmd_competence, _cmd_train, _run_sft)
+from ctsft_lens.errors import CLIError, CtsftError
+
+__all__ = ["COMMANDS", "build_parser", "main", "write_results"]
+
+COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = [
+    (_add_eval, _cmd_eval),
+    (_add_experiment, _cmd_experiment),
+    (_add_quickstart, _cmd_quickstart),
+    (_add_competence, _cmd_competence),
+    (_add_train, _cmd_train),
+    (_add_apply_adapter, _cmd_apply_adapter),
+    (_add_faithfulness, _cmd_faithfulness),
+    (_add_discover, _cmd_discover),
+    (_add_mask, _cmd_mask),
+    (_add_env, _cmd_env),
+    (_add_report, _cmd_report),
+    (_add_compare, _cmd_compare),
+]
+
+
+# Flags users (and once docs/cli.md) pass to a command that has none: what to do instead.
+_FLAG_HINTS = {("competence", "--save-model"): "competence always saves the tuned model to OUT/model: drop the flag"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (and exit code 2) instead of usage + error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """As argparse, but an unknown flag is reported with the command it was given to."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            cmd = getattr(ns, "command", None)
+            where = f"{self.prog} {cmd}" if cmd else self.prog
+            flag = next((x.split("=")[0] for x in extra if x.startswith("-")), extra[0])
+            hint = _FLAG_HINTS.get((cmd, flag), f"ctsft {cmd} has no {flag}" if cmd else "")
+            self.exit(2, f"{where}: error: unrecognized arguments: {' '.join(extra)}{'; ' + hint if hint else ''} "
+                         f"(see {where} --help)\n")
+        return ns
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ctsft`` parser with every subcommand of ``COMMANDS`` registered."""
+    parser = _Parser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    from ctsft_lens import __version__  # inside: a name of the root facade (tests/test_imports.py)
+
+    parser.add_argument("--version", action="version", version=f"ctsft_lens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add, cmd in COMMANDS:
+        before = set(sub.choices)
+        add(sub)
+        for name in set(sub.choices) - before:
+            sub.choices[name].set_defaults(func=cmd)
+            sub.choices[name].add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                           help="show the full traceback of an error")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``ctsft``: bad input is one stderr line and exit code 2 (``--debug``: the
+    traceback); Ctrl-C is one line and exit code 130."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    try:
+        joined = distributed.init()  # under torchrun: join the process group (gloo / NCCL)
+    except CtsftError as err:
+        print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if not distributed.is_main() and hasattr(args, "no_progress"):
+        args.no_progress = True  # one set of progress bars: rank 0's
+    try:
+        return _run_command(args)
+    finally:
+        if joined:
+            distributed.destroy()
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        args.func(args)
+    except CtsftError as err:
+        if args.debug:
+            raise
+        print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"ctsft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+rebind_through(__name__, (common, evaluation, experiment, sft, circuits, analysis, env))
