@@ -90,9 +90,15 @@ def test_beta_only_path_starts_at_the_first_source_position(models, examples):
 
         for streams in widths:
             _, cache = run(model, batch, names=cache_names(model, [1], streams))
-            propagate(model, cache, mask, sources, streams=streams,
+            propagate(model, cache, mask, sources, streams=streams, decomposition="cdt-paper",
                       emit=lambda name, x, s=streams: widths[s].add(x.beta.shape[2]))
     assert widths == {"beta": {1}, "both": {mask.shape[1]}}
+    # the linear attention rule (the default's) reads every key: its fast path starts at position 0
+    linear: set[int] = set()
+    with attn_results(model):
+        _, cache = run(model, batch, names=cache_names(model, [1], "beta"))
+        propagate(model, cache, mask, sources, emit=lambda name, x: linear.add(x.beta.shape[2]))
+    assert linear == {mask.shape[1]}
 
 
 def test_bad_streams_is_refused(models, examples):
