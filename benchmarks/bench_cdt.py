@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--modes", default="both,beta,beta-last,bf16")
     parser.add_argument("--bf16-positions", choices=["all", "last"], default="all",
                         help="bf16 drift over sources at every token (vs fp32 beta) or the last (vs beta-last)")
-    parser.add_argument("--json", default="benchmarks/bench_cdt.json", help="where to write the results")
+    parser.add_argument("--json", default="runs/bench_cdt.json", help="where to write the results (runs/ is ignored)")
     args = parser.parse_args()
     configs = {"tiny": ("tiny", 12), "real": (args.real, 3)}
     names = [args.only] if args.only else ["tiny"] + (["real"] if args.real else [])
