@@ -37,6 +37,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # Each linear rule is the derivative of its operation (checked with torch.func.jvp)
 # --------------------------------------------------------------------------------------------
+def _reference_norm(x, w, b, rms, eps):
+    """A plain RMSNorm / LayerNorm ``f`` and the scale of ``x`` under it (the forward's ``hook_scale``)."""
+    def f(t):
+        c = t if rms else t - t.mean(-1, keepdim=True)
+        return c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w + (0 if rms else b)
+
+    c = x if rms else x - x.mean(-1, keepdim=True)
+    return f, (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
 @pytest.mark.parametrize("rms", [True, False])
 def test_jacobian_norm_is_the_derivative(rms):
     torch.manual_seed(0)
@@ -44,12 +54,7 @@ def test_jacobian_norm_is_the_derivative(rms):
     x[:, 2] += 300.0  # a massive channel: the frozen rule passes β there, the norm removes it
     eps = 1e-6
 
-    def f(t):
-        c = t if rms else t - t.mean(-1, keepdim=True)
-        return c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w + (0 if rms else b)
-
-    c = x if rms else x - x.mean(-1, keepdim=True)
-    scale = (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    f, scale = _reference_norm(x, w, b, rms, eps)
     out = norm(Split(beta, x - beta), scale, w, None if rms else b, rms=rms, rule="jacobian")
     _, jvp = torch.func.jvp(f, (x,), (beta,))
     torch.testing.assert_close(out.beta, jvp, rtol=1e-4, atol=1e-5)
@@ -66,12 +71,7 @@ def test_difference_norm_is_the_exact_removal(rms):
     x, w, b = (torch.randn(*shape, dtype=torch.float64) for shape in ((5, 16), (16,), (16,)))
     eps = 1e-6
 
-    def f(t):
-        c = t if rms else t - t.mean(-1, keepdim=True)
-        return c / (c.pow(2).mean(-1, keepdim=True) + eps).sqrt() * w + (0 if rms else b)
-
-    c = x if rms else x - x.mean(-1, keepdim=True)
-    scale = (c.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    f, scale = _reference_norm(x, w, b, rms, eps)
     for size in (1e-3, 1e3):
         beta = torch.randn(5, 16, dtype=torch.float64) * size
         out = norm(Split(beta, x - beta), scale, w, None if rms else b, rms=rms, rule="difference", eps=eps)
