@@ -1,12 +1,13 @@
-"""Faithfulness curves of CD-T circuits on a real model folder, with a RESULTS.md section.
+"""Faithfulness curves of CD-T circuits on a real model folder, with a Markdown results section.
 
     python benchmarks/faithfulness_real.py MODEL_DIR [--circuit projection.json --circuit magnitude.json]
         [--task nusax-senti --lang indonesian --n-discover 30 --n-examples 30 --ratio 0.02 --depth 2]
-        [--points 24 --seeds 5 --positions pooled --out runs/faithfulness_real --results benchmarks/RESULTS.md]
+        [--points 24 --seeds 5 --positions pooled --out runs/faithfulness_real]
 
 Without ``--circuit`` it discovers a projection and a magnitude circuit on a label-balanced
 train sample first (saved to OUT). Faithfulness is measured on a disjoint valid sample. The
-section appended to RESULTS.md records the command, the model, every figure and the wall times.
+section appended to OUT/results.md (or ``--results``) records the command, the model, every figure
+and the wall times; nothing tracked is written unless you name it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--tables-per-forward", type=int, default=1)
     p.add_argument("--out", default="runs/faithfulness_real")
-    p.add_argument("--results", default="benchmarks/RESULTS.md")
+    p.add_argument("--results", default=None,
+                   help="Markdown file the section is appended to (default: OUT/results.md; copy what you "
+                        "keep into benchmarks/RESULTS.md by hand, so a run never edits a tracked file)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def main() -> None:
                  + f" ({n_forwards} ablated forwards of {report.n_examples} examples in the faithfulness step).\n")
     lines.append(f"Curves and figures: `{out}/` (curves.csv, faithfulness.json, *.html).\n")
     section = "\n".join(lines)
-    results = Path(args.results)
+    results = Path(args.results) if args.results else out / "results.md"
     results.parent.mkdir(parents=True, exist_ok=True)
     if not results.exists():
         results.write_text("# Benchmark results\n")

@@ -64,3 +64,27 @@ def test_no_tracked_file_names_an_absolute_machine_path():
         found += [f"{name}:{i}: {line[:120]}" for i, line in offending_lines(text)]
     assert not found, ("tracked files name an absolute machine path; use a placeholder (MODEL_DIR) or a path "
                        "relative to the repository root (runs/...):\n" + "\n".join(found))
+
+
+# What a benchmark may keep in the repository: its code, its Markdown tables and the figures they cite.
+# Raw outputs (JSON, CSV, HTML, logs) are written under runs/ (ignored) and quoted in the tables.
+BENCHMARK_KEEPS = (".py", ".md", ".sh", ".toml", ".png")
+
+
+def _tracked(under: str) -> list[str]:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    listed = subprocess.run(["git", "ls-files", "-z", under], cwd=ROOT, capture_output=True, check=False)
+    if listed.returncode != 0:
+        pytest.skip("git ls-files failed: not a git checkout")
+    return [n for n in listed.stdout.decode().split("\0") if n and (ROOT / n).is_file()]
+
+
+def test_benchmarks_keep_only_code_tables_and_cited_figures():
+    names = _tracked("benchmarks")
+    raw = [n for n in names if not n.endswith(BENCHMARK_KEEPS)]
+    assert not raw, ("raw benchmark outputs are tracked; write them under runs/ and quote the figures in a "
+                     ".md table:\n" + "\n".join(raw))
+    text = "\n".join((ROOT / n).read_text(encoding="utf-8") for n in names if n.endswith(".md"))
+    uncited = [n for n in names if n.endswith(".png") and Path(n).name not in text]
+    assert not uncited, "tracked benchmark figures that no table cites:\n" + "\n".join(uncited)
