@@ -11,9 +11,9 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
 from ctsft_lens.errors import TaskError
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example, label_token_ids
 
 
@@ -137,7 +137,7 @@ def truncate(model: Any, examples: Sequence[Example], max_tokens: int, *,
     tok = model.tokenizer
     lengths = _token_lengths(tok, [ex.prompt for ex in examples])
     out, n_cut = [], 0
-    bar = tqdm(total=len(examples), desc=f"truncating prompts to {max_tokens} tokens", unit="prompt",
+    bar = progress_bar(total=len(examples), desc=f"truncating prompts to {max_tokens} tokens", unit="prompt",
                disable=not progress)
     for ex, n in zip(examples, lengths):
         bar.update()

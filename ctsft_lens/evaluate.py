@@ -7,11 +7,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.forward import label_logits
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
 
@@ -55,7 +55,7 @@ def predict(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
     local, index = distributed.shard(ordered, batch_size)  # under torchrun: this rank's batches, gathered below
     out = [torch.zeros(0, len(examples[0].label_names))]
     total = (len(local) + batch_size - 1) // batch_size
-    for batch in tqdm(batches(model, local, batch_size) if local else (), total=total, disable=not progress,
+    for batch in progress_bar(batches(model, local, batch_size) if local else (), total=total, disable=not progress,
                       desc="evaluate", leave=False):
         out.append(label_logits(model, batch).float().cpu())
     logits = distributed.gather_examples(torch.cat(out), index, len(ordered))

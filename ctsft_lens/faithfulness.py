@@ -21,7 +21,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
-from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches
@@ -30,6 +29,7 @@ from ctsft_lens.forward import attn_results, hook_name, label_logits
 from ctsft_lens.masks import HeadMask, circuit_mask, random_mask
 from ctsft_lens.means import head_means
 from ctsft_lens.options import MeanPositions as Positions
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -163,7 +163,7 @@ class MeanAblation:
         hits = torch.zeros(n, dtype=torch.float64)
         step = self.tables_per_forward
         show = self.progress if progress is None else progress
-        for start in tqdm(range(0, n, step), disable=not show or n <= step, desc="ablations", leave=False):
+        for start in progress_bar(range(0, n, step), disable=not show or n <= step, desc="ablations", leave=False):
             chunk = keep[start:start + step]
             for batch in self.batches:
                 b = len(batch.labels)

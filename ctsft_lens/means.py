@@ -11,13 +11,13 @@ from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.errors import CtsftError, TaskError
 from ctsft_lens.forward import attn_results, hook_name, run
 from ctsft_lens.options import MEAN_POSITIONS, MeanPositions, check
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
 
@@ -44,7 +44,7 @@ def head_means(
     names_filter = [hook_name(layer, "attn.hook_result") for layer in range(cfg.n_layers)]
     local, _ = distributed.shard(examples, batch_size)  # under torchrun: this rank's batches
     total = (len(local) + batch_size - 1) // batch_size
-    for batch in tqdm(batches(model, local, batch_size) if local else (), total=total, disable=not progress,
+    for batch in progress_bar(batches(model, local, batch_size) if local else (), total=total, disable=not progress,
                       desc="head means", leave=False):
         with attn_results(model):
             _, cache = run(model, batch, names=names_filter, last_only=True)

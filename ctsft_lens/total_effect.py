@@ -39,13 +39,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from ctsft_lens.batching import Batch, batches, check_examples
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
 from ctsft_lens.means import head_means, z_means  # z_means re-exported: it lived here
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
 Head = tuple[int, int]
@@ -125,7 +125,7 @@ def _gradient_effects(model: Any, batch: Batch, mu_z: torch.Tensor, alphas: Sequ
 def _scores(per_batch: Callable[[Batch], torch.Tensor], batch_list: list[Batch], n_examples: int,
             select: torch.Tensor, desc: str, progress: bool) -> torch.Tensor:
     """Per-example tables ``[example, n_layers, n_heads]``, NaN where a head was not scored."""
-    rows = [per_batch(b) for b in tqdm(batch_list, disable=not progress, desc=desc, leave=False)]
+    rows = [per_batch(b) for b in progress_bar(batch_list, disable=not progress, desc=desc, leave=False)]
     out = torch.cat(rows).to(torch.float32) if rows else torch.zeros(0, *select.shape)
     assert out.shape[0] == n_examples
     return out.masked_fill(~select[None], float("nan"))

@@ -8,7 +8,6 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.circuit import head_name, load_circuit
@@ -20,6 +19,7 @@ from ctsft_lens.experiments.stages import (_needs_circuit, _retention_key, _rete
 from ctsft_lens.files import atomic_write_text, sha256_file, stage_key, write_json
 from ctsft_lens.masks import circuit_mask
 from ctsft_lens.plots import experiment_figures
+from ctsft_lens.progress import progress_bar, write
 from ctsft_lens.tasks import load_task
 
 
@@ -67,7 +67,7 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
 
     def log(msg: str) -> None:
         if progress:
-            tqdm.write(f"[{config.name}] {msg}")
+            write(f"[{config.name}] {msg}")
 
     if config.competence_model:  # a checkpoint made elsewhere: its path stands for its settings
         comp_dir = Path(config.competence_model)
@@ -117,7 +117,7 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
     if spread:  # rank r runs cells r, r + world, ...; then every rank reads all cells from the cache
         error = None
         try:
-            for job in tqdm(jobs[distributed.group_rank()::distributed.group_size()], desc="transfer runs",
+            for job in progress_bar(jobs[distributed.group_rank()::distributed.group_size()], desc="transfer runs",
                             disable=not progress):
                 cell(job, force)
         except Exception as err:  # noqa: BLE001 - every rank raises it, after the others stop
@@ -125,7 +125,7 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
         distributed.all_ok(error, "a transfer run")
         runs = [cell(job, False) for job in jobs]
     else:
-        runs = [cell(job, force) for job in tqdm(jobs, desc="transfer runs", disable=not progress)]
+        runs = [cell(job, force) for job in progress_bar(jobs, desc="transfer runs", disable=not progress)]
 
     heads = [head_name(h) for h in circuit_mask(circuit, config.discovery.depth).heads] if circuit else []
     label = ""

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
 
 from ctsft_lens import cdt
 from ctsft_lens.batching import check_fit, truncate
@@ -28,6 +27,7 @@ from ctsft_lens.masks import VARIANTS, LoraSpec, circuit_mask, save_mask, varian
 from ctsft_lens.means import correct_examples
 from ctsft_lens.models import load_model, model_info, save_model
 from ctsft_lens.plots import plot_faithfulness
+from ctsft_lens.progress import write
 from ctsft_lens.tasks import load_task
 from ctsft_lens.tasks.base import balanced_sample
 from ctsft_lens.train import TrainConfig, TrainResult, train, trainable_specs
@@ -186,7 +186,7 @@ def faithfulness_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, t
 
     data = _cached(out / "faithfulness.json", key, compute, force)
     if progress:
-        tqdm.write(data["summary"])
+        write(data["summary"])
     return {"faithfulness": str(out / "figures" / "faithfulness.html")}
 
 

@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 from jaxtyping import Int
-from tqdm.auto import tqdm
 
 from ctsft_lens.files import atomic_dir
 from ctsft_lens.models.bridge import bridge_from_hf, load_hf_bridge, save_model
 from ctsft_lens.models.tiny import tiny_hf_model, tiny_tokenizer
+from ctsft_lens.progress import progress_bar
 
 CACHE_ENV = "CTSFT_CACHE"
 INFO_FILE = "default_model.json"
@@ -147,7 +147,7 @@ def _pretrain(config: DefaultModelConfig, progress: bool) -> tuple[torch.nn.Modu
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     model.train()
     losses: list[float] = []
-    bar = tqdm(data, disable=not progress, desc="pre-training default model", leave=False)
+    bar = progress_bar(data, disable=not progress, desc="pre-training default model", leave=False)
     for batch in bar:
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()

@@ -23,7 +23,6 @@ from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, check_examples, encode
@@ -33,6 +32,7 @@ from ctsft_lens.devices import autocast
 from ctsft_lens.masks import HeadMask, LoraSpec, SparseSpec
 from ctsft_lens.errors import ConfigError
 from ctsft_lens.options import KV_POLICIES, KVPolicy, check_value
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 from ctsft_lens.train.views import apply_head_mask
 
@@ -243,7 +243,7 @@ def train(
     with apply_head_mask(model, mask, config.kv) as gm, torch.enable_grad():
         opt = gm.optimizer(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
-        bar = tqdm(total=total, disable=not progress, desc=f"train {variant}", leave=False)
+        bar = progress_bar(total=total, disable=not progress, desc=f"train {variant}", leave=False)
         for epoch in range(1, config.epochs + 1):
             order = list(train_examples)
             rng.shuffle(order)
