@@ -79,3 +79,37 @@ def test_cli_doc_tables_are_the_parser():
     script = Path(__file__).resolve().parents[1] / "docs" / "make_cli_md.py"
     out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, "docs/cli.md is out of date: run python docs/make_cli_md.py"
+
+
+def test_quickstart_ends_with_the_next_command(tmp_path, capsys, monkeypatch):
+    """The last lines say where the circuit is, how to read a head name, and the one command
+    (valid for this parser) that makes its report."""
+    import shlex
+
+    from ctsft_lens.cli import experiment as cli_experiment
+    from ctsft_lens.experiments import quickstart_config
+    from ctsft_lens.experiments.report import ExperimentResult
+
+    out = tmp_path / "qs"
+    seen = {}
+
+    def fake_run(config, **kw):
+        seen["config"] = config
+        (out / "circuit.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "circuit.json").write_text("{}")
+        return ExperimentResult(config, 0.8, {"javanese": 0.5}, ["3.7", "2.1"], [], out,
+                                figures={"transfer": str(out / "figures" / "transfer.html")})
+
+    monkeypatch.setattr(cli_experiment, "run_experiment", fake_run)
+    assert main(["quickstart", "--out", str(out), "--no-progress"]) == 0
+    assert seen["config"].name == quickstart_config().name
+    lines = capsys.readouterr().out.strip().splitlines()
+    tail = lines[lines.index("next:"):]
+    assert len(tail) <= 6, tail
+    assert any(f"the circuit: {out / 'circuit.json'}" in line for line in tail)
+    assert any("3.7 is layer 3, head 7" in line for line in tail)
+    command = tail[-1].strip()
+    assert command.startswith("ctsft report ") and tail[-1] == lines[-1]
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.model, args.circuit, args.lang) == (str(out / "competence"), str(out / "circuit.json"), "indonesian")
+    assert args.out == str(out / "report.html")

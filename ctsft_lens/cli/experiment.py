@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import shlex
+from pathlib import Path
 from typing import Any
 
 from ctsft_lens.distributed import is_main
@@ -64,3 +66,28 @@ def _run_experiment(config: Any, args: argparse.Namespace) -> None:
     print(f"\nresults: {result.out / 'results.md'} (also .csv, .json)")
     for name, path in result.figures.items():
         print(f"figure {name}: {path}")
+    print("\n".join(["", *next_steps(result)]))
+
+
+def next_steps(result: Any) -> list[str]:
+    """The lines that end a run: open the figures, where the circuit is, the one command that makes
+    its report, and how to read a head name."""
+    config, out = result.config, Path(result.out)
+    lines = ["next:"]
+    if result.figures:
+        lines.append("  open the figure files above in a browser (they work offline)")
+    circuit = Path(config.circuit) if config.circuit else out / "circuit.json"
+    if result.circuit_heads and not config.sweep and circuit.exists():
+        model = config.competence_model or config.competence_dir or out / "competence"
+        extra = "".join(f" --{flag} {shlex.quote(str(value))}" for flag, value in
+                        (("task", config.task if config.task != "nusax-senti" else None),
+                         ("data-dir", config.data_dir)) if value)
+        lang = config.source
+        example = result.circuit_heads[0]
+        layer, head = example.split(".")
+        lines += [f"  the circuit: {circuit} (heads {', '.join(result.circuit_heads)})",
+                  f"  read a head as layer.head, counted from 0: {example} is layer {layer}, head {head}",
+                  "  one page about it (relevance, circuit graph, faithfulness, what each head reads and pushes):",
+                  f"    ctsft report --model {shlex.quote(str(model))} --circuit {shlex.quote(str(circuit))}{extra} "
+                  f"--lang {shlex.quote(lang)} --out {shlex.quote(str(out / 'report.html'))}"]
+    return lines
