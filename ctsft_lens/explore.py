@@ -25,6 +25,7 @@ import html
 import importlib.util
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,17 +139,18 @@ class HeadView:
     def _repr_html_(self) -> str:
         return _STYLE + self.table_html()
 
-    def table_html(self) -> str:
+    def table_html(self, *, title: bool = True) -> str:
         """The Jupyter table (plain HTML and CSS, no script): per example gold / predicted, the
         label push as bars, the top source tokens and the prompt shaded by attention (hover a
-        token for its weight)."""
+        token for its weight). ``title=False`` leaves out the "head L.H" line (a page that heads
+        the section itself)."""
         scale = max((abs(v) for e in self.examples for v in e.push), default=0.0) or 1.0
         mp = "  ".join(f"{n} {v:+.3f}" for n, v in zip(self.label_names, self.mean_push))
-        head = (f"<div class='ctsft-hv'><div class='ctsft-hv-title'>head {self.name}</div>"
-                f"<div class='ctsft-hv-note'>label push: CD-T β at each label's logit ({self.baseline} baseline, "
+        head = ("<div class='ctsft-hv'>" + (f"<div class='ctsft-hv-title'>head {self.name}</div>" if title else "")
+                + f"<div class='ctsft-hv-note'>label push: CD-T β at each label's logit ({self.baseline} baseline, "
                 f"{self.attention_rule} attention rule); mean over {len(self.examples)} examples: {html.escape(mp)}. "
                 "Tokens shaded by the head's attention from the answer position (hover for the weight).</div>"
-                "<table><thead><tr><th>#</th><th>gold</th><th>predicted</th><th>label push (β)</th>"
+                "<table class='ctsft-table'><thead><tr><th>#</th><th>gold</th><th>predicted</th><th>label push (β)</th>"
                 "<th>top source tokens</th><th>attention over the prompt</th></tr></thead><tbody>")
         rows = []
         for e in self.examples:
@@ -181,9 +183,9 @@ class HeadView:
             atomic_write_text(Path(path), text)
         return text
 
-    def _blocks(self, backend: str) -> list[_Block]:
+    def _blocks(self, backend: str, *, title: bool = True) -> list[_Block]:
         att = self._cv_attention() if backend == "circuitsvis" else _plotly_block(attention_figure(self))
-        return [_Block(self.table_html()), att, _plotly_block(push_figure(self))]
+        return [_Block(self.table_html(title=title)), att, _plotly_block(push_figure(self))]
 
     def _cv_attention(self) -> _Block:
         parts = []
@@ -395,9 +397,18 @@ def resolve_backend(backend: str) -> str:
 
 
 def _plotly_block(fig: Any) -> _Block:
+    """The figure as a div that fits the page: as wide as the figure was drawn for, narrower when
+    the window is (plotly resizes it), so a page never scrolls sideways."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(fig)  # a copy: the caller's figure keeps its width
+    width, height = fig.layout.width, fig.layout.height or 450
+    fig.update_layout(width=None, autosize=True)
     div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{uuid.uuid4().hex[:12]}",
-                      config={"displaylogo": False})
-    return _Block(div, frozenset({"plotly"}))
+                      default_width="100%", default_height=f"{height}px",
+                      config={"displaylogo": False, "responsive": True})
+    style = f" style='max-width:{int(width)}px'" if width else ""
+    return _Block(f"<div class='ctsft-fig'{style}>{div}</div>", frozenset({"plotly"}))
 
 
 def _script_json(value: Any) -> str:
@@ -440,8 +451,10 @@ def _fragment(blocks: Sequence[_Block]) -> str:
 def _page(blocks: Sequence[_Block], *, title: str = "ctsft_lens") -> str:
     """A whole HTML document: each needed library inlined once in the head, then the blocks."""
     body = "\n".join(b.html for b in blocks)
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>\n"
-            f"{_STYLE}\n{_libraries(blocks)}\n</head><body>\n{body}\n</body></html>\n")
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>{html.escape(title)}</title>\n"
+            f"{_STYLE}\n{_PAGE_STYLE}\n{_libraries(blocks)}\n</head><body>\n{body}\n</body></html>\n")
 
 
 def _show(token: str) -> str:
@@ -480,20 +493,48 @@ _STYLE = """<style>
 .ctsft-hv { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; font-size: 13px; margin: 8px 0; }
 .ctsft-hv-title { font-weight: 600; font-size: 15px; margin-bottom: 2px; }
 .ctsft-hv-note { color: #555; margin: 2px 0 6px 0; }
-.ctsft-hv table { border-collapse: collapse; }
-.ctsft-hv th, .ctsft-hv td { border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
+.ctsft-hv table.ctsft-table { border-collapse: collapse; max-width: 100%; }
+.ctsft-hv table.ctsft-table th, .ctsft-hv table.ctsft-table td {
+  border-bottom: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-align: top; }
 .ctsft-hv .ctsft-wrong { color: #d62728; font-weight: 600; }
-.ctsft-tokens { max-width: 640px; max-height: 7.5em; overflow-y: auto; line-height: 1.45; }
+.ctsft-tokens { max-width: 640px; overflow-wrap: anywhere; max-height: 7.5em; overflow-y: auto; line-height: 1.45; }
 .ctsft-tokens span { white-space: pre-wrap; border-radius: 2px; }
 .ctsft-bar { white-space: nowrap; font-family: monospace; font-size: 12px; }
 .ctsft-bar-name { display: inline-block; min-width: 6.5em; font-family: sans-serif; }
 .ctsft-bar-fill { display: inline-block; height: 9px; vertical-align: middle; }
 </style>"""
 
+# A whole page (head views, the circuit report): one readable column that never scrolls sideways.
+_PAGE_STYLE = """<style>
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; color: #222; line-height: 1.4;
+       max-width: 1320px; margin: 0 auto; padding: 0 20px 48px 20px; overflow-wrap: break-word; }
+h1 { font-size: 24px; margin: 20px 0 6px 0; }
+h2 { font-size: 19px; margin: 32px 0 8px 0; padding-bottom: 3px; border-bottom: 1px solid #ddd; }
+h3 { font-size: 16px; margin: 24px 0 4px 0; }
+nav { margin: 6px 0 10px 0; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f6f6; padding: 8px 10px; font-size: 12px; }
+.ctsft-model { color: #555; }
+.ctsft-fig { margin: 4px 0 12px 0; }
+</style>"""
+
 
 # --------------------------------------------------------------------------------------------
 # The circuit report
 # --------------------------------------------------------------------------------------------
+_DEFAULT_MODEL = re.compile(r"default-[0-9a-f]{12}")
+
+
+def model_label(name: str) -> tuple[str, str]:
+    """A model's name as a reader knows it: ``(short, longer)``. The offline default model is
+    cached as ``default-<config hash>``; it reads "the default model", with the hash kept in the
+    longer text. Other names (hub names, folders) are shown as they are."""
+    base = str(name).replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    if _DEFAULT_MODEL.fullmatch(base):
+        return ("the default model", "the default model (ctsft_lens's small offline Qwen2-shaped model, "
+                                     f"pre-trained on the bundled NusaX text; cache folder {base})")
+    return str(name), str(name)
+
+
 def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], out: str | Path, *,
                    faithfulness_examples: Sequence[Example] | None = None, means: torch.Tensor | None = None,
                    seeds: Sequence[int] = (0, 1, 2, 3, 4), sizes: Sequence[int] | None = None,
@@ -516,12 +557,14 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
     report = faithfulness_report(model, {name: circuit}, faithfulness_examples or examples, sizes=sizes,
                                  seeds=tuple(seeds), progress=progress)
     views = head_views(model, circuit.heads, examples, means=means, batch_size=batch_size) if circuit.heads else []
-    model_name = circuit.model.get("name") or getattr(model.cfg, "model_name", "model")
-    title = title or f"Circuit report: {name} circuit of {model_name}"
+    short, about = model_label(circuit.model.get("name") or getattr(model.cfg, "model_name", None) or "model")
+    shape = f"{int(model.cfg.n_layers)} layers × {int(model.cfg.n_heads)} heads"
+    title = title or f"Circuit report: {name} circuit of {short}"
     lang = sorted({e.language for e in examples if getattr(e, "language", None)})
-    intro = (f"<h1>{html.escape(title)}</h1><p>{len(circuit.heads)} heads "
-             f"({', '.join(head_name(h) for h in circuit.heads) or 'none'}), depth {circuit.depth}, "
-             f"ratio {circuit.ratio}; {len(examples)} examples"
+    intro = (f"<h1>{html.escape(title)}</h1><p class='ctsft-model'>Model: {html.escape(about)}; {shape}.</p>"
+             f"<p>{len(circuit.heads)} heads "
+             f"({', '.join(head_name(h) for h in circuit.heads) or 'none'}; a head is named layer.head, "
+             f"counted from 0), depth {circuit.depth}, ratio {circuit.ratio}; {len(examples)} examples"
              f"{' (' + ', '.join(map(html.escape, lang)) + ')' if lang else ''}.</p>"
              "<nav><a href='#relevance'>relevance</a> · <a href='#circuit'>circuit graph</a> · "
              "<a href='#faithfulness'>faithfulness</a> · <a href='#heads'>head views</a>"
@@ -539,7 +582,7 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
                      "attention from the answer position over the prompt.</p>")]
     for v in views:
         blocks.append(_Block(f"<section id='head-{v.name}' class='head-view'><h3>head {v.name}</h3>"))
-        blocks += v._blocks(backend)
+        blocks += v._blocks(backend, title=False)
         blocks.append(_Block("</section>"))
     blocks.append(_Block("</section>"))
     return atomic_write_text(path, _page(blocks, title=title))

@@ -211,9 +211,18 @@ def test_missing_circuitsvis_falls_back_to_plotly(view, monkeypatch):
 
 
 def test_circuit_report_is_one_self_contained_page(tiny_qwen, examples, circuit, tmp_path):
-    path = circuit_report(tiny_qwen, circuit, examples, tmp_path / "r", seeds=(0, 1))
+    import dataclasses
+
+    # as the quickstart's circuits record the default model: by its cache folder's name
+    named = dataclasses.replace(circuit, model={**circuit.model, "name": "default-ab0fa5305c54"})
+    path = circuit_report(tiny_qwen, named, examples, tmp_path / "r", seeds=(0, 1))
     assert path == tmp_path / "r" / "report.html"
     text = path.read_text(encoding="utf-8")
+    title = re.search(r"<h1>(.*?)</h1>", text).group(1)
+    assert title == "Circuit report: projection circuit of the default model"  # a name, not a cache hash
+    assert "2 layers × 8 heads" in text and "a head is named layer.head" in text
+    for layer, head in circuit.heads:  # one heading per head (the section's), not two
+        assert len(re.findall(rf">head {layer}\.{head}<", text)) == 1, (layer, head)
     _assert_offline(text)
     from plotly.offline import get_plotlyjs
 
@@ -261,3 +270,13 @@ def test_report_cli_refuses_a_circuit_of_another_model(tmp_path, capsys):
                "--out", str(tmp_path / "r.html"), "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "c.json" in err and len(err.splitlines()) == 1
+
+
+def test_model_label_names_the_default_model_and_keeps_other_names():
+    from ctsft_lens.explore import model_label
+
+    short, about = model_label("default-ab0fa5305c54")
+    assert short == "the default model" and "default-ab0fa5305c54" in about and "offline" in about
+    assert model_label("~/.cache/ctsft_lens/default-ab0fa5305c54")[0] == "the default model"
+    assert model_label("Qwen/Qwen2.5-0.5B") == ("Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")
+    assert model_label("runs/quickstart/competence")[0] == "runs/quickstart/competence"
