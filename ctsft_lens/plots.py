@@ -3,11 +3,16 @@
 Each function returns a ``plotly.graph_objects.Figure`` (it shows inline in Jupyter) and writes
 an HTML file when given ``save_html`` (``plotlyjs=True``: plotly.js embedded, ~5 MB, opens
 offline; ``"directory"``: one shared ``plotly.min.js`` beside the files; ``"cdn"``: online). PNG export (:func:`save_png`) needs the
-optional ``kaleido`` package.
+optional ``kaleido`` package. :func:`use_offline_renderer` makes notebooks store each figure with a
+self-contained HTML copy too, so an ``nbconvert --to html`` export (or a viewer without plotly's
+extension) shows it.
 """
 
 from __future__ import annotations
 
+import html
+import math
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,8 +36,58 @@ def _finish(fig: go.Figure, save_html: str | Path | None, plotlyjs: bool | str) 
     if save_html is not None:
         path = Path(save_html)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.write_html(path, include_plotlyjs=plotlyjs)
+        fig.write_html(path, include_plotlyjs=plotlyjs, config={"displaylogo": False})
+        _tidy_page(path, fig)
     return fig
+
+
+def _tidy_page(path: Path, fig: go.Figure) -> None:
+    """A figure page as a person opens it: titled like the figure (the browser tab) and centred in
+    the window, not pinned to its top-left corner."""
+    title = re.sub(r"<[^>]+>", " ", fig.layout.title.text or path.stem).strip()
+    head = (f"<head><title>{html.escape(title)}</title>\n<meta name=\"viewport\" content=\"width=device-width\">\n"
+            "<style>body { margin: 0; } body > div { margin: 0 auto; padding-top: 8px; }</style>\n")
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("<head>", head, 1), encoding="utf-8")
+
+
+OFFLINE_RENDERER = "ctsft_offline"
+
+
+def use_offline_renderer() -> str:
+    """Show plotly figures in Jupyter as both the plotly mimetype and self-contained HTML.
+
+    Sets ``plotly.io.renderers.default`` to ``"plotly_mimetype+ctsft_offline"``: JupyterLab and
+    VS Code draw the mimetype; ``jupyter nbconvert --to html``, the classic notebook and viewers
+    without plotly's extension draw the HTML. plotly.js is embedded once per notebook (in the
+    output of the first figure, ~4.8 MB) and nothing loads from the network (plotly's own
+    ``notebook`` renderer adds a MathJax CDN script to every figure). Returns the renderer string.
+    """
+    import plotly.io as pio
+
+    if OFFLINE_RENDERER not in pio.renderers:
+        pio.renderers[OFFLINE_RENDERER] = _offline_renderer()
+    pio.renderers.default = f"plotly_mimetype+{OFFLINE_RENDERER}"
+    return pio.renderers.default
+
+
+def _offline_renderer() -> Any:
+    """plotly's ``notebook`` renderer (plotly.js inlined once, at first use) without MathJax from a CDN."""
+    from plotly.io import to_html
+    from plotly.io._base_renderers import HtmlRenderer
+
+    class OfflineNotebookRenderer(HtmlRenderer):
+        """text/html: a div and its ``Plotly.newPlot`` call; plotly.js comes from the one-time init."""
+
+        def __init__(self) -> None:
+            super().__init__(connected=False, full_html=False, global_init=True, include_plotlyjs=False,
+                             config={"displaylogo": False})
+
+        def to_mimebundle(self, fig_dict: dict) -> dict:
+            return {"text/html": to_html(fig_dict, config=self.config, include_plotlyjs=False, include_mathjax=False,
+                                         full_html=False, default_width="100%", default_height=525, validate=False)}
+
+    return OfflineNotebookRenderer()
 
 
 def save_png(fig: go.Figure, path: str | Path, scale: float = 2.0) -> Path:
@@ -87,8 +142,10 @@ def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | Non
                       row=1, col=1)
     for i, (name, curve) in enumerate(report.depth.items()):
         pts, color = curve.points, _color(name, i)
+        text, where = _depth_labels(pts, i)
         fig.add_trace(go.Scatter(x=[100 * p.fraction for p in pts], y=[p.faithfulness for p in pts],
-                                 mode="markers+text", text=[f"d{p.depth}" for p in pts], textposition="top center",
+                                 mode="markers+text", text=text, textposition=where, cliponaxis=False,
+                                 textfont={"color": color},
                                  marker={"color": color, "size": 10, "symbol": "diamond"},
                                  name=f"{curve.name} (CPR {curve.cpr:.2f})"), row=1, col=1)
         depths = [p.depth for p in pts]
@@ -110,6 +167,30 @@ def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | Non
                             f"full logit diff {report.full.logit_diff:.3f}, none {report.empty.logit_diff:.3f})",
                       template="plotly_white", height=480, width=1200, legend={"font": {"size": 10}})
     return _finish(fig, save_html, plotlyjs)
+
+
+_LABEL_SIDES = (("top left", "bottom right"), ("top right", "bottom left"))
+
+
+def _depth_labels(points: Any, trace: int) -> tuple[list[str], list[str]]:
+    """Labels ``d0``, ``d1``, ... of the depth points and where each sits: neighbours on opposite
+    sides (and the next scoring's labels mirrored), so that close points' labels do not overlap; a
+    depth that added no head (same size and faithfulness as the one before) shares its label
+    (``d1,d2``)."""
+    text: list[str] = []
+    for k, p in enumerate(points):
+        prev = points[k - 1] if k else None
+        if prev is not None and prev.size == p.size and abs(prev.faithfulness - p.faithfulness) < 1e-9:
+            owner = max(j for j in range(k) if text[j])
+            text[owner] += f",d{p.depth}"
+            text.append("")
+        else:
+            text.append(f"d{p.depth}")
+    shown = [k for k, t in enumerate(text) if t]
+    where = ["top center"] * len(points)
+    for n, k in enumerate(shown):
+        where[k] = _LABEL_SIDES[trace % 2][n % 2]
+    return text, where
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,20 +312,50 @@ def plot_transfer(result: Any, *, save_html: str | Path | None = None, plotlyjs:
 
 def plot_tradeoff(result: Any, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> go.Figure:
     """Editing vs preserving: gain of circuit over nearzero (target accuracy) against A0, one
-    point per target language, with the circuit's forgetting as marker size."""
+    point per target language, with the circuit's source forgetting as marker size (a key beside
+    the plot gives the scale); the axes leave room for every label."""
     rows = {(r["target"], r["variant"]): r for r in result.table()}
     targets = [t for t in dict.fromkeys(t for t, _ in rows) if (t, "circuit") in rows and (t, "nearzero") in rows]
     gains = [rows[t, "circuit"]["target_acc_mean"] - rows[t, "nearzero"]["target_acc_mean"] for t in targets]
     forget = [rows[t, "circuit"]["forgetting"] for t in targets]
+    a0 = [result.a0[t] for t in targets]
+
+    def size(f: float) -> float:
+        return 12 + 200 * max(f, 0.0)
+
     fig = go.Figure(go.Scatter(
-        x=[result.a0[t] for t in targets], y=gains, text=targets, mode="markers+text", textposition="top center",
-        marker=dict(size=[12 + 200 * max(f, 0) for f in forget], color="#1f77b4"),
-        hovertemplate="%{text}: A0 %{x:.3f}, gain %{y:+.3f}<extra></extra>"))
+        x=a0, y=gains, text=targets, mode="markers+text", textposition="top center", cliponaxis=False,
+        marker=dict(size=[size(f) for f in forget], color="rgba(31,119,180,0.75)", line=dict(width=1, color="#1f77b4")),
+        customdata=forget, name="target language", showlegend=False,
+        hovertemplate="%{text}: A0 %{x:.3f}, gain %{y:+.3f}, source forgetting %{customdata:+.3f}<extra></extra>"))
     fig.add_hline(y=0, line_dash="dot")
-    fig.update_layout(template="plotly_white", height=420, width=600,
-                      title="circuit − nearzero target accuracy vs A0 (marker size: source forgetting)",
-                      xaxis_title="A0 (competence model on the target)", yaxis_title="gain of circuit over nearzero")
+    fig.update_xaxes(range=_padded(a0, 0.15, 0.02), title_text="A0 (competence model on the target)")
+    fig.update_yaxes(range=_padded([*gains, 0.0], 0.25, 0.03), zeroline=False,
+                     title_text="gain of circuit over nearzero (target accuracy)")
+    # The size key, drawn to scale beside the plot (a legend draws every marker at one size).
+    top = max([0.0, *forget])
+    step = next((st for st in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5) if 3 * st >= top - 1e-9), 0.5)
+    fig.add_annotation(x=1.03, y=1.0, xref="paper", yref="paper", xanchor="left", yanchor="top", showarrow=False,
+                       align="left", text="source forgetting<br>(marker size)")
+    below = 50.0  # pixels under the key's title
+    for k in (0.0, step, 2 * step, 3 * step):
+        d = size(k)
+        fig.add_shape(type="circle", xref="paper", yref="paper", xsizemode="pixel", ysizemode="pixel",
+                      xanchor=1.03, yanchor=1.0, x0=4, x1=4 + d, y0=-below - d, y1=-below,
+                      fillcolor="rgba(31,119,180,0.75)", line=dict(width=1, color="#1f77b4"))
+        fig.add_annotation(x=1.03, y=1.0, xref="paper", yref="paper", xanchor="left", yanchor="middle",
+                           showarrow=False, xshift=4 + size(3 * step) + 8, yshift=-below - d / 2, text=f"{k:.2f}")
+        below += d + 8
+    fig.update_layout(template="plotly_white", height=500, width=820, margin=dict(t=70, r=170),
+                      title=f"Circuit vs nearzero fine-tuning on {', '.join(targets) or 'no target'}")
     return _finish(fig, save_html, plotlyjs)
+
+
+def _padded(values: list[float], share: float, least: float) -> list[float]:
+    """An axis range around ``values`` with ``share`` of their span (at least ``least``) on each side."""
+    lo, hi = min(values, default=0.0), max(values, default=1.0)
+    pad = max(least, share * (hi - lo))
+    return [lo - pad, hi + pad]
 
 
 def experiment_figures(result: Any, folder: str | Path, *, png: bool = False) -> dict[str, Path]:

@@ -1,5 +1,7 @@
 """Plots build from hand-made circuits and reports, and save self-contained HTML."""
 
+import re
+
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -78,3 +80,53 @@ def test_png_export_is_optional(tmp_path):
             save_png(fig, tmp_path / "c.png")
     else:
         assert save_png(fig, tmp_path / "c.png").stat().st_size > 0
+
+
+def _depth_curve(points):
+    """A depth curve from (size, faithfulness) pairs, depth by position."""
+    return Curve("projection/depth", "depth", tuple(CurvePoint(k, k / 12, f, f, 0.5, depth=i, necessity=1 - f)
+                                                  for i, (k, f) in enumerate(points)))
+
+
+def test_depth_labels_sit_apart_and_a_depth_that_added_nothing_shares_its_label():
+    from ctsft_lens.plots import _depth_labels
+
+    text, where = _depth_labels(_depth_curve([(2, 0.5), (3, 0.52), (3, 0.52), (4, 0.9)]).points, 0)
+    assert text == ["d0", "d1,d2", "", "d3"]  # d2 grew nothing: one label, not two on one spot
+    shown = [w for t, w in zip(text, where) if t]
+    assert all(a.split()[0] != b.split()[0] and a.split()[1] != b.split()[1] for a, b in zip(shown, shown[1:]))
+    _, other = _depth_labels(_depth_curve([(2, 0.5), (3, 0.52)]).points, 1)
+    assert [w.split()[1] for w in other] != [w.split()[1] for w in where[:2]]  # the next scoring mirrored
+    fig = plot_faithfulness(report())
+    depth = [t for t in fig.data if t.mode == "markers+text"]
+    assert depth and all(t.cliponaxis is False for t in depth)
+
+
+def _experiment(forgetting_acehnese=0.12):
+    from ctsft_lens.experiments import quickstart_config
+    from ctsft_lens.experiments.report import ExperimentResult, RunResult
+
+    acc = {("javanese", "full"): (0.62, 0.55), ("javanese", "circuit"): (0.58, 0.70),
+           ("javanese", "nearzero"): (0.50, 0.72), ("acehnese", "full"): (0.55, 0.50),
+           ("acehnese", "circuit"): (0.49, 0.74 - forgetting_acehnese), ("acehnese", "nearzero"): (0.47, 0.71)}
+    runs = [RunResult(t, v, s, a, b, 1000, 1.0) for (t, v), (a, b) in acc.items() for s in (0, 1)]
+    return ExperimentResult(quickstart_config(), 0.74, {"javanese": 0.45, "acehnese": 0.41}, ["3.7"], runs, None)
+
+
+def test_tradeoff_labels_fit_and_a_key_gives_the_marker_scale(tmp_path):
+    from ctsft_lens.plots import plot_tradeoff
+
+    fig = plot_tradeoff(_experiment(), save_html=tmp_path / "t.html", plotlyjs="cdn")
+    points = fig.data[0]
+    assert points.cliponaxis is False
+    lo, hi = fig.layout.yaxis.range
+    assert hi >= max(points.y) + 0.2 * (max(points.y) - min(0, *points.y)) and lo < min(0, *points.y)
+    keys = [float(a.text) for a in fig.layout.annotations if re.fullmatch(r"\d\.\d\d", a.text or "")]
+    circles = [s for s in fig.layout.shapes if s.type == "circle"]
+    assert keys[0] == 0 and keys[-1] >= 0.12 and len(circles) == len(keys)
+    for k, c in zip(keys, circles):  # each key circle has the pixel diameter of a marker of that forgetting
+        assert c.xsizemode == "pixel" and c.x1 - c.x0 == pytest.approx(12 + 200 * k)
+    assert max(points.marker.size) == pytest.approx(12 + 200 * 0.12)
+    page = (tmp_path / "t.html").read_text()
+    assert "<title>Circuit vs nearzero fine-tuning on javanese, acehnese</title>" in page
+    assert "body > div { margin: 0 auto;" in page  # centred in the window, not in its top-left corner
