@@ -205,9 +205,10 @@ def head_relevances(
     one_backward = rules_linear and targets == (None,) and scorings == ("projection",) and streams == "beta"
     if one_backward:
         start = 0
+        mu_z = z_means(model, means) if means is not None and local else None  # once: a pseudo-inverse per head
         for batch in batches(model, local, batch_size) if local else ():
             n = batch.input_ids.shape[0]
-            table = linear_projection(model, batch, means, positions)  # [B, L, H]
+            table = linear_projection(model, batch, means, positions, mu_z=mu_z)  # [B, L, H]
             for layer, heads in by_layer(sources).items():
                 per_example["projection"][0, start:start + n, layer, heads] = table[:, layer, heads].float()
                 healthy[layer, heads] &= table[:, layer, heads].isfinite().all(0)
@@ -271,18 +272,22 @@ def _relevance_chunk(
 
 
 def linear_projection(model: Any, batch: Any, means: torch.Tensor | None,
-                      positions: tuple[int, ...] | None = None) -> Float[torch.Tensor, "batch n_layers n_heads"]:
+                      positions: tuple[int, ...] | None = None, *,
+                      mu_z: torch.Tensor | None = None) -> Float[torch.Tensor, "batch n_layers n_heads"]:
     """Projection scores of every head under fully linear CD-T rules, from one forward and one backward.
 
     With every rule the derivative's, β at the final norm is the directional derivative along the
     sources' ``a − μ``, so ``⟨β, v_task⟩ = Σ_pos (z − μ^z)·∂m/∂z`` at ``hook_z`` with
     ``m = ⟨ln_final.hook_out[-1], v_task⟩`` (``μ^z``: the means in z space, ``means.z_means``);
-    ``positions`` keep only those source tokens. Equal to the per-source propagation (tested).
+    ``positions`` keep only those source tokens; ``mu_z``: ``z_means(model, means)`` computed once
+    by a caller that loops over batches. Equal to the per-source propagation (tested).
     """
     cfg = model.cfg
     device = cfg.device
     n_layers = int(cfg.n_layers)
-    mu = (z_means(model, means).to(device) if means is not None else
+    if mu_z is None and means is not None:
+        mu_z = z_means(model, means)
+    mu = (mu_z.to(device) if mu_z is not None else
           torch.zeros(n_layers, int(cfg.n_heads), int(cfg.d_head), device=device))
     mask = batch.attention_mask.to(device)
     where = source_positions([Source(0, 0, positions)], mask)[0].to(torch.float32)[:, :, None]  # [B, pos, 1]
