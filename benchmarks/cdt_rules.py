@@ -5,7 +5,7 @@ averaged) of a scorer's mean head table with **exact per-head mean patching**
 (``scoring.patching_per_example``) over all heads, ties broken by the Spearman over the top 5 %
 of heads by |exact effect|; beside it the top-6 overlap with exact's top 6, the heads whose CD-T
 decomposition was unstable, seconds and forward-equivalents (seconds / one plain forward over the
-same examples, timed in the same process).
+same examples, timed in the same process just before the scorer).
 
 Every score table is cached per (model, task, language, examples, scorer) under ``--out``, so a
 study grows over several runs and across sessions; ``--summary`` writes the Markdown table.
@@ -97,6 +97,10 @@ def main() -> None:
     ap.add_argument("--scorer", action="append", default=[], help="repeatable; see the module docstring")
     ap.add_argument("--label", default=None, help="name of this model in the table (default: the folder name)")
     ap.add_argument("--out", default="runs/cdt_rules")
+    ap.add_argument("--subset", type=int, default=None,
+                    help="score only a label-balanced K of the examples (the first K/labels of each label, in "
+                         "the sample's order), judged against patching's rows for those examples: a cheaper "
+                         "grid; rows go to a separate table")
     ap.add_argument("--summary", action="store_true", help="only print the tables of every study under --out")
     args = ap.parse_args()
     if args.summary:
@@ -117,21 +121,40 @@ def main() -> None:
             "prompt_tokens": n_tok, "forward_seconds": fwd, "threads": torch.get_num_threads()}
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     print(f"{folder}: {len(examples)} examples, tokens {n_tok}, forward {fwd:.2f} s", flush=True)
+    rows = subset_rows([e.label for e in examples], args.subset) if args.subset else list(range(len(examples)))
+    chosen = [examples[i] for i in rows]
+    blist = list(batches(model, chosen, args.batch_size))
+    tag = f"@{args.subset}" if args.subset else ""
     for scorer in args.scorer:
-        path = folder / (scorer.replace(":", "_").replace(",", "_").replace("=", "-") + ".pt")
+        path = folder / (scorer.replace(":", "_").replace(",", "_").replace("=", "-") + tag + ".pt")
         if path.exists():
             print(f"{scorer}: cached", flush=True)
             continue
         load0 = os.getloadavg()[0]
-        res = score(model, examples, means, scorer, args.batch_size)
-        res.update(scorer=scorer, load=[load0, os.getloadavg()[0]], forward_seconds=fwd)
+        fwd_now = time_forward(model, blist)  # beside each scorer: the load may change between rows
+        res = score(model, chosen, means, scorer, args.batch_size)
+        res.update(scorer=scorer, load=[load0, os.getloadavg()[0]], forward_seconds=fwd_now, rows=rows)
         if scorer.startswith("cdt:"):  # the rules in full: a preset's meaning may change later
             from ctsft_lens.cdt.rules import resolve
             res["rules"] = dataclasses.asdict(resolve(scorer[4:]))
         torch.save(res, path)
-        print(f"{scorer}: {res['seconds']:.0f} s = {res['seconds'] / fwd:.1f} fwd-eq, "
+        print(f"{scorer}: {res['seconds']:.0f} s = {res['seconds'] / fwd_now:.1f} fwd-eq, "
               f"{len(res['unstable'])} unstable, load {load0:.2f}->{res['load'][1]:.2f}", flush=True)
     print(summary(folder))
+
+
+def subset_rows(labels: list[int], k: int) -> list[int]:
+    """Indices of the first ``k / n_labels`` examples of each label, in the sample's order."""
+    n_labels = len(set(labels))
+    if k <= 0 or k % n_labels or k > len(labels):
+        raise SystemExit(f"--subset {k}: give a multiple of the {n_labels} labels, at most {len(labels)}")
+    seen: dict[int, int] = {}
+    rows = []
+    for i, y in enumerate(labels):
+        if seen.get(y, 0) < k // n_labels:
+            seen[y] = seen.get(y, 0) + 1
+            rows.append(i)
+    return rows
 
 
 def label(r: dict[str, Any]) -> str:
@@ -143,34 +166,53 @@ def label(r: dict[str, Any]) -> str:
 
 
 def summary(folder: Path) -> str:
-    """The Markdown table of every cached scorer in ``folder`` against its ``patching`` table."""
+    """The Markdown tables of every cached scorer in ``folder`` against its ``patching`` table.
+
+    Rows scored on a ``--subset`` are judged against patching's rows for the same examples, in a
+    table of their own.
+    """
     meta = json.loads((folder / "meta.json").read_text())
     runs = {p.stem: torch.load(p) for p in sorted(folder.glob("*.pt"))}
     if "patching" not in runs:
         return f"{folder}: no exact patching table yet"
-    exact = runs["patching"]["table"].double().mean(0)
-    flat = exact.flatten()
-    n_top = max(3, round(0.05 * flat.numel()))
-    top = torch.zeros_like(flat, dtype=torch.bool)
-    top[flat.abs().argsort(descending=True)[:n_top]] = True
-    ex6 = set(rank_heads(exact.float())[:6])
-    lines = [f"{meta['model']} · {meta['task']} {meta['lang']} · {meta['n']} label-balanced {meta['split']} examples "
-             f"({min(meta['prompt_tokens'])}–{max(meta['prompt_tokens'])} tokens) · one forward "
-             f"{meta['forward_seconds']:.2f} s · exact top 6: {', '.join(head_name(h) for h in rank_heads(exact.float())[:6])}",
-             "", "| scorer | Spearman all | Spearman top 5 % | top 6 shared | unstable heads | s | fwd-eq / example | load |",
-             "|---|---|---|---|---|---|---|---|"]
-    rows = []
-    for name, r in runs.items():
-        t = r["table"].double().mean(0)
-        s_all = spearman(t, exact)
-        s_top = spearman(t.flatten()[top], flat[top])
-        shared = len(set(rank_heads(t.float())[:6]) & ex6)
-        fe = r["seconds"] / r["forward_seconds"]
-        rows.append((s_all, f"| {label(r)} | {s_all:.3f} | {s_top:.3f} | {shared} | "
-                     f"{len(r['unstable'])}{' (' + ', '.join(r['unstable'][:4]) + ')' if r['unstable'] else ''} | "
-                     f"{r['seconds']:.0f} | {fe:.1f} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |"))
-    lines += [row for _, row in sorted(rows, key=lambda x: -x[0])]
-    return "\n".join(lines)
+    full = runs.pop("patching")
+    n = full["table"].shape[0]
+    groups: dict[tuple[int, ...], list[dict[str, Any]]] = {tuple(range(n)): [full]}
+    for r in runs.values():
+        groups.setdefault(tuple(r.get("rows") or range(n)), []).append(r)
+    out = []
+    for rows, members in groups.items():
+        exact = full["table"][list(rows)].double().mean(0)
+        flat = exact.flatten()
+        n_top = max(3, round(0.05 * flat.numel()))
+        top = torch.zeros_like(flat, dtype=torch.bool)
+        top[flat.abs().argsort(descending=True)[:n_top]] = True
+        ex6 = rank_heads(exact.float())[:6]
+        tokens = [meta["prompt_tokens"][i] for i in rows]
+        which = (f"{meta['n']} label-balanced {meta['split']} examples" if len(rows) == n else
+                 f"the label-balanced subset {list(rows)} ({len(rows)} of the {meta['n']} {meta['split']} examples; "
+                 f"exact patching: its rows for them)")
+        lines = [f"{meta['model']} · {meta['task']} {meta['lang']} · {which} ({min(tokens)}–{max(tokens)} tokens) · "
+                 f"exact top 6: {', '.join(head_name(h) for h in ex6)}",
+                 "", "| scorer | Spearman all | Spearman top 5 % | top 6 shared | unstable heads | s | fwd-eq / example | load |",
+                 "|---|---|---|---|---|---|---|---|"]
+        table = []
+        for r in members:
+            t = r["table"].double().mean(0) if r is not full or len(rows) == n else exact
+            s_all = spearman(t, exact)
+            s_top = spearman(t.flatten()[top], flat[top])
+            shared = len(set(rank_heads(t.float())[:6]) & set(ex6))
+            fe = r["seconds"] / r["forward_seconds"]
+            cost = (f"{r['seconds']:.0f} | {fe:.1f}" if r is not full or len(rows) == n else
+                    "(the full run's) | ")
+            table.append((s_all, f"| {label(r)} | {s_all:.3f} | {s_top:.3f} | {shared} | "
+                          f"{len(r['unstable'])}{' (' + ', '.join(r['unstable'][:4]) + ')' if r['unstable'] else ''} | "
+                          f"{cost} | {r['load'][0]:.1f}→{r['load'][1]:.1f} |"))
+        if len(rows) != n:
+            table.append((1.0, "| patching | 1.000 | 1.000 | 6 | 0 | (the full run's rows) | | |"))
+        lines += [row for _, row in sorted(table, key=lambda x: -x[0])]
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 if __name__ == "__main__":
