@@ -12,6 +12,7 @@ divided by the seconds of one plain forward over the same discovery batches).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from jaxtyping import Float
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches, by_length
+from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
@@ -306,12 +308,28 @@ def judge_tables(ab: MeanAblation, tables: dict[str, torch.Tensor], sizes: Seque
     return out
 
 
+def method_spec(method: str, config: DiscoveryConfig) -> tuple[str, DiscoveryConfig]:
+    """``scoring`` or ``scoring@rules`` (a CD-T scoring under a rule set of ``cdt.rules``, e.g.
+    ``projection@cdt-paper``) -> the scoring and the config it runs with. Lets one comparison put
+    the default rules beside the public code's."""
+    scoring, sep, rules = method.partition("@")
+    check("method", scoring, tuple(HEAD_SCORINGS))
+    if not sep:
+        return scoring, config
+    if not HEAD_SCORINGS[scoring].cdt:
+        raise CtsftError(f"method {method!r}: only a CD-T scoring takes a rule set after '@' "
+                         f"({', '.join(k for k, v in HEAD_SCORINGS.items() if v.cdt)})")
+    resolve(rules)  # one clear line for an unknown rule set or field
+    return scoring, dataclasses.replace(config, decomposition=rules, attention=None)
+
+
 def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequence[Example], methods: Sequence[str],
                     config: DiscoveryConfig | None = None, *, sizes: Sequence[int] | None = None,
                     seeds: Sequence[int] = (0, 1, 2, 3, 4), n_boot: int = 1000, boot_seed: int = 0,
                     batch_size: int = 8, eval_batch_size: int = 32, positions: MeanPositions = "pooled",
                     protocol: Protocol = "ours", progress: bool = True, **options: Any) -> Comparison:
-    """Score heads with each of ``methods`` (keys of ``scoring.HEAD_SCORINGS``) on ``discovery`` and
+    """Score heads with each of ``methods`` (keys of ``scoring.HEAD_SCORINGS``, a CD-T one optionally
+    ``@rules``: :func:`method_spec`) on ``discovery`` and
     judge every ranking on ``evaluation`` (see the module docstring). The scoring options are the
     fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`: ``ig_steps``,
     ``heads_per_forward``, the CD-T rule set...; keyword ``options`` override them; its ``scoring``
@@ -321,8 +339,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     methods = list(methods)
     if not methods:
         raise CtsftError("give at least one method")
-    for m in methods:
-        check("method", m, tuple(HEAD_SCORINGS))
+    specs = {m: method_spec(m, config) for m in methods}  # name -> (scoring, its config)
     if len(set(methods)) != len(methods):
         raise CtsftError(f"a method is listed twice: {methods}")
     check("positions", positions, MEAN_POSITIONS)
@@ -341,22 +358,24 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     tables: dict[str, torch.Tensor] = {}
     per_example: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
-    cdt = [m for m in methods if HEAD_SCORINGS[m].cdt]
-    shared = cdt if len(cdt) > 1 else []
+    # CD-T scorings under the same rule set read one propagation: each is charged the whole pass
+    passes: dict[Any, list[str]] = {}
+    for m in methods:
+        scoring, conf = specs[m]
+        passes.setdefault((conf.decomposition, conf.attention) if HEAD_SCORINGS[scoring].cdt else m, []).append(m)
     run = dict(means=means, batch_size=batch_size, progress=progress)
-    if shared:  # the CD-T scorings read one propagation: each is charged the whole pass
+    shared: list[str] = []
+    for names in passes.values():
+        if len(names) > 1:
+            shared += names
+        conf = specs[names[0]][1]
         start = time.perf_counter()
-        rels = relevances(model, discovery, config, scorings=shared, **run)
+        rels = relevances(model, discovery, conf, scorings=[specs[m][0] for m in names], **run)
         elapsed = time.perf_counter() - start
-        for name in shared:
+        for name in names:
             seconds[name] = elapsed
-            per_example[name] = rels[name].per_example[0]
+            per_example[name] = rels[specs[name][0]].per_example[0]
             tables[name] = per_example[name].mean(0)
-    for name in (m for m in methods if m not in shared):
-        start = time.perf_counter()
-        per = relevances(model, discovery, config, scorings=(name,), **run)[name].per_example[0]
-        seconds[name] = time.perf_counter() - start
-        tables[name], per_example[name] = per.mean(0), per
 
     ab = MeanAblation(model, evaluation, positions=positions, batch_size=eval_batch_size, progress=progress)
     sizes = list(sizes) if sizes is not None else size_grid(ab.n_total)

@@ -112,6 +112,30 @@ def test_projection_and_magnitude_share_one_cdt_pass(tiny_qwen, indonesian, monk
         assert again[name].curve.cpr == pytest.approx(r.curve.cpr) and again[name].cpr_ci == pytest.approx(r.cpr_ci)
 
 
+def test_a_cdt_method_may_name_its_rule_set(tiny_qwen, indonesian):
+    """``projection`` (the default rules) beside ``projection@cdt-paper``: each table is what that rule
+    set gives alone, the two differ, and only same-rules CD-T scorings share a pass."""
+    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens.compare import compare_methods, method_spec
+    from ctsft_lens.discovery_config import DiscoveryConfig
+    from ctsft_lens.errors import CtsftError
+
+    discovery, evaluation = indonesian.sample(3, seed=0), indonesian.sample(6, "valid", seed=1)
+    c = compare_methods(tiny_qwen, discovery, evaluation, ["projection", "projection@cdt-paper", "magnitude"],
+                        sizes=[1, 4], seeds=(), n_boot=20, progress=False)
+    ordered = [ex for uid in c.meta["discovery_uids"] for ex in discovery if ex.uid == uid]
+    for name, rules in (("projection", None), ("projection@cdt-paper", "cdt-paper")):
+        alone = head_relevance(tiny_qwen, ordered, scoring="projection", decomposition=rules,
+                               progress=False).per_example[0]
+        torch.testing.assert_close(c.methods[name].per_example, alone)
+    assert not torch.allclose(c.methods["projection"].scores, c.methods["projection@cdt-paper"].scores)
+    assert c.meta["shared_cdt_pass"] == ["projection", "magnitude"]
+    with pytest.raises(CtsftError, match="only a CD-T scoring"):
+        method_spec("attribution@faithful", DiscoveryConfig())
+    with pytest.raises(CtsftError, match="unknown CD-T rule set"):
+        method_spec("projection@nope", DiscoveryConfig())
+
+
 def test_spearman_with_ties_and_unscored_heads():
     from ctsft_lens.compare import spearman
 

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ctsft_lens.circuit import load_circuit
-from ctsft_lens.compare import compare_methods, plot_comparison
+from ctsft_lens.compare import compare_methods, method_spec, plot_comparison
+from ctsft_lens.discovery_config import DiscoveryConfig
 from ctsft_lens.distributed import is_main
-from ctsft_lens.errors import CLIError, MaskError
+from ctsft_lens.errors import CLIError, CtsftError, MaskError
 from ctsft_lens.explore import BACKENDS, circuit_report
 from ctsft_lens.faithfulness import MeanAblation, faithfulness_report, size_grid
 from ctsft_lens.files import atomic_write_text, writable_folder
@@ -19,6 +20,7 @@ from ctsft_lens.masks import circuit_mask
 from ctsft_lens.mib import mib_curve
 from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, SPLITS
 from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance, save_png
+from ctsft_lens.scoring import HEAD_SCORINGS
 from ctsft_lens.tasks import load_task
 from ctsft_lens.cli.common import (_add_discovery_config, _add_model, _add_out, _add_task, _discovery_config, _load,
                                    _positive, write_results)
@@ -140,14 +142,26 @@ def _cmd_report(args: argparse.Namespace) -> None:
           f"examples: {path}")
 
 
+def _method_type(text: str) -> str:
+    """argparse ``type`` of ``--method``: a scoring, optionally ``@rules``; a bad one is one usage line."""
+    try:
+        method_spec(text, DiscoveryConfig())
+    except CtsftError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="head scorings (CD-T, attribution, patching) side by side: faithfulness with "
                                        "bootstrap intervals, rank correlations, cost")
     _add_model(p)
     _add_task(p)
     _add_discovery_config(p, "compare", scoring={
-        "flags": ("--method", "--scoring"), "dest": "method", "required": True,
-        "help": "a head scoring; repeat to compare (the first is the reference of the CPR differences)"})
+        "flags": ("--method", "--scoring"), "dest": "method", "required": True, "choices": None,
+        "type": _method_type, "metavar": "SCORING[@RULES]",
+        "help": f"a head scoring ({', '.join(HEAD_SCORINGS)}); a CD-T one may name its rule set after '@' "
+                "(e.g. projection@cdt-paper beside projection: the default rules beside the public code's); "
+                "repeat to compare (the first is the reference of the CPR differences)"})
     p.add_argument("--n-discovery", type=int, default=24, help="label-balanced train examples the methods score on; default: %(default)s")
     p.add_argument("--n-eval", type=int, default=90, help="label-balanced evaluation examples; default: %(default)s")
     p.add_argument("--split", default="test", choices=list(SPLITS),
