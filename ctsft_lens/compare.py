@@ -13,6 +13,8 @@ divided by the seconds of one plain forward over the same discovery batches).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +30,7 @@ from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
+from ctsft_lens.files import cached
 from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
                                      random_band, size_grid)
 from ctsft_lens.forward import attn_results, label_logits
@@ -308,6 +311,17 @@ def judge_tables(ab: MeanAblation, tables: dict[str, torch.Tensor], sizes: Seque
     return out
 
 
+def _pass_key(discovery: Sequence[Example], means: torch.Tensor, names: Sequence[str], conf: DiscoveryConfig,
+              batch_size: int) -> str:
+    """What a cached scoring pass depends on: the prompts, μ (it fingerprints the model), the scorings,
+    their options and the batch size (padding changes float rounding)."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([[ex.uid, ex.prompt, ex.label] for ex in discovery]).encode())
+    digest.update(means.detach().float().cpu().numpy().tobytes())
+    digest.update(json.dumps([list(names), repr(conf), batch_size]).encode())
+    return digest.hexdigest()
+
+
 def method_spec(method: str, config: DiscoveryConfig) -> tuple[str, DiscoveryConfig]:
     """``scoring`` or ``scoring@rules`` (a CD-T scoring under a rule set of ``cdt.rules``, e.g.
     ``projection@cdt-paper``) -> the scoring and the config it runs with. Lets one comparison put
@@ -327,14 +341,17 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
                     config: DiscoveryConfig | None = None, *, sizes: Sequence[int] | None = None,
                     seeds: Sequence[int] = (0, 1, 2, 3, 4), n_boot: int = 1000, boot_seed: int = 0,
                     batch_size: int = 8, eval_batch_size: int = 32, positions: MeanPositions = "pooled",
-                    protocol: Protocol = "ours", progress: bool = True, **options: Any) -> Comparison:
+                    protocol: Protocol = "ours", progress: bool = True, cache_dir: str | Path | None = None,
+                    **options: Any) -> Comparison:
     """Score heads with each of ``methods`` (keys of ``scoring.HEAD_SCORINGS``, a CD-T one optionally
     ``@rules``: :func:`method_spec`) on ``discovery`` and
     judge every ranking on ``evaluation`` (see the module docstring). The scoring options are the
     fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`: ``ig_steps``,
     ``heads_per_forward``, the CD-T rule set...; keyword ``options`` override them; its ``scoring``
     is not read: ``methods`` are the scorings). ``positions``: the evaluation head means, pooled or
-    at the last token. ``protocol="mib"`` adds MIB's CPR / CMD (``ctsft_lens.mib``) per method."""
+    at the last token. ``protocol="mib"`` adds MIB's CPR / CMD (``ctsft_lens.mib``) per method.
+    ``cache_dir``: each scoring pass's tables (and its measured seconds) are saved there, keyed by the
+    discovery prompts, μ, the scorings and their options, so a long comparison resumes where it stopped."""
     config = discovery_config(config, **options)
     methods = list(methods)
     if not methods:
@@ -365,16 +382,29 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
         passes.setdefault((conf.decomposition, conf.attention) if HEAD_SCORINGS[scoring].cdt else m, []).append(m)
     run = dict(means=means, batch_size=batch_size, progress=progress)
     shared: list[str] = []
+    use_cache = cache_dir is not None and distributed.world() == 1
+    if use_cache:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
     for names in passes.values():
         if len(names) > 1:
             shared += names
         conf = specs[names[0]][1]
-        start = time.perf_counter()
-        rels = relevances(model, discovery, conf, scorings=[specs[m][0] for m in names], **run)
-        elapsed = time.perf_counter() - start
+
+        def score(names: list[str] = names, conf: DiscoveryConfig = conf) -> dict[str, Any]:
+            start = time.perf_counter()
+            rels = relevances(model, discovery, conf, scorings=[specs[m][0] for m in names], **run)
+            return {"seconds": time.perf_counter() - start,
+                    "per_example": {m: rels[specs[m][0]].per_example[0] for m in names}}
+
+        if use_cache:
+            key = _pass_key(discovery, means, names, conf, batch_size)
+            done = cached(Path(cache_dir) / f"scores_{key[:16]}.pt", key, score,
+                          save=lambda value, path: torch.save(value, path), load=lambda path: torch.load(path))
+        else:
+            done = score()
         for name in names:
-            seconds[name] = elapsed
-            per_example[name] = rels[specs[name][0]].per_example[0]
+            seconds[name] = done["seconds"]
+            per_example[name] = done["per_example"][name]
             tables[name] = per_example[name].mean(0)
 
     ab = MeanAblation(model, evaluation, positions=positions, batch_size=eval_batch_size, progress=progress)

@@ -136,6 +136,31 @@ def test_a_cdt_method_may_name_its_rule_set(tiny_qwen, indonesian):
         method_spec("projection@nope", DiscoveryConfig())
 
 
+def test_compare_resumes_from_its_cache(tiny_qwen, indonesian, tmp_path, monkeypatch):
+    """A second run with the same discovery reads every pass from the cache (no scoring runs) and
+    gives the same tables and seconds; a new method computes only its own pass."""
+    from ctsft_lens import compare as compare_module
+    from ctsft_lens.compare import compare_methods
+
+    calls: list[tuple[str, ...]] = []
+    real = compare_module.relevances
+    monkeypatch.setattr(compare_module, "relevances",
+                        lambda *a, scorings, **k: calls.append(tuple(scorings)) or real(*a, scorings=scorings, **k))
+    discovery, evaluation = indonesian.sample(3, seed=0), indonesian.sample(6, "valid", seed=1)
+    run = dict(sizes=[1, 4], seeds=(), n_boot=20, progress=False, cache_dir=tmp_path / "cache")
+    first = compare_methods(tiny_qwen, discovery, evaluation, ["attribution", "projection"], **run)
+    assert calls == [("attribution",), ("projection",)]
+    calls.clear()
+    again = compare_methods(tiny_qwen, discovery, evaluation, ["attribution", "projection", "magnitude@cdt-paper"], **run)
+    assert calls == [("magnitude",)]  # another rule set: its own pass; the rest from the cache
+    for name in ("attribution", "projection"):
+        assert torch.equal(again.methods[name].per_example, first.methods[name].per_example)
+        assert again.methods[name].seconds == first.methods[name].seconds
+    calls.clear()
+    compare_methods(tiny_qwen, indonesian.sample(3, seed=1), evaluation, ["attribution"], **run)
+    assert calls == [("attribution",)]  # other prompts: recomputed
+
+
 def test_spearman_with_ties_and_unscored_heads():
     from ctsft_lens.compare import spearman
 

@@ -153,7 +153,9 @@ def _method_type(text: str) -> str:
 
 def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="head scorings (CD-T, attribution, patching) side by side: faithfulness with "
-                                       "bootstrap intervals, rank correlations, cost")
+                                       "bootstrap intervals, rank correlations, cost",
+                       description="Each scoring pass's tables are kept in OUT/cache: the same command run again "
+                                   "resumes after the last finished pass (delete OUT/cache to recompute).")
     _add_model(p)
     _add_task(p)
     _add_discovery_config(p, "compare", scoring={
@@ -196,7 +198,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     result = compare_methods(model, discovery, evaluation, args.method, _discovery_config(args, "compare"), sizes=size_grid(n_total, args.points, args.max_size),
                              seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,
                              eval_batch_size=args.eval_batch_size, positions=args.positions, protocol=args.protocol,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, cache_dir=Path(args.out) / "cache")
 
     if not is_main():  # every rank holds the gathered comparison; rank 0 writes it
         return
