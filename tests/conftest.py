@@ -75,3 +75,34 @@ def models():
 
     return {"qwen2": tiny_model("qwen2", n_layers=3, n_heads=8, n_kv_heads=2),
             "gpt2": tiny_model("gpt2", n_layers=3)}
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.fixture(scope="session")
+def executed_notebook(tmp_path_factory):
+    """``executed_notebook(name)``: the notebook ``notebooks/<name>.ipynb`` run top to bottom with
+    the tiny settings (once per session, shared by the notebook and browser tests), as
+    ``(notebook, folder it ran in, its nbconvert HTML export)``."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    done: dict[str, tuple] = {}
+
+    def run(name: str) -> tuple:
+        if name not in done:
+            folder = tmp_path_factory.mktemp(name)
+            nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("CTSFT_NOTEBOOK_MODEL", "tiny")
+                NotebookClient(nb, timeout=600, kernel_name="python3",
+                               resources={"metadata": {"path": str(folder)}}).execute()
+            body, _ = HTMLExporter().from_notebook_node(nb)  # `jupyter nbconvert --to html`, default template
+            export = folder / f"{name}.html"
+            export.write_text(body, encoding="utf-8")
+            done[name] = (nb, folder, export)
+        return done[name]
+
+    return run

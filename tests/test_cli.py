@@ -97,7 +97,7 @@ def test_quickstart_ends_with_the_next_command(tmp_path, capsys, monkeypatch):
         seen["config"] = config
         (out / "circuit.json").parent.mkdir(parents=True, exist_ok=True)
         (out / "circuit.json").write_text("{}")
-        return ExperimentResult(config, 0.8, {"javanese": 0.5}, ["3.7", "2.1"], [], out,
+        return ExperimentResult(config, 0.8, {"javanese": 0.5}, ["0.0", "1.1", "3.7", "2.1"], [], out,
                                 figures={"transfer": str(out / "figures" / "transfer.html")})
 
     monkeypatch.setattr(cli_experiment, "run_experiment", fake_run)

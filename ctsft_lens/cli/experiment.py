@@ -83,7 +83,9 @@ def next_steps(result: Any) -> list[str]:
                         (("task", config.task if config.task != "nusax-senti" else None),
                          ("data-dir", config.data_dir)) if value)
         lang = config.source
-        example = result.circuit_heads[0]
+        # a head whose two numbers differ (and are not 0) reads unambiguously as an example
+        example = next((h for h in result.circuit_heads if len(set(h.split("."))) == 2 and "0" not in h.split(".")),
+                       result.circuit_heads[0])
         layer, head = example.split(".")
         lines += [f"  the circuit: {circuit} (heads {', '.join(result.circuit_heads)})",
                   f"  read a head as layer.head, counted from 0: {example} is layer {layer}, head {head}",
