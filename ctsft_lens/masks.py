@@ -2,7 +2,8 @@
 
 A ``HeadMask`` is a set of (layer, head) plus the identity of the model it belongs to, checked
 whenever it is applied. The transfer variants (``full``, ``circuit``, ``nearzero``, ``random``,
-``random-sparse``, ``lora``, ``norm-only``) are one registry, :data:`VARIANTS`, that the CLI and the experiments both use.
+``random-layers``, ``random-sparse``, ``lora``, ``norm-only``) are one registry, :data:`VARIANTS`,
+that the CLI and the experiments both use.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class HeadMask:
 
     heads: tuple[Head, ...]
     model: dict[str, Any]
-    kind: str = "circuit"  # circuit | nearzero | random | manual | all | none
+    kind: str = "circuit"  # circuit | nearzero | random | random-layers | manual | all | none
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,7 +89,10 @@ def nearzero_mask(circuit: Circuit, depth: int | None = None) -> HeadMask:
     """Control: as many heads as the circuit, those with the lowest |depth-0 relevance|.
 
     Drawn only from heads outside the circuit (disjoint by construction); ties broken by
-    (layer, head) so the mask is deterministic.
+    (layer, head) so the mask is deterministic. Of a ``patching`` circuit this is the
+    **anti-circuit**: the heads whose exact mean-ablation effect on the logit difference is closest
+    to 0 (its depth-0 table is the exact effect; a total-effect circuit ranks that one table at
+    every depth, so ``depth`` changes only how many heads are taken).
     """
     if depth is not None:
         circuit = circuit.up_to_depth(depth)
@@ -115,6 +119,60 @@ def random_mask(model: dict[str, Any], n: int, seed: int = 0, *, like: Circuit |
     if like is not None:
         meta["control_of"] = _circuit_meta(like)
     return HeadMask(tuple(divmod(i, n_heads) for i in picks), dict(model), "random", meta)
+
+
+def layer_matched_mask(circuit: Circuit, seed: int = 0, depth: int | None = None) -> HeadMask:
+    """Control: for every layer of the circuit, as many heads **of that layer** as the circuit has
+    there, drawn at random (seeded) among that layer's heads outside the circuit.
+
+    Disjoint from the circuit and the same size, with the circuit's layer profile, so it differs
+    from the circuit only in which heads of those layers train. A layer with fewer heads outside
+    the circuit than it needs (more than half of it in the circuit) gives all it has, and the
+    shortfall is drawn from the nearest layers (distance 1, then 2, ...; both sides pooled), again
+    outside the circuit; ``meta["spilled"]`` records it (``{}`` when every layer sufficed).
+    Layers are drawn in ascending order from one ``torch.Generator`` seeded with ``seed``.
+    """
+    if depth is not None:
+        circuit = circuit.up_to_depth(depth)
+    model = _shape_of(circuit)
+    n_layers, n_heads = int(model["n_layers"]), int(model["n_heads"])
+    inside = set(circuit.heads)
+    want: dict[int, int] = {}
+    for layer, _ in circuit.heads:
+        want[layer] = want.get(layer, 0) + 1
+    if len(inside) > n_layers * n_heads - len(inside):
+        raise MaskError(f"a layer-matched control needs {len(inside)} heads outside the circuit; only "
+                        f"{n_layers * n_heads - len(inside)} exist")
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def draw(pool: list[Head], k: int) -> list[Head]:
+        return [pool[i] for i in torch.randperm(len(pool), generator=gen)[:k].tolist()]
+
+    picked: set[Head] = set()
+    short: dict[int, int] = {}
+    for layer in sorted(want):
+        pool = [(layer, h) for h in range(n_heads) if (layer, h) not in inside]
+        picked.update(draw(pool, want[layer]))
+        if want[layer] > len(pool):
+            short[layer] = want[layer] - len(pool)
+    spilled: dict[str, list[str]] = {}
+    for layer in sorted(short):
+        need, distance = short[layer], 1
+        while need:
+            near = [l for l in (layer - distance, layer + distance) if 0 <= l < n_layers]
+            if not near and distance > n_layers:
+                raise MaskError("no head left outside the circuit for a layer-matched control")  # unreachable
+            pool = [(l, h) for l in near for h in range(n_heads) if (l, h) not in inside and (l, h) not in picked]
+            got = draw(pool, need)
+            picked.update(got)
+            spilled.setdefault(str(layer), []).extend(head_name(h) for h in sorted(got))
+            need -= len(got)
+            distance += 1
+    meta = {"seed": int(seed), "control_of": _circuit_meta(circuit),
+            "selection": "per layer of the circuit, as many heads of that layer, at random outside the circuit "
+                         "(a layer short of heads: the rest from the nearest layers)",
+            "per_layer": {str(layer): k for layer, k in sorted(want.items())}, "spilled": spilled}
+    return HeadMask(tuple(picked), model, "random-layers", meta)
 
 
 def all_mask(model: dict[str, Any]) -> HeadMask:
@@ -275,6 +333,9 @@ VARIANTS: dict[str, Variant] = {
     "random": Variant(True, lambda model, circuit, seed, depth: random_mask(
         model, len(circuit_mask(circuit, depth).heads), seed=seed, like=circuit),
         "as many heads drawn at random per seed (+ norms)"),
+    "random-layers": Variant(True, lambda model, circuit, seed, depth: layer_matched_mask(circuit, seed, depth),
+                             "as many heads per layer as the circuit has there, drawn at random per seed among "
+                             "that layer's other heads (+ norms)"),
     "random-sparse": Variant(True, lambda model, circuit, seed, depth: SparseSpec(circuit_mask(circuit, depth), seed),
                              "as many attention-weight elements as the circuit's heads, drawn at random, "
                              "not head-aligned (+ norms)"),
