@@ -89,20 +89,26 @@ def executed_notebook(tmp_path_factory):
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
-    done: dict[str, tuple] = {}
+    done: dict[str, tuple | BaseException] = {}
 
     def run(name: str) -> tuple:
         if name not in done:
             folder = tmp_path_factory.mktemp(name)
             nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("CTSFT_NOTEBOOK_MODEL", "tiny")
-                NotebookClient(nb, timeout=600, kernel_name="python3",
-                               resources={"metadata": {"path": str(folder)}}).execute()
+            try:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setenv("CTSFT_NOTEBOOK_MODEL", "tiny")
+                    NotebookClient(nb, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": str(folder)}}).execute()
+            except Exception as err:  # noqa: BLE001 - a failed run fails every test that needs it, once
+                done[name] = err
+                raise
             body, _ = HTMLExporter().from_notebook_node(nb)  # `jupyter nbconvert --to html`, default template
             export = folder / f"{name}.html"
             export.write_text(body, encoding="utf-8")
             done[name] = (nb, folder, export)
+        if isinstance(done[name], BaseException):
+            raise RuntimeError(f"notebook {name} failed to run earlier in this session") from done[name]
         return done[name]
 
     return run
