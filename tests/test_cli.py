@@ -1,3 +1,4 @@
+import argparse
 import json
 import subprocess
 import sys
@@ -40,7 +41,10 @@ def test_choices_and_training_flags_come_from_the_registries():
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     opts = {name: {o: a for a in p._actions for o in a.option_strings} for name, p in sub.items()}
     assert opts["discover"]["--scoring"].choices == list(HEAD_SCORINGS)
-    assert opts["compare"]["--method"].choices == list(HEAD_SCORINGS)
+    method = opts["compare"]["--method"]  # SCORING[@RULES]: checked by its type against the registry
+    assert all(method.type(name) == name for name in HEAD_SCORINGS)
+    with pytest.raises(argparse.ArgumentTypeError):
+        method.type("nope")
     assert opts["discover"]["--attention"].choices == list(ATTENTION_RULES)
     assert opts["train"]["--variant"].choices == list(VARIANTS)
     assert opts["train"]["--kv"].choices == list(KV_POLICIES)
