@@ -52,8 +52,8 @@ def _add_train(sub: Any) -> None:
                    help="what trains: " + "; ".join(f"{k}: {v.help}" for k, v in VARIANTS.items())
                         + " (circuit-based variants need --circuit)")
     p.add_argument("--circuit", default=None,
-                   help="circuit JSON (from discover) for the circuit-based variants (circuit, nearzero, random, "
-                        "random-sparse, lora)")
+                   help="circuit JSON (from discover) for the circuit-based variants ("
+                        + ", ".join(k for k, v in VARIANTS.items() if v.needs_circuit) + ")")
     _add_sft_options(p)
     p.add_argument("--strict", action="store_true",
                    help="refuse a mask file whose weights fingerprint differs from the model's (default: warn)")
@@ -68,7 +68,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if (args.mask is None) == (args.variant is None):
         raise CLIError("give either --mask FILE or --variant NAME, not both or neither")
     if args.circuit and not args.variant:
-        raise CLIError("--circuit goes with --variant (a circuit-based one: circuit, nearzero, random, random-sparse, lora)")
+        raise CLIError("--circuit goes with --variant (a circuit-based one: "
+                       + ", ".join(k for k, v in VARIANTS.items() if v.needs_circuit) + ")")
     if args.save_adapter and args.variant in ("full", "lora"):
         raise CLIError(f"--save-adapter needs a head-masked run: variant {args.variant!r} changes whole "
                        "matrices (use --save-model)")
