@@ -122,6 +122,10 @@ class ExperimentConfig:
     targets: tuple[str, ...] = ("javanese",)
     variants: tuple[str, ...] = ("full", "circuit", "nearzero")
     seeds: tuple[int, ...] = (0, 1, 2)
+    # other seeds for some variants (e.g. 5 for a random control, 3 for the rest); TOML:
+    # [experiment.seeds_by_variant] random-layers = [0, 1, 2, 3, 4]. Seed s of every variant trains
+    # on the same target sample, so runs of one seed are paired.
+    seeds_by_variant: dict[str, tuple[int, ...]] = field(default_factory=dict)
     out: str = "runs/experiment"
     data_dir: str | None = None
     eval_limit: int | None = None
@@ -142,6 +146,23 @@ class ExperimentConfig:
             raise ConfigError(f"experiment.retention must be a list, got {self.retention!r}")
         pairs = tuple(RetentionPair.parse(v, f"experiment.retention[{i}]") for i, v in enumerate(self.retention))
         object.__setattr__(self, "retention", pairs)
+        if not isinstance(self.seeds_by_variant, dict):
+            raise ConfigError(f"experiment.seeds_by_variant must be a table of variant = [seeds], "
+                              f"got {self.seeds_by_variant!r}")
+        by = {}
+        for variant, seeds in self.seeds_by_variant.items():
+            check_value(f"experiment.seeds_by_variant.{variant}", seeds, tuple[int, ...], error=ConfigError)
+            by[str(variant)] = tuple(seeds)
+        object.__setattr__(self, "seeds_by_variant", by)
+
+    def seeds_of(self, variant: str) -> tuple[int, ...]:
+        """The seeds ``variant`` runs: its ``seeds_by_variant`` entry, else ``seeds``."""
+        return self.seeds_by_variant.get(variant, self.seeds)
+
+    def all_seeds(self) -> tuple[int, ...]:
+        """Every seed some variant runs: ``seeds``, then the others of ``seeds_by_variant`` in order."""
+        extra = sorted({s for seeds in self.seeds_by_variant.values() for s in seeds} - set(self.seeds))
+        return tuple(self.seeds) + tuple(extra)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "ExperimentConfig":
@@ -199,10 +220,18 @@ class ExperimentConfig:
             raise ConfigError(f"{where}: unknown variant(s) {bad or '(none given)'}; choose from {tuple(VARIANTS)}")
         if not self.seeds:
             raise ConfigError(f"{where}: experiment.seeds is empty")
-        for key, values in (("targets", langs[1:]), ("seeds", list(self.seeds)), ("variants", list(self.variants))):
+        by_variant = [(f"seeds_by_variant.{v}", list(s)) for v, s in self.seeds_by_variant.items()]
+        for key, values in (("targets", langs[1:]), ("seeds", list(self.seeds)), ("variants", list(self.variants)),
+                            *by_variant):
             dup = sorted({str(v) for v in values if values.count(v) > 1})
             if dup:
                 raise ConfigError(f"{where}: experiment.{key} lists {dup} twice (would double rows and shrink the sd)")
+        for variant, seeds in self.seeds_by_variant.items():
+            if variant not in self.variants:
+                raise ConfigError(f"{where}: experiment.seeds_by_variant names {variant!r}, which is not in "
+                                  f"experiment.variants {list(self.variants)}")
+            if not seeds:
+                raise ConfigError(f"{where}: experiment.seeds_by_variant.{variant} is empty")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise ConfigError(f"{where}: experiment.eval_limit must be >= 1 (omit it for the whole split), got {self.eval_limit}")
         n_labels = len(module.LABELS)

@@ -28,7 +28,8 @@ def smoke_config(config: ExperimentConfig, out: str | None = None) -> Experiment
     sweep = dict(config.sweep, values=config.sweep["values"][:2]) if config.sweep else {}
     return dataclasses.replace(
         config, name=f"{config.name} (smoke)", model="tiny", device="cpu", dtype="float32",
-        targets=config.targets[:2], seeds=config.seeds[:1], eval_limit=2 * k, faithfulness_examples=k,
+        targets=config.targets[:2], seeds=config.seeds[:1],
+        seeds_by_variant={v: s[:1] for v, s in config.seeds_by_variant.items()}, eval_limit=2 * k, faithfulness_examples=k,
         competence_model=None, circuit=None,
         out=out or f"{config.out}-smoke", sweep=sweep, competence=stage(config.competence),
         transfer=stage(config.transfer),

@@ -32,6 +32,11 @@ class RunResult:
     matched_params: int | None = None  # the circuit's trainable count (circuit-based variants)
     lora_rank: int | None = None
     retention: dict[str, float] = field(default_factory=dict)  # "task:lang" -> accuracy after
+    # per test example, in the test split's order: 1 if answered correctly (paired comparisons of
+    # runs, ``experiments.premise``); empty in runs cached before they were recorded
+    target_correct: list[int] = field(default_factory=list)
+    source_correct: list[int] = field(default_factory=list)
+    test_ids: dict[str, str] = field(default_factory=dict)  # "target" / "source" -> hash of the test uids scored
 
 
 @dataclass
@@ -87,7 +92,8 @@ class ExperimentResult:
         cfg, rows = self.config, self.table()
         variants = list(dict.fromkeys(r["variant"] for r in rows))
         out = [f"### {cfg.task}: {cfg.source} → targets ({cfg.model}; n_tgt = {cfg.transfer.n_examples}, "
-               f"{len(cfg.seeds)} seeds)", "",
+               f"{len(cfg.seeds)} seeds" + "".join(f"; {v}: {len(s)}" for v, s in cfg.seeds_by_variant.items())
+               + ")", "",
                "mean ± sd over seeds; (SE …): the test-set standard error √(p(1−p)/n) of that accuracy", "",
                "Target accuracy (A0 = competence model before adaptation)", "",
                "| target | A0 | " + " | ".join(variants) + " |",

@@ -101,8 +101,8 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
             config, comp_dir, circuit, task_of[source], out, stage_key(circuit_key, config.faithfulness_examples),
             force=f, progress=progress)))
     # Seed-major order: a run stopped early still has whole seeds of every (target, variant).
-    jobs = [(t, v, d, s) for s in config.seeds for t in targets for v in config.variants
-            for d in (config.discovery.report_depths() if _needs_circuit(v) else (None,))]
+    jobs = [(t, v, d, s) for s in config.all_seeds() for t in targets for v in config.variants
+            if s in config.seeds_of(v) for d in (config.discovery.report_depths() if _needs_circuit(v) else (None,))]
 
     def cell(job: tuple, force_: bool) -> RunResult:
         target, variant, depth, seed = job

@@ -21,8 +21,8 @@ from ctsft_lens.evaluate import evaluate
 from ctsft_lens.experiments.config import ExperimentConfig, StageConfig, _lang
 from ctsft_lens.experiments.report import RunResult
 from ctsft_lens.faithfulness import faithfulness_report
-from ctsft_lens.files import (atomic_dir, cached, key_file, verify_checksums, writable_folder, write_checksums,
-                              write_json)
+from ctsft_lens.files import (atomic_dir, cached, key_file, stage_key, verify_checksums, writable_folder,
+                              write_checksums, write_json)
 from ctsft_lens.masks import VARIANTS, LoraSpec, circuit_mask, save_mask, variant_mask
 from ctsft_lens.means import correct_examples
 from ctsft_lens.models import load_model, model_info, save_model
@@ -159,16 +159,29 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
         start = time.perf_counter()
         n_trainable = _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), stage,
                                 mask=mask, seed=seed, progress=progress)
-        target_acc = evaluate(model, _cut(config, model, target_test)).accuracy
-        source_acc = evaluate(model, _cut(config, model, source_test)).accuracy
+        target = evaluate(model, _cut(config, model, target_test))
+        source = evaluate(model, _cut(config, model, source_test))
         seconds = time.perf_counter() - start
         kept = {name: evaluate(model, _cut(config, model, ex)).accuracy for name, ex in (retention or {}).items()}
-        result = RunResult(task.language, label, seed, target_acc, source_acc, n_trainable, seconds,
-                           len(train_ex), len(dev_ex), matched_params=matched, lora_rank=rank, retention=kept)
+        result = RunResult(task.language, label, seed, target.accuracy, source.accuracy, n_trainable, seconds,
+                           len(train_ex), len(dev_ex), matched_params=matched, lora_rank=rank, retention=kept,
+                           target_correct=_correct(target_test, target.predictions),
+                           source_correct=_correct(source_test, source.predictions),
+                           test_ids={"target": examples_id(target_test), "source": examples_id(source_test)})
         return {"result": asdict(result)}
 
     path = out / "runs" / task.language / label / f"seed{seed}.json"
     return RunResult(**_cached(path, key, compute, force)["result"])
+
+
+def _correct(examples: list, predictions: list[int]) -> list[int]:
+    """1 where the prediction is the gold label, per example in order."""
+    return [int(ex.label == p) for ex, p in zip(examples, predictions)]
+
+
+def examples_id(examples: list) -> str:
+    """A short hash of the uids of the examples a run was scored on (paired runs must share it)."""
+    return stage_key([ex.uid or ex.prompt for ex in examples])
 
 
 def faithfulness_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task: Any, out: Path, key: str, *,
@@ -239,7 +252,7 @@ def used_examples(config: ExperimentConfig, task_of: dict[str, Any]) -> dict[str
         add(f"{lang}/test", task.examples("test", config.eval_limit))
     for target in dict.fromkeys(_lang(config, t) for t in config.targets):
         exclude = {ex.uid for ex in competence[0]} if target == source else set()
-        for seed in config.seeds:
+        for seed in config.all_seeds():
             train_ex, dev_ex = _stage_data(task_of[target], config.transfer, seed, exclude)
             add(f"{target}/train", train_ex)
             add(f"{target}/valid", dev_ex)
