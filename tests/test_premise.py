@@ -1,0 +1,321 @@
+"""The premise study's machinery (issue #27): layer-matched random heads, the anti-circuit, circuits
+from every scoring, per-example results, the paired bootstrap, the target-dev sweep, the study
+configs, and the pipeline end to end on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctsft_lens.circuit import Circuit, Edge, rank_heads
+from ctsft_lens.errors import ConfigError, CtsftError, MaskError
+from ctsft_lens.experiments import ExperimentConfig
+from ctsft_lens.experiments.premise import (Gain, paired_gain, pick_rate, read_rates, source_configs, verdict,
+                                            with_rates)
+from ctsft_lens.masks import VARIANTS, layer_matched_mask, nearzero_mask, variant_mask
+from ctsft_lens.scoring import HEAD_SCORINGS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = {"n_layers": 4, "n_heads": 8}
+
+
+def _circuit(heads, scoring="patching", scores=None) -> Circuit:
+    table = scores if scores is not None else torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    return Circuit((tuple(heads),), (table,), tuple(Edge(h, None, 0, float(table[h])) for h in heads), scoring, 0.1,
+                   dict(MODEL))
+
+
+# ------------------------------------------------------------------------------------------
+# random-layers and the anti-circuit
+# ------------------------------------------------------------------------------------------
+def test_random_layers_draws_the_circuits_layer_profile_outside_it():
+    circuit = _circuit([(1, 2), (1, 5), (3, 0)])
+    masks = [variant_mask("random-layers", MODEL, circuit, seed=s) for s in range(8)]
+    for mask in masks:
+        assert mask.kind == "random-layers" and len(mask.heads) == 3
+        assert sorted(layer for layer, _ in mask.heads) == [1, 1, 3]  # as many per layer as the circuit
+        assert not set(mask.heads) & set(circuit.heads)  # disjoint
+        assert mask.meta["per_layer"] == {"1": 2, "3": 1} and mask.meta["spilled"] == {}
+        assert mask.meta["control_of"]["scoring"] == "patching"
+    assert masks[3].meta["seed"] == 3
+    assert len({m.heads for m in masks}) > 4  # seeds draw different heads
+    assert variant_mask("random-layers", MODEL, circuit, seed=5).heads == masks[5].heads  # and repeat
+    assert "random-layers" in VARIANTS and VARIANTS["random-layers"].needs_circuit
+
+
+def test_random_layers_takes_a_short_layers_rest_from_the_nearest_layers():
+    circuit = _circuit([(2, h) for h in range(6)])  # 6 of layer 2's 8 heads: 2 left there
+    mask = layer_matched_mask(circuit, seed=1)
+    assert len(mask.heads) == 6 and not set(mask.heads) & set(circuit.heads)
+    assert {(2, 6), (2, 7)} <= set(mask.heads)
+    spilled = mask.meta["spilled"]["2"]
+    assert len(spilled) == 4 and all(name.split(".")[0] in ("1", "3") for name in spilled)
+    with pytest.raises(MaskError, match="outside the circuit"):
+        layer_matched_mask(_circuit([(layer, h) for layer in range(4) for h in range(5)]))
+
+
+def test_nearzero_of_a_patching_circuit_is_the_anti_circuit():
+    """The heads with the lowest |exact effect| outside the circuit, from the depth-0 (exact) table."""
+    table = torch.arange(32, dtype=torch.float32).reshape(4, 8) - 10.5  # |effect| smallest around 10-11
+    circuit = _circuit(rank_heads(table)[:3], scores=table)
+    mask = nearzero_mask(circuit)
+    flat = sorted(((abs(float(table[h])), h) for h in [(l, k) for l in range(4) for k in range(8)]
+                   if h not in circuit.heads))
+    assert sorted(mask.heads) == sorted(h for _, h in flat[:3])
+    assert mask == variant_mask("nearzero", MODEL, circuit)
+
+
+# ------------------------------------------------------------------------------------------
+# the paired bootstrap
+# ------------------------------------------------------------------------------------------
+def _bits(n, p, seed):
+    rng = random.Random(seed)
+    return [int(rng.random() < p) for _ in range(n)]
+
+
+def _improve(bits, k, seed):
+    """``bits`` with k of its wrong answers made right (a known gain of k / n)."""
+    wrong = [i for i, b in enumerate(bits) if not b]
+    out = list(bits)
+    for i in random.Random(seed).sample(wrong, k):
+        out[i] = 1
+    return out
+
+
+def test_identical_runs_give_a_zero_width_interval_at_zero():
+    ref = {s: _bits(200, 0.6, s) for s in range(5)}
+    g = paired_gain({s: ref[s] for s in range(3)}, ref)
+    assert (g.gain, g.lo, g.hi) == (0.0, 0.0, 0.0) and set(g.per_seed.values()) == {0.0}
+    assert verdict(g) == "inside"
+
+
+def test_a_known_gain_is_recovered_inside_its_interval():
+    n = 400
+    ref = {s: _bits(n, 0.55, s) for s in range(5)}
+    arm = {s: _improve(ref[s], 20, 100 + s) for s in range(3)}  # +0.05 on each seed, paired
+    g = paired_gain(arm, ref)
+    assert g.gain == pytest.approx(0.05) and g.per_seed == pytest.approx({0: 0.05, 1: 0.05, 2: 0.05})
+    assert g.lo < 0.05 < g.hi and g.lo > 0 and verdict(g) == "above"
+    worse = paired_gain({s: ref[s] for s in range(3)}, arm)  # the other way round
+    assert worse.gain == pytest.approx(-0.05) and verdict(worse) == "below"
+
+
+def test_pairing_by_example_and_by_seed_matters():
+    n = 400
+    ref = {s: _bits(n, 0.55, s) for s in range(3)}
+    ref.update({3: [1] * n, 4: [1] * n})  # two random-head seeds far better than the rest
+    arm = {s: _improve(ref[s], 8, 100 + s) for s in range(3)}
+    by_seed = paired_gain(arm, ref, pairing="seed")
+    by_mean = paired_gain(arm, ref, pairing="mean")
+    assert by_seed.gain == pytest.approx(0.02)  # seed s compared with seed s
+    ref_mean = torch.tensor([ref[s] for s in range(5)], dtype=torch.float64).mean(0)
+    arm_mean = torch.tensor([arm[s] for s in range(3)], dtype=torch.float64).mean(0)
+    assert by_mean.gain == pytest.approx(float((arm_mean - ref_mean).mean()))  # every seed against the 5-seed mean
+    assert by_mean.gain < -0.1
+    # Pairing by example: the runs differ on 8 examples of 400, so the paired interval is narrow; resampling
+    # the two arms' examples independently (unpaired) would give a far wider one on the same runs.
+    gen = torch.Generator().manual_seed(0)
+    a, r = arm_mean, torch.tensor([ref[s] for s in range(3)], dtype=torch.float64).mean(0)
+    unpaired = torch.stack([a[torch.randint(n, (n,), generator=gen)].mean() - r[torch.randint(n, (n,), generator=gen)].mean()
+                            for _ in range(500)])
+    width = float(unpaired.quantile(0.975) - unpaired.quantile(0.025))
+    assert by_seed.hi - by_seed.lo < width / 3
+    assert by_seed.lo > 0 and unpaired.quantile(0.025) < 0  # only the paired test sees the gain
+
+
+def test_seeds_the_reference_lacks_are_compared_with_its_mean():
+    ref = {0: [1, 0, 1, 0], 1: [0, 0, 1, 1]}
+    g = paired_gain({0: [1, 1, 1, 0], 7: [1, 1, 1, 1]}, ref, n_boot=50)
+    assert g.per_seed == pytest.approx({0: 0.25, 7: 0.5})  # seed 7 against the mean of seeds 0 and 1
+    assert g.gain == pytest.approx(0.375)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(CtsftError, match="same"):
+        paired_gain({0: [1, 0]}, {0: [1, 0, 1]})
+    with pytest.raises(CtsftError, match="pairing"):
+        paired_gain({0: [1]}, {0: [1]}, pairing="example")
+    with pytest.raises(CtsftError, match="at least one"):
+        paired_gain({}, {0: [1]})
+    g = Gain(0.02, -0.01, 0.05, {0: 0.03, 1: 0.01}, 100, 10, "seed")
+    assert verdict(g) == "inside" and verdict(dataclasses.replace(g, lo=0.001)) == "above"
+    assert verdict(dataclasses.replace(g, lo=0.001, per_seed={0: 0.05, 1: -0.01})) == "inside"  # a seed disagrees
+
+
+def test_the_sweep_rule_is_the_last_epochs_dev_accuracy_then_loss():
+    pts = [{"lr": 1e-4, "last_accuracy": 0.6, "last_loss": 0.9}, {"lr": 3e-4, "last_accuracy": 0.7, "last_loss": 0.8},
+           {"lr": 1e-3, "last_accuracy": 0.7, "last_loss": 0.7}, {"lr": 3e-4, "last_accuracy": 0.7, "last_loss": 0.8}]
+    assert pick_rate(pts) == 1e-3
+    assert pick_rate(pts + [{"lr": 1e-3, "last_accuracy": 0.5, "last_loss": 0.7}]) == 3e-4  # mean over seeds
+
+
+# ------------------------------------------------------------------------------------------
+# configs: seeds per variant, every scoring from TOML, the study's TOMLs
+# ------------------------------------------------------------------------------------------
+def test_seeds_by_variant(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[experiment]\ntargets = ['acehnese']\nvariants = ['circuit', 'random-layers']\nseeds = [0, 1, 2]\n"
+                    "[experiment.seeds_by_variant]\nrandom-layers = [0, 1, 2, 3, 4]\n")
+    cfg = ExperimentConfig.from_toml(path)
+    assert cfg.seeds_of("random-layers") == (0, 1, 2, 3, 4) and cfg.seeds_of("circuit") == (0, 1, 2)
+    assert cfg.all_seeds() == (0, 1, 2, 3, 4)
+    for text, message in (("random-layers = [0, 0]", "twice"), ("lora = [0]", "not in experiment.variants"),
+                          ("random-layers = []", "is empty"), ("random-layers = ['a']", "must be an integer")):
+        path.write_text("[experiment]\ntargets = ['acehnese']\nvariants = ['circuit', 'random-layers']\n"
+                        f"[experiment.seeds_by_variant]\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            ExperimentConfig.from_toml(path)
+
+
+@pytest.mark.parametrize("scoring", list(HEAD_SCORINGS))
+def test_every_scoring_is_a_toml_key_as_it_is_a_flag(tmp_path, scoring):
+    from ctsft_lens.cli import build_parser
+
+    path = tmp_path / "c.toml"
+    path.write_text(f"[experiment]\ntargets = ['acehnese']\n[discovery]\nscoring = '{scoring}'\nratio = 0.02\n"
+                    "max_depth = 0\nn_examples = 24\n")
+    assert ExperimentConfig.from_toml(path).discovery.scoring == scoring
+    assert build_parser().parse_args(["discover", "--scoring", scoring]).scoring == [scoring]
+
+
+def test_a_circuit_of_every_scoring_builds_every_variant(tiny_qwen, indonesian):
+    """What an experiment's discovery stage runs (``discover`` with the TOML's [discovery]), for every
+    scoring; every circuit-based variant is then built from the circuit."""
+    from ctsft_lens.cdt import discover
+    from ctsft_lens.experiments import DiscoveryConfig
+    from ctsft_lens.models import model_info
+
+    examples = indonesian.sample(3, seed=0)
+    info = model_info(tiny_qwen, checksum=False)
+    for scoring in HEAD_SCORINGS:
+        circuit = discover(tiny_qwen, examples, DiscoveryConfig(scoring=scoring, ratio=0.1, max_depth=0, n_examples=3),
+                           progress=False)
+        assert circuit.scoring == scoring and len(circuit.heads) == 1  # 10 % of 16 heads
+        for name, variant in VARIANTS.items():
+            spec = variant_mask(name, info, circuit, seed=1)
+            if variant.needs_circuit and name not in ("lora", "random-sparse"):
+                assert len(spec.heads) == len(circuit.heads), name
+
+
+def _study_toml(name: str, tmp_path: Path) -> ExperimentConfig:
+    data = tomllib.loads((ROOT / "benchmarks" / "premise" / name).read_text())
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "config.json").write_text("{}")
+    (tmp_path / "circuit_patching.json").write_text("{}")
+    data["experiment"].update(competence_model=str(ckpt), circuit=str(tmp_path / "circuit_patching.json"))
+    return ExperimentConfig.from_dict(data, where=name)
+
+
+def test_the_study_configs_differ_only_in_the_budget(tmp_path):
+    b30, b90 = _study_toml("acehnese_b30.toml", tmp_path), _study_toml("acehnese_b90.toml", tmp_path)
+    for cfg in (b30, b90):
+        assert cfg.targets == ("acehnese",) and cfg.source == "indonesian" and cfg.task == "nusax-senti"
+        assert set(cfg.variants) == {"full", "circuit", "nearzero", "random-layers"}
+        assert cfg.seeds == (0, 1, 2) and cfg.seeds_of("random-layers") == (0, 1, 2, 3, 4)
+        assert (cfg.transfer.n_dev, cfg.transfer.train.select_best, cfg.transfer.train.epochs) == (0, False, 3)
+        assert cfg.discovery.ratio == 0.02 and cfg.discovery.max_depth == 0 and cfg.discovery.n_examples == 24
+    assert (b30.transfer.n_examples, b90.transfer.n_examples) == (30, 90)
+    strip = lambda c: dataclasses.replace(c, name="", out="", transfer=dataclasses.replace(c.transfer, n_examples=0))  # noqa: E731
+    assert strip(b30) == strip(b90)
+    rated = with_rates(b30, {"head": 3e-4, "full": 1e-5})
+    assert rated.transfer.for_variant("random-layers").train.lr == 3e-4 == rated.transfer.for_variant("nearzero").train.lr
+    assert rated.transfer.for_variant("full").train.lr == 1e-5
+    with pytest.raises(CtsftError, match="full sweep"):
+        with_rates(b30, {"head": 3e-4})
+
+
+def test_missing_sweeps_and_circuit_files_are_named(tmp_path):
+    with pytest.raises(CtsftError, match="run the sweep first"):
+        read_rates(tmp_path)
+    from ctsft_lens.circuit import save_circuit
+
+    save_circuit(_circuit([(1, 2)]), tmp_path / "circuit_patching.json")
+    cfg = ExperimentConfig(targets=("acehnese",), circuit=str(tmp_path / "circuit_patching.json"), out=str(tmp_path / "o"))
+    with pytest.raises(CtsftError, match="circuit_projection.json"):
+        source_configs(cfg, ["patching", "projection"])
+
+
+# ------------------------------------------------------------------------------------------
+# end to end on a tiny model
+# ------------------------------------------------------------------------------------------
+def test_the_premise_pipeline_end_to_end(tmp_path, tiny_qwen):
+    """discover (two scorings, the CLI) -> target-dev sweep -> every head arm, seed-major -> the report."""
+    import json
+
+    from ctsft_lens.cli import main
+    from ctsft_lens.experiments.premise import lr_sweep, run_study, study_report
+    from ctsft_lens.models import save_model
+
+    save_model(tiny_qwen, tmp_path / "ckpt")  # 2 layers x 8 heads
+    assert main(["discover", "--model", str(tmp_path / "ckpt"), "--lang", "indonesian", "--scoring", "patching",
+                 "--scoring", "attribution-ig", "--ratio", "0.2", "--max-depth", "0", "--n-examples", "3",
+                 "--out", str(tmp_path / "circuits"), "--no-progress"]) == 0
+    assert main(["mask", "--circuit", str(tmp_path / "circuits" / "circuit_patching.json"), "--variant",
+                 "random-layers", "--seed", "2", "--out", str(tmp_path / "rl.json")]) == 0
+    assert json.loads((tmp_path / "rl.json").read_text())["kind"] == "random-layers"
+    toml = tmp_path / "study.toml"
+    toml.write_text(f"""[experiment]
+name = "premise-tiny"
+model = "tiny"
+competence_model = "{tmp_path / 'ckpt'}"
+circuit = "{tmp_path / 'circuits' / 'circuit_patching.json'}"
+targets = ["acehnese"]
+variants = ["circuit", "nearzero", "random-layers"]
+seeds = [0]
+out = "{tmp_path / 'study'}"
+eval_limit = 6
+max_tokens = 24
+[experiment.seeds_by_variant]
+random-layers = [0, 1]
+[transfer]
+n_examples = 3
+n_dev = 0
+select_best = false
+epochs = 1
+batch_size = 3
+""")
+    cfg = ExperimentConfig.from_toml(toml)
+    head = lr_sweep(cfg, "circuit", [1e-3, 1e-2], n_dev=3, progress=False)
+    assert head["chosen"] in (1e-3, 1e-2)
+    assert all(len(p["history"]) == 1 and p["n_dev"] == 3 and p["n_train"] == 3 for p in head["points"])
+    with pytest.raises(CtsftError, match="run the sweep first"):
+        read_rates(tmp_path / "study" / "sweep")  # no full sweep
+    rates = read_rates(tmp_path / "study" / "sweep", full=None)
+    results = run_study(cfg, ["patching", "attribution-ig"], rates=rates, progress=False)
+    assert set(results) == {"patching", "attribution-ig"}
+    rows = {r["variant"]: r["n_seeds"] for r in results["patching"].table()}
+    assert rows == {"circuit": 1, "nearzero": 1, "random-layers": 2}
+    assert [r["variant"] for r in results["attribution-ig"].table()] == ["circuit"]
+    run = results["patching"].runs[0]
+    assert len(run.target_correct) == 6 and len(run.source_correct) == 6
+    assert sum(run.target_correct) / 6 == pytest.approx(run.target_accuracy)
+    assert run.test_ids["target"] and run.test_ids["source"]
+    assert (tmp_path / "study" / "attribution-ig" / "a0.json").is_file()  # shared, not recomputed
+    saved = json.loads((tmp_path / "study" / "patching" / "results.json").read_text())
+    assert all(len(r["target_correct"]) == 6 for r in saved["runs"])
+
+    report = study_report({"study": tmp_path / "study"}, tmp_path / "report", n_boot=200)
+    a = report["analyses"][0]
+    by = {r["arm"]: r for r in a["rows"]}
+    assert set(by) == {"patching/circuit", "patching/nearzero", "patching/random-layers", "attribution-ig/circuit"}
+    assert "target_gain" not in by["patching/random-layers"] and len(by["patching/random-layers"]["seeds"]) == 2
+    for key, row in by.items():
+        if "target_gain" in row:
+            g = row["target_gain"]
+            assert g["lo"] <= g["gain"] <= g["hi"] and set(g["per_seed"]) == set(row["seeds"]), key
+    assert by["patching/circuit"]["lr"] == rates["head"] == by["attribution-ig/circuit"]["lr"]
+    text = (tmp_path / "report" / "premise.md").read_text()
+    assert "the oracle (patching) circuit" in text and "the anti-circuit" in text and "attribution-ig circuit" in text
+    assert "| 3 × 1 | circuit: patching (oracle) |" in text and "3 examples × 1 epochs:" in text
+    assert (tmp_path / "report" / "premise.html").is_file()
