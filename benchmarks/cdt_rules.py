@@ -211,8 +211,49 @@ def summary(folder: Path) -> str:
         if len(rows) != n:
             table.append((1.0, "| patching | 1.000 | 1.000 | 6 | 0 | (the full run's rows) | | |"))
         lines += [row for _, row in sorted(table, key=lambda x: -x[0])]
+        cells = {}
+        for r in members:
+            grid_key = rule_grid_key(r)
+            if grid_key:
+                t = r["table"].double().mean(0)
+                cells[grid_key] = (spearman(t, exact), len(set(rank_heads(t.float())[:6]) & set(ex6)),
+                                   len(r["unstable"]))
+        if len(cells) >= 4:
+            lines += ["", grid_table(cells)]
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+GRID = {"norm": ("frozen", "jacobian", "difference"), "attention": ("cdt", "frozen", "linear"),
+        "product": ("shapley", "legacy", "linear")}
+
+
+def rule_grid_key(r: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(norm, attention, product) of a CD-T row that is ``faithful`` but for those three fields."""
+    if "rules" not in r:
+        return None
+    from ctsft_lens.cdt.rules import PRESETS
+    rules = r["rules"]
+    rest = {k: v for k, v in dataclasses.asdict(PRESETS["faithful"]).items() if k not in GRID}
+    if any(rules.get(k) != v for k, v in rest.items()):
+        return None
+    return rules["norm"], rules["attention"], rules["product"]
+
+
+def grid_table(cells: dict[tuple[str, str, str], tuple[float, int, int]]) -> str:
+    """Norm × attention (rows) × product (columns): Spearman with exact · top 6 shared · unstable heads,
+    every other rule as ``faithful`` (bias ``gamma``, activation ``difference``); ``—``: not run."""
+    lines = ["| norm | attention | " + " | ".join(f"product `{p}`" for p in GRID["product"]) + " |",
+             "|---|---|" + "---|" * len(GRID["product"])]
+    for n in GRID["norm"]:
+        for a in GRID["attention"]:
+            row = []
+            for p in GRID["product"]:
+                c = cells.get((n, a, p))
+                text = "—" if c is None else f"{c[0]:.3f} · {c[1]}/6" + (f" · {c[2]} unstable" if c[2] else "")
+                row.append(f"**{text}**" if (n, a, p) == ("difference", "linear", "legacy") and c else text)
+            lines.append(f"| `{n}` | `{a}` | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

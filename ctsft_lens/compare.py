@@ -420,7 +420,9 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     meta = {"sizes": sizes, "ig_steps": config.ig_steps, "heads_per_forward": config.heads_per_forward, "batch_size": batch_size,
             "eval_batch_size": eval_batch_size, "positions": positions, "protocol": protocol, "boot_seed": boot_seed,
             "torch_threads": torch.get_num_threads(), "device": str(cfg.device), "shared_cdt_pass": shared,
-            "discovery_uids": [ex.uid for ex in discovery]}
+            "discovery_uids": [ex.uid for ex in discovery],
+            "rules": {m: resolve(conf.decomposition, attention=conf.attention).spec()
+                      for m, (scoring, conf) in specs.items() if HEAD_SCORINGS[scoring].cdt}}
     return Comparison(results, rho, band_random, ab.full, ab.empty, len(discovery), ab.n_examples, n_layers, n_heads,
                       forward_seconds, means_seconds, n_boot, meta)
 

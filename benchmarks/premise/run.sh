@@ -4,7 +4,7 @@
 #   bash benchmarks/premise/run.sh [STAGE...]          # from the repository root; writes under runs/premise
 #
 # Stages (default: all, in this order):
-#   discover_patching discover_attribution-ig discover_projection   6-head depth-0 circuits, stage 2's 24 examples and mu
+#   circuits                 6-head depth-0 circuits of every source, read from the compare run's tables (no rescoring)
 #   sweep_b30 grid_b30 report                                        budget A: 30 Acehnese examples x 3 epochs
 #   sweep_b90 grid_b90 report                                        budget B: 90 Acehnese examples x 3 epochs
 # Every stage resumes: a circuit file that exists is kept, sweep points and transfer cells are cached by
@@ -12,36 +12,27 @@
 # before and after to OUT/times.tsv; run nothing else heavy beside it.
 set -euo pipefail
 OUT=runs/premise                                   # the TOMLs' paths assume it
-COMP=${COMP:-runs/real_weights/competence/model}   # `benchmarks/real_weights/run.sh MODEL_DIR runs/real_weights competence`
 HEAD_LRS=${HEAD_LRS:-1e-4,3e-4,1e-3}               # the head variants' shared sweep, on the oracle circuit
 FULL_LRS=${FULL_LRS:-1e-5,3e-5,1e-4}               # full fine-tuning's own sweep
 SOURCES=${SOURCES:-patching,attribution-ig,projection}
 CTSFT=${CTSFT:-ctsft}
 HERE=$(dirname "$0")
-STAGES=${*:-discover_patching discover_attribution-ig discover_projection sweep_b30 grid_b30 report sweep_b90 grid_b90 report}
+COMPARE=${COMPARE:-runs/real_weights/compare_faithful/compare.json}  # README: the `compare_faithful` command
+STAGES=${*:-circuits sweep_b30 grid_b30 report sweep_b90 grid_b90 report}
 mkdir -p "$OUT/circuits"
 
-stage() {  # stage NAME CMD...: run, time, log
-  local name=$1; shift
-  local load0; load0=$(cut -d' ' -f1 /proc/loadavg)
-  echo "== $name: $*" | tee -a "$OUT/commands.txt"
-  /usr/bin/time -f "%e %M" -o "$OUT/.time" "$@" 2>&1 | tee "$OUT/$name.log"
-  read -r secs rss < "$OUT/.time"
-  printf '%s\t%s s\t%s MB\tload %s -> %s\t%s\n' "$name" "$secs" "$((rss / 1024))" "$load0" \
-    "$(cut -d' ' -f1 /proc/loadavg)" "$(date -u +%FT%TZ)" | tee -a "$OUT/times.tsv"
-}
+source "$HERE/../stage.sh"
 
 for s in $STAGES; do
   case $s in
-    discover_*)  # the same 24 label-balanced Indonesian train examples (task.sample(24, "train", seed 0)) and the
-      # same mu (their label-balanced head means) as benchmarks/real_weights' compare stage; 2 % = 6 heads, depth 0
-      scoring=${s#discover_}
-      file="$OUT/circuits/circuit_$scoring.json"
-      if [ -f "$file" ]; then echo "== $s: $file exists, kept"; continue; fi
-      extra=()
-      [ "$scoring" = projection ] && extra=(--decomposition faithful)
-      stage "$s" "$CTSFT" discover --model "$COMP" --task nusax-senti --lang indonesian --scoring "$scoring" \
-        "${extra[@]}" --ratio 0.02 --max-depth 0 --n-examples 24 --seed 0 --batch-size 8 --out "$file" --no-progress ;;
+    circuits)  # the 24 discovery examples and mu of the compare run (stage 2's sample, task.sample(24, "train", seed 0)),
+      # each source's table as that run scored it; 2 % = 6 heads, depth 0, chosen as `ctsft discover` chooses
+      for scoring in ${SOURCES//,/ }; do
+        file="$OUT/circuits/circuit_$scoring.json"
+        if [ -f "$file" ]; then echo "== circuit $scoring: $file exists, kept"; continue; fi
+        stage "circuit_$scoring" python "$HERE/../real_weights/circuit_from_compare.py" "$COMPARE" --method "$scoring" \
+          --ratio 0.02 --out "$file"
+      done ;;
     sweep_b30|sweep_b90)  # target (Acehnese) dev only: 72 label-balanced valid examples, the grid's seed-0 sample
       cfg="$HERE/acehnese_${s#sweep_}.toml"
       stage "${s}_heads" python "$HERE/premise.py" sweep --config "$cfg" --variant circuit --lrs "$HEAD_LRS" --no-progress

@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--method", default="projection")
     p.add_argument("--ratio", type=float, default=0.02)
     p.add_argument("--out", required=True)
+    p.add_argument("--rules", default=None, help="a CD-T method's rule set, recorded in the circuit, for a compare "
+                   "run older than compare.json's meta.rules (which is used when present)")
     args = p.parse_args()
 
     data = json.load(open(args.compare_json))
@@ -42,6 +44,9 @@ def main() -> None:
     options = {"source": "compare", "compare_json": args.compare_json, "n_examples": data["n_discovery"],
                "discovery_uids": data["meta"]["discovery_uids"], "baseline": "mean", "max_depth": 0,
                "n_keep_per_depth": k, "target_position": "last", "mean_positions": data["meta"]["positions"]}
+    rules = data["meta"].get("rules", {}).get(args.method) or args.rules
+    if rules:
+        options["decomposition"] = rules
     circuit = Circuit((heads,), (table,), tuple(Edge(h, None, 0, float(table[h])) for h in heads),
                       args.method, args.ratio, model_info(model, checksum=True), options)
     print(f"{save_circuit(circuit, args.out)}: {len(heads)} heads {[f'L{l}H{h}' for l, h in heads]}")

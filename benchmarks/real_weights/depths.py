@@ -57,6 +57,9 @@ def discover_phase(args: argparse.Namespace, model, task, out: Path) -> dict:
         saved = torch.load(path)
         if saved["uids"] != uids:
             raise SystemExit(f"{path} holds another discovery sample: delete it to rescore")
+        if saved.get("decomposition", "shapley") != args.decomposition:  # passes before the field: 0.2's shapley
+            raise SystemExit(f"{path} was scored with the {saved.get('decomposition', 'shapley')!r} rules, not "
+                             f"{args.decomposition!r}: choose another --out or delete it to rescore")
         _log(f"discover: reusing {path}")
         return saved
     start = time.perf_counter()
@@ -64,9 +67,10 @@ def discover_phase(args: argparse.Namespace, model, task, out: Path) -> dict:
     forward = time_forward(model, list(batches(model, discovery, args.batch_size)))
     t0 = time.perf_counter()
     rels = head_relevances(model, discovery, scorings=SCORINGS, target="all", means=means,
-                           batch_size=args.batch_size, progress=not args.no_progress)
+                           decomposition=args.decomposition, batch_size=args.batch_size, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     saved = {"uids": uids, "labels": [ex.label for ex in discovery], "seconds": seconds,
+             "decomposition": args.decomposition,
              "forward_seconds": forward, "means_seconds": t0 - start,
              "rels": {n: {"targets": r.targets, "per_example": r.per_example, "unstable": r.unstable}
                       for n, r in rels.items()}}
@@ -80,7 +84,8 @@ def circuits_of(args: argparse.Namespace, model, saved: dict, out: Path) -> dict
     circuits = {}
     for name, r in saved["rels"].items():
         rel = Relevance(tuple(r["targets"]), r["per_example"], name, tuple(r["unstable"]))
-        options = {"baseline": "mean", "attention": "cdt", "n_examples": len(saved["uids"]),
+        options = {"baseline": "mean", "decomposition": saved.get("decomposition", "shapley"),
+                   "n_examples": len(saved["uids"]),
                    "n_reference": len(saved["uids"]), "mean_positions": "pooled", "source_positions": None,
                    "one_pass_seconds": saved["seconds"]}
         c = circuit_from_relevance(model, rel, ratio=args.ratio, max_depth=args.max_depth, options=options)
@@ -297,6 +302,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ratio", type=float, default=0.02)
     p.add_argument("--max-depth", type=int, default=2)
+    p.add_argument("--decomposition", default="faithful",
+                   help="CD-T rule set (preset[,field=rule...]); stage 7 of 2026-12-02 ran 0.2's shapley")
     p.add_argument("--random", type=int, default=5, help="random circuits per size")
     p.add_argument("--random-necessity", action="store_true")
     p.add_argument("--sizes", default="1,23,46,68", help="top-k sizes (stage 2's recurve grid)")

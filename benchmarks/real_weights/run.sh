@@ -5,7 +5,8 @@
 #   bash benchmarks/real_weights/run.sh MODEL_DIR runs/real_weights [STAGE...]
 #
 # Stages (default: all, in order): competence, compare, stability, circuit, sweep, transfer; on request:
-# depths, necessity (after depths), transfer_depth2 (after depths and transfer). Each stage's wall time, peak RSS and
+# depths, necessity (after depths), transfer_depth2 (after depths and transfer); with the faithful CD-T rules
+# (issue #26): compare_faithful, depths_faithful (after compare_faithful), necessity_faithful. Each stage's wall time, peak RSS and
 # the load average before and after go to OUT/times.tsv; run nothing else heavy beside it.
 set -euo pipefail
 MODEL=${1:?model folder}; OUT=${2:-runs/real_weights}; shift 2 || true
@@ -14,16 +15,8 @@ SWEEP=${SWEEP:-circuit:1e-4 circuit:1e-3 full:1e-5 full:1e-4 circuit:3e-4 full:3
 CTSFT=${CTSFT:-ctsft}
 mkdir -p "$OUT"
 
-stage() {  # stage NAME CMD...: run, time, log
-  local name=$1; shift
-  local load0; load0=$(cut -d' ' -f1 /proc/loadavg)
-  local shown="$*"; shown=${shown//"$MODEL"/MODEL_DIR}  # no machine path in the (committed) log
-  echo "== $name: $shown" | tee -a "$OUT/commands.txt"
-  /usr/bin/time -f "%e %M" -o "$OUT/.time" "$@" 2>&1 | tee "$OUT/$name.log"
-  read -r secs rss < "$OUT/.time"
-  printf '%s\t%s s\t%s MB\tload %s -> %s\t%s\n' "$name" "$secs" "$((rss / 1024))" "$load0" \
-    "$(cut -d' ' -f1 /proc/loadavg)" "$(date -u +%FT%TZ)" | tee -a "$OUT/times.tsv"
-}
+HIDE=$MODEL
+source "$(dirname "$0")/../stage.sh"
 
 for s in $STAGES; do
   case $s in
@@ -36,12 +29,25 @@ for s in $STAGES; do
         --method projection --method attribution --method attribution-ig \
         --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
         --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" ;;
+    compare_faithful)  # issue #26 item 6: the faithful default beside the public code's rules, attribution, IG and the
+      # exact patching table (issue #27's oracle), on stage 2's examples; each scoring pass cached in OUT/compare_faithful/cache
+      stage compare_faithful "$CTSFT" compare --model "$OUT/competence/model" --task nusax-senti --lang indonesian \
+        --method projection --method attribution --method attribution-ig --method patching --method projection@cdt-paper \
+        --heads-per-forward 16 --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
+        --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare_faithful" --no-progress ;;
+    depths_faithful)  # stage 7 with the faithful rules, checked against compare_faithful's depth-0 table
+      stage depths_faithful python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths_faithful" \
+        --decomposition faithful --compare "$OUT/compare_faithful/compare.json" --no-progress ;;
     depths)  # projection AND magnitude at depths 0-2 from ONE CD-T pass (every head a target), judged on stage 2's evaluation
-      stage depths python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths" \
+      # (as run on 2026-12-02, with 0.2's default rules)
+      stage depths python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths" --decomposition shapley \
         --compare "$OUT/compare/compare.json" --no-progress ;;
     necessity)  # the random-ablation control of depths' necessity column: judges only the new tables, merges into depths.json
       stage necessity python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths" \
-        --phase random-necessity --no-progress ;;
+        --decomposition shapley --phase random-necessity --no-progress ;;
+    necessity_faithful)  # the same control for depths_faithful
+      stage necessity_faithful python "$(dirname "$0")/depths.py" "$OUT/competence/model" --out "$OUT/depths_faithful" \
+        --decomposition faithful --phase random-necessity --no-progress ;;
     stability)  # split-half stability of each ranking, from compare's per-example tables (no model run)
       stage stability python "$(dirname "$0")/stability.py" "$OUT/compare/compare.json" --splits 50 \
         --out "$OUT/stability" ;;
