@@ -319,3 +319,62 @@ batch_size = 3
     assert "the oracle (patching) circuit" in text and "the anti-circuit" in text and "attribution-ig circuit" in text
     assert "| 3 × 1 | circuit: patching (oracle) |" in text and "3 examples × 1 epochs:" in text
     assert (tmp_path / "report" / "premise.html").is_file()
+
+
+def _write_cell(root: Path, source: str, variant: str, seed: int, target: list[int], src: list[int]) -> None:
+    from ctsft_lens.experiments.report import RunResult
+    from ctsft_lens.files import write_json
+
+    acc = (sum(target) / len(target) if target else 0.5, sum(src) / len(src) if src else 0.8)
+    run = RunResult("acehnese", variant, seed, *acc, 1000, 1.0, n_train=30,
+                    target_correct=target, source_correct=src, test_ids={"target": "t", "source": "s"})
+    write_json(root / source / "runs" / "acehnese" / variant / f"seed{seed}.json", {"result": dataclasses.asdict(run)})
+
+
+def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
+    """Cells written as the transfer stage writes them, with known gains: the table, the sentences, the
+    figure (PNG too) and a refused run without per-example results."""
+    import json
+
+    from ctsft_lens.experiments.premise import study_report
+    from ctsft_lens.files import write_json
+
+    n = 300
+    root = tmp_path / "acehnese_b30"
+    ref = {s: _bits(n, 0.55, s) for s in range(5)}
+    keep = {s: _bits(n, 0.8, 50 + s) for s in range(5)}
+    for s in range(5):
+        _write_cell(root, "patching", "random-layers", s, ref[s], keep[s])
+    for s in range(3):
+        _write_cell(root, "patching", "circuit", s, _improve(ref[s], 24, 100 + s), keep[s])  # +0.08
+        worse = list(ref[s])
+        for i in [i for i, b in enumerate(worse) if b][:24]:
+            worse[i] = 0
+        _write_cell(root, "patching", "nearzero", s, worse, keep[s])  # -0.08
+        _write_cell(root, "projection", "circuit", s, ref[s], keep[s])  # no difference
+    for source in ("patching", "projection"):
+        write_json(root / source / "config.json", {"source": "indonesian", "transfer": {
+            "train": {"lr": 1e-5, "epochs": 3}, "lr_by_variant": {"circuit": 3e-4, "nearzero": 3e-4,
+                                                                  "random-layers": 3e-4}}})
+    write_json(root / "patching" / "a0.json", {"accuracy": {"acehnese": 0.5, "indonesian": 0.82}})
+    report = study_report({"b30": root}, tmp_path / "report", n_boot=500, png=True)
+    a = report["analyses"][0]
+    assert (a["a0"], a["source_before"], a["n_test"], a["epochs"]) == (0.5, 0.82, n, 3)
+    by = {r["arm"]: r for r in a["rows"]}
+    assert by["patching/circuit"]["target_gain"]["gain"] == pytest.approx(0.08)
+    assert (by["patching/circuit"]["target_verdict"], by["patching/nearzero"]["target_verdict"],
+            by["projection/circuit"]["target_verdict"]) == ("above", "below", "inside")
+    assert by["projection/circuit"]["target_gain"]["lo"] == 0 == by["projection/circuit"]["source_gain"]["hi"]
+    assert by["patching/circuit"]["lr"] == 3e-4 and by["patching/random-layers"]["seeds"] == [0, 1, 2, 3, 4]
+    assert [r["arm"] for r in a["rows"]] == ["patching/circuit", "projection/circuit", "patching/nearzero",
+                                              "patching/random-layers"]
+    text = (tmp_path / "report" / "premise.md").read_text()
+    assert "30 examples × 3 epochs: the oracle (patching) circuit beats layer-matched random heads (gain +0.080" in text
+    assert "the anti-circuit loses to layer-matched random heads (gain -0.080" in text
+    assert "the projection circuit does not beat layer-matched random heads (gain +0.000 [+0.000, +0.000]" in text
+    assert (tmp_path / "report" / "premise.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "report" / "premise.json").read_text())["analyses"][0]["rows"]
+
+    _write_cell(root, "projection", "circuit", 0, [], [])  # a run cached before per-example results existed
+    with pytest.raises(CtsftError, match="no per-example results"):
+        study_report({"b30": root}, tmp_path / "again")
