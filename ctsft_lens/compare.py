@@ -427,6 +427,38 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
                       forward_seconds, means_seconds, n_boot, meta)
 
 
+def load_comparison(path: str | Path) -> Comparison:
+    """A :class:`Comparison` back from the ``compare.json`` that ``ctsft compare`` wrote, e.g. to redraw
+    its figure (:func:`plot_comparison`) or re-judge its tables without rescoring."""
+    from ctsft_lens.circuit import table_from_json
+    from ctsft_lens.faithfulness import Curve, CurvePoint, Metrics, RandomBand
+    from ctsft_lens.mib import MibCurve
+
+    try:
+        data = json.loads(Path(path).read_text())
+        methods = {}
+        for name, m in data["methods"].items():
+            c = m["curve"]
+            mib = m.get("mib")
+            methods[name] = MethodResult(
+                m["name"], table_from_json(m["scores"]), m["seconds"], m["forward_equivalents"],
+                Curve(c["name"], c["kind"], tuple(CurvePoint(**p) for p in c["points"])), tuple(m["cpr_ci"]),
+                tuple(m["cmd_ci"]), m["cpr_diff_vs_first"],
+                None if m["cpr_diff_ci"] is None else tuple(m["cpr_diff_ci"]), tuple(tuple(b) for b in m["f_ci"]),
+                None if mib is None else MibCurve(mib["name"], mib["n_scored"], tuple(mib["sizes"]),
+                                                  tuple(mib["f_signed"]), tuple(mib["f_absolute"])),
+                None if m["scores_per_example"] is None else
+                torch.stack([table_from_json(t) for t in m["scores_per_example"]]))
+        r = data["random"]
+        band = None if r is None else RandomBand(tuple(r["sizes"]), tuple(r["fractions"]), tuple(r["seeds"]),
+                                                 tuple(tuple(v) for v in r["values"]))
+        return Comparison(methods, data["spearman"], band, Metrics(**data["full"]), Metrics(**data["empty"]),
+                          data["n_discovery"], data["n_evaluation"], data["n_layers"], data["n_heads"],
+                          data["forward_seconds"], data["means_seconds"], data["n_boot"], data.get("meta", {}))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CtsftError(f"{path}: not a compare.json written by `ctsft compare` ({type(e).__name__}: {e})") from None
+
+
 def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> Any:
     """Left: f against circuit size per method (95 % bootstrap band) over the random floor.
     Right: CPR (95 % interval) against cost in forward-equivalents."""
@@ -444,8 +476,11 @@ def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = No
                                  line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
                                  name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
+    costs = [max(r.forward_equivalents, 1e-3) for r in comparison.methods.values()]
     for i, r in enumerate(comparison.methods.values()):
         color = palette[i % len(palette)]
+        # a label below its point when an earlier point sits within ~0.35 decades (their names would overlap)
+        near = sum(abs(math.log10(costs[i] / c)) < 0.35 for c in costs[:i])
         x = [100 * p.fraction for p in r.curve.points]
         lo = [b[0] for b in r.band]
         hi = [b[1] for b in r.band]
@@ -453,14 +488,17 @@ def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = No
                                  line={"width": 0}, hoverinfo="skip", showlegend=False), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=[p.faithfulness for p in r.curve.points], mode="lines+markers",
                                  line={"color": color}, name=f"{r.name} (CPR {r.curve.cpr:.2f})"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=[max(r.forward_equivalents, 1e-3)], y=[r.curve.cpr], mode="markers+text",
-                                 text=[r.name], textposition="top center", marker={"color": color, "size": 10},
+        fig.add_trace(go.Scatter(x=[costs[i]], y=[r.curve.cpr], mode="markers+text", text=[r.name],
+                                 textposition="bottom center" if near % 2 else "top center",
+                                 marker={"color": color, "size": 10},
                                  error_y={"type": "data", "symmetric": False, "array": [r.cpr_ci[1] - r.curve.cpr],
                                           "arrayminus": [r.curve.cpr - r.cpr_ci[0]]},
                                  showlegend=False), row=1, col=2)
     fig.update_xaxes(title_text="heads kept (% of all)", row=1, col=1)
     fig.update_yaxes(title_text="faithfulness f", row=1, col=1)
-    fig.update_xaxes(title_text="cost (forward-equivalents, log)", type="log", row=1, col=2)
+    # half a decade of room on each side: a method's name is wider than its marker
+    span = [math.log10(min(costs)) - 0.5, math.log10(max(costs)) + 0.5] if costs else None
+    fig.update_xaxes(title_text="cost (forward-equivalents, log)", type="log", range=span, row=1, col=2)
     fig.update_yaxes(title_text="CPR (higher is better)", row=1, col=2)
     fig.update_layout(title=f"head scorings: {comparison.n_discovery} discovery / {comparison.n_evaluation} "
                             f"evaluation examples", template="plotly_white", width=1200, height=480)

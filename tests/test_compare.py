@@ -46,6 +46,22 @@ def test_compare_command_on_the_tiny_model(tmp_path, capsys):
     assert "| attribution |" in table and "random (2 seeds)" in table and "Spearman" in table
     assert "cdn.plot.ly" in (tmp_path / "compare.html").read_text()[:5000]
     assert "CPR" in capsys.readouterr().out
+    # read back: the same figures, table and figure as the run wrote (e.g. to redraw it later)
+    from ctsft_lens.compare import load_comparison, plot_comparison
+    from ctsft_lens.errors import CtsftError
+
+    again = load_comparison(tmp_path / "compare.json")
+    back = json.loads(json.dumps(again.to_dict()))
+    assert back == {k: data[k] for k in back}  # the CLI adds the run's settings (model, task, ...) beside them
+    assert again.table() in table
+    fig = plot_comparison(again)
+    cost_axis = fig.layout.xaxis2
+    lo, hi = cost_axis.range  # log10 units: half a decade of room either side for the names
+    costs = [m["forward_equivalents"] for m in data["methods"].values()]
+    assert lo == pytest.approx(math.log10(min(costs)) - 0.5) and hi == pytest.approx(math.log10(max(costs)) + 0.5)
+    (tmp_path / "bad.json").write_text('{"methods": {}}')
+    with pytest.raises(CtsftError, match="not a compare.json"):
+        load_comparison(tmp_path / "bad.json")
 
 
 def test_compare_curves_are_the_faithfulness_curves(tiny_qwen, indonesian):
