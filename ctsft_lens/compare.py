@@ -473,7 +473,7 @@ def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = No
         hi = [m + s for m, s in zip(band.mean, band.std)]
         lo = [m - s for m, s in zip(band.mean, band.std)]
         fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
-                                 line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
+                                 mode="lines", line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
                                  name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
     costs = [max(r.forward_equivalents, 1e-3) for r in comparison.methods.values()]
@@ -485,7 +485,7 @@ def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = No
         lo = [b[0] for b in r.band]
         hi = [b[1] for b in r.band]
         fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", opacity=0.2, fillcolor=color,
-                                 line={"width": 0}, hoverinfo="skip", showlegend=False), row=1, col=1)
+                                 mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False), row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=[p.faithfulness for p in r.curve.points], mode="lines+markers",
                                  line={"color": color}, name=f"{r.name} (CPR {r.curve.cpr:.2f})"), row=1, col=1)
         fig.add_trace(go.Scatter(x=[costs[i]], y=[r.curve.cpr], mode="markers+text", text=[r.name],

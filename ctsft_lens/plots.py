@@ -129,7 +129,8 @@ def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | Non
         hi = [m + s for m, s in zip(band.mean, band.std)]
         lo = [m - s for m, s in zip(band.mean, band.std)]
         fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
-                                 line={"width": 0}, hoverinfo="skip", name=f"random ±1 sd ({len(band.seeds)} seeds)"),
+                                 mode="lines", line={"width": 0}, hoverinfo="skip",
+                                 name=f"random ±1 sd ({len(band.seeds)} seeds)"),
                       row=1, col=1)
         fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
                                  name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
