@@ -14,9 +14,10 @@ from ctsft_lens.errors import CtsftError
 
 Baseline = Literal["mean", "zero"]
 """CD-T source baseline: subtract the label-balanced head mean, or nothing."""
-AttentionRule = Literal["cdt", "frozen", "linear"]
-"""How CD-T splits attention: β pattern from β queries/keys (``cdt``), the real pattern (``frozen``), or
-the pattern's first-order response to β (``linear``); see ``cdt.rules``."""
+AttentionRule = Literal["cdt", "frozen", "linear", "difference"]
+"""How CD-T splits attention: β pattern from β queries/keys (``cdt``), the real pattern (``frozen``),
+the pattern's first-order response to β (``linear``), or the exact removal with γ's own pattern
+(``difference``); see ``cdt.rules``."""
 KVPolicy = Literal["never", "selected-groups"]
 """Whether masked training also updates the K/V group a selected head reads."""
 MeanPositions = Literal["pooled", "last"]

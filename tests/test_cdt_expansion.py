@@ -68,7 +68,7 @@ def test_discover_builds_a_consistent_circuit(model, examples, scoring):
     _check_circuit(circuit, model, k)
     assert circuit.scoring == scoring and circuit.ratio == ratio
     assert circuit.model["n_layers"] == 4 and "weights_sha256" in circuit.model
-    assert circuit.options["baseline"] == "mean" and circuit.options["attention"] == "linear"  # the default rule set's
+    assert circuit.options["baseline"] == "mean" and circuit.options["attention"] == "difference"  # the default rule set's
     assert circuit.options["n_examples"] == 3
     # depth 0 is the logits table of head_relevance with the same options
     rel = head_relevance(model, examples, scoring=scoring, progress=False)

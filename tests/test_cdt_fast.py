@@ -25,17 +25,17 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max())
 
 
-def _same_scores(model, examples, **options) -> None:
+def _same_scores(model, examples, tol: float = 1e-5, **options) -> None:
     ref = head_relevance(model, examples, streams="both", progress=False, batch_size=4, **options)
     fast = head_relevance(model, examples, streams="beta", progress=False, batch_size=4, **options)
     assert (ref.per_example.isnan() == fast.per_example.isnan()).all()
     ok = ref.per_example.isfinite()
     assert ok.any()
-    assert _rel_diff(ref.per_example[ok], fast.per_example[ok]) <= 1e-5, options
+    assert _rel_diff(ref.per_example[ok], fast.per_example[ok]) <= tol, options
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-@pytest.mark.parametrize("rule", ["cdt", "frozen"])
+@pytest.mark.parametrize("rule", ["cdt", "frozen", "difference"])
 @pytest.mark.parametrize("baseline", ["mean", "zero"])
 def test_beta_only_scores_equal_the_two_stream_reference(models, examples, arch, rule, baseline):
     model = models[arch]
@@ -47,8 +47,10 @@ def test_beta_only_scores_equal_the_two_stream_reference(models, examples, arch,
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 def test_beta_only_equals_the_reference_for_head_targets_and_magnitude(models, examples, arch):
     model = models[arch]
+    # the default (exact) rules subtract f(γ) from the real f(x): where the scores are ~1e-6 of the
+    # activations (these head targets), float32 rounding of that difference is 1.5e-5 of the largest
     for target, scoring in (("logits", "magnitude"), ([(2, 1), (2, 6)], "projection"), ([(2, 3)], "magnitude")):
-        _same_scores(model, examples, target=target, scoring=scoring, positions=(-1, -2))
+        _same_scores(model, examples, tol=5e-5, target=target, scoring=scoring, positions=(-1, -2))
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])

@@ -146,7 +146,7 @@ def test_a_cdt_method_may_name_its_rule_set(tiny_qwen, indonesian):
         torch.testing.assert_close(c.methods[name].per_example, alone)
     assert not torch.allclose(c.methods["projection"].scores, c.methods["projection@cdt-paper"].scores)
     assert c.meta["shared_cdt_pass"] == ["projection", "magnitude"]
-    assert c.meta["rules"] == {"projection": "faithful", "projection@cdt-paper": "cdt-paper", "magnitude": "faithful"}
+    assert c.meta["rules"] == {"projection": "exact", "projection@cdt-paper": "cdt-paper", "magnitude": "exact"}
     with pytest.raises(CtsftError, match="only a CD-T scoring"):
         method_spec("attribution@faithful", DiscoveryConfig())
     with pytest.raises(CtsftError, match="unknown CD-T rule set"):

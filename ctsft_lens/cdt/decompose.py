@@ -11,13 +11,13 @@ with equations and sources, is ``cdt/rules.py`` and docs/method.md §2): linear 
 ``share``/``gamma``), norms (``frozen``/``jacobian``/``difference``; LayerNorm on the centred
 streams, RMSNorm, Gemma's ``1 + w``, post-sublayer norms and q/k norms alike), attention
 (``cdt``: ``P_β = softmax(q_β k_βᵀ/√d)``; ``frozen``: the real pattern; ``linear``: the pattern's
-first-order response), element-wise activations (``difference``/``linear``; also Gemma 2's logit
+first-order response; ``difference``: γ's own pattern), element-wise activations (``difference``/``linear``; also Gemma 2's logit
 cap), products (``legacy``/``shapley``/``linear``), the public code's sign clean-up at the BERT or
 GPT code's places, and precision. Rotary embeddings apply to both streams (partial rotary on the
 first ``rotary_dim`` dims); GQA query heads read their KV group; the β scores of the ``cdt`` rule
 are scaled, soft-capped and windowed as the real ones. The embedding scale is upstream of every
-source: no rule. ``decomposition=`` names a preset (``faithful``, the default; ``linear``;
-``cdt-paper``...) optionally with overrides.
+source: no rule. ``decomposition=`` names a preset (``exact``, the default; ``faithful``;
+``linear``; ``cdt-paper``...) optionally with overrides.
 
 Which family has which operation is ``ctsft_lens.models.architectures``; an operation or config
 feature without a rule raises :class:`~ctsft_lens.errors.UnsupportedOperationError`.
@@ -65,7 +65,7 @@ from ctsft_lens.options import BIAS_O, STREAMS, AttentionRule, BiasO, Streams
 from ctsft_lens.options import check as check_option
 
 Decomposition = Union[str, Rules]
-"""A CD-T rule set: a preset name of ``cdt.rules.PRESETS`` (``"faithful"``, ``"linear"``,
+"""A CD-T rule set: a preset name of ``cdt.rules.PRESETS`` (``"exact"``, ``"faithful"``, ``"linear"``,
 ``"cdt-paper"``, ``"shapley"``...), ``"preset,field=rule,..."``, or a :class:`~ctsft_lens.cdt.rules.Rules`."""
 DECOMPOSITIONS: tuple[str, ...] = tuple(PRESETS)
 DEFAULT_DECOMPOSITION: str = DEFAULT_PRESET
@@ -348,6 +348,11 @@ def attention(
     Rule ``"linear"``: the pattern's first-order response to β, ``δS = (q_β kᵀ + q k_βᵀ)/√d``
     (times the cap's slope ``1 − tanh²`` where capped) and ``δP = P ⊙ (δS − Σ_k P δS)`` with the
     real q, k, P; ``z_β = P v_β + δP v``. It reads every key, so it takes no ``prefix``.
+
+    Rule ``"difference"``: the exact removal, ``z_γ = softmax(q_γ k_γᵀ/√d) v_γ`` (γ's own
+    pattern, capped and masked as the real one) and ``z_β = z − z_γ``; a query that no β reaches
+    (its q_β and every allowed key's k_β, v_β zero, or no allowed key) keeps β = 0 exactly. With the ``difference`` rule everywhere, γ is the forward with the sources
+    mean-ablated. It reads every key, so it takes no ``prefix``.
     """
     vb = v.beta.transpose(-2, -3)  # [..., B, H, k, e]
     pattern = pattern.to(vb.dtype)
@@ -355,6 +360,23 @@ def attention(
         pattern_b = pattern.masked_fill(~allowed, 0.0)
     if rule == "frozen":
         zb = pattern_b @ vb
+    elif rule == "difference":
+        if prefix is not None:
+            raise ValueError("the difference attention rule needs every key: propagate from position 0 (no prefix)")
+        qg, kg, vg = q.gamma.transpose(-2, -3), k.gamma.transpose(-2, -3), v.gamma.transpose(-2, -3)
+        scores = (qg @ kg.transpose(-1, -2)).div_(scale)
+        if softcap is not None:
+            scores = scores.div_(softcap).tanh_().mul_(softcap)
+        scores = scores.masked_fill_(~allowed, float("-inf"))
+        zg = torch.softmax(scores, dim=-1).nan_to_num_(0.0) @ vg  # rows with no allowed key: 0
+        del scores
+        total = z.to(vb.dtype).transpose(-2, -3) if z is not None else pattern @ (vb + vg)
+        # β is exactly 0 at a query whose q_β and allowed k_β, v_β are all 0 (causality, not rounding)
+        moved = (k.beta.transpose(-2, -3).abs().amax(-1) > 0) | (vb.abs().amax(-1) > 0)  # [..., B, H, k]
+        touched = (allowed & moved[..., None, :]).any(-1) | (q.beta.transpose(-2, -3).abs().amax(-1) > 0)
+        zb = torch.where(touched[..., None], total - zg, 0.0)
+        zg = total - zb
+        return Split(zb.transpose(-2, -3), zg.transpose(-2, -3))
     elif rule == "linear":
         if prefix is not None:
             raise ValueError("the linear attention rule needs every key: propagate from position 0 (no prefix)")
@@ -563,8 +585,8 @@ def first_position(sources: Sequence[Source], attention_mask: torch.Tensor) -> i
 
 def start_position(sources: Sequence[Source], attention_mask: torch.Tensor, streams: Streams, rules: Rules) -> int:
     """Where propagation starts: :func:`first_position` on the β-only path, except under the linear
-    attention rule, whose δP reaches the keys before it (then 0, as with both streams)."""
-    if streams != "beta" or rules.attention == "linear":
+    and difference attention rules, which read the keys before it (then 0, as with both streams)."""
+    if streams != "beta" or rules.attention in ("linear", "difference"):
         return 0
     return first_position(sources, attention_mask)
 

@@ -16,6 +16,7 @@ attention   ``cdt``         ``softmax(q_β k_βᵀ/√d) v_β``                 
             ``frozen``      ``P v_β`` (the real pattern P)                              no*
             ``linear``      ``P v_β + δP v``, δP = P ⊙ (δS − Σ_k P δS),                yes
                             δS = (q_β kᵀ + q k_βᵀ)/√d
+            ``difference``  ``z − softmax(q_γ k_γᵀ/√d) v_γ`` (γ's own pattern)          no
 activation  ``difference``  ``f(x) − f(x − β)``                                         no
             ``linear``      ``f′(x) ⊙ β``                                               yes
 product     ``legacy``      ``a ⊙ u − γ_a ⊙ γ_u`` (every term holding a β)              no
@@ -29,10 +30,11 @@ normalize   ``none``        —                                                 
 =========== =============== ========================================================= ========
 
 Every rule keeps β' + γ' equal to the real output. With the ``difference`` rule at every norm,
-activation and product, γ is the forward with the sources mean-ablated except for the attention
-pattern, which the ``linear`` rule moves to first order: that is how close the default comes to
-exact patching, at fewer forward-equivalents than patching and with the head targets of backward
-expansion from the same pass (benchmarks/RESULTS_cdt_rules.md).
+activation, product and attention pattern (the default, ``exact``; ``legacy`` is the product's
+exact removal) γ *is* the forward with the sources mean-ablated: β at the logits is exact
+patching's effect (tested), β at a head target that source's exact effect on it, all targets of
+backward expansion from one pass per source. ``faithful`` moves only the pattern to first order
+(``linear``); ``linear`` moves everything, which is attribution patching in one backward pass.
 
 (* linear in β, but not the derivative: the frozen norm keeps the component along x, the
 frozen pattern drops the pattern's response.)
@@ -73,7 +75,7 @@ class Rules:
     """One CD-T rule per operation (see the module table)."""
 
     norm: NormRule = "difference"
-    attention: AttentionRule = "linear"
+    attention: AttentionRule = "difference"
     activation: ActivationRule = "difference"
     product: ProductRule = "legacy"
     bias: BiasRule = "gamma"
@@ -108,8 +110,9 @@ class Rules:
 
 _PAPER = Rules(norm="frozen", attention="cdt", activation="difference", product="legacy", bias="share")
 PRESETS: dict[str, Rules] = {
-    "faithful": Rules(),
-    "linear": Rules(norm="jacobian", activation="linear", product="linear"),
+    "exact": Rules(),
+    "faithful": Rules(attention="linear"),
+    "linear": Rules(norm="jacobian", attention="linear", activation="linear", product="linear"),
     "cdt-paper": dataclasses.replace(_PAPER, normalize="gpt"),
     "legacy": _PAPER,
     "normalize": dataclasses.replace(_PAPER, normalize="bert"),
@@ -119,11 +122,15 @@ PRESETS: dict[str, Rules] = {
 }
 """Named rule sets (``decomposition=`` / ``--decomposition``):
 
-* ``faithful`` (default): the exact removal of β at every norm, activation and product
-  (``f(x) − f(x − β)``: what mean-ablation patching does there, and bounded whatever β's size),
-  the attention pattern's first-order response (``linear``), every bias to γ: chosen by
-  benchmarks/RESULTS_cdt_rules.md (Spearman 0.993 with exact patching on the real-weights
-  Qwen2.5 stand-in, NusaX-Senti, 12 examples);
+* ``exact`` (default): every rule the exact removal of β (``f(x) − f(x − β)`` at every norm,
+  activation, product and attention pattern, every bias to γ): γ is the mean-ablated forward, so
+  CD-T's projection equals exact mean-ablation patching of each source (tested; 4.7e-6 of the
+  largest score on the real-weights Qwen2.5 stand-in), bounded whatever β's size, at the cost of
+  any per-source CD-T pass; chosen by benchmarks/RESULTS_cdt_rules.md (Spearman 1.000 with exact
+  patching on the competence checkpoint, where ``faithful`` gives 0.991);
+* ``faithful``: ``exact`` with the attention pattern moved to first order (``linear``): the
+  default of version 0.3 (Spearman 0.993 on the raw stand-in), but it misreads heads whose
+  effect passes through a saturated softmax (docs/method.md §2);
 * ``linear``: every rule linear, CD-T = attribution patching (one backward pass);
 * ``cdt-paper``: the public CD-T code's GPT rules (adelaidehsu/CD_Circuit ``prop_GPT_layer``):
   frozen norm, β-pattern attention, legacy product, shared biases, ``normalize_rel_irrel`` at
@@ -132,7 +139,7 @@ PRESETS: dict[str, Rules] = {
 * ``shapley``: ctsft_lens 0.2's default (legacy with the Shapley product);
 * ``*-f64``: the same rules in float64.
 """
-DEFAULT_PRESET = "faithful"
+DEFAULT_PRESET = "exact"
 
 
 def resolve(spec: "str | Rules | None", **overrides: Any) -> Rules:
