@@ -129,7 +129,7 @@ PRESETS: dict[str, Rules] = {
   any per-source CD-T pass; chosen by benchmarks/RESULTS_cdt_rules.md (Spearman 1.000 with exact
   patching on the competence checkpoint, where ``faithful`` gives 0.991);
 * ``faithful``: ``exact`` with the attention pattern moved to first order (``linear``): the
-  default of version 0.3 (Spearman 0.993 on the raw stand-in), but it misreads heads whose
+  default chosen in issue #26 (Spearman 0.993 on the raw stand-in), but it misreads heads whose
   effect passes through a saturated softmax (docs/method.md §2);
 * ``linear``: every rule linear, CD-T = attribution patching (one backward pass);
 * ``cdt-paper``: the public CD-T code's GPT rules (adelaidehsu/CD_Circuit ``prop_GPT_layer``):
