@@ -29,10 +29,11 @@ for s in $STAGES; do
         --method projection --method attribution --method attribution-ig \
         --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
         --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare" ;;
-    compare_faithful)  # issue #26 item 6: the faithful default beside the public code's rules, attribution, IG and the
-      # exact patching table (issue #27's oracle), on stage 2's examples; each scoring pass cached in OUT/compare_faithful/cache
+    compare_faithful)  # issue #26 item 6: the faithful rules (then the default) beside the public code's rules, attribution,
+      # IG and the exact patching table (issue #27's oracle), on stage 2's examples; each scoring pass cached in
+      # OUT/compare_faithful/cache. --decomposition faithful: the default is `exact` now (= the patching row)
       stage compare_faithful "$CTSFT" compare --model "$OUT/competence/model" --task nusax-senti --lang indonesian \
-        --method projection --method attribution --method attribution-ig --method patching --method projection@cdt-paper \
+        --decomposition faithful --method projection --method attribution --method attribution-ig --method patching --method projection@cdt-paper \
         --heads-per-forward 16 --n-discovery 24 --n-eval 90 --split test --points 4 --max-size 68 --seeds 5 \
         --batch-size 8 --eval-batch-size 16 --plotlyjs cdn --png --out "$OUT/compare_faithful" --no-progress ;;
     depths_faithful)  # stage 7 with the faithful rules, checked against compare_faithful's depth-0 table
