@@ -1,7 +1,7 @@
 """The premise study's steps (issue #27), over :mod:`ctsft_lens.experiments.premise`.
 
     python benchmarks/premise/premise.py sweep  --config benchmarks/premise/acehnese_b30.toml \
-        --variant circuit --lrs 1e-4,3e-4,1e-3
+        --variant circuit --lrs 1e-4,3e-4,1e-3,3e-3
     python benchmarks/premise/premise.py sweep  --config benchmarks/premise/acehnese_b30.toml \
         --variant full --lrs 1e-5,3e-5,1e-4
     python benchmarks/premise/premise.py grid   --config benchmarks/premise/acehnese_b30.toml \
