@@ -3,7 +3,7 @@
     python benchmarks/premise/premise.py sweep  --config benchmarks/premise/acehnese_b30.toml \
         --variant circuit --lrs 1e-4,3e-4,1e-3,3e-3
     python benchmarks/premise/premise.py sweep  --config benchmarks/premise/acehnese_b30.toml \
-        --variant full --lrs 3e-6,1e-5,3e-5,1e-4
+        --variant full --lrs 3e-7,1e-6,3e-6,1e-5,3e-5,1e-4
     python benchmarks/premise/premise.py grid   --config benchmarks/premise/acehnese_b30.toml \
         --sources patching,attribution-ig,projection --png
     python benchmarks/premise/premise.py report --budget runs/premise/acehnese_b30 \

@@ -14,7 +14,7 @@ set -euo pipefail
 OUT=runs/premise                                   # the TOMLs' paths assume it
 HEAD_LRS=${HEAD_LRS:-1e-4,3e-4,1e-3,3e-3}          # the head variants' shared sweep, on the oracle circuit (3e-3 added when
                                                    # b30's sweep chose its top, 1e-3: a rate at the grid's edge is not a pick)
-FULL_LRS=${FULL_LRS:-3e-6,1e-5,3e-5,1e-4}          # full fine-tuning's own sweep (3e-6 added when b30's chose 1e-5, its bottom)
+FULL_LRS=${FULL_LRS:-3e-7,1e-6,3e-6,1e-5,3e-5,1e-4}  # full fine-tuning's own sweep (extended down while b30's chose its bottom)
 SOURCES=${SOURCES:-patching,attribution-ig,projection}
 CTSFT=${CTSFT:-ctsft}
 HERE=$(dirname "$0")
