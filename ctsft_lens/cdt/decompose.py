@@ -11,9 +11,9 @@ with equations and sources, is ``cdt/rules.py`` and docs/method.md §2): linear 
 ``share``/``gamma``), norms (``frozen``/``jacobian``/``difference``; LayerNorm on the centred
 streams, RMSNorm, Gemma's ``1 + w``, post-sublayer norms and q/k norms alike), attention
 (``cdt``: ``P_β = softmax(q_β k_βᵀ/√d)``; ``frozen``: the real pattern; ``linear``: the pattern's
-first-order response; ``difference``: γ's own pattern), element-wise activations (``difference``/``linear``; also Gemma 2's logit
-cap), products (``legacy``/``shapley``/``linear``), the public code's sign clean-up at the BERT or
-GPT code's places, and precision. Rotary embeddings apply to both streams (partial rotary on the
+first-order response; ``difference``: γ's own pattern), element-wise activations
+(``difference``/``linear``; also Gemma 2's logit cap), products (``legacy``/``shapley``/``linear``),
+the public code's sign clean-up at the BERT or GPT code's places, and precision. Rotary embeddings apply to both streams (partial rotary on the
 first ``rotary_dim`` dims); GQA query heads read their KV group; the β scores of the ``cdt`` rule
 are scaled, soft-capped and windowed as the real ones. The embedding scale is upstream of every
 source: no rule. ``decomposition=`` names a preset (``exact``, the default; ``faithful``;
@@ -351,8 +351,9 @@ def attention(
 
     Rule ``"difference"``: the exact removal, ``z_γ = softmax(q_γ k_γᵀ/√d) v_γ`` (γ's own
     pattern, capped and masked as the real one) and ``z_β = z − z_γ``; a query that no β reaches
-    (its q_β and every allowed key's k_β, v_β zero, or no allowed key) keeps β = 0 exactly. With the ``difference`` rule everywhere, γ is the forward with the sources
-    mean-ablated. It reads every key, so it takes no ``prefix``.
+    (its q_β and every allowed key's k_β, v_β zero, or no allowed key) keeps β = 0 exactly. With
+    the ``difference`` rule everywhere, γ is the forward with the sources mean-ablated. It reads
+    every key, so it takes no ``prefix``.
     """
     vb = v.beta.transpose(-2, -3)  # [..., B, H, k, e]
     pattern = pattern.to(vb.dtype)
@@ -374,6 +375,7 @@ def attention(
         # β is exactly 0 at a query whose q_β and allowed k_β, v_β are all 0 (causality, not rounding)
         moved = (k.beta.transpose(-2, -3).abs().amax(-1) > 0) | (vb.abs().amax(-1) > 0)  # [..., B, H, k]
         touched = (allowed & moved[..., None, :]).any(-1) | (q.beta.transpose(-2, -3).abs().amax(-1) > 0)
+        touched &= allowed.any(-1)  # a query with no allowed key reads nothing: β stays 0
         zb = torch.where(touched[..., None], total - zg, 0.0)
         zg = total - zb
         return Split(zb.transpose(-2, -3), zg.transpose(-2, -3))
