@@ -5,7 +5,9 @@ Two scores, per example then averaged:
 * ``"projection"``: ``⟨β, v_task⟩`` with ``v_task = W_U[:, y] - mean_{y' != y} W_U[:, y']`` (``y``
   the gold label's token, ``y'`` the other labels' tokens). β is taken at the last prompt
   position, after the final norm for the logits target, or at a target head's ``hook_result``.
-  Signed: positive means the source pushes the logits toward the gold label.
+  Signed: positive means the source pushes the logits toward the gold label. A model that caps its
+  logits (Gemma 2) is read at the capped label logits instead (:class:`Readout`): the change of
+  the logit difference that patching measures.
 * ``"magnitude"``: the original CD-T's unsigned ``‖β‖₁ / ‖γ‖₁`` at the target (the full logit
   vector for the logits target).
 
@@ -29,10 +31,11 @@ from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, propagate, report_unstable, source_positions,
-                                      unembed, BETA_LIMIT, recon_tol)
+from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, linear, logit_cap, propagate, report_unstable,
+                                      source_positions, unembed, BETA_LIMIT, recon_tol)
 from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
 from ctsft_lens.cdt.rules import resolve
+from ctsft_lens.models.architectures import soft_caps
 from ctsft_lens.circuit import Head
 from ctsft_lens.forward import hook_layer, run
 from ctsft_lens.means import head_means, z_means
@@ -67,19 +70,53 @@ def task_directions(model: Any, label_token_ids: torch.Tensor) -> Float[torch.Te
     return (cols - others).detach()
 
 
-def _projection(x: Split, model: Any, logits: bool, direction: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Readout:
+    """What the scorers read per example: ``direction`` = v_task ``[B, d]``; on a model with final-logit
+    soft-capping (Gemma 2) the logits target reads the label logits through the cap instead (``cap``:
+    the rule set's activation and bias rules), so that the projection is the change of the capped
+    logit difference that patching measures (without a cap the two are the same number)."""
+
+    direction: Float[torch.Tensor, "batch d_model"]
+    label_token_ids: torch.Tensor
+    labels: torch.Tensor
+    cap: tuple[str, str] | None = None  # (activation rule, bias rule) where the model caps its logits
+
+
+def readout(model: Any, batch: Any, rules: Any) -> Readout:
+    labels = batch.labels.to(model.cfg.device)
+    capped = soft_caps(model)[1] is not None
+    return Readout(task_directions(model, batch.label_token_ids)[labels], batch.label_token_ids, labels,
+                   (rules.activation, rules.bias) if capped else None)
+
+
+def capped_logit_diff(model: Any, x: Split, r: Readout) -> torch.Tensor:
+    """β of the capped gold-minus-other-labels logit difference, from β/γ at the final norm ``[..., B, d]``."""
+    ids = r.label_token_ids.to(model.W_U.device)
+    b_u = getattr(model, "b_U", None)
+    act, bias = r.cap or ("difference", "gamma")
+    lab = logit_cap(model, linear(x, model.W_U[:, ids], None if b_u is None else b_u[ids], bias_rule=bias),
+                    rule=act).beta
+    lab = lab.float()
+    gold = lab.gather(-1, r.labels.expand(*lab.shape[:-1])[..., None])[..., 0]
+    return gold - (lab.sum(-1) - gold) / (lab.shape[-1] - 1)
+
+
+def _projection(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
     """``⟨β, v_task⟩`` at the target vector (the final-normed residual for the logits target)."""
-    return (x.beta.float() * direction.float()).sum(-1)  # the reduction in float32, whatever the model dtype
+    if logits and r.cap is not None:
+        return capped_logit_diff(model, x, r)
+    return (x.beta.float() * r.direction.float()).sum(-1)  # the reduction in float32, whatever the model dtype
 
 
-def _magnitude(x: Split, model: Any, logits: bool, direction: torch.Tensor) -> torch.Tensor:
+def _magnitude(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
     """``‖β‖₁ / ‖γ‖₁`` at the target (the full logit vector for the logits target)."""
     if logits:
         x = unembed(model, x)
     return x.beta.float().abs().sum(-1) / x.gamma.float().abs().sum(-1)
 
 
-Scorer = Callable[[Split, Any, bool, torch.Tensor], torch.Tensor]
+Scorer = Callable[[Split, Any, bool, Readout], torch.Tensor]
 SCORERS: dict[str, Scorer] = {"projection": _projection, "magnitude": _magnitude}
 """CD-T head scorings: ``(split target [source, batch, d], model, is_logits, v_task [batch, d]) -> [source, batch]``.
 The one registry: ``--scoring`` choices, validation and docs read it; a new scoring is one entry."""
@@ -217,11 +254,11 @@ def head_relevances(
     else:
         for fwd in forwards(model, local, sources, batch_size=batch_size, memory_gb=memory_gb, positions=positions,
                             streams=streams, means=means, decomposition=rules, bias_o=bias_o, stop_layer=stop):
-            directions = task_directions(model, fwd.batch.label_token_ids)[fwd.batch.labels.to(cfg.device)]  # [B, d]
+            reads = readout(model, fwd.batch, rules)
             rows = slice(fwd.start, fwd.start + fwd.n)
             for chunk in fwd.chunks():
                 part = chunk.heads
-                scores, health = _relevance_chunk(model, chunk, targets, scorings, directions)
+                scores, health = _relevance_chunk(model, chunk, targets, scorings, reads)
                 recon[chunk.layer, part] = torch.maximum(recon[chunk.layer, part], health.recon)
                 healthy[chunk.layer, part] &= health.finite & (health.beta_scale <= BETA_LIMIT)
                 for (name, t), s in scores.items():  # s: [S, B]
@@ -247,7 +284,7 @@ def head_relevances(
 
 
 def _relevance_chunk(
-    model: Any, chunk: Chunk, targets: tuple[Head | None, ...], scorings: tuple[str, ...], directions: torch.Tensor,
+    model: Any, chunk: Chunk, targets: tuple[Head | None, ...], scorings: tuple[str, ...], reads: Readout,
 ) -> tuple[dict[tuple[str, int], torch.Tensor], Health]:
     """Scores ``{(scoring, target index): [source, batch]}`` of one chunk's sources, and their health."""
     out: dict[tuple[str, int], torch.Tensor] = {}
@@ -257,7 +294,7 @@ def _relevance_chunk(
         if name == "ln_final.hook_out" and targets[0] is None:
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
             for scoring in scorings:
-                out[scoring, 0] = SCORERS[scoring](last, model, True, directions)
+                out[scoring, 0] = SCORERS[scoring](last, model, True, reads)
         elif name.endswith(".attn.hook_z") and hook_layer(name) in target_layers:
             z_layer = hook_layer(name)
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
@@ -265,7 +302,7 @@ def _relevance_chunk(
                 if tgt is not None and tgt[0] == z_layer:
                     at = head_output(model, z_layer, tgt[1], last)
                     for scoring in scorings:
-                        out[scoring, t] = SCORERS[scoring](at, model, False, directions)
+                        out[scoring, t] = SCORERS[scoring](at, model, False, reads)
 
     health = chunk.propagate(visit, via=propagate)  # this module's binding: tests count the passes through it
     return out, health
@@ -291,7 +328,7 @@ def linear_projection(model: Any, batch: Any, means: torch.Tensor | None,
           torch.zeros(n_layers, int(cfg.n_heads), int(cfg.d_head), device=device))
     mask = batch.attention_mask.to(device)
     where = source_positions([Source(0, 0, positions)], mask)[0].to(torch.float32)[:, :, None]  # [B, pos, 1]
-    directions = task_directions(model, batch.label_token_ids)[batch.labels.to(device)]  # [B, d]
+    reads = readout(model, batch, resolve("exact"))  # m itself: the capped logit difference (cap(0) = 0 aside)
     leaves: dict[int, torch.Tensor] = {}
     clean: dict[int, torch.Tensor] = {}
     final: list[torch.Tensor] = []
@@ -309,7 +346,9 @@ def linear_projection(model: Any, batch: Any, means: torch.Tensor | None,
     hooks = [(f"blocks.{layer}.attn.hook_z", at_z) for layer in range(n_layers)] + [("ln_final.hook_out", at_final)]
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         run(model, batch, last_only=True)
-        m = (final[0][:, -1].float() * directions.float()).sum()
+        last = final[0][:, -1]
+        m = (capped_logit_diff(model, Split(last, torch.zeros_like(last)), reads) if reads.cap is not None
+             else (last.float() * reads.direction.float()).sum(-1)).sum()
         grads = torch.autograd.grad(m, [leaves[layer] for layer in range(n_layers)])
     out = torch.stack([(((clean[layer] - mu[layer].to(g.dtype)) * g).sum(-1) * where).sum(1)
                        for layer, g in enumerate(grads)], 1)  # [B, L, H]
