@@ -84,6 +84,7 @@ class Readout:
 
 
 def readout(model: Any, batch: Any, rules: Any) -> Readout:
+    """The :class:`Readout` of one batch under ``rules`` (the cap's rules only where the model caps)."""
     labels = batch.labels.to(model.cfg.device)
     capped = soft_caps(model)[1] is not None
     return Readout(task_directions(model, batch.label_token_ids)[labels], batch.label_token_ids, labels,
