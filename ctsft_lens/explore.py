@@ -34,7 +34,7 @@ from typing import Any, Iterable, Literal, Sequence
 import torch
 
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import Source, Split, linear, logit_cap, propagate
+from ctsft_lens.cdt.decompose import Source, Split, label_logits, propagate
 from ctsft_lens.cdt.driver import forwards
 from ctsft_lens.circuit import Circuit, Head, head_name, parse_head
 from ctsft_lens.means import head_means
@@ -307,10 +307,7 @@ def _keep_final(seen: dict[str, Split]) -> Any:
 
 def _label_beta(model: Any, x: Split, label_token_ids: torch.Tensor) -> torch.Tensor:
     """β at the label logits of the last position, from β/γ at the final norm: ``[source, batch, n_labels]``."""
-    last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
-    ids = label_token_ids.to(model.W_U.device)
-    b_u = getattr(model, "b_U", None)
-    return logit_cap(model, linear(last, model.W_U[:, ids], None if b_u is None else b_u[ids])).beta
+    return label_logits(model, Split(x.beta[:, :, -1], x.gamma[:, :, -1]), label_token_ids).beta
 
 
 # --------------------------------------------------------------------------------------------

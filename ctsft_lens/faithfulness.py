@@ -50,7 +50,7 @@ class Metrics:
 def logit_diff(logits: Float[torch.Tensor, "batch n_labels"],
                labels: Int[torch.Tensor, " batch"]) -> Float[torch.Tensor, " batch"]:
     """Gold-label logit minus the mean logit of the other labels, per example."""
-    gold = logits.gather(-1, labels[:, None])[:, 0]
+    gold = logits.gather(-1, labels[..., None])[..., 0]  # any leading dims
     return gold - (logits.sum(-1) - gold) / (logits.shape[-1] - 1)
 
 

@@ -506,6 +506,15 @@ def logit_cap(model: Any, logits: Split, rule: str = "difference") -> Split:
     return logits if cap is None else activation(logits, lambda t: torch.tanh(t / cap) * cap, rule=rule)
 
 
+def label_logits(model: Any, x: Split, label_token_ids: torch.Tensor, *, rule: str = "difference",
+                 bias_rule: str = "share") -> Split:
+    """β/γ of the label logits (capped where the family caps them) from β/γ at the final norm ``[..., d]``."""
+    ids = label_token_ids.to(model.W_U.device)
+    b_u = getattr(model, "b_U", None)
+    return logit_cap(model, linear(x, model.W_U[:, ids], None if b_u is None else b_u[ids], bias_rule=bias_rule),
+                     rule=rule)
+
+
 def _act_fn(model: Any, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """The HF MLP's own activation (SiLU for SwiGLU, GELU-tanh for Gemma's GeGLU, ...)."""
     return getattr(model.blocks[layer].mlp.original_component, architecture(model).act_attr)

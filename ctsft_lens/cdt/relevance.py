@@ -31,10 +31,11 @@ from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, linear, logit_cap, propagate, report_unstable,
+from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, label_logits, propagate, report_unstable,
                                       source_positions, unembed, BETA_LIMIT, recon_tol)
 from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
 from ctsft_lens.cdt.rules import resolve
+from ctsft_lens.faithfulness import logit_diff
 from ctsft_lens.models.architectures import soft_caps
 from ctsft_lens.circuit import Head
 from ctsft_lens.forward import hook_layer, run
@@ -93,14 +94,9 @@ def readout(model: Any, batch: Any, rules: Any) -> Readout:
 
 def capped_logit_diff(model: Any, x: Split, r: Readout) -> torch.Tensor:
     """β of the capped gold-minus-other-labels logit difference, from β/γ at the final norm ``[..., B, d]``."""
-    ids = r.label_token_ids.to(model.W_U.device)
-    b_u = getattr(model, "b_U", None)
     act, bias = r.cap or ("difference", "gamma")
-    lab = logit_cap(model, linear(x, model.W_U[:, ids], None if b_u is None else b_u[ids], bias_rule=bias),
-                    rule=act).beta
-    lab = lab.float()
-    gold = lab.gather(-1, r.labels.expand(*lab.shape[:-1])[..., None])[..., 0]
-    return gold - (lab.sum(-1) - gold) / (lab.shape[-1] - 1)
+    lab = label_logits(model, x, r.label_token_ids, rule=act, bias_rule=bias).beta.float()
+    return logit_diff(lab, r.labels.expand(*lab.shape[:-1]))
 
 
 def _projection(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
