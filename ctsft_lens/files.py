@@ -3,6 +3,7 @@ and stage artefacts cached by a key of the settings they depend on."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -99,6 +100,35 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # size, mtime: a rewritten file is re-read
+    return sha256_file(Path(path))
+
+
+def model_digest(folder: str | os.PathLike) -> str:
+    """Identity of a saved model by content: its weight files' SHA-256 and its ``config.json``
+    (keys starting with ``_``, such as the machine path ``_name_or_path``, left out).
+
+    A cache keyed by it follows the checkpoint, not its path: a checkpoint rebuilt with the same
+    bytes, moved or on another machine resumes its cached stages; one overwritten in place does not.
+    Hashed once per process and file (a 0.5B checkpoint: a few seconds)."""
+    folder = Path(folder)
+    weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise CtsftError(f"{folder} holds no weight file ({', '.join(WEIGHT_SUFFIXES)}): is it a saved model folder?")
+    parts: dict[str, Any] = {}
+    for p in weights:
+        st = p.stat()
+        parts[p.name] = _file_digest(str(p.resolve()), st.st_size, st.st_mtime_ns)
+    config = folder / "config.json"
+    if config.is_file():
+        parts["config.json"] = {k: v for k, v in read_json(config, "model config").items() if not k.startswith("_")}
+    return stage_key(parts)
 
 
 def writable_folder(path: str | os.PathLike, what: str = "--out") -> Path:

@@ -327,6 +327,32 @@ def test_a_competence_checkpoint_is_used_as_is(tmp_path, monkeypatch):
         dataclasses.replace(cfg, competence_dir=str(tmp_path / "c")).validate()
 
 
+def test_a_given_checkpoint_is_cached_by_its_content_not_its_path(tmp_path, monkeypatch):
+    """A moved or rebuilt checkpoint with the same bytes resumes every cached stage; the same path
+    holding other weights recomputes them (a path key reused stale results: a silent wrong answer)."""
+    import shutil
+
+    import torch
+
+    from ctsft_lens.models import load_model, save_model
+
+    save_model(load_model("tiny"), tmp_path / "ckpt")
+    cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,), competence_model=str(tmp_path / "ckpt"))
+    first = run_experiment(cfg, progress=False).table()
+    calls = []
+    real = experiments._finetune
+    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "moved")  # another path, the same bytes: all cached
+    assert run_experiment(dataclasses.replace(cfg, competence_model=str(tmp_path / "moved")),
+                          progress=False).table() == first and calls == []
+    model = load_model("tiny")
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_model(model, tmp_path / "ckpt")  # the same path, other weights: the transfer cell trains again
+    run_experiment(cfg, progress=False)
+    assert calls == [1]
+
+
 def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
     from ctsft_lens.cdt import discover
     from ctsft_lens.circuit import save_circuit

@@ -15,7 +15,7 @@ import torch
 from ctsft_lens.circuit import Circuit, Edge, rank_heads
 from ctsft_lens.errors import ConfigError, CtsftError, MaskError
 from ctsft_lens.experiments import ExperimentConfig
-from ctsft_lens.experiments.premise import (Gain, paired_gain, pick_rate, read_rates, source_configs, verdict,
+from ctsft_lens.experiments.premise import (Gain, paired_gain, parse_rates, pick_rate, read_rates, source_configs, verdict,
                                             with_rates)
 from ctsft_lens.masks import VARIANTS, layer_matched_mask, nearzero_mask, variant_mask
 from ctsft_lens.scoring import HEAD_SCORINGS
@@ -157,6 +157,14 @@ def test_the_sweep_rule_is_the_last_epochs_dev_accuracy_then_loss():
            {"lr": 1e-3, "last_accuracy": 0.7, "last_loss": 0.7}, {"lr": 3e-4, "last_accuracy": 0.7, "last_loss": 0.8}]
     assert pick_rate(pts) == 1e-3
     assert pick_rate(pts + [{"lr": 1e-3, "last_accuracy": 0.5, "last_loss": 0.7}]) == 3e-4  # mean over seeds
+
+
+def test_given_rates_parse_or_name_the_fix():
+    assert parse_rates("head=1e-3, full=1e-6") == {"head": 1e-3, "full": 1e-6}
+    assert parse_rates("head=3e-4") == {"head": 3e-4}
+    for bad in ("full=1e-6", "head=0", "head=x", "head=1e-3,head=1e-4", "heads=1e-3", "head"):
+        with pytest.raises(CtsftError, match="head=1e-3,full=1e-6"):
+            parse_rates(bad)
 
 
 # ------------------------------------------------------------------------------------------

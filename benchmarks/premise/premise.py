@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from ctsft_lens.experiments import ExperimentConfig
-from ctsft_lens.experiments.premise import lr_sweep, read_rates, run_study, study_report, sweep_table
+from ctsft_lens.experiments.premise import lr_sweep, parse_rates, read_rates, run_study, study_report, sweep_table
 
 
 def main() -> None:
@@ -40,6 +40,9 @@ def main() -> None:
     g.add_argument("--config", required=True)
     g.add_argument("--sources", default="patching,attribution-ig,projection",
                    help="circuit sources (circuit_<source>.json beside the config's circuit); default: %(default)s")
+    g.add_argument("--rates", default=None,
+                   help="head=LR,full=LR instead of the sweep folder's picks: a sweep recorded before whose "
+                        "cache is gone (benchmarks/premise/README.md says which); default: read the sweep")
     g.add_argument("--png", action="store_true", help="also write each source's figures as PNG")
     r = sub.add_parser("report", help="table, figure and sentences of one or more budgets")
     r.add_argument("--budget", action="append", required=True, help="a study folder (the config's out); repeat")
@@ -67,8 +70,9 @@ def main() -> None:
         if args.png and importlib.util.find_spec("kaleido") is None:
             raise SystemExit("error: --png needs kaleido (pip install 'ctsft_lens[png]')")
         config = ExperimentConfig.from_toml(args.config)
-        rates = read_rates(Path(config.out) / "sweep", full="full" if "full" in config.variants else None)
-        print("rates from the target-dev sweep: " + ", ".join(f"{k} {v:g}" for k, v in rates.items()))
+        rates = (parse_rates(args.rates) if args.rates else
+                 read_rates(Path(config.out) / "sweep", full="full" if "full" in config.variants else None))
+        print(f"rates {'given (--rates)' if args.rates else 'from the target-dev sweep'}: " + ", ".join(f"{k} {v:g}" for k, v in rates.items()))
         results = run_study(config, args.sources.split(","), rates=rates, progress=not args.no_progress, png=args.png)
         for name, result in results.items():
             print(f"\n## {name}\n\n{result.markdown()}")

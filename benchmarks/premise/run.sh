@@ -4,49 +4,71 @@
 #   bash benchmarks/premise/run.sh [STAGE...]          # from the repository root; writes under runs/premise
 #
 # Stages (default: all, in this order):
-#   circuits                 6-head depth-0 circuits of every source, read from the compare run's tables (no rescoring)
+#   restore                  copy the tracked results (benchmarks/premise/results) into runs/premise: the cells they hold
+#                            are cached again, if the checkpoint has the same bytes (cells are keyed by its content)
+#   circuits                 6-head depth-0 circuits of every source, scored by `ctsft discover` on stage 2's 24 examples
 #   sweep_b30 grid_b30 report                                        budget A: 30 Acehnese examples x 3 epochs
 #   sweep_b90 grid_b90 report                                        budget B: 90 Acehnese examples x 3 epochs
+#   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
+#                            results folder, to commit: a fresh machine resumes from it
 # Every stage resumes: a circuit file that exists is kept, sweep points and transfer cells are cached by
 # their settings. Each stage's command goes to OUT/commands.txt, its wall time, peak RSS and the load average
 # before and after to OUT/times.tsv; run nothing else heavy beside it.
+# RATES_b30 / RATES_b90 (e.g. head=1e-3,full=1e-6): the grid's rates given instead of read from the sweep folder,
+# for a sweep recorded in README.md whose cache is gone (the grid's config.json records the rates it used).
 set -euo pipefail
 OUT=runs/premise                                   # the TOMLs' paths assume it
 HEAD_LRS=${HEAD_LRS:-1e-4,3e-4,1e-3,3e-3}          # the head variants' shared sweep, on the oracle circuit (3e-3 added when
                                                    # b30's sweep chose its top, 1e-3: a rate at the grid's edge is not a pick)
 FULL_LRS=${FULL_LRS:-3e-7,1e-6,3e-6,1e-5,3e-5,1e-4}  # full fine-tuning's own sweep (extended down while b30's chose its bottom)
-SOURCES=${SOURCES:-patching,attribution-ig,projection}
+SOURCES=${SOURCES:-patching,attribution-ig}          # the CD-T default (`exact`) ranks heads as patching does: its
+                                                   # circuit is the oracle's (README.md); add projection for another rule set
 CTSFT=${CTSFT:-ctsft}
 HERE=$(dirname "$0")
-COMPARE=${COMPARE:-runs/real_weights/compare_faithful/compare.json}  # README: the `compare_faithful` command
-STAGES=${*:-circuits sweep_b30 grid_b30 report sweep_b90 grid_b90 report}
+MODEL=${MODEL:-runs/real_weights/competence/model}  # `benchmarks/real_weights/run.sh MODEL_DIR runs/real_weights competence`
+STORE=${STORE:-$HERE/results}                       # tracked: what a fresh clone resumes from
+STAGES=${*:-restore circuits sweep_b30 grid_b30 report sweep_b90 grid_b90 report save}
 mkdir -p "$OUT/circuits"
 
 source "$HERE/../stage.sh"
 
 for s in $STAGES; do
   case $s in
-    circuits)  # the 24 discovery examples and mu of the compare run (stage 2's sample, task.sample(24, "train", seed 0)),
-      # each source's table as that run scored it; 2 % = 6 heads, depth 0, chosen as `ctsft discover` chooses
+    restore)  # never overwrites: what runs/premise holds already wins
+      if [ -d "$STORE" ]; then cp -rn "$STORE"/. "$OUT"/; echo "== restore: $STORE -> $OUT"; fi ;;
+    circuits)  # stage 2's 24 discovery examples (task.sample(24, "train", seed 0)) and their label-balanced mu;
+      # 2 % = 6 heads, depth 0; one scoring pass each, one file each: circuit_<scoring>.json
+      missing=()
       for scoring in ${SOURCES//,/ }; do
-        file="$OUT/circuits/circuit_$scoring.json"
-        if [ -f "$file" ]; then echo "== circuit $scoring: $file exists, kept"; continue; fi
-        stage "circuit_$scoring" python "$HERE/../real_weights/circuit_from_compare.py" "$COMPARE" --method "$scoring" \
-          --ratio 0.02 --out "$file"
-      done ;;
+        [ -f "$OUT/circuits/circuit_$scoring.json" ] && echo "== circuit $scoring exists, kept" || missing+=(--scoring "$scoring")
+      done
+      if [ ${#missing[@]} -gt 0 ]; then
+        if [ ${#missing[@]} -eq 2 ]; then dest="$OUT/circuits/circuit_${missing[1]}.json"; else dest="$OUT/circuits"; fi
+        stage circuits "$CTSFT" discover --model "$MODEL" --task nusax-senti --lang indonesian "${missing[@]}" \
+          --n-examples 24 --seed 0 --ratio 0.02 --max-depth 0 --heads-per-forward 16 --batch-size 8 \
+          --out "$dest" --no-progress
+      fi ;;
     sweep_b30|sweep_b90)  # target (Acehnese) dev only: 72 label-balanced valid examples, the grid's seed-0 sample
       cfg="$HERE/acehnese_${s#sweep_}.toml"
       stage "${s}_heads" python "$HERE/premise.py" sweep --config "$cfg" --variant circuit --lrs "$HEAD_LRS" --no-progress
       stage "${s}_full" python "$HERE/premise.py" sweep --config "$cfg" --variant full --lrs "$FULL_LRS" --no-progress ;;
     grid_b30|grid_b90)  # every arm of every circuit source at the sweep's rates, seed-major
+      rates_var="RATES_${s#grid_}"; rates=(); [ -n "${!rates_var:-}" ] && rates=(--rates "${!rates_var}")
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_${s#grid_}.toml" --sources "$SOURCES" \
-        --png --no-progress ;;
+        "${rates[@]}" --png --no-progress ;;
     report)  # the table, figure and sentences of every budget with runs so far
       budgets=()
       for b in b30 b90; do
         compgen -G "$OUT/acehnese_$b/*/runs/*/*/seed*.json" > /dev/null && budgets+=(--budget "$OUT/acehnese_$b")
       done
       stage report python "$HERE/premise.py" report "${budgets[@]}" --out "$OUT/report" --png ;;
+    save)  # small files only (no model, no HTML): JSON results with their cache keys, tables, the figure, the logs of times
+      mkdir -p "$STORE"
+      (cd "$OUT" && find . -type f \( -path './circuits/*' -o -path '*/sweep/*' -o -name 'seed*.json' -o -name 'seed*.json.key' \
+        -o -name 'a0.json' -o -name 'a0.json.key' -o -name config.json -o -name times.tsv -o -name commands.txt \
+        -o -path './report/premise.md' -o -path './report/premise.json' -o -path './report/premise.png' \) \
+        ! -name '*.html' -print0 | xargs -0 -r cp --parents -t "$(cd "$STORE" && pwd)")
+      echo "== save: $OUT -> $STORE ($(find "$STORE" -type f | wc -l) files; commit them)" ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
 done

@@ -53,7 +53,7 @@ from ctsft_lens.compare import bootstrap_interval
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.experiments.config import ExperimentConfig, _lang
 from ctsft_lens.experiments.report import RunResult
-from ctsft_lens.experiments.runner import run_experiment
+from ctsft_lens.experiments.runner import given_checkpoint, run_experiment
 from ctsft_lens.experiments.stages import _cut, _load, _needs_circuit, _stage_data, fine_tune
 from ctsft_lens.files import atomic_write_text, cached, read_json, sha256_file, stage_key, write_json
 from ctsft_lens.masks import VARIANTS, variant_mask
@@ -69,12 +69,10 @@ SWEEP_RULE = "last epoch: highest target-dev accuracy (mean over the sweep seeds
 # The runs: learning-rate sweep on target dev, then one experiment per circuit source
 # --------------------------------------------------------------------------------------------
 def _checkpoint_key(config: ExperimentConfig) -> tuple[Path, str]:
-    """The competence checkpoint and its stage key, as the runner computes it for ``competence_model``."""
+    """The competence checkpoint and its stage key, as the runner computes it."""
     if not config.competence_model:
         raise CtsftError("the premise study starts from a competence checkpoint: set experiment.competence_model")
-    comp_dir = Path(config.competence_model)
-    return comp_dir, stage_key("checkpoint", str(comp_dir.resolve()), config.task, config.data_dir,
-                               _lang(config, config.source), config.max_tokens)
+    return given_checkpoint(config)
 
 
 def lr_sweep(config: ExperimentConfig, variant: str, lrs: Sequence[float], *, n_dev: int = 72, dev_seed: int = 0,
@@ -178,6 +176,25 @@ def read_rates(folder: str | Path, head: str = "circuit", full: str | None = "fu
         if not path.is_file():
             raise CtsftError(f"no learning-rate sweep of {variant!r} at {path}: run the sweep first")
         rates[role] = float(read_json(path, "sweep")["chosen"])
+    return rates
+
+
+def parse_rates(text: str) -> dict[str, float]:
+    """``"head=1e-3,full=1e-6"`` -> ``{"head": 0.001, "full": 1e-06}``: rates given instead of read
+    from a sweep folder (a sweep recorded elsewhere whose cache is gone); roles ``head`` and ``full``."""
+    rates: dict[str, float] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        role, eq, value = part.partition("=")
+        try:
+            lr = float(value) if eq else float("nan")
+        except ValueError:
+            lr = float("nan")
+        if role not in ("head", "full") or role in rates or not (lr > 0 and math.isfinite(lr)):
+            raise CtsftError(f"rates {text!r}: give head=LR and, with full fine-tuning, full=LR, each once "
+                             "with a positive rate (e.g. head=1e-3,full=1e-6)")
+        rates[role] = lr
+    if "head" not in rates:
+        raise CtsftError(f"rates {text!r}: the head variants' rate is missing (e.g. head=1e-3,full=1e-6)")
     return rates
 
 

@@ -16,11 +16,19 @@ from ctsft_lens.experiments.report import ExperimentResult, RunResult, _circuit_
 from ctsft_lens.experiments.stages import (_needs_circuit, _retention_key, _retention_tests, a0_stage,
                                            competence_stage, discovery_stage, faithfulness_stage, preflight,
                                            retention_stage, transfer_stage)
-from ctsft_lens.files import atomic_write_text, sha256_file, stage_key, write_json
+from ctsft_lens.files import atomic_write_text, model_digest, sha256_file, stage_key, write_json
 from ctsft_lens.masks import circuit_mask
 from ctsft_lens.plots import experiment_figures
 from ctsft_lens.progress import progress_bar, write
 from ctsft_lens.tasks import load_task
+
+
+def given_checkpoint(config: ExperimentConfig) -> tuple[Path, str]:
+    """``experiment.competence_model`` and the stage key its content gives (:func:`model_digest`), so
+    every stage cached from it is redone when the weights change and kept when only the path does."""
+    comp_dir = Path(config.competence_model or "")
+    return comp_dir, stage_key("checkpoint", model_digest(comp_dir), config.task, config.data_dir,
+                               _lang(config, config.source), config.max_tokens)
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bool = False,
@@ -69,10 +77,8 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
         if progress:
             write(f"[{config.name}] {msg}")
 
-    if config.competence_model:  # a checkpoint made elsewhere: its path stands for its settings
-        comp_dir = Path(config.competence_model)
-        comp_key = stage_key("checkpoint", str(comp_dir.resolve()), config.task, config.data_dir, source,
-                             config.max_tokens)
+    if config.competence_model:  # a checkpoint made elsewhere: its content stands for its settings
+        comp_dir, comp_key = given_checkpoint(config)
     else:
         comp_key = stage_key(config.model, config.dtype, config.task, config.data_dir, source,
                              config.competence.key(), config.max_tokens)
