@@ -294,6 +294,8 @@ def test_presets_and_overrides():
         resolve("faithful,norm=exact")
     with pytest.raises(CtsftError, match="norm rule"):
         Rules(norm="layer")
+    with pytest.raises(CtsftError, match="attention rule must be one of.*difference"):  # every choice named
+        resolve("exact,attention=bogus")
     assert set(CHOICES) == {f.name for f in dataclasses.fields(Rules)}
 
 
@@ -307,3 +309,7 @@ def test_cli_takes_a_rule_spec_and_refuses_a_bad_one(capsys):
         parser.parse_args(["discover", "--decomposition", "faithful,norm=exact", "--out", "x.json"])
     assert err.value.code == 2
     assert "norm rule must be one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        parser.parse_args(["discover", "--attention", "nope", "--out", "x.json"])
+    err_text = capsys.readouterr().err
+    assert err.value.code == 2 and "difference" in err_text and "Traceback" not in err_text

@@ -353,6 +353,24 @@ def test_a_given_checkpoint_is_cached_by_its_content_not_its_path(tmp_path, monk
     assert calls == [1]
 
 
+def test_model_digest_reads_weights_and_config_but_not_machine_paths(tmp_path):
+    import json
+
+    from ctsft_lens.errors import CtsftError
+    from ctsft_lens.files import model_digest
+
+    (tmp_path / "m").mkdir()
+    with pytest.raises(CtsftError, match="no weight file"):
+        model_digest(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "/here", "hidden_size": 8}))
+    first = model_digest(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "/there", "hidden_size": 8}))
+    assert model_digest(tmp_path / "m") == first  # a machine path is not the model
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "/there", "hidden_size": 16}))
+    assert model_digest(tmp_path / "m") != first
+
+
 def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
     from ctsft_lens.cdt import discover
     from ctsft_lens.circuit import save_circuit
