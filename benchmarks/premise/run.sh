@@ -63,11 +63,11 @@ for s in $STAGES; do
       done
       stage report python "$HERE/premise.py" report "${budgets[@]}" --out "$OUT/report" --png ;;
     save)  # small files only (no model, no HTML): JSON results with their cache keys, tables, the figure, the logs of times
-      mkdir -p "$STORE"
+      mkdir -p "$STORE"; store=$(cd "$STORE" && pwd)
       (cd "$OUT" && find . -type f \( -path './circuits/*' -o -path '*/sweep/*' -o -name 'seed*.json' -o -name 'seed*.json.key' \
         -o -name 'a0.json' -o -name 'a0.json.key' -o -name config.json -o -name times.tsv -o -name commands.txt \
         -o -path './report/premise.md' -o -path './report/premise.json' -o -path './report/premise.png' \) \
-        ! -name '*.html' -print0 | xargs -0 -r cp --parents -t "$(cd "$STORE" && pwd)")
+        ! -name '*.html' -print0 | xargs -0 -r cp --parents -t "$store")
       echo "== save: $OUT -> $STORE ($(find "$STORE" -type f | wc -l) files; commit them)" ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
   esac
