@@ -566,8 +566,9 @@ def figure(analyses: Sequence[dict[str, Any]]) -> Any:
     titles = []
     for a in analyses:
         b = _budget_label(a)
-        titles += [f"{b}: {a['target']} accuracy", f"{b}: {src} retention",
-                   f"{b}: gain over layer-matched random (95 % CI)"]
+        titles += [f"{b}: {a['target']} accuracy<br><sup>dashed: A0</sup>",  # a line's own label hit the titles
+                   f"{b}: {src} retention<br><sup>dashed: before adaptation</sup>",
+                   f"{b}: gain over layer-matched random<br><sup>95 % paired bootstrap interval</sup>"]
     fig = make_subplots(rows=len(analyses), cols=3, subplot_titles=titles, shared_yaxes=True, horizontal_spacing=0.04,
                         vertical_spacing=0.12 if len(analyses) > 1 else 0.1)
     for i, a in enumerate(analyses, 1):
@@ -587,8 +588,10 @@ def figure(analyses: Sequence[dict[str, Any]]) -> Any:
                                      name="mean over seeds", showlegend=(i == 1 and col == 1)), row=i, col=col)
             before = a["a0"] if which == "target" else a["source_before"]
             if before is not None:
-                fig.add_vline(x=before, line_dash="dash", line_color="#555", row=i, col=col,
-                              annotation_text="A0" if which == "target" else "before", annotation_position="top")
+                fig.add_vline(x=before, line_dash="dash", line_color="#555", row=i, col=col)
+            lo, hi = min(xs + [before] if before is not None else xs), max(xs + [before] if before is not None else xs)
+            pad = 0.05 * (hi - lo or 0.1)  # the dashed line clear of the row labels
+            fig.update_xaxes(range=[lo - pad, hi + pad], row=i, col=col)
         gl = [lab for lab in labels if "target_gain" in rows[lab]]
         g = [rows[lab]["target_gain"] for lab in gl]
         colors = [{"above": "#2ca02c", "below": "#d62728"}.get(rows[lab]["target_verdict"], "#1f77b4") for lab in gl]
@@ -600,7 +603,7 @@ def figure(analyses: Sequence[dict[str, Any]]) -> Any:
         fig.add_vline(x=0, line_color="#555", row=i, col=3)
     fig.update_layout(title=f"Does a faithful circuit transfer better than layer-matched random heads? "
                             f"({first['target']})", height=330 * len(analyses) + 80, width=1300,
-                      template="plotly_white", legend={"orientation": "h", "y": -0.08}, margin={"l": 220})
+                      template="plotly_white", legend={"orientation": "h", "y": -0.08}, margin={"l": 220, "t": 110})
     return fig
 
 
