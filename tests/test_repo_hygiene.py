@@ -69,6 +69,11 @@ def test_no_tracked_file_names_an_absolute_machine_path():
 # What a benchmark may keep in the repository: its code, its Markdown tables and the figures they cite.
 # Raw outputs (JSON, CSV, HTML, logs) are written under runs/ (ignored) and quoted in the tables.
 BENCHMARK_KEEPS = (".py", ".md", ".sh", ".toml", ".png")
+# Except a study longer than a session: its finished cells (small JSON with their cache keys, the
+# per-example results its intervals are computed from) are committed to one store, because a
+# session's machine may be a fresh one (`benchmarks/premise/run.sh save` / `restore`). Small, no HTML.
+BENCHMARK_STORES = ("benchmarks/premise/results/",)
+STORE_LIMIT = 4 << 20  # bytes, each store
 
 
 def _tracked(under: str) -> list[str]:
@@ -82,9 +87,13 @@ def _tracked(under: str) -> list[str]:
 
 def test_benchmarks_keep_only_code_tables_and_cited_figures():
     names = _tracked("benchmarks")
-    raw = [n for n in names if not n.endswith(BENCHMARK_KEEPS)]
+    raw = [n for n in names if not n.endswith(BENCHMARK_KEEPS) and not n.startswith(BENCHMARK_STORES)]
     assert not raw, ("raw benchmark outputs are tracked; write them under runs/ and quote the figures in a "
                      ".md table:\n" + "\n".join(raw))
     text = "\n".join((ROOT / n).read_text(encoding="utf-8") for n in names if n.endswith(".md"))
     uncited = [n for n in names if n.endswith(".png") and Path(n).name not in text]
     assert not uncited, "tracked benchmark figures that no table cites:\n" + "\n".join(uncited)
+    for store in BENCHMARK_STORES:
+        kept = [n for n in names if n.startswith(store)]
+        assert not [n for n in kept if n.endswith(".html")], f"{store} keeps no HTML (the figure is its PNG)"
+        assert sum((ROOT / n).stat().st_size for n in kept) <= STORE_LIMIT, f"{store} is over {STORE_LIMIT} bytes"
