@@ -18,8 +18,9 @@
 # for a sweep recorded in README.md whose cache is gone (the grid's config.json records the rates it used).
 set -euo pipefail
 OUT=runs/premise                                   # the TOMLs' paths assume it
-HEAD_LRS=${HEAD_LRS:-1e-4,3e-4,1e-3,3e-3}          # the head variants' shared sweep, on the oracle circuit (3e-3 added when
-                                                   # b30's sweep chose its top, 1e-3: a rate at the grid's edge is not a pick)
+HEAD_LRS=${HEAD_LRS:-1e-4,3e-4,1e-3,3e-3,1e-2}     # the head variants' shared sweep, on the oracle circuit (3e-3 added when
+                                                   # b30's sweep chose its top, 1e-3, and 1e-2 when b90's chose 3e-3: a rate
+                                                   # at the grid's edge is not a pick; cached points are not rerun)
 FULL_LRS=${FULL_LRS:-3e-7,1e-6,3e-6,1e-5,3e-5,1e-4}  # full fine-tuning's own sweep (extended down while b30's chose its bottom)
 SOURCES=${SOURCES:-patching,attribution-ig}          # the CD-T default (`exact`) ranks heads as patching does: its
                                                    # circuit is the oracle's (README.md); add projection for another rule set
