@@ -589,9 +589,9 @@ def figure(analyses: Sequence[dict[str, Any]]) -> Any:
             before = a["a0"] if which == "target" else a["source_before"]
             if before is not None:
                 fig.add_vline(x=before, line_dash="dash", line_color="#555", row=i, col=col)
-            lo, hi = min(xs + [before] if before is not None else xs), max(xs + [before] if before is not None else xs)
-            pad = 0.05 * (hi - lo or 0.1)  # the dashed line clear of the row labels
-            fig.update_xaxes(range=[lo - pad, hi + pad], row=i, col=col)
+            span = xs + ([before] if before is not None else [])
+            pad = 0.05 * (max(span) - min(span) or 0.1)  # the dashed line clear of the row labels
+            fig.update_xaxes(range=[min(span) - pad, max(span) + pad], row=i, col=col)
         gl = [lab for lab in labels if "target_gain" in rows[lab]]
         g = [rows[lab]["target_gain"] for lab in gl]
         colors = [{"above": "#2ca02c", "below": "#d62728"}.get(rows[lab]["target_verdict"], "#1f77b4") for lab in gl]
