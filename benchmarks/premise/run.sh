@@ -9,6 +9,8 @@
 #   circuits                 6-head depth-0 circuits of every source, scored by `ctsft discover` on stage 2's 24 examples
 #   sweep_b30 grid_b30 report                                        budget A: 30 Acehnese examples x 3 epochs
 #   sweep_b90 grid_b90 report                                        budget B: 90 Acehnese examples x 3 epochs
+#   rate_check_b90           POST-HOC, not in the default list: the oracle circuit and random heads of budget B at the
+#                            head sweep's runner-up rate 1e-3 (acehnese_b90_lr1e-3.toml), report in runs/premise/report_rate_check
 #   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
 #                            results folder, to commit: a fresh machine resumes from it
 # Every stage resumes: a circuit file that exists is kept, sweep points and transfer cells are cached by
@@ -63,11 +65,16 @@ for s in $STAGES; do
         compgen -G "$OUT/acehnese_$b/*/runs/*/*/seed*.json" > /dev/null && budgets+=(--budget "$OUT/acehnese_$b")
       done
       stage report python "$HERE/premise.py" report "${budgets[@]}" --out "$OUT/report" --png ;;
+    rate_check_b90)  # does the b90 verdict hang on the head sweep's pick (3e-3 over 1e-3 by two dev examples)?
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_lr1e-3.toml" --sources patching \
+        --rates head=1e-3 --no-progress
+      stage "${s}_report" python "$HERE/premise.py" report --budget "$OUT/acehnese_b90_lr1e-3" \
+        --out "$OUT/report_rate_check" --png ;;
     save)  # small files only (no model, no HTML): JSON results with their cache keys, tables, the figure, the logs of times
       mkdir -p "$STORE"; store=$(cd "$STORE" && pwd)
       (cd "$OUT" && find . -type f \( -path './circuits/*' -o -path '*/sweep/*' -o -name 'seed*.json' -o -name 'seed*.json.key' \
         -o -name 'a0.json' -o -name 'a0.json.key' -o -name config.json -o -name times.tsv -o -name commands.txt \
-        -o -path './report/premise.md' -o -path './report/premise.json' -o -path './report/premise.png' \) \
+        -o -path './report*/premise.md' -o -path './report*/premise.json' -o -path './report*/premise.png' \) \
         ! -name '*.html' -print0 | xargs -0 -r cp --parents -t "$store")
       echo "== save: $OUT -> $STORE ($(find "$STORE" -type f | wc -l) files; commit them)" ;;
     *) echo "unknown stage $s" >&2; exit 2 ;;
