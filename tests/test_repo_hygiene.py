@@ -97,3 +97,18 @@ def test_benchmarks_keep_only_code_tables_and_cited_figures():
         kept = [n for n in names if n.startswith(store)]
         assert not [n for n in kept if n.endswith(".html")], f"{store} keeps no HTML (the figure is its PNG)"
         assert sum((ROOT / n).stat().st_size for n in kept) <= STORE_LIMIT, f"{store} is over {STORE_LIMIT} bytes"
+
+
+def test_benchmark_stores_are_not_ignored():
+    """`run.sh save` copies cells to <store>/<budget>/<source>/runs/<target>/<variant>/seed<k>.json; a
+    global `runs/` ignore rule once hid them, so a fresh machine restored the sweeps but not the grid."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    for store in BENCHMARK_STORES:
+        for name in ("acehnese_b30/patching/runs/acehnese/circuit/seed0.json",
+                     "acehnese_b30/patching/runs/acehnese/circuit/seed0.json.key", "circuits/circuit_patching.json",
+                     "report/premise.png"):
+            path = store + name
+            checked = subprocess.run(["git", "check-ignore", "--no-index", "-q", path], cwd=ROOT, check=False)
+            assert checked.returncode == 1, f"{path} is ignored by .gitignore (exit {checked.returncode}); " \
+                                            "a store's files must be committable"
