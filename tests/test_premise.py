@@ -4,6 +4,7 @@ configs, and the pipeline end to end on a tiny model."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 import sys
@@ -344,7 +345,7 @@ def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
     figure (PNG too) and a refused run without per-example results."""
     import json
 
-    from ctsft_lens.experiments.premise import study_report
+    from ctsft_lens.experiments.premise import figure, study_report
     from ctsft_lens.files import write_json
 
     n = 300
@@ -382,6 +383,14 @@ def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
     assert "the projection circuit does not beat layer-matched random heads (gain +0.000 [+0.000, +0.000]" in text
     assert (tmp_path / "report" / "premise.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "premise.json").read_text())["analyses"][0]["rows"]
+    shifted = copy.deepcopy(report["analyses"])  # every interval below 0: the zero line must stay inside the axis
+    for row in shifted[0]["rows"]:
+        for g in [row[k] for k in ("target_gain",) if k in row]:
+            g.update(gain=g["gain"] - 1, lo=g["lo"] - 1, hi=g["hi"] - 1)
+    lo, hi = figure(shifted).layout.xaxis3.range
+    assert lo < min(r["target_gain"]["lo"] for r in shifted[0]["rows"] if "target_gain" in r) and hi > 0
+    lo, hi = figure(shifted).layout.xaxis.range  # target accuracy: A0 and every seed inside
+    assert lo < min(0.5, *(v for r in a["rows"] for v in r["target_acc_by_seed"].values())) and hi > 0.5
 
     _write_cell(root, "projection", "circuit", 0, [], [])  # a run cached before per-example results existed
     with pytest.raises(CtsftError, match="no per-example results"):

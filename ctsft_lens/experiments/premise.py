@@ -589,9 +589,7 @@ def figure(analyses: Sequence[dict[str, Any]]) -> Any:
             before = a["a0"] if which == "target" else a["source_before"]
             if before is not None:
                 fig.add_vline(x=before, line_dash="dash", line_color="#555", row=i, col=col)
-            span = xs + ([before] if before is not None else [])
-            pad = 0.05 * (max(span) - min(span) or 0.1)  # the dashed line clear of the row labels
-            fig.update_xaxes(range=[min(span) - pad, max(span) + pad], row=i, col=col)
+            fig.update_xaxes(range=_padded(xs + ([before] if before is not None else [])), row=i, col=col)
         gl = [lab for lab in labels if "target_gain" in rows[lab]]
         g = [rows[lab]["target_gain"] for lab in gl]
         colors = [{"above": "#2ca02c", "below": "#d62728"}.get(rows[lab]["target_verdict"], "#1f77b4") for lab in gl]
@@ -601,10 +599,18 @@ def figure(analyses: Sequence[dict[str, Any]]) -> Any:
                                           "arrayminus": [x["gain"] - x["lo"] for x in g]},
                                  name="gain, 95 % paired bootstrap", showlegend=(i == 1)), row=i, col=3)
         fig.add_vline(x=0, line_color="#555", row=i, col=3)
+        fig.update_xaxes(range=_padded([x["lo"] for x in g] + [x["hi"] for x in g] + [0.0]), row=i, col=3)
     fig.update_layout(title=f"Does a faithful circuit transfer better than layer-matched random heads? "
                             f"({first['target']})", height=330 * len(analyses) + 80, width=1300,
                       template="plotly_white", legend={"orientation": "h", "y": -0.08}, margin={"l": 220, "t": 110})
     return fig
+
+
+def _padded(span: Sequence[float]) -> list[float]:
+    """An axis range 5 % wider than ``span`` on each side: the dashed lines and the zero line clear of
+    the axis edges (autorange put a zero line that the intervals did not cross on the edge)."""
+    pad = 0.05 * (max(span) - min(span) or 0.1)
+    return [min(span) - pad, max(span) + pad]
 
 
 def study_report(budgets: dict[str, str | Path], out: str | Path, *, target: str | None = None,
