@@ -384,9 +384,8 @@ def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
     assert (tmp_path / "report" / "premise.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "report" / "premise.json").read_text())["analyses"][0]["rows"]
     shifted = copy.deepcopy(report["analyses"])  # every interval below 0: the zero line must stay inside the axis
-    for row in shifted[0]["rows"]:
-        for g in [row[k] for k in ("target_gain",) if k in row]:
-            g.update(gain=g["gain"] - 1, lo=g["lo"] - 1, hi=g["hi"] - 1)
+    for g in [row["target_gain"] for row in shifted[0]["rows"] if "target_gain" in row]:
+        g.update(gain=g["gain"] - 1, lo=g["lo"] - 1, hi=g["hi"] - 1)
     lo, hi = figure(shifted).layout.xaxis3.range
     assert lo < min(r["target_gain"]["lo"] for r in shifted[0]["rows"] if "target_gain" in r) and hi > 0
     lo, hi = figure(shifted).layout.xaxis.range  # target accuracy: A0 and every seed inside
