@@ -76,9 +76,13 @@ BENCHMARK_STORES = ("benchmarks/premise/results/",)
 STORE_LIMIT = 4 << 20  # bytes, each store
 
 
-def _tracked(under: str) -> list[str]:
+def _needs_git() -> None:
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
+
+
+def _tracked(under: str) -> list[str]:
+    _needs_git()
     listed = subprocess.run(["git", "ls-files", "-z", under], cwd=ROOT, capture_output=True, check=False)
     if listed.returncode != 0:
         pytest.skip("git ls-files failed: not a git checkout")
@@ -102,8 +106,7 @@ def test_benchmarks_keep_only_code_tables_and_cited_figures():
 def test_benchmark_stores_are_not_ignored():
     """`run.sh save` copies cells to <store>/<budget>/<source>/runs/<target>/<variant>/seed<k>.json; a
     global `runs/` ignore rule once hid them, so a fresh machine restored the sweeps but not the grid."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout")
+    _needs_git()
     for store in BENCHMARK_STORES:
         for name in ("acehnese_b30/patching/runs/acehnese/circuit/seed0.json",
                      "acehnese_b30/patching/runs/acehnese/circuit/seed0.json.key", "circuits/circuit_patching.json",
