@@ -60,13 +60,13 @@ def _slice_axis(mask: torch.Tensor) -> tuple[int, torch.Tensor] | None:
     return None
 
 
-def adapter_tensors(model: Any, what: HeadMask | SparseSpec, kv: str = "never"
+def adapter_tensors(model: Any, what: HeadMask | SparseSpec, kv: str = "never", norms: bool = True
                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """The trained values of ``model`` under ``what`` (safetensors dict) and each tensor's layout."""
     from ctsft_lens.train.masking import trainable_specs
 
     tensors, layout = {}, {}
-    for s in trainable_specs(model, what, kv)[0]:
+    for s in trainable_specs(model, what, kv, norms)[0]:
         value = s.param.detach()
         entry: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
         if s.mask is None:
@@ -87,7 +87,7 @@ def adapter_tensors(model: Any, what: HeadMask | SparseSpec, kv: str = "never"
 
 
 def save_adapter(model: Any, what: HeadMask | SparseSpec, out_dir: str | Path, *, base: dict[str, Any],
-                 kv: str = "never", train_config: dict[str, Any] | None = None) -> Path:
+                 kv: str = "never", train_config: dict[str, Any] | None = None, norms: bool = True) -> Path:
     """Save the slices ``what`` trained in ``model`` as an adapter folder; returns it.
 
     ``base`` is ``models.model_info(base_model)`` taken **before** training (it must carry
@@ -104,7 +104,7 @@ def save_adapter(model: Any, what: HeadMask | SparseSpec, out_dir: str | Path, *
     if not base.get("weights_sha256"):
         raise MaskError("save_adapter needs the base model's fingerprint: base=model_info(model) before training")
     what.check(model)
-    tensors, layout = adapter_tensors(model, what, kv)
+    tensors, layout = adapter_tensors(model, what, kv, norms)
     head_mask = what.like if isinstance(what, SparseSpec) else what
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def save_adapter(model: Any, what: HeadMask | SparseSpec, out_dir: str | Path, *
         "format": ADAPTER_FORMAT, "format_version": ADAPTER_FORMAT_VERSION,
         "peft_type": PEFT_TYPE, "task_type": "CAUSAL_LM", "inference_mode": True,
         "base_model_name_or_path": base.get("name"), "base_model": jsonable(base),
-        "variant": what.kind, "kv": kv,
+        "variant": what.kind, "kv": kv, "train_norms": norms,
         "sparse_seed": what.seed if isinstance(what, SparseSpec) else None,
         "head_mask": mask_to_dict(head_mask),
         "target_modules": sorted(layout), "tensors": layout,

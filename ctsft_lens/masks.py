@@ -134,6 +134,47 @@ def layer_matched_mask(circuit: Circuit, seed: int = 0, depth: int | None = None
     """
     if depth is not None:
         circuit = circuit.up_to_depth(depth)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def draw(pool: list[Head], k: int) -> list[Head]:
+        return [pool[i] for i in torch.randperm(len(pool), generator=gen)[:k].tolist()]
+
+    picked, want, spilled = _per_layer(circuit, draw)
+    meta = {"seed": int(seed), "control_of": _circuit_meta(circuit),
+            "selection": "per layer of the circuit, as many heads of that layer, at random outside the circuit "
+                         "(a layer short of heads: the rest from the nearest layers)",
+            "per_layer": {str(layer): k for layer, k in sorted(want.items())}, "spilled": spilled}
+    return HeadMask(tuple(picked), _shape_of(circuit), "random-layers", meta)
+
+
+def nearzero_layers_mask(circuit: Circuit, depth: int | None = None) -> HeadMask:
+    """Control: the **layer-matched anti-circuit**. For every layer of the circuit, as many heads
+    of that layer as the circuit has there, those with the lowest |depth-0 relevance| among the
+    layer's heads outside the circuit (ties by head index); a short layer takes the rest from the
+    nearest layers, as :func:`layer_matched_mask` does. Of a ``patching`` circuit: the heads of the
+    oracle's own layers whose exact effect is closest to 0, so it differs from the circuit only in
+    how much its heads matter, not in where they sit."""
+    if depth is not None:
+        circuit = circuit.up_to_depth(depth)
+    table = circuit.scores[0].abs()
+
+    def lowest(pool: list[Head], k: int) -> list[Head]:
+        return sorted(pool, key=lambda h: (float(table[h]), h))[:k]
+
+    picked, want, spilled = _per_layer(circuit, lowest)
+    meta = {"control_of": _circuit_meta(circuit),
+            "selection": "per layer of the circuit, as many heads of that layer with the lowest |relevance| at "
+                         "depth 0, outside the circuit (a layer short of heads: the rest from the nearest layers)",
+            "per_layer": {str(layer): k for layer, k in sorted(want.items())}, "spilled": spilled}
+    return HeadMask(tuple(sorted(picked)), _shape_of(circuit), "nearzero-layers", meta)
+
+
+def _per_layer(circuit: Circuit, choose: Callable[[list[Head], int], list[Head]]
+               ) -> tuple[set[Head], dict[int, int], dict[str, list[str]]]:
+    """The layer-matched controls' shared walk: per layer of the circuit (ascending), ``choose(pool,
+    k)`` among the layer's heads outside the circuit; a layer's shortfall from the nearest layers
+    (distance 1, then 2, ...; both sides pooled). Returns the heads, the per-layer counts and the
+    spill record (layer -> head names taken elsewhere)."""
     model = _shape_of(circuit)
     n_layers, n_heads = int(model["n_layers"]), int(model["n_heads"])
     inside = set(circuit.heads)
@@ -143,16 +184,11 @@ def layer_matched_mask(circuit: Circuit, seed: int = 0, depth: int | None = None
     if len(inside) > n_layers * n_heads - len(inside):
         raise MaskError(f"a layer-matched control needs {len(inside)} heads outside the circuit; only "
                         f"{n_layers * n_heads - len(inside)} exist")
-    gen = torch.Generator().manual_seed(int(seed))
-
-    def draw(pool: list[Head], k: int) -> list[Head]:
-        return [pool[i] for i in torch.randperm(len(pool), generator=gen)[:k].tolist()]
-
     picked: set[Head] = set()
     short: dict[int, int] = {}
     for layer in sorted(want):
         pool = [(layer, h) for h in range(n_heads) if (layer, h) not in inside]
-        picked.update(draw(pool, want[layer]))
+        picked.update(choose(pool, want[layer]))
         if want[layer] > len(pool):
             short[layer] = want[layer] - len(pool)
     spilled: dict[str, list[str]] = {}
@@ -163,16 +199,12 @@ def layer_matched_mask(circuit: Circuit, seed: int = 0, depth: int | None = None
             if not near and distance > n_layers:
                 raise MaskError("no head left outside the circuit for a layer-matched control")  # unreachable
             pool = [(l, h) for l in near for h in range(n_heads) if (l, h) not in inside and (l, h) not in picked]
-            got = draw(pool, need)
+            got = choose(pool, need)
             picked.update(got)
             spilled.setdefault(str(layer), []).extend(head_name(h) for h in sorted(got))
             need -= len(got)
             distance += 1
-    meta = {"seed": int(seed), "control_of": _circuit_meta(circuit),
-            "selection": "per layer of the circuit, as many heads of that layer, at random outside the circuit "
-                         "(a layer short of heads: the rest from the nearest layers)",
-            "per_layer": {str(layer): k for layer, k in sorted(want.items())}, "spilled": spilled}
-    return HeadMask(tuple(picked), model, "random-layers", meta)
+    return picked, want, spilled
 
 
 def all_mask(model: dict[str, Any]) -> HeadMask:
@@ -330,6 +362,9 @@ VARIANTS: dict[str, Variant] = {
                        "the circuit's heads (+ norms)"),
     "nearzero": Variant(True, lambda model, circuit, seed, depth: nearzero_mask(circuit, depth),
                         "as many heads with the lowest |relevance| (+ norms)"),
+    "nearzero-layers": Variant(True, lambda model, circuit, seed, depth: nearzero_layers_mask(circuit, depth),
+                               "per layer of the circuit, as many of that layer's heads with the lowest "
+                               "|relevance| (the layer-matched anti-circuit; + norms)"),
     "random": Variant(True, lambda model, circuit, seed, depth: random_mask(
         model, len(circuit_mask(circuit, depth).heads), seed=seed, like=circuit),
         "as many heads drawn at random per seed (+ norms)"),

@@ -135,6 +135,31 @@ def test_norm_only_trains_norms_alone(examples):
         assert torch.equal(p, before[name]) != is_norm, name
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_heads_only_keeps_every_norm_weight_bit_identical(arch, examples):
+    """``train_norms=False`` (issue #37's heads-only control): the selected heads move, no norm does."""
+    model = tiny_model(arch, n_layers=2)
+    before = _snapshot(model)
+    mask = HeadMask(HEADS, model_info(model, checksum=False))
+    cfg = TrainConfig(lr=5e-2, epochs=10, batch_size=6, weight_decay=0.5, warmup_ratio=0.0, max_steps=3,
+                      train_norms=False)
+    result = train(model, examples, None, cfg, mask=mask, progress=False)
+    moved = {n.replace("._original_component", "") for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    norms = [n for n in before if "layernorm" in n or "ln_" in n or n.endswith("norm.weight")]
+    assert norms and all(torch.equal(_param(model, n.replace("._original_component", "")), before[n]) for n in norms)
+    assert moved and all(".attn." in n or "self_attn" in n for n in moved), moved
+    with_norms = trainable_specs(model, mask)[0]
+    assert result.trainable_params == sum(s.n_trainable for s in with_norms if s.mask is not None)
+    with pytest.raises(MaskError, match="nothing would train"):
+        train(model, examples, None, cfg, mask=none_mask(model_info(model, checksum=False)), progress=False)
+
+
+def test_train_norms_enters_the_cache_key_only_when_set():
+    """Cells stored before the field existed keep their keys; a heads-only cell gets its own."""
+    assert "train_norms" not in TrainConfig().key()
+    assert TrainConfig(train_norms=False).key()["train_norms"] is False
+
+
 # --------------------------------------------------------------------------------------------
 # no gradient, no optimizer state outside the mask
 # --------------------------------------------------------------------------------------------

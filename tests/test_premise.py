@@ -18,7 +18,7 @@ from ctsft_lens.errors import ConfigError, CtsftError, MaskError
 from ctsft_lens.experiments import ExperimentConfig
 from ctsft_lens.experiments.premise import (Gain, paired_gain, parse_rates, pick_rate, read_rates, source_configs, verdict,
                                             with_rates)
-from ctsft_lens.masks import VARIANTS, layer_matched_mask, nearzero_mask, variant_mask
+from ctsft_lens.masks import VARIANTS, layer_matched_mask, nearzero_layers_mask, nearzero_mask, variant_mask
 from ctsft_lens.scoring import HEAD_SCORINGS
 
 if sys.version_info >= (3, 11):
@@ -74,6 +74,23 @@ def test_nearzero_of_a_patching_circuit_is_the_anti_circuit():
                    if h not in circuit.heads))
     assert sorted(mask.heads) == sorted(h for _, h in flat[:3])
     assert mask == variant_mask("nearzero", MODEL, circuit)
+
+
+def test_nearzero_layers_is_the_anti_circuit_within_the_circuits_layers():
+    """Issue #37: per layer of the circuit, that layer's heads with the lowest |exact effect|."""
+    table = torch.tensor([[0.9, 0.05, -0.01, 0.3, 0.2, -0.6, 0.02, 0.5]] * 4) * torch.arange(1, 5)[:, None]
+    circuit = _circuit([(1, 0), (1, 5), (3, 7)], scores=table)
+    mask = variant_mask("nearzero-layers", MODEL, circuit)
+    assert mask.kind == "nearzero-layers" and mask == nearzero_layers_mask(circuit)
+    # layer 1: lowest |effect| outside {0, 5} is head 2 (0.02), then 6 (0.04); layer 3: head 2 (0.04)
+    assert sorted(mask.heads) == [(1, 2), (1, 6), (3, 2)]
+    assert mask.meta["per_layer"] == {"1": 2, "3": 1} and mask.meta["spilled"] == {}
+    # the global anti-circuit ignores the layers: it takes layer 0's near-zero heads first
+    assert any(layer == 0 for layer, _ in nearzero_mask(circuit).heads)
+    short = _circuit([(2, h) for h in range(7)], scores=table)  # 7 of 8: 6 from layers 1 and 3
+    spill = nearzero_layers_mask(short)
+    assert len(spill.heads) == 7 and not set(spill.heads) & set(short.heads)
+    assert sorted(spill.meta["spilled"]["2"]) == ["1.1", "1.2", "1.6", "3.1", "3.2", "3.6"]
 
 
 # ------------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
         data["checkpoint"] = str(folder)
         lines.append(f"checkpoint: {folder}")
     if adapter_dir and is_main():
-        folder = save_adapter(model, mask, adapter_dir, base=base_info, kv=config.kv,
+        folder = save_adapter(model, mask, adapter_dir, base=base_info, kv=config.kv, norms=config.train_norms,
                               train_config=dataclasses.asdict(config))
         data["adapter"] = str(folder)
         lines.append(f"adapter: {folder}")

@@ -66,7 +66,9 @@ class StageConfig:
 
     def key(self) -> dict[str, Any]:
         """The settings a run of this stage depends on (``lr_by_variant`` enters through ``for_variant``)."""
-        return {k: v for k, v in asdict(self).items() if k != "lr_by_variant"}
+        out = {k: v for k, v in asdict(self).items() if k != "lr_by_variant"}
+        out["train"] = self.train.key()
+        return out
 
     def for_variant(self, variant: str) -> "StageConfig":
         """The stage one variant trains with: its own learning rate, if ``lr_by_variant`` names it."""

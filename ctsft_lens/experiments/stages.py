@@ -148,7 +148,8 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
         mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=at)
         matched = rank = None
         if _needs_circuit(variant):
-            specs, _ = trainable_specs(model, circuit_mask(circuit, at), config.transfer.train.kv)
+            specs, _ = trainable_specs(model, circuit_mask(circuit, at), config.transfer.train.kv,
+                                       config.transfer.train.train_norms)
             matched = sum(s.n_trainable for s in specs)
         if isinstance(mask, LoraSpec):
             mask, _ = resolve_lora(model, mask, config.transfer.train.kv)

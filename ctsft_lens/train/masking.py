@@ -9,7 +9,8 @@ A head mask selects attention heads. Training then updates, per selected head ``
   GQA one K/V head serves ``n_heads / n_kv_heads`` query heads, so this also changes what the
   group's unselected heads see); with ``kv="never"`` (default) K/V stay frozen;
 
-plus every LayerNorm / RMSNorm weight of the residual stream (and LayerNorm bias). Q/K norms
+plus every LayerNorm / RMSNorm weight of the residual stream (and LayerNorm bias), unless
+``norms=False`` (``TrainConfig.train_norms``: the heads-only control of issue #37). Q/K norms
 (Qwen3, Gemma 3, OLMo-2) belong to the heads: a whole-projection one (OLMo-2) trains the slices of
 the selected heads (its K norm: of the selected groups, with the K rows); a per-head one, shared by
 every head (Qwen3, Gemma 3), stays frozen under a head mask. Everything else (embeddings, MLPs,
@@ -104,17 +105,19 @@ def _slice_mask(shape: torch.Size, axis: int, blocks: Iterable[int], width: int,
     return mask
 
 
-def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVPolicy = "never"
-                    ) -> tuple[list[ParamSpec], int]:
+def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVPolicy = "never",
+                    norms: bool = True) -> tuple[list[ParamSpec], int]:
     """What a variant trains, and the model's parameter count (aliases counted once).
 
-    ``head_mask=None`` is full fine-tuning; a :class:`~ctsft_lens.masks.SparseSpec` is the
-    random-sparse control (:func:`random_sparse_specs`). Weight decay applies to matrices only
-    (not biases or norm weights), the usual AdamW practice.
+    ``head_mask=None`` is full fine-tuning (``norms`` is moot: everything trains); a
+    :class:`~ctsft_lens.masks.SparseSpec` is the random-sparse control (:func:`random_sparse_specs`).
+    ``norms=False`` leaves the residual-stream norm weights frozen under a mask, so that only the
+    heads move. Weight decay applies to matrices only (not biases or norm weights), the usual AdamW
+    practice.
     """
     check("kv policy", kv, KV_POLICIES)
     if isinstance(head_mask, SparseSpec):
-        return random_sparse_specs(model, head_mask, kv)
+        return random_sparse_specs(model, head_mask, kv, norms)
     if head_mask is not None:
         head_mask.check(model)
     cfg = model.cfg
@@ -145,7 +148,7 @@ def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVP
     if head_mask is None:
         return [spec(p, None) for _, p in named.values()], n_all
 
-    specs = [spec(p, None) for _, p in named.values() if id(p) in norm_params]
+    specs = [spec(p, None) for _, p in named.values() if id(p) in norm_params] if norms else []
     by_layer: dict[int, list[int]] = {}
     for layer, head in head_mask.heads:
         by_layer.setdefault(layer, []).append(head)
@@ -169,13 +172,14 @@ def trainable_specs(model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVP
     return specs, n_all
 
 
-def random_sparse_specs(model: Any, spec: SparseSpec, kv: KVPolicy = "never") -> tuple[list[ParamSpec], int]:
-    """The random-sparse control: every norm weight (as the head variants), plus as many elements
+def random_sparse_specs(model: Any, spec: SparseSpec, kv: KVPolicy = "never", norms: bool = True
+                        ) -> tuple[list[ParamSpec], int]:
+    """The random-sparse control: every norm weight (as the head variants; none with ``norms=False``), plus as many elements
     as ``spec.like``'s head slices (weights and biases) drawn uniformly, without replacement, with
     a seeded ``torch.randperm`` from the weights of the projections that policy ``kv`` lets head
     masks train (q and o; also k and v with ``selected-groups``). Not aligned to heads: the total
     trainable-element count equals the head mask's exactly."""
-    head_specs, n_all = trainable_specs(model, spec.like, kv)
+    head_specs, n_all = trainable_specs(model, spec.like, kv, norms)
     n = sum(s.n_trainable for s in head_specs if s.mask is not None)
     specs = [s for s in head_specs if s.mask is None]  # the norm weights
     names = {id(s.param): s.name for s in trainable_specs(model, None)[0]}
@@ -274,9 +278,13 @@ class GradientMask(TrainableSet):
     hooks after training.
     """
 
-    def __init__(self, model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVPolicy = "never") -> None:
+    def __init__(self, model: Any, head_mask: HeadMask | SparseSpec | None, kv: KVPolicy = "never",
+                 norms: bool = True) -> None:
         self.model, self.head_mask, self.kv = model, head_mask, kv
-        self.specs, self.n_all = trainable_specs(model, head_mask, kv)
+        self.specs, self.n_all = trainable_specs(model, head_mask, kv, norms)
+        if not self.specs:
+            raise MaskError("nothing would train: the mask selects no head and the norm weights are frozen "
+                            "(train_norms false); select heads or let the norm weights train")
         self._flags = [(p, p.requires_grad) for p in model.parameters()]
         trainable = {id(s.param) for s in self.specs}
         for p in model.parameters():

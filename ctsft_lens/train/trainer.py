@@ -67,6 +67,18 @@ class TrainConfig:
                                         "with float32 master weights and optimizer state")
     kv: KVPolicy = _opt("never", "K/V policy: 'never' freezes keys/values; 'selected-groups' trains the "
                         "KV group of each selected head")
+    train_norms: bool = _opt(True, "under a head mask, also train every residual-stream norm weight (the toolkit's "
+                             "CT-SFT; false: the heads only, norms frozen, the control of issue #37); full "
+                             "fine-tuning trains them anyway")
+
+    def key(self) -> dict[str, Any]:
+        """The settings a run depends on, for cache keys: a field added after results were stored enters
+        only when set away from its default, so the stored cells stay valid."""
+        out = asdict(self)
+        for name, default in _LATE_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "train") -> "TrainConfig":
@@ -101,6 +113,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+_LATE_FIELDS = {"train_norms": True}
+"""Fields added to :class:`TrainConfig` after cached studies began (see ``TrainConfig.key``)."""
 
 
 @dataclass
@@ -240,7 +256,7 @@ def train(
     best: tuple[float, float, int, dict[str, torch.Tensor]] | None = None
     step = 0
     distributed.broadcast_parameters(model)  # under torchrun: every rank starts from rank 0's weights
-    with apply_head_mask(model, mask, config.kv) as gm, torch.enable_grad():
+    with apply_head_mask(model, mask, config.kv, config.train_norms) as gm, torch.enable_grad():
         opt = gm.optimizer(lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, warmup, total))
         bar = progress_bar(total=total, disable=not progress, desc=f"train {variant}", leave=False)
