@@ -25,6 +25,13 @@ class EvalResult:
     confusion: list[list[int]]
     label_names: tuple[str, ...]
     predictions: list[int] = field(repr=False, default_factory=list)
+    logits: list[list[float]] = field(repr=False, default_factory=list)  # label logits per example, in order
+
+    @property
+    def macro_f1(self) -> float:
+        """Unweighted mean over labels of F1 (from the confusion): on an imbalanced split it reads
+        a collapse onto one class that accuracy hides."""
+        return macro_f1(self.confusion)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,7 +73,8 @@ def evaluate(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
              progress: bool = False) -> EvalResult:
     """Accuracy of the restricted argmax over label tokens, per language, with confusion."""
     _, names = check_examples(examples)
-    preds = predict(model, examples, batch_size=batch_size, progress=progress).argmax(-1).tolist()
+    logits = predict(model, examples, batch_size=batch_size, progress=progress)
+    preds = logits.argmax(-1).tolist()
     confusion = [[0] * len(names) for _ in names]
     hits: dict[str, list[int]] = defaultdict(list)
     for ex, p in zip(examples, preds):
@@ -80,4 +88,18 @@ def evaluate(model: Any, examples: Sequence[Example], *, batch_size: int = 16,
         confusion=confusion,
         label_names=names,
         predictions=preds,
+        logits=[[round(float(x), 4) for x in row] for row in logits.tolist()],
     )
+
+
+def macro_f1(confusion: Sequence[Sequence[int]]) -> float:
+    """Macro-F1 of a confusion matrix ``confusion[gold][predicted]``; a label never predicted nor
+    present counts 0 (sklearn's ``zero_division=0``)."""
+    n = len(confusion)
+    scores = []
+    for k in range(n):
+        tp = confusion[k][k]
+        fp = sum(confusion[g][k] for g in range(n)) - tp
+        fn = sum(confusion[k]) - tp
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / n

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ctsft_lens.circuit import head_name, load_circuit
+from ctsft_lens.evaluate import macro_f1
 from ctsft_lens.experiments.config import ExperimentConfig, _lang
 from ctsft_lens.files import write_json
 
@@ -37,6 +38,33 @@ class RunResult:
     target_correct: list[int] = field(default_factory=list)
     source_correct: list[int] = field(default_factory=list)
     test_ids: dict[str, str] = field(default_factory=dict)  # "target" / "source" -> hash of the test uids scored
+    # per test example too (issue #37): gold and predicted label, and the label logits (4 decimals);
+    # empty in runs cached before they were recorded
+    target_gold: list[int] = field(default_factory=list)
+    target_pred: list[int] = field(default_factory=list)
+    target_logits: list[list[float]] = field(default_factory=list)
+    source_gold: list[int] = field(default_factory=list)
+    source_pred: list[int] = field(default_factory=list)
+    source_logits: list[list[float]] = field(default_factory=list)
+
+    @property
+    def target_macro_f1(self) -> float | None:
+        return _macro_f1(self.target_gold, self.target_pred)
+
+    @property
+    def source_macro_f1(self) -> float | None:
+        return _macro_f1(self.source_gold, self.source_pred)
+
+
+def _macro_f1(gold: list[int], pred: list[int]) -> float | None:
+    """Macro-F1 from per-example labels (None for a run stored before they were recorded)."""
+    if not gold:
+        return None
+    n = max(max(gold), max(pred)) + 1
+    confusion = [[0] * n for _ in range(n)]
+    for g, p in zip(gold, pred):
+        confusion[g][p] += 1
+    return macro_f1(confusion)
 
 
 @dataclass

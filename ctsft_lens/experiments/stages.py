@@ -168,7 +168,10 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
                            len(train_ex), len(dev_ex), matched_params=matched, lora_rank=rank, retention=kept,
                            target_correct=_correct(target_test, target.predictions),
                            source_correct=_correct(source_test, source.predictions),
-                           test_ids={"target": examples_id(target_test), "source": examples_id(source_test)})
+                           test_ids={"target": examples_id(target_test), "source": examples_id(source_test)},
+                           target_gold=[ex.label for ex in target_test], target_pred=target.predictions,
+                           target_logits=target.logits, source_gold=[ex.label for ex in source_test],
+                           source_pred=source.predictions, source_logits=source.logits)
         return {"result": asdict(result)}
 
     path = out / "runs" / task.language / label / f"seed{seed}.json"
