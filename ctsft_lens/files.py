@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -131,9 +131,18 @@ def model_digest(folder: str | os.PathLike) -> str:
     return stage_key(parts)
 
 
-def writable_folder(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Check, before any heavy work, that ``path`` is (or can be made) a writable folder; create nothing."""
+def writable_folder(path: str | os.PathLike, what: str = "--out", *,
+                    reads: Sequence[tuple[str, str | os.PathLike | None]] = (),
+                    model_at: str | os.PathLike | None = None) -> Path:
+    """Check, before any heavy work, that ``path`` is (or can be made) a writable folder; create nothing.
+
+    ``reads``: the folders the command reads, as ``(flag, path)`` (``("--model", args.model)``; a
+    name that is not a local folder, such as a hub name or ``tiny``, is skipped). The output must
+    not be one of them or lie inside one (no command writes into a model folder it reads), and
+    ``model_at``, where the command saves a model (``OUT/model``), must neither be one of them nor
+    contain or lie inside one: saving replaces that folder whole, so one typo would lose the input."""
     path = Path(path).expanduser()
+    check_not_over(path, what, reads, model_at)
     probe = path
     while not probe.exists():
         if probe.parent == probe:
@@ -151,6 +160,24 @@ def writable_folder(path: str | os.PathLike, what: str = "--out") -> Path:
         raise CtsftError(f"{what} {path} is not a writable folder (cannot create a folder in {probe}: "
                          f"{err.strerror or err}); choose another") from None
     return path
+
+
+def check_not_over(out: Path, what: str, reads: Sequence[tuple[str, str | os.PathLike | None]],
+                   model_at: str | os.PathLike | None = None) -> None:
+    """Refuse an output that would write into, or save a model over, a folder the command reads
+    (:func:`writable_folder`); one line naming both and the fix."""
+    o = out.expanduser().resolve()
+    m = Path(model_at).expanduser().resolve() if model_at is not None else None
+    for flag, src in reads:
+        if src is None or not Path(src).expanduser().is_dir():
+            continue
+        r = Path(src).expanduser().resolve()
+        if o == r or r in o.parents:
+            raise CtsftError(f"{what} {out} is {'the' if o == r else 'inside the'} folder it reads ({flag} {src}): "
+                             f"a run never writes into its input; choose an {what} outside it (e.g. runs/NAME)")
+        if m is not None and (m == r or r in m.parents or m in r.parents):
+            raise CtsftError(f"{what} {out} would save its model to {model_at}, over the folder it reads "
+                             f"({flag} {src}); choose another {what} (e.g. runs/NAME)")
 
 
 def stage_key(*parts: Any) -> str:

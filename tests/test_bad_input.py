@@ -320,3 +320,67 @@ def test_the_docs_pass_only_flags_the_commands_have(capsys):
     rc, err = _run(["competence", "--model", "tiny", "--save-model", "--out", "x"], capsys)
     assert rc == 2 and "ctsft competence" in err and "--save-model" in err and "OUT/model" in err, err
     _one_line(err)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 40: an output never writes into, or saves a model over, the model folder it reads.
+# --------------------------------------------------------------------------------------------
+def _model_folder(tmp_path) -> tuple[Path, dict[str, bytes]]:
+    """A stand-in model folder (the check runs before any load, so its bytes only need to exist)."""
+    model = tmp_path / "P" / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights that must survive")
+    (model / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    return model, {p.name: p.read_bytes() for p in model.iterdir()}
+
+
+@pytest.mark.parametrize("argv, out", [
+    (["competence", "--n-examples", "3", "--epochs", "1"], "P"),          # P/model: the checkpoint over its input
+    (["competence", "--n-examples", "3", "--epochs", "1"], "P/model"),
+    (["competence", "--n-examples", "3", "--epochs", "1"], "."),          # OUT/model contains the input
+    (["train", "--variant", "full", "--save-model", "--n-examples", "3"], "P/model"),
+    (["train", "--variant", "full", "--save-model", "--n-examples", "3"], "P"),
+    (["train", "--variant", "full", "--n-examples", "3"], "P/model/run"),  # results inside the model folder
+    (["eval"], "P/model"),
+    (["discover"], "P/model/circuit.json"),
+    (["faithfulness", "--circuit", str(FIXTURES / "v0.1_circuit.json")], "P/model"),
+    (["report", "--circuit", str(FIXTURES / "v0.1_circuit.json")], "P/model/report.html"),
+    (["compare", "--method", "projection"], "P/model/cmp"),
+    (["apply-adapter", "--adapter", "ad"], "P/model"),
+])
+def test_an_out_over_the_model_folder_it_reads_is_refused_before_any_work(argv, out, tmp_path, capsys, monkeypatch):
+    import ctsft_lens.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    model, before = _model_folder(tmp_path)
+    monkeypatch.chdir(tmp_path / "P" if out == "." else tmp_path)
+    listing = sorted(p.name for p in model.rglob("*"))
+    (tmp_path / "ad").mkdir()
+    rc, err = _run([argv[0], "--model", str(model), *argv[1:], "--out", out], capsys)
+    assert rc == 2 and str(model) in err and "choose" in err, err
+    _one_line(err)
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before  # byte-identical
+    assert sorted(p.name for p in model.rglob("*")) == listing  # nothing written into it
+
+
+def test_save_adapter_into_the_model_folder_is_refused(tmp_path, capsys):
+    model, before = _model_folder(tmp_path)
+    rc, err = _run(["train", "--model", str(model), "--variant", "norm-only", "--n-examples", "3",
+                    "--save-adapter", str(model / "adapter"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "--save-adapter" in err and str(model) in err, err
+    assert not (model / "adapter").exists() and not (tmp_path / "o").exists()
+
+
+def test_an_experiment_out_over_its_competence_model_is_refused(tmp_path):
+    """Through the Python API too: ``experiment.out`` inside the checkpoint it reads."""
+    from ctsft_lens.errors import CtsftError
+    from ctsft_lens.experiments import ExperimentConfig
+    from ctsft_lens.experiments.runner import run_experiment
+
+    model, before = _model_folder(tmp_path)
+    config = ExperimentConfig(competence_model=str(model), out=str(model / "exp"), targets=("javanese",),
+                              variants=("full",))
+    with pytest.raises(CtsftError, match="experiment.out .* is inside the folder it reads"):
+        run_experiment(config, progress=False)
+    assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
+    assert not (model / "exp").exists()

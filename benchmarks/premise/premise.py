@@ -32,7 +32,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="step", required=True)
     s = sub.add_parser("sweep", help="learning-rate sweep of one variant on the target's dev split")
     s.add_argument("--config", required=True)
-    s.add_argument("--variant", required=True, help="circuit (the head variants' shared rate) or full")
+    s.add_argument("--variant", required=True, help="circuit (the head variants' shared rate), norm-only or full")
     s.add_argument("--lrs", required=True, help="comma-separated peak learning rates")
     s.add_argument("--n-dev", type=int, default=72, help="label-balanced target dev examples; default: %(default)s")
     s.add_argument("--seeds", default="0", help="comma-separated training seeds (the grid's samples); default: %(default)s")
@@ -70,8 +70,9 @@ def main() -> None:
         if args.png and importlib.util.find_spec("kaleido") is None:
             raise SystemExit("error: --png needs kaleido (pip install 'ctsft_lens[png]')")
         config = ExperimentConfig.from_toml(args.config)
+        head = "circuit" if "circuit" in config.variants else next(v for v in config.variants if v != "full")
         rates = (parse_rates(args.rates) if args.rates else
-                 read_rates(Path(config.out) / "sweep", full="full" if "full" in config.variants else None))
+                 read_rates(Path(config.out) / "sweep", head=head, full="full" if "full" in config.variants else None))
         print(f"rates {'given (--rates)' if args.rates else 'from the target-dev sweep'}: " + ", ".join(f"{k} {v:g}" for k, v in rates.items()))
         results = run_study(config, args.sources.split(","), rates=rates, progress=not args.no_progress, png=args.png)
         for name, result in results.items():

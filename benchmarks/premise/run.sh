@@ -11,6 +11,10 @@
 #   sweep_b90 grid_b90 report                                        budget B: 90 Acehnese examples x 3 epochs
 #   rate_check_b90           POST-HOC, not in the default list: the oracle circuit and random heads of budget B at the
 #                            head sweep's runner-up rate 1e-3 (acehnese_b90_lr1e-3.toml), report in runs/premise/report_rate_check
+#   sweep_b90_heads sweep_b90_norms grid_b90_heads grid_b90_norms
+#                            issue #37, on request: the heads-only arms (acehnese_b90_heads.toml: train_norms = false;
+#                            circuit, random-layers, nearzero-layers) and the norm-only arm (acehnese_b90_norms.toml),
+#                            each with its own target-dev sweep (LRS: its rates, default HEAD_LRS); 5 seeds
 #   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
 #                            results folder, to commit: a fresh machine resumes from it
 # Every stage resumes: a circuit file that exists is kept, sweep points and transfer cells are cached by
@@ -65,6 +69,16 @@ for s in $STAGES; do
         compgen -G "$OUT/acehnese_$b/*/runs/*/*/seed*.json" > /dev/null && budgets+=(--budget "$OUT/acehnese_$b")
       done
       stage report python "$HERE/premise.py" report "${budgets[@]}" --out "$OUT/report" --png ;;
+    sweep_b90_heads|sweep_b90_norms)  # issue #37: the heads-only and norm-only arms' own target-dev sweeps
+      cfg="$HERE/acehnese_${s#sweep_}.toml"; v=circuit; [ "$s" = sweep_b90_norms ] && v=norm-only
+      stage "$s" python "$HERE/premise.py" sweep --config "$cfg" --variant "$v" --lrs "${LRS:-$HEAD_LRS}" --no-progress ;;
+    grid_b90_heads|grid_b90_norms)  # issue #37: heads only (circuit, random-layers, nearzero-layers), norm-only; 5 seeds
+      name=acehnese_${s#grid_}
+      for f in a0.json a0.json.key; do  # A0 does not depend on the arms: share budget B's (its key is checked)
+        [ -f "$OUT/acehnese_b90/patching/$f" ] && [ ! -e "$OUT/$name/patching/$f" ] && mkdir -p "$OUT/$name/patching" \
+          && cp "$OUT/acehnese_b90/patching/$f" "$OUT/$name/patching/$f"
+      done
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/$name.toml" --sources patching --no-progress ;;
     rate_check_b90)  # does the b90 verdict hang on the head sweep's pick (3e-3 over 1e-3 by two dev examples)?
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_lr1e-3.toml" --sources patching \
         --rates head=1e-3 --no-progress

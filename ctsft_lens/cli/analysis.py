@@ -56,7 +56,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
     if args.n_examples < 1 or args.seeds < 0 or args.points < 2:
         raise CLIError("--n-examples must be >= 1, --seeds >= 0 and --points >= 2")
 
-    writable_folder(args.out)
+    writable_folder(args.out, reads=[("--model", args.model)])
     if len(set(map(str, map(Path, args.circuit)))) < len(args.circuit):
         raise CLIError("the same --circuit file is given twice")
     circuits, files = {}, {}
@@ -124,7 +124,7 @@ def _add_report(sub: Any) -> None:
 def _cmd_report(args: argparse.Namespace) -> None:
     if args.n_examples < 1 or args.seeds < 0 or args.batch_size < 1:
         raise CLIError("--n-examples and --batch-size must be >= 1, --seeds >= 0")
-    writable_folder(Path(args.out).parent)
+    writable_folder(Path(args.out).parent, reads=[("--model", args.model)])
     circuit = load_circuit(args.circuit)
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, args.split, seed=args.seed)
@@ -192,7 +192,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     task = load_task(args.task, args.lang, args.data_dir)
     discovery = task.sample(args.n_discovery, "train", seed=args.seed)
     evaluation = task.sample(args.n_eval, args.split, seed=args.seed)
-    writable_folder(args.out)
+    writable_folder(args.out, reads=[("--model", args.model)])
     model = _load(args)
     n_total = int(model.cfg.n_layers) * int(model.cfg.n_heads)
     result = compare_methods(model, discovery, evaluation, args.method, _discovery_config(args, "compare"), sizes=size_grid(n_total, args.points, args.max_size),

@@ -47,7 +47,7 @@ def _cmd_discover(args: argparse.Namespace) -> None:
         raise CLIError(f"--out {out} is a file, but {len(scorings)} scorings write a circuit each: give a folder")
     paths = ({scorings[0]: out if out.suffix == ".json" else out / "circuit.json"} if len(scorings) == 1
              else {name: out / f"circuit_{name}.json" for name in scorings})
-    writable_folder(out if len(scorings) > 1 else paths[scorings[0]].parent)
+    writable_folder(out if len(scorings) > 1 else paths[scorings[0]].parent, reads=[("--model", args.model)])
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, "train", seed=args.seed)
     model = _load(args)

@@ -26,7 +26,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     # replacing ``ctsft_lens.evaluate.evaluate`` (tests/test_bad_input.py) is the one way to watch it.
     from ctsft_lens.evaluate import evaluate
 
-    writable_folder(args.out)
+    writable_folder(args.out, reads=[("--model", args.model)])
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.examples(args.split, args.limit)
     model = _load(args)

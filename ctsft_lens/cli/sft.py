@@ -80,7 +80,10 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     """Sample data, fine-tune with the experiments' fine-tuning step (:func:`~ctsft_lens.experiments.stages.fine_tune`:
     the best dev epoch restored), score the test split, write results."""
     config = _train_config(args)
-    writable_folder(args.out)
+    reads = [("--model", args.model)]
+    writable_folder(args.out, reads=reads, model_at=Path(args.out) / "model" if save else None)
+    if getattr(args, "save_adapter", None):
+        writable_folder(args.save_adapter, "--save-adapter", reads=reads)
     circuit = load_circuit(args.circuit) if getattr(args, "circuit", None) else None
     if circuit is not None:
         try:
@@ -130,7 +133,7 @@ def _add_apply_adapter(sub: Any) -> None:
 
 
 def _cmd_apply_adapter(args: argparse.Namespace) -> None:
-    writable_folder(args.out)
+    writable_folder(args.out, reads=[("--model", args.model), ("--adapter", args.adapter)], model_at=args.out)
     model = load_model(args.model)
     adapter = apply_adapter(model, args.adapter)
     folder = save_model(model, args.out)

@@ -279,7 +279,9 @@ def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path, *, p
     """Every check that needs data but no training, before the first stage: the output folder is
     writable, every sample can be drawn, and every prompt a stage reads fits the model's context
     (after truncation to ``max_tokens``, whose counts go to ``truncation.json``)."""
-    writable_folder(out, "experiment.out")
+    writable_folder(out, "experiment.out", reads=[("experiment.model", config.model),
+                                                  ("experiment.competence_model", config.competence_model)],
+                    model_at=None if config.competence_model else (config.competence_dir or out / "competence"))
     used = used_examples(config, task_of)
 
     comp = out / "competence"  # a cached competence model has the same tokenizer and context
