@@ -137,28 +137,73 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
     }
 
 
+CIRCUIT_KEYS = ("format", "format_version", "scoring", "ratio", "depth", "model", "options", "heads_by_depth",
+                "scores", "edges", "unstable")
+"""The keys :func:`circuit_to_dict` writes; any other is reported (a typo of one of these?)."""
+MAX_FILE_MIB = 64
+"""A circuit or mask file larger than this is refused before parsing: a 80-layer x 64-head model's
+circuit with ten depths of score tables is about 1 MiB."""
+
+
 def circuit_from_dict(data: dict[str, Any]) -> Circuit:
-    """Inverse of :func:`circuit_to_dict`; a clear error for a file of another kind or version."""
+    """Inverse of :func:`circuit_to_dict`; a clear error for a file of another kind or version, a
+    head listed twice, or score tables that do not match the model's shape; unknown keys warn."""
     if not isinstance(data, dict) or data.get("format") != CIRCUIT_FORMAT:
         raise MaskError(f"not a circuit file (expected \"format\": \"{CIRCUIT_FORMAT}\")")
     if data.get("format_version") != FORMAT_VERSION:
         raise MaskError(f"circuit file format_version {data.get('format_version')} is not supported "
                         f"(this ctsft_lens reads version {FORMAT_VERSION})")
+    unknown = sorted(set(data) - set(CIRCUIT_KEYS))
+    if unknown:
+        import warnings
+
+        warnings.warn(f"circuit file: unknown key(s) {unknown[:5]} ignored (known: {', '.join(CIRCUIT_KEYS)})",
+                      stacklevel=2)
     try:
-        return Circuit(
-            heads_by_depth=tuple(tuple(parse_head(h) for h in depth) for depth in data["heads_by_depth"]),
-            scores=tuple(table_from_json(t) for t in data["scores"]),
-            edges=tuple(Edge(parse_head(e["source"]),
-                             None if e["target"] is None else parse_head(e["target"]),
-                             int(e["depth"]), float(e["score"])) for e in data["edges"]),
-            scoring=str(data["scoring"]),
-            ratio=float(data["ratio"]),
-            model=dict(data.get("model") or {}),
-            options=dict(data.get("options") or {}),
-            unstable=tuple(parse_head(h) for h in data.get("unstable") or ()),  # absent in older files
-        )
+        circuit = _circuit(data)
     except KeyError as err:
         raise MaskError(f"circuit file lacks the field {err}") from None
+    except (TypeError, ValueError) as err:
+        raise MaskError(f"circuit file has a malformed field ({err}): write it with ctsft discover") from None
+    _check_circuit_file(circuit)
+    return circuit
+
+
+def _check_circuit_file(circuit: Circuit) -> None:
+    """Every head once; score tables of one shape, the recorded model's ``[n_layers, n_heads]``."""
+    seen: dict[Head, int] = {}
+    for depth, heads in enumerate(circuit.heads_by_depth):
+        for h in heads:
+            if h in seen:
+                where = f"depth {seen[h]}" + ("" if seen[h] == depth else f" and depth {depth}")
+                raise MaskError(f"circuit file lists head {head_name(h)} twice ({where}): a circuit names each head "
+                                "once; remove the repeat or correct the typo")
+            seen[h] = depth
+    if not circuit.scores or len(circuit.scores) != len(circuit.heads_by_depth):
+        raise MaskError(f"circuit file has {len(circuit.scores)} score table(s) for {len(circuit.heads_by_depth)} "
+                        "depth(s): one table per depth")
+    n_layers, n_heads = circuit.model.get("n_layers"), circuit.model.get("n_heads")
+    want = (n_layers, n_heads) if isinstance(n_layers, int) and isinstance(n_heads, int) else tuple(circuit.scores[0].shape)
+    for depth, table in enumerate(circuit.scores):
+        if table.ndim != 2 or tuple(table.shape) != want:
+            raise MaskError(f"circuit file's score table at depth {depth} is {' x '.join(map(str, table.shape))}, "
+                            f"the model is {want[0]} layers x {want[1]} heads: write it with ctsft discover")
+
+
+def _circuit(data: dict[str, Any]) -> Circuit:
+    """The fields of a circuit file, parsed (a missing one: ``KeyError``; a malformed one: ``TypeError``/``ValueError``)."""
+    return Circuit(
+        heads_by_depth=tuple(tuple(parse_head(h) for h in depth) for depth in data["heads_by_depth"]),
+        scores=tuple(table_from_json(t) for t in data["scores"]),
+        edges=tuple(Edge(parse_head(e["source"]),
+                         None if e["target"] is None else parse_head(e["target"]),
+                         int(e["depth"]), float(e["score"])) for e in data["edges"]),
+        scoring=str(data["scoring"]),
+        ratio=float(data["ratio"]),
+        model=dict(data.get("model") or {}),
+        options=dict(data.get("options") or {}),
+        unstable=tuple(parse_head(h) for h in data.get("unstable") or ()),  # absent in older files
+    )
 
 
 def save_circuit(circuit: Circuit, path: str | Path) -> Path:
@@ -167,6 +212,10 @@ def save_circuit(circuit: Circuit, path: str | Path) -> Path:
 
 
 def load_circuit(path: str | Path) -> Circuit:
-    """Read a circuit written by :func:`save_circuit`."""
-    return circuit_from_dict(read_json(path, "circuit", MaskError))
+    """Read a circuit written by :func:`save_circuit`; a bad file is one error naming it."""
+    data = read_json(path, "circuit", MaskError, max_mib=MAX_FILE_MIB)
+    try:
+        return circuit_from_dict(data)
+    except MaskError as err:
+        raise MaskError(f"{path}: {err}") from None
 

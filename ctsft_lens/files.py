@@ -47,15 +47,25 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Pa
     return atomic_write_text(path, json.dumps(jsonable(data), indent=indent, allow_nan=False) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "JSON", error: type[Exception] = CtsftError) -> Any:
-    """Parse a JSON file; ``error`` names the file for a missing or malformed one."""
+def read_json(path: str | os.PathLike, what: str = "JSON", error: type[Exception] = CtsftError, *,
+              max_mib: float | None = None) -> Any:
+    """Parse a JSON file; ``error`` names the file for a missing, malformed, too large (``max_mib``,
+    checked before reading) or too deeply nested one (Python's parser recurses per level)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} file {path} does not exist")
+    size = path.stat().st_size
+    if max_mib is not None and size > max_mib * 2**20:
+        raise error(f"{what} file {path} is {size / 2**20:.1f} MiB, too large to be a {what} file (at most "
+                    f"{max_mib:g} MiB): is it the right file?")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{what} file {path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise error(f"{what} file {path} is nested too deeply to be a {what} file: is it the right file?") from None
+    except MemoryError:
+        raise error(f"{what} file {path} does not fit in memory: is it the right file?") from None
 
 
 def atomic_dir(path: str | os.PathLike, fill: Callable[[Path], Any]) -> Path:

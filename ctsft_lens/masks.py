@@ -14,7 +14,7 @@ from typing import Any, Callable, Union
 
 import torch
 
-from ctsft_lens.circuit import Circuit, Head, head_name, parse_head, rank_heads, table_to_json
+from ctsft_lens.circuit import MAX_FILE_MIB, Circuit, Head, head_name, parse_head, rank_heads, table_to_json
 from ctsft_lens.errors import MaskError
 from ctsft_lens.files import jsonable, read_json, write_json
 
@@ -225,6 +225,10 @@ def mask_to_dict(mask: HeadMask) -> dict[str, Any]:
             "meta": jsonable(mask.meta)}
 
 
+MASK_KEYS = ("format", "format_version", "kind", "heads", "model", "meta")
+"""The keys :func:`mask_to_dict` writes; any other is reported."""
+
+
 def mask_from_dict(data: Any) -> HeadMask:
     """Read a mask object, or a hand-written list of ``"layer.head"`` strings."""
     if isinstance(data, list):
@@ -245,7 +249,18 @@ def mask_from_dict(data: Any) -> HeadMask:
     for key in ("n_layers", "n_heads", "n_kv_heads", "d_model"):
         if key in model and not (isinstance(model[key], int) and not isinstance(model[key], bool)):
             raise MaskError(f'"model.{key}" must be an integer, got {model[key]!r}')
-    return HeadMask(tuple(parse_head(h) for h in data["heads"]), dict(data.get("model") or {}),
+    unknown = sorted(set(data) - set(MASK_KEYS))
+    if unknown:
+        import warnings
+
+        warnings.warn(f"head mask file: unknown key(s) {unknown[:5]} ignored (known: {', '.join(MASK_KEYS)})",
+                      stacklevel=2)
+    heads = [parse_head(h) for h in data["heads"]]
+    twice = sorted({head_name(h) for h in heads if heads.count(h) > 1})
+    if twice:  # as circuit files: a repeat is often a typo for another head, so it is refused, not merged
+        raise MaskError(f"head mask lists head(s) {twice[:5]} twice: a mask names each head once; remove the repeat "
+                        "or correct the typo")
+    return HeadMask(tuple(heads), dict(data.get("model") or {}),
                     str(data.get("kind", "manual")), dict(data.get("meta") or {}))
 
 
@@ -262,7 +277,11 @@ def load_mask(path: str | Path, model: Any | None = None, *, strict_weights: boo
     raises ``MaskError`` naming both sides. ``warn_weights``: a weights fingerprint that differs
     (the mask was found on other weights, e.g. before competence tuning) is a warning.
     """
-    mask = mask_from_dict(read_json(path, "head mask", MaskError))
+    data = read_json(path, "head mask", MaskError, max_mib=MAX_FILE_MIB)
+    try:
+        mask = mask_from_dict(data)
+    except MaskError as err:
+        raise MaskError(f"{path}: {err}") from None
     if model is None:
         return mask
     from ctsft_lens.models.bridge import model_info

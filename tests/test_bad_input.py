@@ -121,8 +121,9 @@ def test_a_mask_for_other_weights_warns_and_strict_refuses(tmp_path, capsys):
     save_mask(HeadMask(((0, 1),), {**info, "weights_sha256": "0" * 16}), tmp_path / "m.json")
     argv = ["train", "--model", "tiny", "--lang", "javanese", "--mask", str(tmp_path / "m.json"), "--n-examples", "3",
             "--epochs", "1", "--dev-limit", "3", "--test-limit", "3", "--no-progress"]
-    with pytest.warns(UserWarning, match="made for weights"):
-        assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "a")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith("ctsft: warning: ") and "made for weights" in warned[0], warned
     rc, err = _run(argv + ["--strict", "--out", str(tmp_path / "b")], capsys)
     assert rc == 2 and "weights_sha256" in err
 
@@ -384,3 +385,98 @@ def test_an_experiment_out_over_its_competence_model_is_refused(tmp_path):
         run_experiment(config, progress=False)
     assert {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()} == before
     assert not (model / "exp").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 40: circuit and mask files are checked alike.
+# --------------------------------------------------------------------------------------------
+def _fixture_circuit() -> dict:
+    return json.loads((FIXTURES / "v0.1_circuit.json").read_text())
+
+
+def _deep(tmp_path, name: str) -> Path:
+    path = tmp_path / name
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    return path
+
+
+def test_a_circuit_listing_a_head_twice_is_refused(tmp_path, capsys):
+    c = _fixture_circuit()
+    head = c["heads_by_depth"][0][0]
+    c["heads_by_depth"][0].append(head)
+    bad = tmp_path / "twice.json"
+    bad.write_text(json.dumps(c))
+    for argv in (["mask", "--variant", "circuit"], ["faithfulness", "--model", "tiny"],
+                 ["report", "--model", "tiny"], ["train", "--model", "tiny", "--variant", "circuit"]):
+        out = tmp_path / "o"
+        rc, err = _run([*argv, "--circuit", str(bad), "--out", str(out)], capsys)
+        assert rc == 2 and f"lists head {head} twice" in err and str(bad) in err, (argv, err)
+        _one_line(err)
+        assert not out.exists()
+
+
+def test_a_mask_listing_a_head_twice_is_refused(tmp_path, capsys):
+    from ctsft_lens.errors import MaskError
+    from ctsft_lens.masks import load_mask
+
+    bad = tmp_path / "twice.json"
+    bad.write_text(json.dumps(["0.1", "1.2", "0.1"]))
+    with pytest.raises(MaskError, match=r"twice.json: head mask lists head\(s\) \['0.1'\] twice"):
+        load_mask(bad)
+    rc, err = _run(["train", "--model", "tiny", "--mask", str(bad), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "['0.1'] twice" in err, err
+    _one_line(err)
+
+
+@pytest.mark.parametrize("flag", ["--mask", "--circuit"])
+def test_a_deeply_nested_json_is_one_line_before_the_model_loads(flag, tmp_path, capsys, monkeypatch):
+    import ctsft_lens.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the file was read"))
+    deep = _deep(tmp_path, "deep.json")
+    extra = ["--variant", "circuit"] if flag == "--circuit" else []
+    rc, err = _run(["train", "--model", "tiny", flag, str(deep), *extra, "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "nested too deeply" in err and str(deep) in err, err
+    _one_line(err)
+
+
+def test_a_circuit_file_too_large_is_refused_before_parsing(tmp_path, monkeypatch):
+    from ctsft_lens import circuit as circuit_module
+    from ctsft_lens.circuit import load_circuit
+    from ctsft_lens.errors import MaskError
+
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(_fixture_circuit()) + " " * 2**20)  # 1 MiB of padding
+    monkeypatch.setattr(circuit_module, "MAX_FILE_MIB", 0.5)
+    monkeypatch.setattr(circuit_module.json if hasattr(circuit_module, "json") else json, "loads",
+                        lambda *a, **k: pytest.fail("parsed before the size check"))
+    with pytest.raises(MaskError, match="too large to be a circuit file"):
+        load_circuit(path)
+
+
+def test_a_score_table_of_the_wrong_shape_is_refused(tmp_path, capsys):
+    c = _fixture_circuit()
+    c["scores"][0] = [[0.0] * 1000 for _ in range(3)]
+    bad = tmp_path / "shape.json"
+    bad.write_text(json.dumps(c))
+    rc, err = _run(["mask", "--variant", "nearzero", "--circuit", str(bad), "--out", str(tmp_path / "m.json")], capsys)
+    assert rc == 2 and "score table at depth 0 is 3 x 1000, the model is 2 layers x 8 heads" in err, err
+    _one_line(err)
+    c["scores"][0] = [[[0.0] * 10] * 8] * 2  # a 3-D table
+    bad.write_text(json.dumps(c))
+    rc, err = _run(["mask", "--variant", "circuit", "--circuit", str(bad), "--out", str(tmp_path / "m.json")], capsys)
+    assert rc == 2 and "malformed" in err, err
+    _one_line(err)
+
+
+def test_unknown_keys_warn_in_one_line(tmp_path, capsys):
+    c = _fixture_circuit()
+    c["heads_by_dept"] = []  # a typo of a known key
+    path = tmp_path / "extra.json"
+    path.write_text(json.dumps(c))
+    out = tmp_path / "m.json"
+    rc, err = _run(["mask", "--variant", "circuit", "--circuit", str(path), "--out", str(out)], capsys)
+    assert rc == 0 and out.is_file(), err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert warning == [l for l in warning if l.startswith("ctsft: warning: circuit file: unknown key(s) ['heads_by_dept']")]
+    assert len(warning) == 1 and "UserWarning" not in err and ".py:" not in err, err

@@ -114,7 +114,22 @@ def main(argv: list[str] | None = None) -> int:
             distributed.destroy()
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """A warning as one line, ``ctsft: warning: ...``: what to know, not where in the source it was raised."""
+    text = " ".join(str(message).split())
+    print(f"ctsft: warning: {text}", file=file or sys.stderr)
+
+
 def _run_command(args: argparse.Namespace) -> int:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run_checked(args)
+
+
+def _run_checked(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except CtsftError as err:

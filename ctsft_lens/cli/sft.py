@@ -90,6 +90,8 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
             check_circuit(circuit)
         except MaskError as err:
             raise MaskError(f"{args.circuit}: {err}") from None
+    if mask_file:
+        load_mask(mask_file)  # the file's own checks (size, nesting, duplicates) before the model loads
     task = load_task(args.task, args.lang, args.data_dir)
     train_ex = task.sample(args.n_examples, "train", seed=args.seed)
     dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
