@@ -140,7 +140,7 @@ def circuit_to_dict(circuit: Circuit) -> dict[str, Any]:
 CIRCUIT_KEYS = ("format", "format_version", "scoring", "ratio", "depth", "model", "options", "heads_by_depth",
                 "scores", "edges", "unstable")
 """The keys :func:`circuit_to_dict` writes; any other is reported (a typo of one of these?)."""
-MAX_FILE_MIB = 64
+MAX_FILE_MIB = 16
 """A circuit or mask file larger than this is refused before parsing: a 80-layer x 64-head model's
 circuit with ten depths of score tables is about 1 MiB."""
 

@@ -102,5 +102,12 @@ def check_value(what: str, value: object, tp: object, error: type[Exception] = C
 
 
 def _type_name(tp: object) -> str:
+    """How a type reads in an error: ``one of 'cdt', 'frozen'``, not ``typing.Literal['cdt', 'frozen']``."""
+    import typing
+
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list"
     return {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
-            type(None): "none"}.get(tp, str(tp))  # type: ignore[call-overload]
+            type(None): "none"}.get(tp, getattr(tp, "__name__", str(tp)))  # type: ignore[call-overload]

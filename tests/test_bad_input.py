@@ -480,3 +480,44 @@ def test_unknown_keys_warn_in_one_line(tmp_path, capsys):
     warning = [line for line in err.splitlines() if "warning" in line]
     assert warning == [l for l in warning if l.startswith("ctsft: warning: circuit file: unknown key(s) ['heads_by_dept']")]
     assert len(warning) == 1 and "UserWarning" not in err and ".py:" not in err, err
+
+
+def test_a_checkpoint_missing_a_key_is_one_line_without_the_load_report(tmp_path):
+    """transformers' load report (a table of missing keys) is hidden; the toolkit's line says it.
+    In a fresh process, as a user meets it (pytest's own log capture would hide the report)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from ctsft_lens import load_model
+    from ctsft_lens.models.bridge import save_model
+
+    folder = save_model(load_model("tiny"), tmp_path / "m")
+    weights = next(folder.glob("*.safetensors"))
+    state = load_file(str(weights))
+    del state["model.layers.0.mlp.down_proj.weight"]
+    save_file(state, str(weights), metadata={"format": "pt"})
+    run = subprocess.run([sys.executable, "-m", "ctsft_lens.cli", "eval", "--model", str(folder), "--limit", "3",
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert run.returncode == 2 and "missing ['model.layers.0.mlp.down_proj.weight']" in run.stderr, run.stderr
+    _one_line(run.stderr.strip())
+    assert "LOAD REPORT" not in run.stdout + run.stderr
+
+
+def test_the_model_name_hint_never_suggests_the_name_itself():
+    from ctsft_lens.models.bridge import DEFAULT_MODEL, _suggest
+
+    assert _suggest(DEFAULT_MODEL) == ""
+    assert repr(DEFAULT_MODEL) in _suggest(DEFAULT_MODEL.replace("0.5B", "0.6B"))
+
+
+def test_a_choice_error_lists_the_choices_plainly():
+    from ctsft_lens.errors import ConfigError
+    from ctsft_lens.options import AttentionRule, check_value
+
+    with pytest.raises(ConfigError) as err:
+        check_value("discovery.attention", "bogus", AttentionRule | None, error=ConfigError)
+    assert "one of 'cdt', 'frozen', 'linear', 'difference'" in str(err.value) and "typing" not in str(err.value)

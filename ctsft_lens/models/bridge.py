@@ -152,7 +152,7 @@ def _cached_on_hub(name: str) -> bool:
 def _suggest(name: str) -> str:
     import difflib
 
-    known = ["tiny", "default", DEFAULT_MODEL]
+    known = [k for k in ("tiny", "default", DEFAULT_MODEL) if k != name]  # never the name itself
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -197,14 +197,19 @@ def _load_hf(name_or_path: str, dtype: torch.dtype) -> tuple[torch.nn.Module, An
 # --------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def quiet_hf_progress() -> Iterator[None]:
-    """Hide transformers' weight-loading / shard-writing bars: noise beside the toolkit's own."""
+    """Hide transformers' weight-loading / shard-writing bars and its load report (a table of missing
+    and unexpected keys, logged as warnings): noise beside the toolkit's own, which checks the same
+    keys and says what is wrong in one line (:func:`_load_hf`)."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
