@@ -3,7 +3,7 @@
 A bar redrawn in place needs a terminal. Written to a file (``ctsft quickstart 2> log``, a CI
 log, a batch job's output), tqdm's carriage returns and the cursor-up escapes of nested bars
 (``ESC[A``, seen as ``[A``) run together into one unreadable line. So when stderr is not a
-terminal and no Jupyter kernel runs, :func:`progress_bar` returns a :class:`LineProgress`: the
+terminal and no Jupyter kernel with ipywidgets runs, :func:`progress_bar` returns a :class:`LineProgress`: the
 same calls (iterate over it, ``update``, ``set_postfix``, ``set_description``, ``close``, use it
 as a context manager), printing one plain line at most every ``CTSFT_PROGRESS_INTERVAL`` seconds
 (default 30) and a last line when it ends. A bar that ends within the interval and was opened
@@ -37,6 +37,12 @@ def _in_notebook() -> bool:
     return getattr(shell, "kernel", None) is not None
 
 
+def _has_widgets() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
 def interactive(file: TextIO | None = None) -> bool:
     """Whether bars can redraw in place: ``$CTSFT_PROGRESS`` if set (``bars`` / ``lines``), else a
     Jupyter kernel or a terminal on ``file`` (default stderr)."""
@@ -45,8 +51,8 @@ def interactive(file: TextIO | None = None) -> bool:
         return True
     if mode in ("lines", "plain"):
         return False
-    if _in_notebook():
-        return True
+    if _in_notebook():  # widget bars need ipywidgets; without it tqdm.auto falls back to text bars on
+        return _has_widgets()  # stderr (red blocks and "IProgress not found" in an exported notebook)
     stream = file if file is not None else sys.stderr
     try:
         return bool(stream.isatty())

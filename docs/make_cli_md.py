@@ -25,7 +25,7 @@ def _row(action: argparse.Action) -> str:
     metavar = "" if action.nargs == 0 else " " + (action.metavar or action.dest.upper())
     if action.nargs not in (None, 0, "?"):
         metavar = metavar * int(action.nargs) if isinstance(action.nargs, int) else metavar + " ..."
-    text = (action.help or "").replace("%(default)s", str(action.default)).replace("|", "\\|")
+    text = (action.help or "").replace("%(default)s", str(action.default)).replace("%%", "%").replace("|", "\\|")
     if action.choices:
         text += f" (choices: {', '.join(map(str, action.choices))})"
     if action.required:

@@ -83,6 +83,8 @@ def test_cli_doc_tables_are_the_parser():
     script = Path(__file__).resolve().parents[1] / "docs" / "make_cli_md.py"
     out = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, "docs/cli.md is out of date: run python docs/make_cli_md.py"
+    page = script.with_name("cli.md").read_text()
+    assert "%%" not in page and "%(" not in page, "argparse's escapes leaked into docs/cli.md"
 
 
 def test_quickstart_ends_with_the_next_command(tmp_path, capsys, monkeypatch):

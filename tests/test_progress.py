@@ -79,3 +79,29 @@ def test_both_kinds_take_tqdm_calls(mode, monkeypatch):
     bar.set_postfix(loss="1.0", refresh=False)
     bar.set_description("y")
     bar.close()
+
+
+def test_a_notebook_without_ipywidgets_gets_plain_lines(monkeypatch):
+    """tqdm.auto without ipywidgets prints text bars to stderr (red blocks in an exported notebook)."""
+    import ctsft_lens.progress as progress
+
+    monkeypatch.delenv("CTSFT_PROGRESS", raising=False)
+    monkeypatch.setattr(progress, "_in_notebook", lambda: True)
+    monkeypatch.setattr(progress, "_has_widgets", lambda: False)
+    assert not interactive(_Terminal())
+    assert isinstance(progress_bar(total=1), LineProgress)
+    monkeypatch.setattr(progress, "_has_widgets", lambda: True)
+    assert interactive(io.StringIO())
+
+
+def test_the_cdt_relevance_bar_is_a_plain_line_in_a_log(capfd, monkeypatch):
+    from ctsft_lens.cdt.relevance import head_relevance
+    from ctsft_lens.models import tiny_model
+    from ctsft_lens.tasks import load_task
+
+    monkeypatch.delenv("CTSFT_PROGRESS", raising=False)
+    monkeypatch.setenv("CTSFT_PROGRESS_INTERVAL", "0")
+    model = tiny_model("qwen2", n_layers=2)
+    head_relevance(model, load_task("nusax-senti", "indonesian").sample(3, seed=0), progress=True)
+    err = capfd.readouterr().err
+    assert "CD-T relevance" in err and not ESCAPES.search(err), repr(err[:300])

@@ -27,7 +27,6 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
@@ -37,6 +36,7 @@ from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
 from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.faithfulness import logit_diff
 from ctsft_lens.models.architectures import soft_caps
+from ctsft_lens.progress import progress_bar
 from ctsft_lens.circuit import Head
 from ctsft_lens.forward import hook_layer, run
 from ctsft_lens.means import head_means, z_means
@@ -233,8 +233,8 @@ def head_relevances(
     healthy = torch.ones(cfg.n_layers, cfg.n_heads, dtype=torch.bool)  # finite and |β| within BETA_LIMIT
     stop = None if targets[0] is None else top
     n_batches = (len(local) + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
-               leave=False)
+    bar = progress_bar(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
+                       leave=False)
     # fully linear rules against the logits: one backward pass gives every source (module docstring)
     one_backward = rules_linear and targets == (None,) and scorings == ("projection",) and streams == "beta"
     if one_backward:
