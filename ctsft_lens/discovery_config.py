@@ -22,7 +22,7 @@ from typing import Any
 from ctsft_lens.cdt.rules import CHOICES as RULE_FIELDS
 from ctsft_lens.cdt.rules import DEFAULT_PRESET, PRESETS, Rules, resolve
 from ctsft_lens.errors import ConfigError, CtsftError
-from ctsft_lens.options import Aggregate, AttentionRule, Baseline, BiasO, MeanOver, Pool, Streams, check_value
+from ctsft_lens.options import Aggregate, AttentionRule, Baseline, BiasO, MeanOver, Pool, Select, Streams, check_value
 
 DISCOVER, COMPARE = "discover", "compare"
 
@@ -56,6 +56,9 @@ class DiscoveryConfig:
                                 cli=(DISCOVER, COMPARE))
     aggregate: Aggregate = _opt("sum", "depth >= 1: combine a head's relevance to several targets by their sum "
                                        "(public CD-T) or max")
+    select: Select = _opt("positive", "which heads a depth may add: positive scores only, largest first (a depth "
+                                      "with fewer positive candidates adds fewer), or the largest |score| (a head "
+                                      "working against the task counts too)")
     streams: Streams = _opt("beta", "CD-T: push beta only, gamma = real - beta (fast), or both streams (the "
                                     "reference)", cli=(DISCOVER, COMPARE), key="if-set")
     strict: bool = _opt(True, "fail when a head's CD-T decomposition is unstable (else warn and record it)",

@@ -32,6 +32,8 @@ ones (the paper is reported to use 50 correct, label-balanced samples)."""
 BiasO = Literal["share", "gamma"]
 """CD-T at the source layer: the attention output bias b_O shared between β and γ by |β|:|γ| like
 every other bias (the public CD-T code; default), or given wholly to γ (ctsft_lens 0.1)."""
+Select = Literal["positive", "absolute"]
+"""Which heads backward expansion may add: positive scores only, largest first, or the largest |score|."""
 Pool = Literal["shared", "held-out"]
 """Discovery examples: the competence-tuning pool itself (the paper's pool A) or held out from it."""
 Protocol = Literal["ours", "mib"]
@@ -48,6 +50,7 @@ SPLITS: tuple[str, ...] = get_args(Split)
 AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 MEAN_OVER: tuple[str, ...] = get_args(MeanOver)
 POOLS: tuple[str, ...] = get_args(Pool)
+SELECTS: tuple[str, ...] = get_args(Select)
 BIAS_O: tuple[str, ...] = get_args(BiasO)
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 STREAMS: tuple[str, ...] = get_args(Streams)

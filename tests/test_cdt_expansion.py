@@ -297,3 +297,25 @@ def test_expand_needs_every_head_as_a_target(model, examples):
         from ctsft_lens.cdt import discover_circuits
 
         discover_circuits(model, examples, scorings=("projection", "projection"), progress=False)
+
+
+def test_expansion_adds_only_positive_heads_and_fewer_when_fewer_exist():
+    """Issue #41: a quota never pulls in a head that works against its target (select='positive');
+    select='absolute' ranks by |score| and takes them."""
+    from ctsft_lens.cdt.expansion import expand
+    from ctsft_lens.cdt.relevance import Relevance
+
+    nan = float("nan")
+    logits = [[0.05, 0.01], [0.02, -0.3], [0.9, 0.5]]
+    # rows: what each source contributes to target head (2,0), (2,1), (1,0), (1,1); NaN: not upstream
+    to_20 = [[-0.3, -0.05], [0.2, -0.1], [nan, nan]]
+    to_21 = [[-0.2, -0.05], [0.1, -0.1], [nan, nan]]
+    to_10 = [[-0.4, -0.1], [nan, nan], [nan, nan]]
+    to_11 = [[-0.1, 0.0], [nan, nan], [nan, nan]]
+    tables = torch.tensor([logits, to_20, to_21, to_10, to_11])[:, None]  # [T, 1 example, L, H]
+    rel = Relevance((None, (2, 0), (2, 1), (1, 0), (1, 1)), tables, "projection")
+    heads, scores, edges = expand(rel, 2, 2)
+    assert heads == (((2, 0), (2, 1)), ((1, 0),))  # depth 1: one positive head; depth 2: none, the search ends
+    assert all(e.score > 0 for e in edges)
+    heads_abs, _, _ = expand(rel, 2, 2, select="absolute")
+    assert heads_abs[1] == ((0, 0), (1, 0)) and heads_abs[2] == ((0, 1),)  # |-0.5|, 0.3; then |-0.1| beats 0 (0.1 > 0)

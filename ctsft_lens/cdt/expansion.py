@@ -25,7 +25,7 @@ from ctsft_lens.cdt.relevance import SCORERS, Relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.models.bridge import model_info
-from ctsft_lens.options import Aggregate
+from ctsft_lens.options import Aggregate, Select
 
 
 def n_to_keep(ratio: float, n_heads_total: int) -> int:
@@ -43,20 +43,25 @@ def circuit_from_relevance(model: Any, rel: Relevance, config: DiscoveryConfig |
     ratio, max_depth, aggregate = config.ratio, config.max_depth, config.aggregate
     cfg = model.cfg
     k = n_to_keep(ratio, cfg.n_layers * cfg.n_heads)
-    heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate, total_effect=rel.scoring not in SCORERS)
+    heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate, total_effect=rel.scoring not in SCORERS,
+                                           select=config.select)
     opts = {**(options or {}), "aggregate": aggregate, "target_position": "last", "max_depth": max_depth,
-            "n_keep_per_depth": k}
+            "n_keep_per_depth": k, "select": config.select}
     return Circuit(heads_by_depth, tables, edges, rel.scoring, ratio, model_info(model, checksum=True), opts,
                    unstable=rel.unstable)
 
 
 def expand(rel: Relevance, k: int, max_depth: int, aggregate: Aggregate = "sum", *, total_effect: bool = False,
-           ) -> tuple[tuple[tuple[Head, ...], ...], tuple[torch.Tensor, ...], tuple[Edge, ...]]:
+           select: Select = "positive") -> tuple[tuple[tuple[Head, ...], ...], tuple[torch.Tensor, ...], tuple[Edge, ...]]:
     """Backward expansion over a relevance table whose targets are the logits (first) and, for
     ``max_depth > 0``, every head a kept head may be (``head_relevances(target="all")``).
 
     Returns the heads kept per depth, the depth tables and the edges (module docstring).
     ``total_effect``: the logits table holds total effects, so every depth ranks that one table.
+    ``select``: ``"positive"`` adds at most ``k`` heads whose score is > 0, largest first (a head
+    that works against its target never enters because a quota must be filled; a depth with fewer
+    positive candidates adds fewer, and one with none ends the search); ``"absolute"`` ranks by
+    |score|.
     """
     if rel.targets[0] is not None:
         raise ValueError("the relevance table's first target must be the logits")
@@ -82,7 +87,10 @@ def expand(rel: Relevance, k: int, max_depth: int, aggregate: Aggregate = "sum",
             _, best = per_target.nan_to_num(float("-inf")).max(0)
             table = per_target.nansum(0) if aggregate == "sum" else per_target.nan_to_num(float("-inf")).max(0).values
             table[per_target.isnan().all(0)] = float("nan")
-        new = rank_heads(table, exclude=kept)[:k]
+        ranked = rank_heads(table, absolute=select == "absolute", exclude=kept)
+        if select == "positive":
+            ranked = [h for h in ranked if float(table[h]) > 0]
+        new = ranked[:k]
         if not new:
             break
         for head in new:
