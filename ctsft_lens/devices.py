@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import time
 from typing import Any, Iterator
 
 import torch
@@ -104,6 +105,60 @@ def bf16_supported(device: str) -> bool:
     return device == "cpu"  # CPU kernels exist for bf16 (slow but exact enough for CD-T scores)
 
 
+THREADS_ENV = "CTSFT_THREADS"
+
+
+def idle_cores(window: float = 0.1) -> float | None:
+    """How many CPU cores were idle over the last ``window`` seconds (Linux ``/proc/stat``; None
+    elsewhere). Instantaneous, unlike the load average, which lags a finished job by minutes."""
+    def snapshot() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # idle + iowait, total
+
+    first = snapshot()
+    if first is None:
+        return None
+    time.sleep(window)
+    second = snapshot()
+    if second is None or second[1] == first[1]:
+        return None
+    return (os.cpu_count() or 1) * (second[0] - first[0]) / (second[1] - first[1])
+
+
+def auto_threads() -> int:
+    """Torch threads for this process: the cores idle right now, at least 1 (all cores where that
+    cannot be read). Measured (benchmarks/RESULTS.md, "Threads"): on 2 idle cores 2 threads are
+    1.5-1.8x faster than 1 for every model size; beside a busy neighbour 2 threads are 1.15-1.44x
+    slower than 1 (and a whole test suite 6x), because torch's threads wait for each other at every
+    op and one of them shares its core."""
+    free = idle_cores()
+    cores = os.cpu_count() or 1
+    return cores if free is None else max(1, min(cores, int(free + 0.5)))
+
+
+def set_threads(spec: str | int | None = None) -> int:
+    """Set torch's intra-op threads: an integer, or ``"auto"`` (:func:`auto_threads`); default
+    ``$CTSFT_THREADS``, else ``"auto"``. Returns the count set. A bad value is one clear error."""
+    spec = spec if spec is not None else os.environ.get(THREADS_ENV, "auto")
+    text = str(spec).strip().lower()
+    if text == "auto":
+        n = auto_threads()
+    else:
+        try:
+            n = int(text)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise CtsftError(f"threads must be a whole number >= 1 or 'auto', got {spec!r} "
+                             f"(the --threads flag or ${THREADS_ENV})")
+    torch.set_num_threads(n)
+    return n
+
+
 def environment() -> dict[str, Any]:
     """What a bug report needs: versions, devices, precision support, caches and data folders."""
     from importlib import metadata
@@ -134,6 +189,7 @@ def environment() -> dict[str, Any]:
         "auto_device": resolve_device("auto"),
         "bf16": {d: bf16_supported(d) for d in ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]},
         "torch_threads": torch.get_num_threads(),
+        "threads_policy": os.environ.get(THREADS_ENV, "auto") + f" (cores idle now: {idle_cores()})",
         "hf_home": hf_home,
         "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
         "ctsft_cache": str(default.parent),

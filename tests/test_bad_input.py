@@ -521,3 +521,40 @@ def test_a_choice_error_lists_the_choices_plainly():
     with pytest.raises(ConfigError) as err:
         check_value("discovery.attention", "bogus", AttentionRule | None, error=ConfigError)
     assert "one of 'cdt', 'frozen', 'linear', 'difference'" in str(err.value) and "typing" not in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 41: the thread policy
+# --------------------------------------------------------------------------------------------
+def test_threads_follow_the_flag_the_variable_and_the_idle_cores(monkeypatch, capsys):
+    import torch
+
+    from ctsft_lens import devices
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(devices, "idle_cores", lambda window=0.1: 0.3)  # a busy machine: one thread
+        assert devices.set_threads("auto") == 1 == torch.get_num_threads()
+        monkeypatch.setattr(devices.os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(devices, "idle_cores", lambda window=0.1: 1.8)  # idle: every core
+        assert devices.auto_threads() == 2
+        monkeypatch.setattr(devices, "idle_cores", lambda window=0.1: None)  # unreadable: every core
+        assert devices.auto_threads() == 2
+        monkeypatch.setenv("CTSFT_THREADS", "1")
+        assert devices.set_threads() == 1
+        for bad in ("0", "two"):
+            rc, err = _run(["--threads", bad, "env"], capsys)
+            assert rc == 2 and "threads must be a whole number >= 1 or 'auto'" in err, err
+            _one_line(err)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_idle_cores_reads_a_number_on_linux():
+    from ctsft_lens.devices import idle_cores
+
+    free = idle_cores(0.05)
+    if not Path("/proc/stat").is_file():
+        assert free is None
+    else:
+        assert free is not None and 0 <= free <= (__import__("os").cpu_count() or 1) + 1e-9

@@ -121,3 +121,22 @@ def test_translation_pairs_join_one_train_row_in_two_languages():
         assert jav[row_of[a]] == b
     assert pretrain_texts(cfg) == texts  # seeded
     assert len(pretrain_texts(DefaultModelConfig(pair_fraction=0.0))) == 12 * 500
+
+
+def test_the_default_model_ships_ready(tmp_path, monkeypatch):
+    """Issue #41: the default config's weights ship in the package; a fresh cache loads them without
+    pre-training, and the shipped folder records the current recipe's hash."""
+    import json
+
+    from ctsft_lens.models import default as default_module
+    from ctsft_lens.models.default import SHIPPED, shipped
+
+    info = json.loads((SHIPPED / "default_model.json").read_text())
+    assert info["config_key"] == DefaultModelConfig().key(), (
+        "the shipped default model is stale: python -m ctsft_lens.models.default --write")
+    assert shipped(DefaultModelConfig()) == SHIPPED and shipped(SMALL) is None
+    monkeypatch.setattr(default_module, "pretrain", lambda *a, **k: pytest.fail("pre-trained despite the shipped copy"))
+    model = default_model(cache_dir=tmp_path / "empty-cache", progress=False)
+    assert model.cfg.n_layers == DefaultModelConfig().n_layers
+    assert model.cfg.model_name == f"default-{DefaultModelConfig().key()}"
+    assert not (tmp_path / "empty-cache").exists()  # nothing written to the cache

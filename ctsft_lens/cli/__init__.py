@@ -33,6 +33,7 @@ from ctsft_lens.cli.experiment import (_add_experiment, _add_quickstart, _cmd_ex
                                        _run_experiment)
 from ctsft_lens.cli.sft import (_add_apply_adapter, _add_competence, _add_sft_options, _add_train,
                                 _cmd_apply_adapter, _cmd_competence, _cmd_train, _run_sft)
+from ctsft_lens.devices import set_threads
 from ctsft_lens.errors import CLIError, CtsftError
 
 __all__ = ["COMMANDS", "build_parser", "main", "write_results"]
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``ctsft`` parser with every subcommand of ``COMMANDS`` registered."""
     parser = _Parser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--threads", default=None, metavar="N|auto",
+                        help="torch CPU threads: a number, or auto (the cores idle when the command starts; measured "
+                             "in benchmarks/RESULTS.md); default: $CTSFT_THREADS, else auto")
     from ctsft_lens import __version__  # inside: a name of the root facade (tests/test_imports.py)
 
     parser.add_argument("--version", action="version", version=f"ctsft_lens {__version__}")
@@ -100,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
+    try:
+        set_threads(args.threads)
+    except CtsftError as err:
+        print(f"ctsft {args.command}: error: {err}", file=sys.stderr)
+        return 2
     try:
         joined = distributed.init()  # under torchrun: join the process group (gloo / NCCL)
     except CtsftError as err:

@@ -9,6 +9,13 @@ parallel across languages; besides single texts the corpus holds translation pai
 in two languages), which gave clearly better fine-tuning accuracy at the same step budget
 (benchmarks/RESULTS.md, "Default model"). The result is saved as a normal Hugging Face folder
 under a cache named by the config's hash and loaded from there on later calls.
+
+**Shipped.** The default config's result (about 5 MB) ships inside the package
+(``ctsft_lens/data/default_model``), so a fresh install's first quickstart loads it instead of
+pre-training for minutes (issue #41). ``python -m ctsft_lens.models.default --write`` re-creates it
+from the recipe (pre-training, about 2 min on two idle cores); its ``default_model.json`` records
+the config hash, and a folder whose hash is not the current config's is ignored (the cache is
+used, or the model pre-trained), so a changed recipe never loads stale weights.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from ctsft_lens.progress import progress_bar
 
 CACHE_ENV = "CTSFT_CACHE"
 INFO_FILE = "default_model.json"
+SHIPPED = Path(__file__).resolve().parents[1] / "data" / "default_model"
+"""The default config's pre-trained model as shipped in the package (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -81,12 +90,34 @@ def default_model(*, config: DefaultModelConfig | None = None, cache_dir: str | 
     """
     config = config or DefaultModelConfig()
     folder = cache_folder(config, cache_dir)
-    if not (folder / INFO_FILE).exists():
+    if not (folder / INFO_FILE).exists() and shipped(config) is not None:
+        folder = SHIPPED
+    elif not (folder / INFO_FILE).exists():
         hf_model, tokenizer, info = pretrain(config, progress=progress)
         _write_cache(bridge_from_hf(hf_model, tokenizer, name=folder.name), info, folder)
     bridge = load_hf_bridge(str(folder))
-    bridge.cfg.model_name = folder.name
+    bridge.cfg.model_name = f"default-{config.key()}"
     return bridge
+
+
+def shipped(config: DefaultModelConfig) -> Path | None:
+    """The shipped folder if it holds ``config``'s model (its recorded hash is ``config.key()``)."""
+    info = SHIPPED / INFO_FILE
+    if not info.is_file():
+        return None
+    try:
+        return SHIPPED if json.loads(info.read_text()).get("config_key") == config.key() else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_shipped(folder: str | os.PathLike = SHIPPED, *, progress: bool = True) -> Path:
+    """Pre-train the default config and write it where the package ships it (or to ``folder``)."""
+    config = DefaultModelConfig()
+    hf_model, tokenizer, info = pretrain(config, progress=progress)
+    folder = Path(folder)
+    _write_cache(bridge_from_hf(hf_model, tokenizer, name=f"default-{config.key()}"), info, folder)
+    return folder
 
 
 def pretrain_texts(config: DefaultModelConfig) -> list[str]:
@@ -189,3 +220,12 @@ def _write_cache(bridge: Any, info: dict, folder: Path) -> None:
     except OSError:  # another process finished first: keep its copy
         if not (folder / INFO_FILE).exists():
             raise
+
+
+if __name__ == "__main__":  # python -m ctsft_lens.models.default --write [FOLDER]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="re-create the shipped default model from its recipe")
+    parser.add_argument("--write", nargs="?", const=str(SHIPPED), required=True, metavar="FOLDER",
+                        help="where to write it; default: the package's data/default_model")
+    print(write_shipped(parser.parse_args().write))
