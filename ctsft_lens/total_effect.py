@@ -26,7 +26,13 @@ with the sign that makes a helpful head positive (``m(clean) − m(patched)``):
   that head's patching effect; over all heads the scores sum to ``F(0) − F(Δ)`` (completeness);
 * ``patching``: ``F(0) − F(Δ_h only)``, the exact effect of writing μ into head h alone: one
   clean forward plus one forward per head, ``heads_per_forward`` heads sharing a forward along
-  the batch dimension.
+  the batch dimension. **Cached prefix** (issue #38, default): the blocks below a group's lowest
+  layer compute exactly what the clean forward computed, so the clean forward records each
+  block's output and the patched forward has those blocks return it instead of recomputing
+  (:func:`_cached_prefix`): a head at layer l costs the (L − l)/L of a forward downstream of it.
+  Generic over families: only the decoder layers' own ``forward`` is stood in for, the model's
+  loop (embeddings, masks, rotary tables, final norm, head) runs as usual. ``cached_prefix=False``
+  recomputes every block (the previous path; same scores to float tolerance, tested).
 
 These are the scoring functions; the one registry of every head scoring (CD-T's ``projection`` and
 ``magnitude`` and these three) is ``ctsft_lens.scoring.HEAD_SCORINGS``, above this module and
@@ -35,7 +41,8 @@ These are the scoring functions; the one registry of every head scoring (CD-T's 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -164,10 +171,51 @@ def attribution_ig_scores(model: Any, examples: Sequence[Example], *, means: tor
                                    batch_size=batch_size, progress=progress).mean(0)
 
 
+def _tile(value: Any, times: int) -> Any:
+    """``value`` tiled ``times`` along the batch (as ``Tensor.repeat``); tuples and lists item by item."""
+    if isinstance(value, torch.Tensor):
+        return value if times == 1 else value.repeat(times, *([1] * (value.ndim - 1)))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_tile(v, times) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def _recorded_blocks(model: Any) -> Iterator[dict[int, Any]]:
+    """Record what every decoder layer returns during the forwards run inside (the last one wins)."""
+    outputs: dict[int, Any] = {}
+    handles = [block.original_component.register_forward_hook(
+        lambda module, args, out, k=k: outputs.__setitem__(k, out)) for k, block in enumerate(model.blocks)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _cached_prefix(model: Any, outputs: dict[int, Any], below: int, times: int) -> Iterator[None]:
+    """Blocks ``0 .. below - 1`` return their recorded clean outputs (tiled ``times`` along the batch)
+    instead of computing them; the blocks from ``below`` on run as usual."""
+    stood_in = []
+    for k in range(below):
+        component = model.blocks[k].original_component
+        stood_in.append(component)
+        component.forward = lambda *args, _out=_tile(outputs[k], times), **kwargs: _out  # an instance attribute
+    try:
+        yield
+    finally:
+        for component in stood_in:
+            del component.forward  # back to the class's forward
+
+
 def patching_per_example(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
                          heads: Sequence[Head] | None = None, metric: Metric | None = None, batch_size: int = 8,
-                         heads_per_forward: int = 8, progress: bool = True) -> Float[torch.Tensor, "example n_layers n_heads"]:
-    """``m(clean) − m(head h ← μ)`` of every example and head, ``[n, L, H]`` (NaN: not in ``heads``)."""
+                         heads_per_forward: int = 8, cached_prefix: bool = True,
+                         progress: bool = True) -> Float[torch.Tensor, "example n_layers n_heads"]:
+    """``m(clean) − m(head h ← μ)`` of every example and head, ``[n, L, H]`` (NaN: not in ``heads``).
+    ``cached_prefix``: the blocks below a group's heads return the clean forward's outputs
+    (module docstring); heads are grouped within a layer so each forward skips as much as it can."""
     if not isinstance(heads_per_forward, int) or heads_per_forward < 1:
         raise CtsftError(f"heads_per_forward must be an integer >= 1, got {heads_per_forward!r}")
     mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
@@ -176,14 +224,18 @@ def patching_per_example(model: Any, examples: Sequence[Example], *, means: torc
     fn = metric or logit_diff
     n_layers, n_heads = select.shape
     device = model.cfg.device
+    groups = ([[h for h in listed if h[0] == layer][i:i + heads_per_forward]
+               for layer in range(n_layers) for i in range(0, int(select[layer].sum()), heads_per_forward)]
+              if cached_prefix else
+              [listed[i:i + heads_per_forward] for i in range(0, len(listed), heads_per_forward)])
 
     @torch.no_grad()
     def per_batch(batch: Batch) -> torch.Tensor:
         b = batch.input_ids.shape[0]
-        clean = fn_metric(batch)
+        with _recorded_blocks(model) if cached_prefix else contextlib.nullcontext({}) as recorded:
+            clean = fn_metric(batch)
         out = torch.zeros(b, n_layers, n_heads, dtype=torch.float64)
-        for start in range(0, len(listed), heads_per_forward):
-            part = listed[start:start + heads_per_forward]
+        for part in groups:
             rows = torch.zeros(len(part), n_layers, n_heads, dtype=torch.bool)
             for i, (layer, head) in enumerate(part):
                 rows[i, layer, head] = True
@@ -197,7 +249,9 @@ def patching_per_example(model: Any, examples: Sequence[Example], *, means: torc
                 hooks.append((hook_name(layer, "attn.hook_z"), hook))
             rep = Batch(batch.input_ids.repeat(len(part), 1), batch.attention_mask.repeat(len(part), 1),
                         batch.labels.repeat(len(part)), batch.label_token_ids)
-            patched = _metric(model, rep, fn, hooks).double().cpu().view(len(part), b)
+            below = min(layer for layer, _ in part) if cached_prefix else 0
+            with _cached_prefix(model, recorded, below, len(part)):
+                patched = _metric(model, rep, fn, hooks).double().cpu().view(len(part), b)
             for i, (layer, head) in enumerate(part):
                 out[:, layer, head] = clean - patched[i]
         return out
@@ -211,9 +265,11 @@ def patching_per_example(model: Any, examples: Sequence[Example], *, means: torc
 
 def patching_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,
                     heads: Sequence[Head] | None = None, batch_size: int = 8, heads_per_forward: int = 8,
-                    progress: bool = True, metric: Metric | None = None) -> Float[torch.Tensor, "n_layers n_heads"]:
+                    cached_prefix: bool = True, progress: bool = True,
+                    metric: Metric | None = None) -> Float[torch.Tensor, "n_layers n_heads"]:
     """Exact mean patching: the mean over examples of ``m(clean) − m(head h ← μ)`` for each head
     (NaN for heads not in ``heads``); ``batch_size`` examples x ``heads_per_forward`` heads per forward.
     The yardstick the estimates (attribution, CD-T) are judged against."""
     return patching_per_example(model, examples, means=means, heads=heads, metric=metric, batch_size=batch_size,
-                                heads_per_forward=heads_per_forward, progress=progress).mean(0)
+                                heads_per_forward=heads_per_forward, cached_prefix=cached_prefix,
+                                progress=progress).mean(0)

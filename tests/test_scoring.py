@@ -169,3 +169,42 @@ def test_bad_options_are_one_clear_error(tiny_qwen, examples):
         attribution_scores(tiny_qwen, examples, heads=[(5, 0)], progress=False)
     with pytest.raises(CtsftError, match="scoring must be one of"):
         head_scores(tiny_qwen, examples, "acdc", progress=False)
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("ctsft_lens.models.architectures", fromlist=["FAMILIES"]).FAMILIES))
+def test_cached_prefix_patching_equals_full_patching(arch, examples):
+    """Issue #38: the blocks below a patched head return the clean forward's outputs instead of
+    recomputing them; the scores are today's, on every family."""
+    from ctsft_lens.models import tiny_model
+    from ctsft_lens.total_effect import patching_per_example
+
+    model = tiny_model(arch, n_layers=3)
+    full = patching_per_example(model, examples, heads_per_forward=3, cached_prefix=False, progress=False)
+    cached = patching_per_example(model, examples, heads_per_forward=3, cached_prefix=True, progress=False)
+    assert full.abs().max() > 1e-4  # the heads do something
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_prefix_patching_skips_the_blocks_below(examples):
+    """Each block computes only for the clean forward and the head groups at or below its layer."""
+    from ctsft_lens.models import tiny_model
+    from ctsft_lens.total_effect import patching_per_example
+
+    model = tiny_model("qwen2", n_layers=4)
+    layer_class = type(model.blocks[0].original_component)
+    calls: dict[int, int] = {}
+    original = layer_class.forward
+
+    def counting(self, *args, **kwargs):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return original(self, *args, **kwargs)
+
+    layer_class.forward = counting
+    try:
+        for cached, want in ((False, [6, 6, 6, 6]), (True, [3, 4, 5, 6])):  # head means + clean + 4 groups
+            calls.clear()
+            patching_per_example(model, examples, heads_per_forward=8, cached_prefix=cached, progress=False)
+            assert [calls.get(id(b.original_component), 0) for b in model.blocks] == want
+        assert not any("forward" in vars(b.original_component) for b in model.blocks)  # restored
+    finally:
+        layer_class.forward = original
