@@ -19,6 +19,7 @@ bootstrap intervals of each circuit's gain over layer-matched random heads.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -44,6 +45,9 @@ def main() -> None:
                    help="head=LR,full=LR instead of the sweep folder's picks: a sweep recorded before whose "
                         "cache is gone (benchmarks/premise/README.md says which); default: read the sweep")
     g.add_argument("--png", action="store_true", help="also write each source's figures as PNG")
+    g.add_argument("--variants", default=None,
+                   help="comma-separated: only these of the config's variants (the primary arms first; cells are "
+                        "keyed per variant, so the rest run later as they would have); default: all")
     r = sub.add_parser("report", help="table, figure and sentences of one or more budgets")
     r.add_argument("--budget", action="append", required=True, help="a study folder (the config's out); repeat")
     r.add_argument("--out", required=True)
@@ -70,6 +74,12 @@ def main() -> None:
         if args.png and importlib.util.find_spec("kaleido") is None:
             raise SystemExit("error: --png needs kaleido (pip install 'ctsft_lens[png]')")
         config = ExperimentConfig.from_toml(args.config)
+        if args.variants:
+            wanted = tuple(v.strip() for v in args.variants.split(",") if v.strip())
+            unknown = [v for v in wanted if v not in config.variants]
+            if unknown:
+                raise SystemExit(f"error: --variants {unknown} not among the config's {list(config.variants)}")
+            config = dataclasses.replace(config, variants=wanted)
         head = "circuit" if "circuit" in config.variants else next(v for v in config.variants if v != "full")
         rates = (parse_rates(args.rates) if args.rates else
                  read_rates(Path(config.out) / "sweep", head=head, full="full" if "full" in config.variants else None))

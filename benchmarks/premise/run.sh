@@ -14,7 +14,9 @@
 #   sweep_b90_heads sweep_b90_norms grid_b90_heads grid_b90_norms
 #                            issue #37, on request: the heads-only arms (acehnese_b90_heads.toml: train_norms = false;
 #                            circuit, random-layers, nearzero-layers) and the norm-only arm (acehnese_b90_norms.toml),
-#                            each with its own target-dev sweep (LRS: its rates, default HEAD_LRS); 5 seeds
+#                            each with its own target-dev sweep (LRS: its rates, default HEAD_LRS); 5 seeds;
+#                            grid_b90_heads runs the primary arms (circuit, random-layers; HEAD_VARIANTS), then
+#   grid_b90_heads_anti      the heads-only layer-matched anti-circuit (secondary)
 #   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
 #                            results folder, to commit: a fresh machine resumes from it
 # Every stage resumes: a circuit file that exists is kept, sweep points and transfer cells are cached by
@@ -78,7 +80,12 @@ for s in $STAGES; do
         [ -f "$OUT/acehnese_b90/patching/$f" ] && [ ! -e "$OUT/$name/patching/$f" ] && mkdir -p "$OUT/$name/patching" \
           && cp "$OUT/acehnese_b90/patching/$f" "$OUT/$name/patching/$f"
       done
-      stage "$s" python "$HERE/premise.py" grid --config "$HERE/$name.toml" --sources patching --no-progress ;;
+      variants=(); [ "$s" = grid_b90_heads ] && variants=(--variants "${HEAD_VARIANTS:-circuit,random-layers}")
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/$name.toml" --sources patching "${variants[@]}" \
+        --no-progress ;;
+    grid_b90_heads_anti)  # issue #37, secondary: the layer-matched anti-circuit, heads only (after the primary arms)
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_heads.toml" --sources patching \
+        --variants nearzero-layers --no-progress ;;
     rate_check_b90)  # does the b90 verdict hang on the head sweep's pick (3e-3 over 1e-3 by two dev examples)?
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_lr1e-3.toml" --sources patching \
         --rates head=1e-3 --no-progress
