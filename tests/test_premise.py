@@ -411,3 +411,50 @@ def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
     _write_cell(root, "projection", "circuit", 0, [], [])  # a run cached before per-example results existed
     with pytest.raises(CtsftError, match="no per-example results"):
         study_report({"b30": root}, tmp_path / "again")
+
+
+def test_seed_intervals_and_contrasts_across_folders(tmp_path):
+    """Issue #37: the report gives the interval over seeds and examples beside the example-only one,
+    and a contrast compares arms of two study folders (norm-only against random heads + norms)."""
+    from ctsft_lens.experiments.premise import contrast, study_report
+    from ctsft_lens.files import write_json
+
+    n = 300
+    ref = {s: _bits(n, 0.55, s) for s in range(3)}
+    keep = {s: _bits(n, 0.8, 50 + s) for s in range(3)}
+    heads, norms = tmp_path / "b90", tmp_path / "b90_norms"
+    for s in range(3):
+        _write_cell(heads, "patching", "random-layers", s, ref[s], keep[s])
+        # seed 0 gains 0.16, seed 1 nothing, seed 2 loses 0.16: tight over examples, wide over seeds
+        moved = _improve(ref[s], 48, 100 + s) if s == 0 else ref[s]
+        if s == 2:
+            moved = list(ref[s])
+            for i in [i for i, b in enumerate(moved) if b][:48]:
+                moved[i] = 0
+        _write_cell(heads, "patching", "circuit", s, moved, keep[s])
+        _write_cell(norms, "patching", "norm-only", s, _improve(ref[s], 15, 200 + s), keep[s])  # +0.05 every seed
+    report = study_report({"b90": heads}, tmp_path / "report", n_boot=800,
+                          contrasts=[("norm-only vs random heads + norms", (norms, "patching/norm-only"),
+                                      (heads, "patching/random-layers"))])
+    g = {r["arm"]: r for r in report["analyses"][0]["rows"]}["patching/circuit"]["target_gain"]
+    assert g["gain"] == pytest.approx(0.0, abs=1e-9)
+    assert g["hi"] - g["lo"] < 0.06 < g["seed_hi"] - g["seed_lo"]  # the seeds' spread shows only in the second
+    assert g["detectable"] > 0.05
+    row = report["contrasts"][0]
+    assert row["target_gain"]["gain"] == pytest.approx(0.05) and row["target_verdict"] == "above"
+    assert "[CI seeds × examples]" in report["markdown"] and "norm-only vs random heads + norms" in report["markdown"]
+    with pytest.raises(CtsftError, match="has no arm"):
+        contrast("x", (norms, "patching/circuit"), (heads, "patching/random-layers"))
+
+
+def test_the_heads_only_and_norm_only_configs_are_budget_b_with_one_change(tmp_path):
+    b90 = _study_toml("acehnese_b90.toml", tmp_path)
+    heads = _study_toml("acehnese_b90_heads.toml", tmp_path)
+    norms = _study_toml("acehnese_b90_norms.toml", tmp_path)
+    assert heads.transfer.train.train_norms is False and b90.transfer.train.train_norms is True
+    assert set(heads.variants) == {"circuit", "random-layers", "nearzero-layers"} and heads.seeds == (0, 1, 2, 3, 4)
+    assert norms.variants == ("norm-only",) and norms.seeds == (0, 1, 2, 3, 4)
+    for cfg in (heads, norms):
+        assert (cfg.transfer.n_examples, cfg.transfer.n_dev, cfg.transfer.train.epochs, cfg.transfer.train.batch_size) \
+            == (b90.transfer.n_examples, b90.transfer.n_dev, b90.transfer.train.epochs, b90.transfer.train.batch_size)
+        assert cfg.targets == b90.targets and cfg.max_tokens == b90.max_tokens and cfg.eval_limit == b90.eval_limit

@@ -55,6 +55,8 @@ def main() -> None:
     r.add_argument("--n-boot", type=int, default=2000)
     r.add_argument("--pairing", default="seed", choices=["seed", "mean"])
     r.add_argument("--png", action="store_true", help="also write premise.png (needs kaleido)")
+    r.add_argument("--contrast", action="append", default=[], metavar="NAME=FOLDER:SRC/VARIANT,FOLDER:SRC/VARIANT",
+                   help="an arm against another across study folders (gain of the first over the second); repeat")
     for q in (s, g, r):
         q.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -89,8 +91,15 @@ def main() -> None:
             print(f"\n## {name}\n\n{result.markdown()}")
     else:
         budgets = {Path(b).name: b for b in args.budget}
+        contrasts = []
+        for text in args.contrast:
+            name, _, pair = text.partition("=")
+            sides = [side.rsplit(":", 1) for side in pair.split(",")]
+            if not name or len(sides) != 2 or any(len(s) != 2 for s in sides):
+                raise SystemExit(f"error: --contrast {text!r}: give NAME=FOLDER:SRC/VARIANT,FOLDER:SRC/VARIANT")
+            contrasts.append((name, tuple(sides[0]), tuple(sides[1])))
         report = study_report(budgets, args.out, target=args.target, n_boot=args.n_boot, pairing=args.pairing,
-                              png=args.png)
+                              png=args.png, contrasts=contrasts)
         print(report["markdown"])
         print("\n" + "\n".join(f"{k}: {v}" for k, v in report["files"].items()))
 

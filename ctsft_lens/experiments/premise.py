@@ -59,6 +59,7 @@ from ctsft_lens.files import atomic_write_text, cached, read_json, sha256_file, 
 from ctsft_lens.masks import VARIANTS, variant_mask
 from ctsft_lens.models import model_info
 from ctsft_lens.progress import write
+from ctsft_lens.statistics import detectable_effect, paired_interval
 from ctsft_lens.tasks import load_task
 
 Pairing = Literal["seed", "mean"]
@@ -290,6 +291,9 @@ class Gain:
     n_examples: int
     n_boot: int
     pairing: str
+    seed_lo: float | None = None  # the interval over seeds *and* examples (issue #37; statistics.paired_interval)
+    seed_hi: float | None = None
+    detectable: float | None = None  # smallest true gain that interval would detect with 80 % power
 
     def text(self) -> str:
         return f"{self.gain:+.3f} [{self.lo:+.3f}, {self.hi:+.3f}]"
@@ -317,8 +321,18 @@ def paired_gain(arm: dict[int, Sequence[int]], reference: dict[int, Sequence[int
     gen = torch.Generator().manual_seed(boot_seed)
     idx = torch.randint(n_ex, (n_boot, n_ex), generator=gen)
     lo, hi = bootstrap_interval(d[idx].mean(1))
+    both = paired_interval(torch.stack([diff[s] for s in sorted(diff)]), resample_seeds=True, n_boot=n_boot,
+                           boot_seed=boot_seed)
     return Gain(float(d.mean()), lo, hi, {int(s): float(v.mean()) for s, v in sorted(diff.items())}, n_ex, n_boot,
-                pairing)
+                pairing, both.lo, both.hi, detectable_effect(both))
+
+
+def verdict_seeds(gain: Gain) -> Literal["above", "below", "inside"]:
+    """Issue #37's yardstick: the interval over seeds *and* test examples lies above 0, below 0, or
+    holds it (declared before the heads-only, norm-only and multi-target runs)."""
+    if gain.seed_lo is None or gain.seed_hi is None:
+        return "inside"
+    return "above" if gain.seed_lo > 0 else "below" if gain.seed_hi < 0 else "inside"
 
 
 def verdict(gain: Gain) -> Literal["above", "below", "inside"]:
@@ -420,6 +434,11 @@ def _check_same_tests(budget: Budget) -> None:
                              f"({len(ids)} different sets): paired comparisons need one")
 
 
+def _mean_or_none(xs: list[float | None]) -> float | None:
+    """The mean of values all present (macro-F1 of runs that stored their labels), else None."""
+    return None if not xs or any(x is None for x in xs) else statistics.fmean(xs)  # type: ignore[arg-type]
+
+
 def _sd(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -446,6 +465,8 @@ def analyse(budget: Budget, *, reference: str = "random-layers", oracle: str = "
                "target_acc_by_seed": {s: r.target_accuracy for s, r in sorted(arm.runs.items())},
                "source_acc_mean": statistics.fmean(src), "source_acc_sd": _sd(src),
                "source_acc_by_seed": {s: r.source_accuracy for s, r in sorted(arm.runs.items())},
+               "target_f1_mean": _mean_or_none([r.target_macro_f1 for r in arm.runs.values()]),
+               "source_f1_mean": _mean_or_none([r.source_macro_f1 for r in arm.runs.values()]),
                "lr": arm.lr}
         if arm is not ref:
             for which in ("target", "source"):
@@ -469,6 +490,8 @@ def analyse(budget: Budget, *, reference: str = "random-layers", oracle: str = "
 
 
 def _label(arm: Arm, oracle: str, reference: str, anti: str) -> str:
+    if arm.source == oracle and arm.variant == "nearzero-layers":
+        return "anti-circuit, layer-matched"
     if arm.variant == "circuit":
         return f"circuit: {arm.source}" + (" (oracle)" if arm.source == oracle else "")
     if arm.source == oracle and arm.variant == anti:
@@ -515,9 +538,9 @@ def markdown(analyses: Sequence[dict[str, Any]]) -> str:
              f"examples). Gain: over layer-matched random heads ({first['reference']}), mean over the arm's seeds, "
              f"95 % paired bootstrap interval over test examples ({first['n_boot']} resamples, pairing by "
              f"{first['pairing']}); per seed in the JSON.", "",
-             f"| budget | arm | seeds | lr | trainable | {first['target']} accuracy | gain [95 % CI] | "
-             f"{src} retention | Δ retention [95 % CI] |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| budget | arm | seeds | lr | trainable | {first['target']} accuracy | macro-F1 | gain [95 % CI] | "
+             f"[CI seeds × examples] | detectable | {src} retention | Δ retention [95 % CI] |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in analyses:
         budget = _budget_label(a)
         for r in a["rows"]:
@@ -526,10 +549,17 @@ def markdown(analyses: Sequence[dict[str, Any]]) -> str:
                     if "target_gain" in r else "(reference)")
             keep = _g(r["source_gain"]) if "source_gain" in r else "(reference)"
             lr = "?" if r["lr"] is None else f"{r['lr']:g}"
+            tg = r.get("target_gain") or {}
+            both = (f"[{tg['seed_lo']:+.3f}, {tg['seed_hi']:+.3f}]" if tg.get("seed_lo") is not None else "")
+            detect = f"{tg['detectable']:.3f}" if tg.get("detectable") is not None else ""
             lines.append(f"| {budget} | {r['label']} | {len(r['seeds'])} | {lr} | {r['trainable_params']:,d} | "
-                         f"{r['target_acc_mean']:.3f} ± {r['target_acc_sd']:.3f} | {gain} | "
+                         f"{r['target_acc_mean']:.3f} ± {r['target_acc_sd']:.3f} | {_f(r.get('target_f1_mean'))} | "
+                         f"{gain} | {both} | {detect} | "
                          f"{r['source_acc_mean']:.3f} ± {r['source_acc_sd']:.3f} | {keep} |")
-    lines += ["", "✓ / ✗: interval above / below 0 and every seed's gain of that sign (the declared yardstick).", ""]
+    lines += ["", "✓ / ✗: interval above / below 0 and every seed's gain of that sign (the declared yardstick of "
+              "issue #27). [CI seeds × examples]: the 95 % interval of a two-stage bootstrap over the arm's seeds and "
+              "the test examples (issue #37's yardstick); detectable: the smallest gain that interval would detect "
+              "with 80 % power. macro-F1: mean over seeds (? where a run predates stored labels).", ""]
     for a in analyses:
         other = [f"{r['label']} {_g(r['target_gain_other_pairing'])}" for r in a["rows"] if "target_gain_other_pairing" in r]
         scheme = "every seed against the mean of all reference seeds" if a["pairing"] == "seed" else "seed with seed"
@@ -613,16 +643,62 @@ def _padded(span: Sequence[float]) -> list[float]:
     return [min(span) - pad, max(span) + pad]
 
 
+def contrast(name: str, a: tuple[str | Path, str], b: tuple[str | Path, str], *, target: str | None = None,
+             n_boot: int = 2000, boot_seed: int = 0, pairing: Pairing = "seed") -> dict[str, Any]:
+    """One arm against another across study folders (issue #37: norm-only against random heads with
+    norms, heads-only against heads + norms): ``a`` and ``b`` are ``(folder, "source/variant")``.
+    Both must be scored on the same test examples; seed s of both trained on the same sample."""
+    arms = []
+    for folder, key in (a, b):
+        budget = load_budget(folder, target=target)
+        if key not in budget.arms:
+            raise CtsftError(f"{folder} has no arm {key!r}; it has {sorted(budget.arms)}")
+        arms.append(budget.arms[key])
+    for which in ("target", "source"):
+        ids = {r.test_ids.get(which) for arm in arms for r in arm.runs.values()}
+        if len(ids) != 1:
+            raise CtsftError(f"contrast {name}: the arms were not scored on the same {which} test examples")
+    row: dict[str, Any] = {"name": name, "a": f"{a[0]}:{a[1]}", "b": f"{b[0]}:{b[1]}",
+                           "seeds_a": sorted(arms[0].runs), "seeds_b": sorted(arms[1].runs)}
+    for which in ("target", "source"):
+        g = paired_gain(_correct(arms[0], which), _correct(arms[1], which), n_boot=n_boot, boot_seed=boot_seed,
+                        pairing=pairing)
+        row[f"{which}_gain"] = dataclasses.asdict(g)
+        row[f"{which}_verdict"] = verdict_seeds(g)
+    row["target_acc"] = [statistics.fmean(r.target_accuracy for r in arm.runs.values()) for arm in arms]
+    return row
+
+
+def contrasts_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The contrasts as a table: accuracies, the gain of a over b with both intervals."""
+    lines = ["| contrast | seeds a / b | target accuracy a / b | gain a − b [CI examples] | [CI seeds × examples] | "
+             "detectable | Δ retention [CI seeds × examples] |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, s = r["target_gain"], r["source_gain"]
+        lines.append(f"| {r['name']} | {len(r['seeds_a'])} / {len(r['seeds_b'])} | {r['target_acc'][0]:.3f} / "
+                     f"{r['target_acc'][1]:.3f} | {_g(t)} | [{t['seed_lo']:+.3f}, {t['seed_hi']:+.3f}] | "
+                     f"{t['detectable']:.3f} | {s['gain']:+.3f} [{s['seed_lo']:+.3f}, {s['seed_hi']:+.3f}] |")
+    return "\n".join(lines)
+
+
 def study_report(budgets: dict[str, str | Path], out: str | Path, *, target: str | None = None,
                  reference: str = "random-layers", oracle: str = "patching", anti: str = "nearzero",
-                 n_boot: int = 2000, boot_seed: int = 0, pairing: Pairing = "seed", png: bool = False) -> dict[str, Any]:
+                 n_boot: int = 2000, boot_seed: int = 0, pairing: Pairing = "seed", png: bool = False,
+                 contrasts: Sequence[tuple[str, tuple[str | Path, str], tuple[str | Path, str]]] = ()) -> dict[str, Any]:
     """The table (``premise.md``), figure (``premise.html``, ``premise.png`` with ``png``) and
-    ``premise.json`` of a study's budgets (name -> study folder); returns what ``premise.json`` holds."""
+    ``premise.json`` of a study's budgets (name -> study folder); returns what ``premise.json`` holds.
+    ``contrasts``: ``(name, (folder, arm), (folder, arm))`` comparisons across folders (:func:`contrast`),
+    a second table."""
     analyses = [analyse(load_budget(folder, name, target), reference=reference, oracle=oracle, anti=anti,
                         n_boot=n_boot, boot_seed=boot_seed, pairing=pairing) for name, folder in budgets.items()]
+    across = [contrast(name, a, b, target=target, n_boot=n_boot, boot_seed=boot_seed, pairing=pairing)
+              for name, a, b in contrasts]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(analyses)
+    if across:
+        text += "\n\nContrasts across study folders (gain of a over b, paired by seed and example):\n\n" + \
+            contrasts_markdown(across)
     atomic_write_text(out / "premise.md", text + "\n")
     fig = figure(analyses)
     fig.write_html(out / "premise.html", include_plotlyjs="directory", config={"displaylogo": False})
@@ -632,7 +708,7 @@ def study_report(budgets: dict[str, str | Path], out: str | Path, *, target: str
 
         files["png"] = str(save_png(fig, out / "premise.png", scale=1))
     data = {"budgets": {name: str(folder) for name, folder in budgets.items()}, "analyses": analyses,
-            "files": files}
+            "contrasts": across, "files": files}
     write_json(out / "premise.json", data)
     return {**data, "markdown": text}
 
