@@ -17,6 +17,8 @@
 #                            each with its own target-dev sweep (LRS: its rates, default HEAD_LRS); 5 seeds;
 #                            grid_b90_heads runs the primary arms (circuit, random-layers; HEAD_VARIANTS), then
 #   grid_b90_heads_anti      the heads-only layer-matched anti-circuit (secondary)
+#   grid_b90_shared          issue #37, secondary: every arm at the paper's shared rate 5e-5 (acehnese_b90_shared.toml)
+#   TARGET=buginese|javanese sweep_b90 grid_b90: budget B on the other targets (buginese_b90.toml, javanese_b90.toml)
 #   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
 #                            results folder, to commit: a fresh machine resumes from it
 # Every stage resumes: a circuit file that exists is kept, sweep points and transfer cells are cached by
@@ -36,6 +38,7 @@ CTSFT=${CTSFT:-ctsft}
 HERE=$(dirname "$0")
 MODEL=${MODEL:-runs/real_weights/competence/model}  # `benchmarks/real_weights/run.sh MODEL_DIR runs/real_weights competence`
 STORE=${STORE:-$HERE/results}                       # tracked: what a fresh clone resumes from
+TARGET=${TARGET:-acehnese}                          # sweep_bNN / grid_bNN read TARGET_bNN.toml (issue #37: buginese, javanese)
 STAGES=${*:-restore circuits sweep_b30 grid_b30 report sweep_b90 grid_b90 report save}
 mkdir -p "$OUT/circuits"
 
@@ -57,18 +60,18 @@ for s in $STAGES; do
           --n-examples 24 --seed 0 --ratio 0.02 --max-depth 0 --heads-per-forward 16 --batch-size 8 \
           --out "$dest" --no-progress
       fi ;;
-    sweep_b30|sweep_b90)  # target (Acehnese) dev only: 72 label-balanced valid examples, the grid's seed-0 sample
-      cfg="$HERE/acehnese_${s#sweep_}.toml"
+    sweep_b30|sweep_b90)  # target dev only: 72 label-balanced valid examples, the grid's seed-0 sample
+      cfg="$HERE/${TARGET}_${s#sweep_}.toml"
       stage "${s}_heads" python "$HERE/premise.py" sweep --config "$cfg" --variant circuit --lrs "$HEAD_LRS" --no-progress
       stage "${s}_full" python "$HERE/premise.py" sweep --config "$cfg" --variant full --lrs "$FULL_LRS" --no-progress ;;
     grid_b30|grid_b90)  # every arm of every circuit source at the sweep's rates, seed-major
       rates_var="RATES_${s#grid_}"; rates=(); [ -n "${!rates_var:-}" ] && rates=(--rates "${!rates_var}")
-      stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_${s#grid_}.toml" --sources "$SOURCES" \
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/${TARGET}_${s#grid_}.toml" --sources "$SOURCES" \
         "${rates[@]}" --png --no-progress ;;
     report)  # the table, figure and sentences of every budget with runs so far
       budgets=()
       for b in b30 b90; do
-        compgen -G "$OUT/acehnese_$b/*/runs/*/*/seed*.json" > /dev/null && budgets+=(--budget "$OUT/acehnese_$b")
+        compgen -G "$OUT/${TARGET}_$b/*/runs/*/*/seed*.json" > /dev/null && budgets+=(--budget "$OUT/${TARGET}_$b")
       done
       stage report python "$HERE/premise.py" report "${budgets[@]}" --out "$OUT/report" --png ;;
     sweep_b90_heads|sweep_b90_norms)  # issue #37: the heads-only and norm-only arms' own target-dev sweeps
@@ -86,6 +89,9 @@ for s in $STAGES; do
     grid_b90_heads_anti)  # issue #37, secondary: the layer-matched anti-circuit, heads only (after the primary arms)
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_heads.toml" --sources patching \
         --variants nearzero-layers --no-progress ;;
+    grid_b90_shared)  # issue #37, secondary: every arm at the paper's shared rate 5e-5 (no sweep)
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_shared.toml" --sources patching \
+        --rates head=5e-5,full=5e-5 --no-progress ;;
     rate_check_b90)  # does the b90 verdict hang on the head sweep's pick (3e-3 over 1e-3 by two dev examples)?
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_lr1e-3.toml" --sources patching \
         --rates head=1e-3 --no-progress
