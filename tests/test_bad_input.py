@@ -163,11 +163,12 @@ def test_a_verbalizer_with_fewer_words_than_labels_is_refused():
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     import ctsft_lens.cli as cli
+    from ctsft_lens.cli import env as cli_env
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "COMMANDS", [(a, interrupted if c is cli._cmd_env else c) for a, c in cli.COMMANDS])
+    monkeypatch.setattr(cli, "COMMANDS", [(a, interrupted if c is cli_env._cmd_env else c) for a, c in cli.COMMANDS])
     rc = main(["env"])
     err = capsys.readouterr().err.strip()
     assert rc == 130 and err == "ctsft env: interrupted"
@@ -206,9 +207,9 @@ def _circuit_with_head_outside(tmp_path) -> Path:
     ["train", "--model", "tiny", "--variant", "nearzero", "--n-examples", "3", "--epochs", "1"],
 ])
 def test_a_circuit_head_outside_its_model_is_refused_by_every_variant(argv, tmp_path, capsys, monkeypatch):
-    import ctsft_lens.cli as cli
+    from ctsft_lens.cli import common
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the circuit check"))
+    monkeypatch.setattr(common, "_load", lambda *a, **k: pytest.fail("the model was loaded before the circuit check"))
     bad = _circuit_with_head_outside(tmp_path)
     out = tmp_path / ("m.json" if argv[0] == "mask" else "o")
     rc, err = _run([*argv, "--circuit", str(bad), "--out", str(out)], capsys)
@@ -226,9 +227,9 @@ def test_a_circuit_head_outside_its_model_is_refused_by_every_variant(argv, tmp_
 ])
 def test_an_out_under_a_system_folder_is_refused_before_any_work(argv, capsys, monkeypatch):
     """/proc passes a permission check (as root, every folder does) but refuses mkdir: tried, not assumed."""
-    import ctsft_lens.cli as cli
+    from ctsft_lens.cli import common
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    monkeypatch.setattr(common, "_load", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
     out = Path("/proc") / "ctsft-test-out" / "run"
     rc, err = _run([*argv, "--out", str(out)], capsys)
     assert rc == 2 and "not a writable folder" in err and "choose another" in err, err
@@ -350,9 +351,9 @@ def _model_folder(tmp_path) -> tuple[Path, dict[str, bytes]]:
     (["apply-adapter", "--adapter", "ad"], "P/model"),
 ])
 def test_an_out_over_the_model_folder_it_reads_is_refused_before_any_work(argv, out, tmp_path, capsys, monkeypatch):
-    import ctsft_lens.cli as cli
+    from ctsft_lens.cli import common
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
+    monkeypatch.setattr(common, "_load", lambda *a, **k: pytest.fail("the model was loaded before --out was checked"))
     model, before = _model_folder(tmp_path)
     monkeypatch.chdir(tmp_path / "P" if out == "." else tmp_path)
     listing = sorted(p.name for p in model.rglob("*"))
@@ -430,9 +431,9 @@ def test_a_mask_listing_a_head_twice_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", ["--mask", "--circuit"])
 def test_a_deeply_nested_json_is_one_line_before_the_model_loads(flag, tmp_path, capsys, monkeypatch):
-    import ctsft_lens.cli as cli
+    from ctsft_lens.cli import common
 
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded before the file was read"))
+    monkeypatch.setattr(common, "_load", lambda *a, **k: pytest.fail("the model was loaded before the file was read"))
     deep = _deep(tmp_path, "deep.json")
     extra = ["--variant", "circuit"] if flag == "--circuit" else []
     rc, err = _run(["train", "--model", "tiny", flag, str(deep), *extra, "--out", str(tmp_path / "o")], capsys)

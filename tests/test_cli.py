@@ -55,7 +55,7 @@ def test_choices_and_training_flags_come_from_the_registries():
 
 
 def test_training_flags_build_the_train_config():
-    from ctsft_lens.cli import _train_config
+    from ctsft_lens.cli.common import _train_config
 
     args = build_parser().parse_args(["train", "--variant", "full", "--lr", "3e-4", "--betas", "0.8", "0.95",
                                       "--max-grad-norm", "none", "--kv", "selected-groups"])

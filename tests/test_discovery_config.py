@@ -87,7 +87,7 @@ def test_a_bad_flag_value_is_a_usage_error(capsys):
 def test_flags_build_the_config_and_reach_the_scorer(monkeypatch):
     """``heads_per_forward`` was added as one field: it is a discover flag and reaches the patching scorer."""
     from ctsft_lens import total_effect
-    from ctsft_lens.cli import _discovery_config
+    from ctsft_lens.cli.common import _discovery_config
     from ctsft_lens.discovery import discover
     from ctsft_lens.models import tiny_model
     from ctsft_lens.tasks import load_task

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from ctsft_lens import experiments
 from ctsft_lens.experiments import ConfigError, DiscoveryConfig, ExperimentConfig, StageConfig, run_experiment
+from ctsft_lens.experiments import runner, stages
 from ctsft_lens.train import TrainConfig
 
 
@@ -45,7 +45,7 @@ def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch
     def boom(*a, **k):
         raise AssertionError("a cached stage was recomputed")
 
-    monkeypatch.setattr(experiments, "_finetune", boom)
+    monkeypatch.setattr(stages, "_finetune", boom)
     again = run_experiment(cfg, progress=False, png=True)  # kaleido: a dev dependency
     assert again.table() == rows
     for name in ("transfer_png", "tradeoff_png"):  # PNGs beside the HTML, from the cached runs
@@ -55,7 +55,7 @@ def test_protocol_runs_writes_table_and_resumes_from_cache(tmp_path, monkeypatch
     # A partly finished run resumes: delete one run and only that one is trained again.
     (tmp_path / "run" / "runs" / "javanese" / "full" / "seed1.json").unlink()
     calls = []
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(1) or 7)
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: calls.append(1) or 7)
     run_experiment(cfg, progress=False)
     assert len(calls) == 1
 
@@ -64,13 +64,13 @@ def test_changed_settings_recompute_only_the_stages_that_depend_on_them(tmp_path
     cfg = _tiny_config(tmp_path / "run", variants=("full",), seeds=(0,))
     run_experiment(cfg, progress=False)
     calls = []
-    real = experiments._finetune
+    real = stages._finetune
 
     def spy(model, train_ex, *a, **k):
         calls.append(len(train_ex))
         return real(model, train_ex, *a, **k)
 
-    monkeypatch.setattr(experiments, "_finetune", spy)
+    monkeypatch.setattr(stages, "_finetune", spy)
     run_experiment(dataclasses.replace(cfg, seeds=(0, 1)), progress=False)
     assert calls == [6]                       # only the new seed's run; competence is reused
     calls.clear()
@@ -140,7 +140,7 @@ def test_png_without_kaleido_is_one_line_before_any_work(tmp_path, capsys, monke
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "kaleido" else real(name, *a))
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: pytest.fail("work started"))
     config = Path(__file__).parents[1] / "configs" / "nusax_cpu.toml"
     rc = main(["experiment", "--config", str(config), "--smoke", "--png", "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err.strip().splitlines()
@@ -179,8 +179,8 @@ def test_force_recomputes_but_never_deletes_foreign_files(tmp_path, monkeypatch)
     cfg = _tiny_config(out, variants=("norm-only",), seeds=(0,))
     run_experiment(cfg, progress=False)
     calls = []
-    real = experiments._finetune
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stages._finetune
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
     run_experiment(cfg, progress=False, force=True)
     assert len(calls) == 2 and (out / "notes.txt").read_text() == "mine"
 
@@ -194,7 +194,7 @@ def test_a_damaged_stage_file_is_recomputed(tmp_path):
 
 
 def test_an_impossible_sample_fails_before_any_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: pytest.fail("trained before checking"))
     cfg = _tiny_config(tmp_path / "run", transfer=StageConfig(n_examples=3000, n_dev=3))
     with pytest.raises(Exception, match="cannot give 3000 balanced examples"):
         run_experiment(cfg, progress=False)
@@ -202,7 +202,7 @@ def test_an_impossible_sample_fails_before_any_training(tmp_path, monkeypatch):
 
 
 def test_an_unwritable_out_fails_before_any_training(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: pytest.fail("trained before checking"))
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: pytest.fail("trained before checking"))
     (tmp_path / "f").write_text("x")
     with pytest.raises(Exception, match="not a writable folder"):
         run_experiment(_tiny_config(tmp_path / "f" / "run"), progress=False)
@@ -229,7 +229,7 @@ def test_damaged_competence_weights_are_recomputed(tmp_path):
 
 def test_pools_shared_is_the_competence_sample_and_held_out_is_disjoint(tmp_path):
     from ctsft_lens import load_task
-    from ctsft_lens.experiments import _stage_data, discovery_pool
+    from ctsft_lens.experiments.stages import _stage_data, discovery_pool
 
     task = load_task("nusax-senti", "indonesian")
     cfg = _tiny_config(tmp_path)
@@ -242,13 +242,13 @@ def test_pools_shared_is_the_competence_sample_and_held_out_is_disjoint(tmp_path
 
 def test_continued_tuning_in_the_source_language_excludes_the_competence_examples(tmp_path, monkeypatch):
     seen = []
-    real = experiments._finetune
+    real = stages._finetune
 
     def spy(model, train_ex, *a, **k):
         seen.append({ex.uid for ex in train_ex})
         return real(model, train_ex, *a, **k)
 
-    monkeypatch.setattr(experiments, "_finetune", spy)
+    monkeypatch.setattr(stages, "_finetune", spy)
     cfg = _tiny_config(tmp_path / "run", targets=("indonesian",), variants=("full",), seeds=(0,))
     result = run_experiment(cfg, progress=False)
     competence, transfer = seen
@@ -263,9 +263,7 @@ def test_depths_report_every_depth_from_one_discovery(tmp_path, monkeypatch):
         {r["variant"] for r in result.table()} == {"circuit@d0", "nearzero@d0", "circuit@d1", "nearzero@d1"}
     by = {r["variant"]: r["trainable_params"] for r in result.table()}
     assert by["circuit@d0"] < by["circuit@d1"]
-    import ctsft_lens.cdt as cdt
-
-    monkeypatch.setattr(cdt, "discover", lambda *a, **k: pytest.fail("discovery reran"))
+    monkeypatch.setattr(stages, "discover", lambda *a, **k: pytest.fail("discovery reran"))
     only = dataclasses.replace(cfg, discovery=dataclasses.replace(cfg.discovery, depths=(1,)))
     run_experiment(only, progress=False)  # another reported depth: the circuit comes from the cache
 
@@ -289,8 +287,8 @@ def test_truncation_is_reported_and_keeps_the_template(tmp_path):
 
 def test_a_sweep_shares_one_competence_model(tmp_path, monkeypatch):
     calls = []
-    real = experiments._finetune
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(k.get("mask")) or real(*a, **k))
+    real = stages._finetune
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: calls.append(k.get("mask")) or real(*a, **k))
     cfg = _tiny_config(tmp_path / "run", variants=("circuit",), seeds=(0,),
                        sweep={"key": "discovery.ratio", "values": [0.05, 0.1]})
     result = run_experiment(cfg, progress=False)
@@ -303,13 +301,13 @@ def test_lr_by_variant_reaches_each_variant_and_keeps_the_others_cached(tmp_path
     cfg = _tiny_config(tmp_path / "run", variants=("full", "norm-only"), seeds=(0,))
     run_experiment(cfg, progress=False)
     seen = []
-    real = experiments._finetune
+    real = stages._finetune
 
     def spy(model, train_ex, dev_ex, stage, **k):
         seen.append(stage.train.lr)
         return real(model, train_ex, dev_ex, stage, **k)
 
-    monkeypatch.setattr(experiments, "_finetune", spy)
+    monkeypatch.setattr(stages, "_finetune", spy)
     faster = dataclasses.replace(cfg.transfer, lr_by_variant={"norm-only": 5e-2})
     run_experiment(dataclasses.replace(cfg, transfer=faster), progress=False)
     assert seen == [5e-2]  # only the variant whose rate changed trains again, with its own rate
@@ -319,7 +317,7 @@ def test_a_competence_checkpoint_is_used_as_is(tmp_path, monkeypatch):
     from ctsft_lens.models import load_model, save_model
 
     save_model(load_model("tiny"), tmp_path / "ckpt")
-    monkeypatch.setattr(experiments, "competence_stage", lambda *a, **k: pytest.fail("the competence stage ran"))
+    monkeypatch.setattr(runner, "competence_stage", lambda *a, **k: pytest.fail("the competence stage ran"))
     cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,), competence_model=str(tmp_path / "ckpt"))
     rows = run_experiment(cfg, progress=False).table()
     assert rows[0]["n_seeds"] == 1 and not (tmp_path / "run" / "competence").exists()
@@ -340,8 +338,8 @@ def test_a_given_checkpoint_is_cached_by_its_content_not_its_path(tmp_path, monk
     cfg = _tiny_config(tmp_path / "run", variants=("norm-only",), seeds=(0,), competence_model=str(tmp_path / "ckpt"))
     first = run_experiment(cfg, progress=False).table()
     calls = []
-    real = experiments._finetune
-    monkeypatch.setattr(experiments, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = stages._finetune
+    monkeypatch.setattr(stages, "_finetune", lambda *a, **k: calls.append(1) or real(*a, **k))
     shutil.copytree(tmp_path / "ckpt", tmp_path / "moved")  # another path, the same bytes: all cached
     assert run_experiment(dataclasses.replace(cfg, competence_model=str(tmp_path / "moved")),
                           progress=False).table() == first and calls == []
@@ -372,7 +370,7 @@ def test_model_digest_reads_weights_and_config_but_not_machine_paths(tmp_path):
 
 
 def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
     from ctsft_lens.circuit import save_circuit
     from ctsft_lens.models import load_model, save_model
     from ctsft_lens.tasks import load_task
@@ -382,7 +380,7 @@ def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
     circuit = discover(model, load_task("nusax-senti", "indonesian").sample(3, seed=0), ratio=0.1, max_depth=0,
                        progress=False)
     save_circuit(circuit, tmp_path / "c.json")
-    monkeypatch.setattr(experiments, "discovery_stage", lambda *a, **k: pytest.fail("discovery ran"))
+    monkeypatch.setattr(runner, "discovery_stage", lambda *a, **k: pytest.fail("discovery ran"))
     cfg = _tiny_config(tmp_path / "run", variants=("circuit",), seeds=(0,), competence_model=str(tmp_path / "ckpt"),
                        circuit=str(tmp_path / "c.json"))
     result = run_experiment(cfg, progress=False)

@@ -7,8 +7,8 @@ One module per command group, over the options they share (:mod:`~ctsft_lens.cli
 :mod:`~ctsft_lens.cli.evaluation` (eval), :mod:`~ctsft_lens.cli.experiment` (experiment,
 quickstart), :mod:`~ctsft_lens.cli.sft` (competence, train, apply-adapter),
 :mod:`~ctsft_lens.cli.circuits` (discover, mask), :mod:`~ctsft_lens.cli.analysis` (faithfulness,
-report, compare) and :mod:`~ctsft_lens.cli.env` (env). Every name is re-exported here, and
-rebinding one here rebinds it in those modules (see :mod:`ctsft_lens._floors`).
+report, compare) and :mod:`~ctsft_lens.cli.env` (env). A name is looked up, and replaced in a
+test, in the module that uses it (``_load`` is called as ``common._load`` by every command).
 """
 
 from __future__ import annotations
@@ -18,39 +18,26 @@ import sys
 from typing import Any, Callable
 
 from ctsft_lens import distributed
-from ctsft_lens._floors import rebind_through
-from ctsft_lens.cli import analysis, circuits, common, env, evaluation, experiment, sft
-from ctsft_lens.cli.analysis import (_add_compare, _add_faithfulness, _add_report, _cmd_compare, _cmd_faithfulness,
-                                     _cmd_report)
-from ctsft_lens.cli.circuits import _add_discover, _add_mask, _cmd_discover, _cmd_mask
-from ctsft_lens.cli.common import (_add_device, _add_discovery_config, _add_field_flag, _add_model, _add_out,
-                                   _add_task, _add_train_config, _check_fit, _checked_type, _dest,
-                                   _discovery_config, _load, _optional, _positions, _positive, _train_config,
-                                   write_results)
-from ctsft_lens.cli.env import _add_env, _cmd_env
-from ctsft_lens.cli.evaluation import _add_eval, _cmd_eval
-from ctsft_lens.cli.experiment import (_add_experiment, _add_quickstart, _cmd_experiment, _cmd_quickstart,
-                                       _run_experiment)
-from ctsft_lens.cli.sft import (_add_apply_adapter, _add_competence, _add_sft_options, _add_train,
-                                _cmd_apply_adapter, _cmd_competence, _cmd_train, _run_sft)
+from ctsft_lens.cli import analysis, circuits, env, evaluation, experiment, sft
+from ctsft_lens.cli.common import write_results
 from ctsft_lens.devices import set_threads
 from ctsft_lens.errors import CLIError, CtsftError
 
 __all__ = ["COMMANDS", "build_parser", "main", "write_results"]
 
 COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]]] = [
-    (_add_eval, _cmd_eval),
-    (_add_experiment, _cmd_experiment),
-    (_add_quickstart, _cmd_quickstart),
-    (_add_competence, _cmd_competence),
-    (_add_train, _cmd_train),
-    (_add_apply_adapter, _cmd_apply_adapter),
-    (_add_faithfulness, _cmd_faithfulness),
-    (_add_discover, _cmd_discover),
-    (_add_mask, _cmd_mask),
-    (_add_env, _cmd_env),
-    (_add_report, _cmd_report),
-    (_add_compare, _cmd_compare),
+    (evaluation._add_eval, evaluation._cmd_eval),
+    (experiment._add_experiment, experiment._cmd_experiment),
+    (experiment._add_quickstart, experiment._cmd_quickstart),
+    (sft._add_competence, sft._cmd_competence),
+    (sft._add_train, sft._cmd_train),
+    (sft._add_apply_adapter, sft._cmd_apply_adapter),
+    (analysis._add_faithfulness, analysis._cmd_faithfulness),
+    (circuits._add_discover, circuits._cmd_discover),
+    (circuits._add_mask, circuits._cmd_mask),
+    (env._add_env, env._cmd_env),
+    (analysis._add_report, analysis._cmd_report),
+    (analysis._add_compare, analysis._cmd_compare),
 ]
 
 
@@ -153,5 +140,3 @@ def _run_checked(args: argparse.Namespace) -> int:
         return 130
     return 0
 
-
-rebind_through(__name__, (common, evaluation, experiment, sft, circuits, analysis, env))

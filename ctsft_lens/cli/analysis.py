@@ -22,7 +22,8 @@ from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, SPLITS
 from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance, save_png
 from ctsft_lens.scoring import HEAD_SCORINGS
 from ctsft_lens.tasks import load_task
-from ctsft_lens.cli.common import (_add_discovery_config, _add_model, _add_out, _add_task, _discovery_config, _load,
+from ctsft_lens.cli import common
+from ctsft_lens.cli.common import (_add_discovery_config, _add_model, _add_out, _add_task, _discovery_config,
                                    _positive, write_results)
 
 
@@ -66,7 +67,7 @@ def _cmd_faithfulness(args: argparse.Namespace) -> None:
         circuits[name], files[name] = c, str(path)
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, args.split, seed=args.seed)
-    model = _load(args)
+    model = common._load(args)
     for path, c in zip(files.values(), circuits.values()):
         try:
             circuit_mask(c).check(model)
@@ -128,7 +129,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     circuit = load_circuit(args.circuit)
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, args.split, seed=args.seed)
-    model = _load(args)
+    model = common._load(args)
     try:
         circuit_mask(circuit).check(model)
     except MaskError as err:
@@ -193,7 +194,7 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     discovery = task.sample(args.n_discovery, "train", seed=args.seed)
     evaluation = task.sample(args.n_eval, args.split, seed=args.seed)
     writable_folder(args.out, reads=[("--model", args.model)])
-    model = _load(args)
+    model = common._load(args)
     n_total = int(model.cfg.n_layers) * int(model.cfg.n_heads)
     result = compare_methods(model, discovery, evaluation, args.method, _discovery_config(args, "compare"), sizes=size_grid(n_total, args.points, args.max_size),
                              seeds=tuple(range(args.seeds)), n_boot=args.n_boot, batch_size=args.batch_size,

@@ -17,7 +17,8 @@ from ctsft_lens.files import atomic_write_text, writable_folder
 from ctsft_lens.masks import VARIANTS, save_mask, variant_mask
 from ctsft_lens.means import correct_examples
 from ctsft_lens.tasks import load_task
-from ctsft_lens.cli.common import _add_discovery_config, _add_model, _add_task, _discovery_config, _load, _positive
+from ctsft_lens.cli import common
+from ctsft_lens.cli.common import _add_discovery_config, _add_model, _add_task, _discovery_config, _positive
 
 
 def _add_discover(sub: Any) -> None:
@@ -50,7 +51,7 @@ def _cmd_discover(args: argparse.Namespace) -> None:
     writable_folder(out if len(scorings) > 1 else paths[scorings[0]].parent, reads=[("--model", args.model)])
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.sample(args.n_examples, "train", seed=args.seed)
-    model = _load(args)
+    model = common._load(args)
     check_fit(model, examples)
     reference = None
     if args.mean_over == "correct":

@@ -37,7 +37,8 @@ def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
 
 
 def _load(args: argparse.Namespace, name: str | None = None) -> Any:
-    """The model of ``--model`` (or ``name``) on ``--device`` in ``--dtype``."""
+    """The model of ``--model`` (or ``name``) on ``--device`` in ``--dtype``. The commands call it as
+    ``common._load``, so that replacing it here (tests/test_bad_input.py) reaches every command."""
     return load_model(name or args.model, device=rank_device(args.device), dtype=args.dtype)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 from ctsft_lens.files import writable_folder
 from ctsft_lens.options import SPLITS
 from ctsft_lens.tasks import load_task
-from ctsft_lens.cli.common import _add_model, _add_out, _add_task, _check_fit, _load, _positive, write_results
+from ctsft_lens.cli import common
+from ctsft_lens.cli.common import _add_model, _add_out, _add_task, _check_fit, _positive, write_results
 
 
 def _add_eval(sub: Any) -> None:
@@ -29,7 +30,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     writable_folder(args.out, reads=[("--model", args.model)])
     task = load_task(args.task, args.lang, args.data_dir)
     examples = task.examples(args.split, args.limit)
-    model = _load(args)
+    model = common._load(args)
     _check_fit(model, examples)  # before scoring any prompt (batches run shortest first), as train does
     result = evaluate(model, examples, batch_size=args.batch_size, progress=not args.no_progress)
     head = f"{args.task}/{task.language}/{args.split} with model {args.model}"

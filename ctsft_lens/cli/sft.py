@@ -19,7 +19,8 @@ from ctsft_lens.files import writable_folder
 from ctsft_lens.masks import VARIANTS, check_circuit, load_mask, variant_mask
 from ctsft_lens.models import load_model, model_info, save_model
 from ctsft_lens.tasks import load_task
-from ctsft_lens.cli.common import (_add_model, _add_out, _add_task, _add_train_config, _check_fit, _load, _positive,
+from ctsft_lens.cli import common
+from ctsft_lens.cli.common import (_add_model, _add_out, _add_task, _add_train_config, _check_fit, _positive,
                                    _train_config, write_results)
 
 
@@ -96,7 +97,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     train_ex = task.sample(args.n_examples, "train", seed=args.seed)
     dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
     test_ex = task.examples("test", args.test_limit)
-    model = _load(args)
+    model = common._load(args)
     _check_fit(model, [*train_ex, *dev_ex, *test_ex])  # before training, not after
     if mask_file:
         mask = load_mask(mask_file, model, strict_weights=getattr(args, "strict", False), warn_weights=True)

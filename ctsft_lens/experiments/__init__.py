@@ -18,27 +18,21 @@ One module per floor, each importing only the floors below it:
 - :mod:`~ctsft_lens.experiments.runner`: :func:`run_experiment` and :func:`run_sweep`;
 - :mod:`~ctsft_lens.experiments.presets`: :func:`smoke_config` and :func:`quickstart_config`.
 
-Every name is re-exported here: ``from ctsft_lens.experiments import X`` works as it did when
-this was one module, and rebinding a name here rebinds it in the floors (see
-:mod:`ctsft_lens._floors`).
+The public names are re-exported here (``__all__``); a private one is imported, and replaced in a
+test, from the floor module that defines and uses it (``ctsft_lens.experiments.stages._finetune``).
 """
 
 from __future__ import annotations
 
-from ctsft_lens._floors import rebind_through
 from ctsft_lens.discovery_config import DiscoveryConfig
 from ctsft_lens.errors import ConfigError, CtsftError
-from ctsft_lens.experiments import config, presets, report, runner, stages
-from ctsft_lens.experiments.config import (STAGE_FIELDS, ExperimentConfig, RetentionPair, StageConfig, _checked,
-                                           _lang, _table)
+from ctsft_lens.experiments.config import STAGE_FIELDS, ExperimentConfig, RetentionPair, StageConfig
 from ctsft_lens.experiments.presets import quickstart_config, smoke_config
-from ctsft_lens.experiments.report import (ExperimentResult, RunResult, _binomial_se, _circuit_summary, _se_text,
-                                           _std, _write_tables)
-from ctsft_lens.experiments.runner import _run_experiment, run_experiment, run_sweep
-from ctsft_lens.experiments.stages import (_cached, _cut, _finetune, _load, _needs_circuit, _retention_key,
-                                           _retention_tests, _stage_data, a0_stage, competence_stage,
-                                           discovery_pool, discovery_stage, faithfulness_stage, fine_tune,
-                                           preflight, retention_stage, transfer_stage, used_examples)
+from ctsft_lens.experiments.report import ExperimentResult, RunResult
+from ctsft_lens.experiments.runner import run_experiment, run_sweep
+from ctsft_lens.experiments.stages import (a0_stage, competence_stage, discovery_pool, discovery_stage,
+                                           faithfulness_stage, fine_tune, preflight, retention_stage, transfer_stage,
+                                           used_examples)
 from ctsft_lens.train.trainer import TrainConfig
 
 __all__ = [
@@ -50,5 +44,3 @@ __all__ = [
     "run_experiment", "run_sweep",
     "quickstart_config", "smoke_config",
 ]
-
-rebind_through(__name__, (config, report, stages, runner, presets))

@@ -11,10 +11,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-
-from ctsft_lens import cdt
 from ctsft_lens.batching import check_fit, truncate
 from ctsft_lens.circuit import load_circuit, save_circuit
+from ctsft_lens.discovery import discover
 from ctsft_lens.distributed import rank_device
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.evaluate import evaluate
@@ -121,7 +120,7 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
             reference = correct_examples(model, _cut(config, model, pool), d.mean_n, seed=1)
         log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth}, {d.pool} pool, "
             f"means over {len(reference or examples)} {d.mean_over} examples)")
-        return cdt.discover(model, examples, d, reference=reference, progress=progress)
+        return discover(model, examples, d, reference=reference, progress=progress)
 
     def save(circuit: Any, path: Path) -> None:
         save_circuit(circuit, path)
