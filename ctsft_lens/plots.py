@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
 
-from ctsft_lens.circuit import Circuit, head_name
+from ctsft_lens.circuit import Circuit, Edge, Head, head_name
 from ctsft_lens.faithfulness import FaithfulnessReport
 
 COLORS = {"projection": "#1f77b4", "magnitude": "#d62728"}
@@ -77,15 +77,24 @@ def _offline_renderer() -> Any:
     from plotly.io._base_renderers import HtmlRenderer
 
     class OfflineNotebookRenderer(HtmlRenderer):
-        """text/html: a div and its ``Plotly.newPlot`` call; plotly.js comes from the one-time init."""
+        """text/html: a div and its ``Plotly.newPlot`` call; plotly.js comes from the one-time init.
+        The figure fits the notebook's column: as wide as it was drawn for, narrower when the column
+        is (plotly redraws it to the column's width), never wider than the column."""
 
         def __init__(self) -> None:
             super().__init__(connected=False, full_html=False, global_init=True, include_plotlyjs=False,
-                             config={"displaylogo": False})
+                             config={"displaylogo": False, "responsive": True})
 
         def to_mimebundle(self, fig_dict: dict) -> dict:
-            return {"text/html": to_html(fig_dict, config=self.config, include_plotlyjs=False, include_mathjax=False,
-                                         full_html=False, default_width="100%", default_height=525, validate=False)}
+            layout = dict(fig_dict.get("layout") or {})
+            width = layout.pop("width", None)
+            if width:
+                layout["autosize"] = True
+            div = to_html({**fig_dict, "layout": layout}, config=self.config, include_plotlyjs=False,
+                          include_mathjax=False, full_html=False, default_width="100%", default_height=525,
+                          validate=False)
+            box = f"width:{int(width)}px;" if width else ""
+            return {"text/html": f"<div class='ctsft-fig' style='{box}max-width:100%;overflow-x:auto'>{div}</div>"}
 
     return OfflineNotebookRenderer()
 
@@ -214,7 +223,7 @@ def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] 
         fig.add_trace(go.Heatmap(
             z=z, x=list(range(table.shape[1])), y=list(range(table.shape[0])),
             colorscale="RdBu" if signed else "Viridis", reversescale=signed,
-            zmin=-top if signed else 0, zmax=top, hovertemplate="L%{y}.H%{x}: %{z:.4g}<extra></extra>",
+            zmin=-top if signed else 0, zmax=top, hovertemplate="head %{y}.%{x}: %{z:.4g}<extra></extra>",
             colorbar={"x": fig.get_subplot(1, i).xaxis.domain[1] + 0.01, "len": 0.9, "thickness": 12}),
             row=1, col=i)
         if isinstance(item, Circuit):
@@ -231,57 +240,171 @@ def plot_relevance(tables: Mapping[str, Float[torch.Tensor, "n_layers n_heads"] 
 # --------------------------------------------------------------------------------------------
 # The circuit as a graph
 # --------------------------------------------------------------------------------------------
+DEPTH_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+_EDGE_COLOR = "#8c8c8c"
+_NODE_PX, _LOGITS_PX = 16, 22  # marker diameters
+
+
 def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title: str | None = None,
                  plotlyjs: bool | str = True) -> go.Figure:
-    """Heads of the circuit placed by (head, layer), expansion edges as lines, the logits on top;
-    node colour is the expansion depth at which the head joined."""
+    """Heads of the circuit placed by (head, layer), the logits on top. Each expansion edge is an
+    arrow from the head that was added to the head (or the logits) it was scored against, its
+    width the edge's score (hover an edge for the number), bent where a straight line would cross
+    another head or its label. Node colour is the expansion depth at which the head joined, one
+    legend entry per depth."""
     n_layers = int(circuit.model.get("n_layers") or circuit.scores[0].shape[0])
     n_heads = int(circuit.model.get("n_heads") or circuit.scores[0].shape[1])
-    joined = {}
+    joined: dict[Head, int] = {}
     for d, heads in enumerate(circuit.heads_by_depth):
         for h in heads:
             joined.setdefault(h, d)
-    logits_xy = ((n_heads - 1) / 2, n_layers)
+    logits_xy = ((n_heads - 1) / 2, float(n_layers))
     pos = {h: (float(h[1]), float(h[0])) for h in joined}
+    per_layer = 40 if n_layers <= 8 else 28
+    width, height = max(600, 60 * n_heads + 200), int(per_layer * (n_layers + 1.6) + 240)
+    xrange, yrange = (-0.8, n_heads - 0.2), (-0.8, n_layers + 0.8)
+    margin = {"l": 70, "r": 30, "t": 110, "b": 110}  # the legend sits in the bottom margin
+    px = ((width - margin["l"] - margin["r"]) / (xrange[1] - xrange[0]),
+          (height - margin["t"] - margin["b"]) / (yrange[1] - yrange[0]))  # pixels per data unit
     fig = go.Figure()
-    ex, ey = [], []
-    for e in circuit.edges:
-        if e.source not in pos:
-            continue
-        tx, ty = logits_xy if e.target is None else pos.get(e.target, (None, None))
-        if tx is None:
-            continue
-        ex += [pos[e.source][0], tx, None]
-        ey += [pos[e.source][1], ty, None]
-    fig.add_trace(go.Scatter(x=ex, y=ey, mode="lines", line={"color": "rgba(90,90,90,0.5)", "width": 1.5},
-                             hoverinfo="skip", name="expansion edge"))
-    mids = [((pos[e.source][0] + (logits_xy if e.target is None else pos[e.target])[0]) / 2,
-             (pos[e.source][1] + (logits_xy if e.target is None else pos[e.target])[1]) / 2, e)
-            for e in circuit.edges if e.source in pos and (e.target is None or e.target in pos)]
-    fig.add_trace(go.Scatter(x=[m[0] for m in mids], y=[m[1] for m in mids], mode="markers",
-                             marker={"size": 4, "color": "rgba(90,90,90,0.4)"}, showlegend=False,
-                             text=[f"{e.source}→{'logits' if e.target is None else e.target}: {e.score:.4g} (depth {e.depth})"
-                                   for *_, e in mids], hoverinfo="text"))
-    heads = sorted(joined)
+    edges = [e for e in circuit.edges if e.source in pos and (e.target is None or e.target in pos)]
+    top = max((abs(e.score) for e in edges), default=0.0) or 1.0
+    # route the edges around the other heads and their labels (on the right at first), put each
+    # label on a side its own edges leave free, and route once more around the labels where they are
+    sides = {h: "middle right" for h in pos}
+    for _ in range(2):
+        curves, leaving = _route(edges, pos, logits_xy, sides, px, (xrange, yrange))
+        sides = {h: _label_side(leaving.get(h, [])) for h in pos}
+    for i, (e, curve) in enumerate(zip(edges, curves)):
+        end = logits_xy if e.target is None else pos[e.target]
+        w = 1.0 + 4.0 * abs(e.score) / top
+        to = "logits" if e.target is None else head_name(e.target)
+        text = f"{head_name(e.source)} → {to}: score {e.score:.4g} (depth {e.depth})"
+        fig.add_trace(go.Scatter(x=[p[0] for p in curve], y=[p[1] for p in curve], mode="lines",
+                                 line={"color": _EDGE_COLOR, "width": w}, text=[text] * len(curve), hoverinfo="text",
+                                 name="expansion edge (width: score)",
+                                 legendgroup="edge", showlegend=i == 0))
+        standoff = (_LOGITS_PX if e.target is None else _NODE_PX) / 2 + 1
+        tail = _arrow_tail(curve, px, standoff + 10)
+        fig.add_annotation(x=end[0], y=end[1], ax=tail[0], ay=tail[1], xref="x", yref="y", axref="x", ayref="y",
+                           text="", showarrow=True, arrowhead=2, arrowsize=min(2.0, max(0.6, 3 / w)), arrowwidth=w,
+                           arrowcolor=_EDGE_COLOR, standoff=standoff)
     s0 = circuit.scores[0]
-    fig.add_trace(go.Scatter(
-        x=[pos[h][0] for h in heads], y=[pos[h][1] for h in heads], mode="markers+text",
-        text=[head_name(h) for h in heads], textposition="middle right",
-        marker={"size": 16, "color": [joined[h] for h in heads], "colorscale": "Plasma", "cmin": 0,
-                "cmax": max(1, circuit.depth), "colorbar": {"title": "depth", "dtick": 1}, "line": {"width": 1}},
-        customdata=[[joined[h], float(s0[h])] for h in heads],
-        hovertemplate="L%{y}.H%{x}: joined at depth %{customdata[0]}, relevance %{customdata[1]:.4g}<extra></extra>",
-        name="head"))
+    for d in sorted(set(joined.values())):
+        heads = sorted(h for h in joined if joined[h] == d)
+        fig.add_trace(go.Scatter(
+            x=[pos[h][0] for h in heads], y=[pos[h][1] for h in heads], mode="markers+text",
+            text=[head_name(h) for h in heads], textposition=[sides[h] for h in heads],
+            name=f"depth {d}",
+            marker={"size": _NODE_PX, "color": DEPTH_COLORS[d % len(DEPTH_COLORS)], "line": {"width": 1, "color": "#333"}},
+            customdata=[float(s0[h]) for h in heads],
+            hovertemplate=f"head %{{text}}: joined at depth {d}, relevance %{{customdata:.4g}}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[logits_xy[0]], y=[logits_xy[1]], mode="markers+text", text=["logits"],
-                             textposition="top center", marker={"size": 22, "symbol": "star", "color": "black"},
-                             name="logits"))
-    fig.update_xaxes(title_text="head", range=[-0.8, n_heads - 0.2], dtick=1)
-    fig.update_yaxes(title_text="layer", range=[-0.8, n_layers + 0.8], dtick=1)
-    fig.update_layout(title=title or f"{circuit.scoring} circuit: {len(heads)} heads, depth {circuit.depth}, "
-                                     f"ratio {circuit.ratio}",
-                      template="plotly_white", height=max(420, 28 * n_layers + 200),
-                      width=max(600, 60 * n_heads + 200), legend={"orientation": "h", "y": -0.2})
+                             textposition="top center", marker={"size": _LOGITS_PX, "symbol": "star", "color": "black"},
+                             name="logits", hoverinfo="name", cliponaxis=False))
+    fig.update_xaxes(title_text="head", range=list(xrange), dtick=1)
+    fig.update_yaxes(title_text="layer", range=list(yrange), dtick=1)
+    about = ("<br><sup>colour: the expansion depth at which a head joined<br>arrow: from the head added to the "
+             "head (or the logits) it was scored against; width: the edge's score</sup>")
+    fig.update_layout(title=(title or f"{circuit.scoring} circuit: {len(joined)} heads, depth {circuit.depth}, "
+                                      f"ratio {circuit.ratio}") + about,
+                      template="plotly_white", height=height, width=width, margin=margin,
+                      legend={"orientation": "h", "x": 0, "y": -60 / (height - margin["t"] - margin["b"]),
+                              "yanchor": "top"})
     return _finish(fig, save_html, plotlyjs)
+
+
+def _route(edges: list[Edge], pos: dict[Head, tuple[float, float]], logits_xy: tuple[float, float],
+           sides: dict[Head, str], px: tuple[float, float], box: tuple[tuple[float, float], tuple[float, float]],
+           ) -> tuple[list[list[tuple[float, float]]], dict[Head, list[tuple[float, float]]]]:
+    """Each edge's curve (see :func:`_edge_curve`; other heads' labels where ``sides`` puts them)
+    and, per head, the directions in which its edges leave it."""
+    curves, leaving = [], {}
+    for e in edges:
+        end = logits_xy if e.target is None else pos[e.target]
+        obstacles = [(xy, head_name(h), sides[h]) for h, xy in pos.items() if h not in (e.source, e.target)]
+        if e.target is not None:
+            obstacles.append((logits_xy, "", ""))
+        curves.append(_edge_curve(pos[e.source], end, obstacles, px, box))
+        leaving.setdefault(e.source, []).append(_direction(curves[-1], px))
+        if e.target is not None:
+            leaving.setdefault(e.target, []).append(_direction(curves[-1][::-1], px))
+    return curves, leaving
+
+
+def _edge_curve(start: tuple[float, float], end: tuple[float, float],
+                obstacles: list[tuple[tuple[float, float], str, str]], px: tuple[float, float],
+                box: tuple[tuple[float, float], tuple[float, float]], n: int = 48) -> list[tuple[float, float]]:
+    """Points of the edge from ``start`` to ``end``: straight, or a quadratic curve bent to one side
+    when a straight line would pass through another node or its label (``obstacles``: centre,
+    label text, the label's ``textposition``; ``px``: pixels per data unit on x and y) and
+    never leaves the axes' ranges (``box``). The least bend that meets the fewest obstacles wins."""
+    (x0, y0), (x1, y1) = start, end
+    dx, dy = (x1 - x0) * px[0], (y1 - y0) * px[1]
+    length = math.hypot(dx, dy) or 1.0
+    nx, ny = -dy / length, dx / length  # unit normal, in pixels
+
+    def points(bend: float) -> list[tuple[float, float]]:
+        cx = (x0 + x1) / 2 + bend * length * nx / px[0]
+        cy = (y0 + y1) / 2 + bend * length * ny / px[1]
+        return [((1 - t) ** 2 * x0 + 2 * (1 - t) * t * cx + t * t * x1,
+                 (1 - t) ** 2 * y0 + 2 * (1 - t) * t * cy + t * t * y1) for t in (k / (n - 1) for k in range(n))]
+
+    def hits(curve: list[tuple[float, float]]) -> int:
+        (xlo, xhi), (ylo, yhi) = box
+        if any(not (xlo < x < xhi and ylo < y < yhi) for x, y in curve):
+            return len(obstacles) + 1
+        count = 0
+        for (ox, oy), label, side in obstacles:
+            wide = 4 + 7 * len(label)
+            for x, y in curve:
+                rx, ry = (x - ox) * px[0], (y - oy) * px[1]  # pixels, y up
+                if math.hypot(rx, ry) < _NODE_PX / 2 + 4 or (label and (
+                        (side == "middle right" and 8 <= rx <= 8 + wide and abs(ry) <= 7)
+                        or (side == "middle left" and -8 - wide <= rx <= -8 and abs(ry) <= 7)
+                        or (side == "top center" and 8 <= ry <= 22 and abs(rx) <= wide / 2)
+                        or (side == "bottom center" and -22 <= ry <= -8 and abs(rx) <= wide / 2))):
+                    count += 1
+                    break
+        return count
+
+    options = [points(b) for b in (0.0, 0.08, -0.08, 0.16, -0.16, 0.24, -0.24, 0.32, -0.32, 0.4, -0.4)]
+    scores = [hits(c) for c in options]
+    return options[scores.index(min(scores))]
+
+
+_SIDES = (("middle right", (1.0, 0.0)), ("middle left", (-1.0, 0.0)), ("bottom center", (0.0, -1.0)),
+          ("top center", (0.0, 1.0)))
+
+
+def _label_side(directions: list[tuple[float, float]]) -> str:
+    """Where a head's label goes: on its right unless one of its edges leaves that way (``directions``:
+    unit vectors, y up), else the side farthest from all its edges."""
+    def crowd(side: tuple[float, float]) -> float:
+        return max((side[0] * x + side[1] * y for x, y in directions), default=-1.0)
+
+    if crowd(_SIDES[0][1]) < 0.75:
+        return _SIDES[0][0]
+    return min(_SIDES, key=lambda s: crowd(s[1]))[0]
+
+
+def _direction(curve: list[tuple[float, float]], px: tuple[float, float]) -> tuple[float, float]:
+    """The unit vector (in pixels, y up) in which ``curve`` leaves its first point, over its first 20 pixels."""
+    x0, y0 = curve[0]
+    x, y = _arrow_tail(curve[::-1], px, 20.0)
+    dx, dy = (x - x0) * px[0], (y - y0) * px[1]
+    length = math.hypot(dx, dy) or 1.0
+    return dx / length, dy / length
+
+
+def _arrow_tail(curve: list[tuple[float, float]], px: tuple[float, float], least: float) -> tuple[float, float]:
+    """The point of ``curve`` nearest its end that lies at least ``least`` pixels from the end: the
+    arrowhead drawn from there to the end follows the curve's last stretch."""
+    x1, y1 = curve[-1]
+    for x, y in reversed(curve[:-1]):
+        if math.hypot((x - x1) * px[0], (y - y1) * px[1]) >= least:
+            return x, y
+    return curve[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +412,8 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
 # --------------------------------------------------------------------------------------------
 def plot_transfer(result: Any, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> go.Figure:
     """Target accuracy (left) and source retention (right) by variant for each target language,
-    mean ± std over seeds; A0 (before adaptation) as a black marker."""
+    mean ± sd over seeds (the title says over how many); A0 (before adaptation) as a black line
+    across all bars of its target."""
     rows = result.table()
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     targets = list(dict.fromkeys(r["target"] for r in rows))
@@ -299,14 +423,29 @@ def plot_transfer(result: Any, *, save_html: str | Path | None = None, plotlyjs:
         for col, key in ((1, "target_acc"), (2, "source_acc")):
             fig.add_trace(go.Bar(name=v, x=targets, y=[r and r[f"{key}_mean"] for r in sel],
                                  error_y=dict(type="data", array=[r and r[f"{key}_std"] for r in sel]),
+                                 customdata=[r and [r[f"{key}_std"], r["n_seeds"]] for r in sel],
+                                 hovertemplate=f"{v} on %{{x}}: %{{y:.3f}} ± %{{customdata[0]:.3f}} "
+                                               "(sd over %{customdata[1]} seeds)<extra></extra>",
                                  marker_color=_PALETTE[i % len(_PALETTE)], legendgroup=v, showlegend=col == 1),
                           row=1, col=col)
-    fig.add_trace(go.Scatter(name="A0", x=targets, y=[result.a0[t] for t in targets], mode="markers",
-                             marker=dict(color="black", symbol="line-ew-open", size=28, line=dict(width=3))), row=1, col=1)
+    # A0 spans the whole group of bars of its target: drawn on an invisible numeric axis over the
+    # category axis (category i sits at i; plotly's default bar gap leaves 0.8 of it to the group)
+    xs, ys = [], []
+    for i, t in enumerate(targets):
+        xs += [i - 0.42, i + 0.42, None]
+        ys += [result.a0[t]] * 2 + [None]
+    span = [-0.5, len(targets) - 0.5]
+    fig.update_layout(xaxis=dict(range=span), xaxis3=dict(overlaying="x", range=span, visible=False))
+    fig.add_trace(go.Scatter(name="A0 (before adaptation)", x=xs, y=ys, xaxis="x3", yaxis="y", mode="lines",
+                             line=dict(color="black", width=3), hovertemplate="A0: %{y:.3f}<extra></extra>"))
     fig.add_hline(y=result.source_accuracy_before, line_dash="dot", row=1, col=2,
                   annotation_text="before adaptation")
-    fig.update_layout(barmode="group", template="plotly_white", height=420, width=1000,
-                      title=f"CT-SFT transfer: {result.config.task}, {result.config.source} → targets")
+    seeds = sorted({r["n_seeds"] for r in rows})
+    n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    fig.update_layout(barmode="group", template="plotly_white", height=440, width=1000,
+                      title=f"CT-SFT transfer: {result.config.task}, {result.config.source} → targets"
+                            f"<br><sup>bars: mean over seeds; error bars: ±1 sd over n = {n} seeds "
+                            f"(fine-tuning runs)</sup>")
     fig.update_yaxes(range=[0, 1], title_text="accuracy")
     return _finish(fig, save_html, plotlyjs)
 
@@ -330,9 +469,12 @@ def plot_tradeoff(result: Any, *, save_html: str | Path | None = None, plotlyjs:
         customdata=forget, name="target language", showlegend=False,
         hovertemplate="%{text}: A0 %{x:.3f}, gain %{y:+.3f}, source forgetting %{customdata:+.3f}<extra></extra>"))
     fig.add_hline(y=0, line_dash="dot")
-    fig.update_xaxes(range=_padded(a0, 0.15, 0.02), title_text="A0 (competence model on the target)")
+    # tick marks outside the plot push both axes' labels away from the lower-left corner, where the
+    # first x label and the lowest y label would otherwise meet when both ranges start on a tick
+    corner = dict(ticks="outside", ticklen=6, tickcolor="#bbb", ticklabelstandoff=2)
+    fig.update_xaxes(range=_padded(a0, 0.15, 0.02), title_text="A0 (competence model on the target)", **corner)
     fig.update_yaxes(range=_padded([*gains, 0.0], 0.25, 0.03), zeroline=False,
-                     title_text="gain of circuit over nearzero (target accuracy)")
+                     title_text="gain of circuit over nearzero (target accuracy)", **corner)
     # The size key, drawn to scale beside the plot (a legend draws every marker at one size).
     top = max([0.0, *forget])
     step = next((st for st in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5) if 3 * st >= top - 1e-9), 0.5)

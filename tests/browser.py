@@ -8,7 +8,8 @@ PATH) or None; the browser tests skip with that reason where none exists.
 
 :meth:`Browser.check` loads one file and returns a :class:`PageCheck`: the console errors and
 uncaught exceptions, every request that left the disk (there should be none), each plotly
-container with the traces drawn in its SVG, and the page's horizontal overflow.
+container with the traces drawn in its SVG (and its arrows, legend entries and colour bars),
+and the page's horizontal overflow.
 :meth:`Browser.screenshot` writes a PNG of a page (``docs/img/make_screenshots.py`` uses it).
 """
 
@@ -64,10 +65,14 @@ _INSPECT = r"""
           clipped.push(el.textContent);
       });
     });
+    // annotation arrows drawn with their head (a line path and the head's path), legend entries, colour bars
+    const arrows = [...gd.querySelectorAll('.annotation-arrow-g')].filter(g => g.querySelectorAll('path').length >= 2);
     return {id: gd.id, svg: gd.querySelectorAll('svg.main-svg').length, traces: data.length, marks: marks,
             width: Math.round(box.width), height: Math.round(box.height), right: Math.round(box.right),
             title: title ? title.textContent : '', clipped_text: clipped,
-            layout_width: gd._fullLayout ? gd._fullLayout.width : null};
+            layout_width: gd._fullLayout ? gd._fullLayout.width : null, arrows: arrows.length,
+            legend: [...gd.querySelectorAll('.legend .traces .legendtext')].map(e => e.textContent),
+            colorbars: gd.querySelectorAll('.colorbar').length};
   });
   const el = document.scrollingElement || document.documentElement;
   return {plots: plots, scroll_width: el.scrollWidth, client_width: el.clientWidth,
@@ -97,6 +102,9 @@ class PlotInfo:
     title: str
     clipped_text: list = field(default_factory=list)
     layout_width: Any = None
+    arrows: int = 0  # annotation arrows drawn with an arrowhead
+    legend: list = field(default_factory=list)  # the legend's entries, in order
+    colorbars: int = 0
 
     @property
     def drawn(self) -> bool:

@@ -69,6 +69,16 @@ def test_faithfulness_heatmap_and_circuit_pages(browser, pages):
         assert page.overflow_x == 0, (name, page.scroll_width)
         if name == "faithfulness.html":
             assert page.plots[0].traces >= 5  # band, random mean, top-k, depth points, sufficiency, necessity
+        if name == "circuit_projection.html":
+            _assert_circuit_graph(page.plots[0])
+
+
+def _assert_circuit_graph(plot) -> None:
+    """The hand-made circuit's graph: an arrowhead on each of its three edges, and a discrete
+    depth legend (one entry per depth, no colour bar)."""
+    assert plot.arrows == 3, plot.arrows
+    assert [e for e in plot.legend if e.startswith("depth")] == ["depth 0", "depth 1"], plot.legend
+    assert plot.colorbars == 0
 
 
 def test_transfer_and_tradeoff_pages(browser, tmp_path):
@@ -99,6 +109,7 @@ def test_report_draws_every_figure_and_never_scrolls_sideways(browser, pages):
         _assert_clean(page, plots=3 + 2 * 3)
         assert page.overflow_x == 0, f"the report scrolls {page.overflow_x} px sideways in a {width} px window"
         assert all(p.right <= width for p in page.plots)
+    _assert_circuit_graph(next(p for p in page.plots if p.title.startswith("projection circuit:")))
     assert page.title.startswith("Circuit report: projection circuit of ")
     for head in ("1.7", "1.5", "0.1"):  # one heading per head
         assert page.text.count(f"head {head}\n") == 1, head

@@ -60,14 +60,41 @@ def test_relevance_heatmaps_side_by_side(tmp_path):
 def test_circuit_graph_places_heads_by_layer_with_a_logits_node(tmp_path):
     c = circuit("projection", True)
     fig = plot_circuit(c, save_html=tmp_path / "c.html", plotlyjs="cdn")
-    heads = next(t for t in fig.data if t.name == "head")
-    assert sorted(zip(heads.y, heads.x)) == sorted((float(l), float(h)) for l, h in c.heads)
-    assert list(heads.marker.color) == [2, 1, 0, 0]  # depth at which each head joined, sorted by head
-    edges = next(t for t in fig.data if t.name == "expansion edge")
-    assert len(edges.x) == 3 * len(c.edges)
+    depth = [t for t in fig.data if (t.name or "").startswith("depth ")]
+    assert [t.name for t in depth] == ["depth 0", "depth 1", "depth 2"]  # a discrete legend: one entry per depth
+    for d, t in enumerate(depth):  # each depth's heads, placed by (head, layer), labelled layer.head
+        assert sorted(zip(t.y, t.x)) == sorted((float(l), float(h)) for l, h in c.heads_by_depth[d])
+        assert list(t.text) == [f"{l}.{h}" for l, h in sorted(c.heads_by_depth[d])]
+    assert len({t.marker.color for t in depth}) == 3 and all(isinstance(t.marker.color, str) for t in depth)
+    assert all(t.to_plotly_json().get("marker", {}).get("colorbar") is None for t in fig.data)  # no colour bar
     logits = next(t for t in fig.data if t.name == "logits")
     assert logits.y[0] == 3  # above the last layer
     assert "Plotly.newPlot" in (tmp_path / "c.html").read_text()
+
+
+def test_circuit_graph_edges_are_arrows_weighted_by_score():
+    c = circuit("projection", True)
+    fig = plot_circuit(c)
+    edges = [t for t in fig.data if t.legendgroup == "edge"]
+    assert len(edges) == len(c.edges) and sum(bool(t.showlegend) for t in edges) == 1
+    widths = [t.line.width for t in edges]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]  # scores 1.0, 0.9, 0.4, 0.2
+    assert "2.1 → logits: score 1" in edges[0].text[0] and "0.2 → 1.0: score 0.2" in edges[-1].text[0]
+    arrows = [a for a in fig.layout.annotations if a.showarrow]
+    assert len(arrows) == len(c.edges)
+    for e, t, a in zip(c.edges, edges, arrows):  # each arrow points at what its edge feeds, from along the edge
+        target = (1.5, 3.0) if e.target is None else (float(e.target[1]), float(e.target[0]))
+        assert (a.x, a.y) == target and (t.x[-1], t.y[-1]) == target and (t.x[0], t.y[0]) == (e.source[1], e.source[0])
+        assert a.arrowhead and a.axref == "x" and (a.ax, a.ay) in set(zip(t.x, t.y))
+
+
+def test_circuit_graph_bends_an_edge_around_a_head_in_its_way():
+    s = torch.zeros(3, 4)
+    c = Circuit((((2, 0),), ((0, 0), (1, 0))), (s, s), (Edge((2, 0), None, 0, 1.0), Edge((0, 0), (2, 0), 1, 0.5),
+                Edge((1, 0), (2, 0), 1, 0.4)), "projection", 0.2, {"n_layers": 3, "n_heads": 4})
+    edge = [t for t in plot_circuit(c).data if t.legendgroup == "edge"][1]  # 0.0 -> 2.0, straight through 1.0
+    x_at_1 = min(zip(edge.y, edge.x), key=lambda p: abs(p[0] - 1))[1]
+    assert abs(x_at_1) > 0.11  # about 12 pixels (108 a unit) aside: clear of the head's marker (8 px radius)
 
 
 @pytest.mark.slow
@@ -130,3 +157,34 @@ def test_tradeoff_labels_fit_and_a_key_gives_the_marker_scale(tmp_path):
     page = (tmp_path / "t.html").read_text()
     assert "<title>Circuit vs nearzero fine-tuning on javanese, acehnese</title>" in page
     assert "body > div { margin: 0 auto;" in page  # centred in the window, not in its top-left corner
+
+
+def test_tradeoff_corner_tick_labels_stand_apart():
+    from ctsft_lens.plots import plot_tradeoff
+
+    fig = plot_tradeoff(_experiment())  # tick marks outside push the first x and lowest y labels apart
+    assert fig.layout.xaxis.ticks == fig.layout.yaxis.ticks == "outside" and fig.layout.xaxis.ticklen >= 5
+
+
+def test_transfer_a0_spans_every_bar_of_its_target_and_the_error_bars_are_named():
+    from ctsft_lens.plots import plot_transfer
+
+    fig = plot_transfer(_experiment())
+    a0 = next(t for t in fig.data if t.name.startswith("A0"))
+    assert a0.xaxis == "x3" and fig.layout.xaxis3.overlaying == "x" and fig.layout.xaxis3.visible is False
+    assert list(fig.layout.xaxis3.range) == list(fig.layout.xaxis.range) == [-0.5, 1.5]  # category i at i
+    segments = [(a0.x[k], a0.x[k + 1], a0.y[k]) for k in range(0, len(a0.x), 3)]
+    assert [(round(lo), y) for lo, _, y in segments] == [(0, 0.45), (1, 0.41)]
+    assert all(hi - lo >= 0.8 for lo, hi, _ in segments)  # the whole group of bars (0.8 of a category)
+    assert "error bars: ±1 sd over n = 2 seeds" in fig.layout.title.text
+
+
+def test_notebook_html_of_a_figure_fits_the_column():
+    """The offline notebook renderer's HTML (what an nbconvert export shows): as wide as the figure
+    was drawn for at most, never wider than the column (plotly redraws it to the column's width)."""
+    from ctsft_lens.plots import _offline_renderer
+
+    fig = plot_circuit(circuit("projection", True))
+    shown = _offline_renderer().to_mimebundle(fig.to_plotly_json())["text/html"]
+    assert shown.startswith(f"<div class='ctsft-fig' style='width:{fig.layout.width}px;max-width:100%;overflow-x:auto'>")
+    assert '"responsive": true' in shown and f'"width": {fig.layout.width}' not in shown
