@@ -142,7 +142,7 @@ class HeadView:
     def table_html(self, *, title: bool = True) -> str:
         """The Jupyter table (plain HTML and CSS, no script): per example gold / predicted, the
         label push as bars, the top source tokens and the prompt shaded by attention (hover a
-        token for its weight). ``title=False`` leaves out the "head L.H" line (a page that heads
+        token for its weight). ``title=False`` leaves out the "head layer.head" line (a page that heads
         the section itself)."""
         scale = max((abs(v) for e in self.examples for v in e.push), default=0.0) or 1.0
         mp = "  ".join(f"{n} {v:+.3f}" for n, v in zip(self.label_names, self.mean_push))
@@ -195,7 +195,8 @@ class HeadView:
             parts.append(f"<div class='ctsft-hv-note'>{html.escape(caption)}</div>"
                          + _cv_render("ColoredTokens", tokens=[_show(t) for t in e.tokens],
                                       values=list(e.attention), minValue=0.0, maxValue=max(e.attention)))
-        return _Block("".join(parts), needs=frozenset({"circuitsvis"}))
+        # never wider than the notebook's column or the page: a wide view scrolls inside its own box
+        return _Block("<div class='ctsft-cv'>" + "".join(parts) + "</div>", needs=frozenset({"circuitsvis"}))
 
 
 # --------------------------------------------------------------------------------------------
@@ -487,7 +488,9 @@ def _push_bars(names: Sequence[str], e: ExampleView, scale: float) -> str:
 
 
 _STYLE = """<style>
-.ctsft-hv { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; font-size: 13px; margin: 8px 0; }
+.ctsft-hv { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; font-size: 13px; margin: 8px 0;
+  max-width: 100%; overflow-x: auto; }
+.ctsft-cv { max-width: 100%; overflow-x: auto; }
 .ctsft-hv-title { font-weight: 600; font-size: 15px; margin-bottom: 2px; }
 .ctsft-hv-note { color: #555; margin: 2px 0 6px 0; }
 .ctsft-hv table.ctsft-table { border-collapse: collapse; max-width: 100%; }
