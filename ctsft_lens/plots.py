@@ -263,7 +263,7 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
     per_layer = 40 if n_layers <= 8 else 28
     width, height = max(600, 60 * n_heads + 200), int(per_layer * (n_layers + 1.6) + 240)
     xrange, yrange = (-0.8, n_heads - 0.2), (-0.8, n_layers + 0.8)
-    margin = {"l": 70, "r": 30, "t": 110, "b": 110}  # the legend sits in the bottom margin
+    margin = {"l": 70, "r": 30, "t": 100, "b": 110}  # the legend sits in the bottom margin
     px = ((width - margin["l"] - margin["r"]) / (xrange[1] - xrange[0]),
           (height - margin["t"] - margin["b"]) / (yrange[1] - yrange[0]))  # pixels per data unit
     fig = go.Figure()
@@ -304,10 +304,9 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
                              name="logits", hoverinfo="name", cliponaxis=False))
     fig.update_xaxes(title_text="head", range=list(xrange), dtick=1)
     fig.update_yaxes(title_text="layer", range=list(yrange), dtick=1)
-    about = ("<br><sup>colour: the expansion depth at which a head joined<br>arrow: from the head added to the "
-             "head (or the logits) it was scored against; width: the edge's score</sup>")
-    fig.update_layout(title=(title or f"{circuit.scoring} circuit: {len(joined)} heads, depth {circuit.depth}, "
-                                      f"ratio {circuit.ratio}") + about,
+    about = "colour: the depth at which a head joined · arrow: to what it was scored against, width: its score"
+    fig.update_layout(title={"text": title or f"{circuit.scoring} circuit: {len(joined)} heads, depth {circuit.depth}, "
+                                              f"ratio {circuit.ratio}", "subtitle": {"text": about}},
                       template="plotly_white", height=height, width=width, margin=margin,
                       legend={"orientation": "h", "x": 0, "y": -60 / (height - margin["t"] - margin["b"]),
                               "yanchor": "top"})

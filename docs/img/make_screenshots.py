@@ -26,6 +26,6 @@ with Browser(width=1100, height=900) as browser:
     page = browser.check(report)
     if page.problems() or page.overflow_x:
         raise SystemExit(f"{report} does not show cleanly: {page.problems()} (overflow {page.overflow_x} px)")
-    for name, selector, height in (("report.png", None, 1290), ("report_faithfulness.png", "#faithfulness", 700)):
+    for name, selector, height in (("report.png", None, 1370), ("report_faithfulness.png", "#faithfulness", 700)):
         out = browser.screenshot(report, here / name, width=1100, height=height, scroll_to=selector)
         print(f"{out}: {out.stat().st_size // 1024} KB")
