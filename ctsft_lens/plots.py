@@ -274,7 +274,7 @@ def plot_circuit(circuit: Circuit, *, save_html: str | Path | None = None, title
     sides = {h: "middle right" for h in pos}
     for _ in range(2):
         curves, leaving = _route(edges, pos, logits_xy, sides, px, (xrange, yrange))
-        sides = {h: _label_side(leaving.get(h, [])) for h in pos}
+        sides = {h: _label_side(leaving.get(h, []), left_free=(h[0], h[1] - 1) not in pos) for h in pos}
     for i, (e, curve) in enumerate(zip(edges, curves)):
         end = logits_xy if e.target is None else pos[e.target]
         w = 1.0 + 4.0 * abs(e.score) / top
@@ -376,15 +376,16 @@ _SIDES = (("middle right", (1.0, 0.0)), ("middle left", (-1.0, 0.0)), ("bottom c
           ("top center", (0.0, 1.0)))
 
 
-def _label_side(directions: list[tuple[float, float]]) -> str:
+def _label_side(directions: list[tuple[float, float]], left_free: bool = True) -> str:
     """Where a head's label goes: on its right unless one of its edges leaves that way (``directions``:
-    unit vectors, y up), else the side farthest from all its edges."""
+    unit vectors, y up), else the side farthest from all its edges; never on its left when another
+    head sits beside it there (``left_free=False``: that head's label, or the head, is in the way)."""
     def crowd(side: tuple[float, float]) -> float:
         return max((side[0] * x + side[1] * y for x, y in directions), default=-1.0)
 
     if crowd(_SIDES[0][1]) < 0.75:
         return _SIDES[0][0]
-    return min(_SIDES, key=lambda s: crowd(s[1]))[0]
+    return min((s for s in _SIDES if left_free or s[0] != "middle left"), key=lambda s: crowd(s[1]))[0]
 
 
 def _direction(curve: list[tuple[float, float]], px: tuple[float, float]) -> tuple[float, float]:
