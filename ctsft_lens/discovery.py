@@ -1,6 +1,5 @@
 """Circuit discovery for every head scoring: score with the registry (``ctsft_lens.scoring``), then
-backward expansion (``cdt.expansion``). Also reachable as ``ctsft_lens.cdt.discover`` and
-``ctsft_lens.discover``."""
+backward expansion (``cdt.expansion``). Also reachable as ``ctsft_lens.discover``."""
 
 from __future__ import annotations
 

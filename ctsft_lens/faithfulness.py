@@ -355,7 +355,7 @@ def topk_curve(ab: MeanAblation, scores: Float[torch.Tensor, "n_layers n_heads"]
                name: str = "topk", absolute: bool = False) -> Curve:
     """Faithfulness of the top-k heads by score for every k in ``sizes`` (sufficiency only).
 
-    Highest score first, as ``cdt.discover`` picks heads (``absolute=True`` ranks by |score|);
+    Highest score first, as ``discover`` picks heads (``absolute=True`` ranks by |score|);
     sizes beyond the number of scored heads are left out (unscored heads have no rank).
     """
     order = rank_heads(scores, absolute=absolute)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ctsft_lens.cdt import discover, head_relevance
+from ctsft_lens import discover, head_relevance
 from ctsft_lens.cdt.expansion import n_to_keep
 
 
@@ -256,7 +256,8 @@ def test_one_pass_expansion_equals_a_pass_per_depth(model, examples, scoring, ag
 
 
 def test_discover_circuits_share_one_pass(model, examples, monkeypatch):
-    from ctsft_lens.cdt import discover_circuits, relevance
+    from ctsft_lens.cdt import relevance
+    from ctsft_lens.discovery import discover_circuits
 
     calls = []
     real = relevance.propagate
@@ -294,7 +295,7 @@ def test_expand_needs_every_head_as_a_target(model, examples):
     with pytest.raises(ValueError, match="target='all'"):
         expand(rel, 2, 1)
     with pytest.raises(ValueError, match="discover_circuits|distinct"):
-        from ctsft_lens.cdt import discover_circuits
+        from ctsft_lens.discovery import discover_circuits
 
         discover_circuits(model, examples, scorings=("projection", "projection"), progress=False)
 

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
+from ctsft_lens import head_relevance
 from ctsft_lens.batching import encode
-from ctsft_lens.cdt import head_relevance
 from ctsft_lens.cdt.decompose import Source, decompose, first_position, propagate
 from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from ctsft_lens import head_relevance
 from ctsft_lens.batching import encode
-from ctsft_lens.cdt import Source, decompose, head_relevance
+from ctsft_lens.cdt import Source, decompose
 from ctsft_lens.cdt.relevance import task_directions
 
 

@@ -11,8 +11,9 @@ import math
 import pytest
 import torch
 
+from ctsft_lens import head_relevance
 from ctsft_lens.batching import encode
-from ctsft_lens.cdt import decompose, head_relevance
+from ctsft_lens.cdt import decompose
 from ctsft_lens.cdt import relevance as relevance_module
 from ctsft_lens.cdt.decompose import (DECOMPOSITIONS, Source, Split, activation, attention, norm, product_linear,
                                       allowed_keys)

@@ -188,7 +188,7 @@ def test_relevance_is_never_silent(massive, examples):
 
 
 def test_discover_records_unstable_heads(massive, examples, tmp_path):
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
     from ctsft_lens.circuit import circuit_to_dict, load_circuit, save_circuit
 
     with pytest.raises(UnstableDecompositionError):
@@ -208,7 +208,7 @@ def test_discover_records_unstable_heads(massive, examples, tmp_path):
 
 def test_beta_only_path_equals_the_reference_under_a_massive_activation(massive, examples):
     """Real Qwen2.5's regime: β-only scores (γ = real − β) agree with the two-stream path."""
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens import head_relevance
 
     means = head_means(massive, examples)
     ref = head_relevance(massive, examples, means=means, streams="both", progress=False).per_example

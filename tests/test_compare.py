@@ -97,7 +97,8 @@ def test_compare_curves_are_the_faithfulness_curves(tiny_qwen, indonesian):
 
 def test_projection_and_magnitude_share_one_cdt_pass(tiny_qwen, indonesian, monkeypatch):
     """Both CD-T scorings come from one propagation, with the tables each would get alone."""
-    from ctsft_lens.cdt import head_relevance, relevance
+    from ctsft_lens import head_relevance
+    from ctsft_lens.cdt import relevance
     from ctsft_lens.compare import compare_methods
 
     calls = []
@@ -131,7 +132,7 @@ def test_projection_and_magnitude_share_one_cdt_pass(tiny_qwen, indonesian, monk
 def test_a_cdt_method_may_name_its_rule_set(tiny_qwen, indonesian):
     """``projection`` (the default rules) beside ``projection@cdt-paper``: each table is what that rule
     set gives alone, the two differ, and only same-rules CD-T scorings share a pass."""
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens import head_relevance
     from ctsft_lens.compare import compare_methods, method_spec
     from ctsft_lens.discovery_config import DiscoveryConfig
     from ctsft_lens.errors import CtsftError
@@ -215,7 +216,7 @@ def test_mib_protocol_fractions_area_and_rankings(tiny_qwen, examples):
 
 def test_faithfulness_command_with_the_mib_protocol(tmp_path):
     from ctsft_lens import load_task
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
     from ctsft_lens.circuit import save_circuit
     from ctsft_lens.models import load_model
 
@@ -234,7 +235,7 @@ def test_faithfulness_command_with_the_mib_protocol(tmp_path):
 def test_eap_graph_round_trip_keeps_unscored_heads_unscored(tiny_qwen, examples, tmp_path):
     """A head we did not score is written with no score (not 0.0), so MIB's evaluator, which ranks
     only scored nodes, keeps it out of its ranking; scored heads keep their exact score."""
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
     from ctsft_lens.eap_graph import mask_from_eap_graph, node_name, save_eap_graph
     from ctsft_lens.masks import circuit_mask
 

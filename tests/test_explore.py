@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from ctsft_lens.batching import encode
-from ctsft_lens.cdt import Source, decompose, head_means
+from ctsft_lens.cdt import Source, decompose
 from ctsft_lens.explore import HeadView, circuit_report, head_view, head_views
 from ctsft_lens.forward import run
+from ctsft_lens.means import head_means
 
 HAS_CV = importlib.util.find_spec("circuitsvis") is not None
 
@@ -35,7 +36,7 @@ def view(tiny_qwen, examples, means):
 
 @pytest.fixture(scope="module")
 def circuit(tiny_qwen, examples):
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
 
     return discover(tiny_qwen, examples, ratio=0.13, max_depth=1, progress=False)
 

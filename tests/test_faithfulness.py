@@ -222,7 +222,7 @@ def test_cli_writes_curves_and_figures_and_refuses_a_mismatched_circuit(tmp_path
 
 
 def test_circuits_from_discover_round_trip_and_get_curves(tmp_path, model, examples):
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
     from ctsft_lens.circuit import load_circuit, save_circuit
 
     found = {s: load_circuit(save_circuit(discover(model, examples, scoring=s, ratio=0.25, max_depth=1,

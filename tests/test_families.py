@@ -194,7 +194,7 @@ def test_beta_carries_everything_when_gamma_is_zero(arch, examples):
 def test_beta_only_path_equals_the_two_stream_reference(arch, examples):
     """The fast path (γ = real - β, starting at the first source position) on each family, with
     sources late in the prompt, so that windowed layers drop a different number of keys per query."""
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens import head_relevance
 
     model = _model(arch)
     batch = encode(model, examples)
@@ -282,7 +282,7 @@ def test_masked_training_keeps_unselected_slices_bit_identical(arch, indonesian)
 
 @pytest.mark.parametrize("arch", NEW)
 def test_discover_faithfulness_train_end_to_end(arch, indonesian):
-    from ctsft_lens.cdt import discover
+    from ctsft_lens import discover
     from ctsft_lens.faithfulness import faithfulness_report
     from ctsft_lens.masks import circuit_mask
     from ctsft_lens.train import TrainConfig, dev_metrics, train
@@ -374,7 +374,7 @@ def test_exact_rules_are_exact_patching(arch, examples):
     post-norms, windows, score and final-logit caps included (Gemma 2's projection reads the capped
     label logits, as patching does). Measured (torch 2.13 CPU): ≤ 4.5e-6 of the largest score on
     every family; threshold 1e-4."""
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens import head_relevance
     from ctsft_lens.scoring import patching_per_example
 
     model, means = _model(arch), _means(arch, tuple(examples))
@@ -387,7 +387,7 @@ def test_exact_rules_are_exact_patching(arch, examples):
 def test_linear_rules_are_attribution_patching_through_the_final_logit_cap(examples):
     """Gemma 2 caps its logits: the linear rules (per source and from one backward pass) still give
     attribution patching, whose metric is the capped logit difference (measured 8e-7 and 9e-7)."""
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens import head_relevance
     from ctsft_lens.scoring import attribution_per_example
 
     model, means = _model("gemma2"), _means("gemma2", tuple(examples))

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from ctsft_lens import encode, load_model, load_task
-from ctsft_lens.cdt import Source, decompose, head_means, head_relevance
+from ctsft_lens import encode, head_relevance, load_model, load_task
+from ctsft_lens.cdt import Source, decompose
 from ctsft_lens.forward import attn_results
+from ctsft_lens.means import head_means
 
 BF16_TOL = 5e-2  # β+γ vs the forward, relative to the activation's max (fp32: 2e-5); docs/method.md
 

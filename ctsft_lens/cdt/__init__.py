@@ -1,19 +1,17 @@
 """CD-T circuit discovery: β/γ decomposition, head relevance, iterative backward expansion.
 
-A facade: ``decompose``, ``Source`` and ``Split`` load with the package; the rest loads on first use
-(PEP 562), so that importing ``cdt.rules`` (as the discovery options do) does not pull in the
-layers built on it. ``discover`` and ``head_relevance`` are the ones of every scoring
-(``ctsft_lens.discovery``, ``ctsft_lens.scoring``), which sit above ``cdt/``.
+A facade over this package's own modules: ``decompose``, ``Source`` and ``Split`` load with the
+package; the rest loads on first use (PEP 562), so that importing ``cdt.rules`` (as the discovery
+options do) does not pull in the layers built on it. Discovery and the scoring registry sit above
+``cdt/``: ``discover`` / ``discover_circuits`` are in ``ctsft_lens.discovery``, ``head_relevance``
+(every scoring) in ``ctsft_lens.scoring``, both also in the top-level ``ctsft_lens``.
 """
 
 from typing import Any
 
 from ctsft_lens.cdt.decompose import Source, Split, decompose
-from ctsft_lens.means import head_means  # re-exported: the baseline CD-T subtracts
 
 _LAZY = {
-    "discover": "ctsft_lens.discovery", "discover_circuits": "ctsft_lens.discovery",
-    "head_relevance": "ctsft_lens.scoring",
     "circuit_from_relevance": "ctsft_lens.cdt.expansion",
     "Relevance": "ctsft_lens.cdt.relevance", "head_relevances": "ctsft_lens.cdt.relevance",
     "SCORERS": "ctsft_lens.cdt.relevance",
@@ -30,5 +28,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["head_means", "Source", "Split", "decompose", "discover", "discover_circuits", "circuit_from_relevance",
-           "Relevance", "head_relevance", "head_relevances", "SCORERS"]
+__all__ = ["Source", "Split", "decompose", "circuit_from_relevance", "Relevance", "head_relevances", "SCORERS"]

@@ -11,8 +11,8 @@ source against the logits *and* every head (``head_relevances(target="all")``); 
 then table lookups. Depths 0..D together cost what depth 0 costs (the public CD-T code, and
 ctsft_lens 0.1, propagate again per depth), and several scorings share that pass too.
 
-Scoring then expanding, for every scoring of the registry: ``ctsft_lens.discovery.discover`` (also
-``ctsft_lens.cdt.discover``); this module expands a table already scored.
+Scoring then expanding, for every scoring of the registry: ``ctsft_lens.discovery.discover`` (a
+floor above ``cdt/``); this module expands a table already scored.
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@
 import sys
 from pathlib import Path
 
-from ctsft_lens import load_model, load_task
-from ctsft_lens.cdt import discover
+from ctsft_lens import discover, load_model, load_task
 from ctsft_lens.faithfulness import faithfulness_report
 from ctsft_lens.plots import plot_faithfulness, plot_relevance, save_png
 
