@@ -1,4 +1,4 @@
-"""The package's import graph: no cycle, and the scoring layers in order.
+"""The package's import graph: no cycle, and floors that only point down.
 
 The graph is read from the source with ``ast`` (nothing is imported): an edge ``A -> B`` for every
 import statement that runs when ``A`` is imported (module level, class bodies, top-level ``if`` /
@@ -6,6 +6,13 @@ import statement that runs when ``A`` is imported (module level, class bodies, t
 ``P/__init__.py``, so ``A -> P`` is an edge too, unless ``P`` encloses ``A`` (then ``P`` started
 before ``A``; the root ``ctsft_lens`` encloses every module). A cycle in this graph is an import
 that can meet a half-initialised module, depending on which module a user imports first.
+
+The floors (``FLOORS``, bottom to top) are read from every arrow, deferred ones included: each
+import statement anywhere (function bodies, ``if TYPE_CHECKING:``), each
+``importlib.import_module("ctsft_lens....")`` and each lazy-export table (a module-level dict of
+names to ``ctsft_lens....`` paths); importing a name of the root facade (``from ctsft_lens import
+__version__``) is an arrow to the root, the top floor. An arrow may point along its floor or down;
+one that points up fails as a cycle does, unless ``UPWARD`` lists it with its reason.
 """
 
 from __future__ import annotations
@@ -15,6 +22,38 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "ctsft_lens"
 PACKAGE = "ctsft_lens"
+
+# The floors, bottom to top: a module sits on the floor of the longest name here that is it or a
+# package around it ("cdt.rules" before "cdt"); it may import its own floor and those below.
+FLOORS: list[tuple[str, ...]] = [
+    ("errors", "hub", "progress"),
+    ("options", "files", "distributed", "devices", "statistics"),
+    ("tasks",),
+    ("models",),
+    ("batching", "forward", "evaluate", "means"),
+    ("circuit", "masks"),
+    ("train", "adapters", "eap_graph"),
+    ("cdt.rules",),  # below the discovery options, the rest of cdt/ above them: a folder split in two
+    ("discovery_config",),
+    ("faithfulness", "mib"),  # below cdt/: the CD-T read-outs take their metric (logit_diff) from here
+    ("cdt", "total_effect"),
+    ("scoring",),
+    ("discovery",),
+    ("plots", "explore", "compare"),
+    ("experiments",),
+    ("cli",),
+    ("",),  # the root facade, ctsft_lens/__init__.py
+]
+
+# The arrows that point up today, each with why it is still there (all inside a function).
+UPWARD: dict[tuple[str, str], str] = {
+    ("ctsft_lens.devices", "ctsft_lens.models.default"): "environment() reports the default model's cache; it "
+                                                         "belongs in the CLI (issue #39)",
+    ("ctsft_lens.devices", "ctsft_lens.tasks.nusax"): "environment() reports the bundled NusaX folder (as above)",
+    ("ctsft_lens.devices", "ctsft_lens"): "environment() reports __version__ (as above)",
+    ("ctsft_lens.adapters", "ctsft_lens"): "an adapter file records the __version__ that wrote it",
+    ("ctsft_lens.cli", "ctsft_lens"): "ctsft --version prints __version__",
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -55,22 +94,28 @@ def _import_nodes(body: list[ast.stmt], *, in_functions: bool) -> list[ast.stmt]
     return found
 
 
+def _named(node: ast.Import | ast.ImportFrom, here: str, modules: dict[str, Path]) -> set[str]:
+    """The modules an import statement names (``from P import x``: ``P.x`` if a module, else ``P``),
+    ``here`` being the package that relative imports start from."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    base = node.module or ""
+    if node.level:
+        anchor = here.split(".")[: len(here.split(".")) - node.level + 1]
+        base = ".".join(anchor + ([base] if base else []))
+    return {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+
+
+def _here(name: str, modules: dict[str, Path]) -> str:
+    return name if _is_package(name, modules) else name.rpartition(".")[0]
+
+
 def imports(name: str, modules: dict[str, Path], *, in_functions: bool = False) -> set[str]:
     """The package modules ``name`` imports (with the packages whose ``__init__`` that runs)."""
     tree = ast.parse(modules[name].read_text(encoding="utf-8"))
-    here = name if _is_package(name, modules) else name.rpartition(".")[0]
     targets: set[str] = set()
     for node in _import_nodes(tree.body, in_functions=in_functions):
-        if isinstance(node, ast.Import):
-            targets |= {a.name for a in node.names}
-            continue
-        base = node.module or ""
-        if node.level:
-            anchor = here.split(".")[: len(here.split(".")) - node.level + 1]
-            base = ".".join(anchor + ([base] if base else []))
-        for alias in node.names:
-            sub = f"{base}.{alias.name}"
-            targets.add(sub if sub in modules else base)
+        targets |= _named(node, _here(name, modules), modules)
     edges = set()
     for target in targets:
         if not target.startswith(PACKAGE + ".") or target not in modules:
@@ -83,6 +128,52 @@ def imports(name: str, modules: dict[str, Path], *, in_functions: bool = False) 
                 edges.add(pkg)
     edges.discard(name)
     return edges
+
+
+def _deferred(tree: ast.Module) -> set[str]:
+    """Module paths imported by name: ``import_module("ctsft_lens.x")`` calls anywhere, and the values
+    of module-level dicts of ``"ctsft_lens.x"`` strings (lazy-export tables)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if func == "import_module" and isinstance(node.args[0].value, str):
+                found.add(node.args[0].value)
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict):
+            found |= {v.value for v in node.value.values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+                      and v.value.startswith(PACKAGE + ".")}
+    return found
+
+
+def arrows(name: str, modules: dict[str, Path], source: str | None = None) -> set[str]:
+    """Every package module ``name`` imports, when it loads or later: import statements anywhere
+    (function bodies and ``if TYPE_CHECKING:`` too) and :func:`_deferred` paths; the root facade
+    when a name of its own is imported from it. Only the modules named: the packages passed
+    through on the way are the cycle check's business."""
+    tree = ast.parse(source if source is not None else modules[name].read_text(encoding="utf-8"))
+    targets = _deferred(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            targets |= _named(node, _here(name, modules), modules)
+    return {t for t in targets if t in modules} - {name}
+
+
+def floor(name: str) -> int:
+    """The index in ``FLOORS`` of the floor ``name`` sits on (``-1``: none)."""
+    best, level = -1, -1
+    for i, group in enumerate(FLOORS):
+        for entry in group:
+            prefix = f"{PACKAGE}.{entry}" if entry else PACKAGE
+            inside = name == prefix or (entry and name.startswith(prefix + "."))  # "": the root alone
+            if inside and len(prefix) > best:
+                best, level = len(prefix), i
+    return level
+
+
+def _upward(graph: dict[str, set[str]], level: dict[str, int]) -> list[tuple[str, str]]:
+    """The arrows ``(a, b)`` of ``graph`` from a floor to one above it."""
+    return sorted((a, b) for a, targets in graph.items() for b in targets if level[b] > level[a])
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -161,3 +252,52 @@ def test_scoring_layers():
             assert not seen & above, f"{name} imports {sorted(seen & above)}"
     config = imports("ctsft_lens.discovery_config", modules, in_functions=True)
     assert not {m for m in config if m.startswith("ctsft_lens.cdt.") and m != "ctsft_lens.cdt.rules"}, config
+
+
+def test_every_module_sits_on_a_floor_and_every_floor_holds_one():
+    modules = _modules()
+    lost = [name for name in modules if floor(name) < 0]
+    assert not lost, f"on no floor: {lost} (add each to FLOORS in tests/test_imports.py)"
+    for group in FLOORS:
+        for entry in group:
+            prefix = f"{PACKAGE}.{entry}" if entry else PACKAGE
+            held = [m for m in modules if m == prefix or m.startswith(prefix + ".")]
+            assert held, f"FLOORS names {prefix}: no such module"
+
+
+def test_floors_point_down_even_through_function_and_lazy_imports():
+    """No arrow points to a floor above, counting imports inside functions and lazy exports: the
+    ones ``UPWARD`` lists are the only exceptions, and each of them is still in the code."""
+    modules = _modules()
+    graph = {name: arrows(name, modules) for name in modules}
+    up = _upward(graph, {name: floor(name) for name in modules})
+    unlisted = [f"{a} -> {b}" for a, b in up if (a, b) not in UPWARD]
+    assert not unlisted, "arrows up a floor (FLOORS in tests/test_imports.py): " + ", ".join(unlisted)
+    gone = [f"{a} -> {b}" for a, b in UPWARD if (a, b) not in up]
+    assert not gone, "UPWARD lists arrows no longer up (remove them): " + ", ".join(gone)
+    down = {a: {b for b in targets if (a, b) not in UPWARD} for a, targets in graph.items()}
+    cycle = _cycle(down)  # within a floor: across floors, a cycle needs an arrow up
+    assert cycle is None, "import cycle (counting imports inside functions and lazy exports): " + " -> ".join(cycle)
+
+
+def test_the_walker_reads_functions_and_lazy_exports():
+    """The floor check is live: a function-local import, an ``import_module`` string, a lazy-export
+    table and a name of the root facade are arrows, and one to a floor above is found."""
+    modules = dict.fromkeys([PACKAGE, f"{PACKAGE}.a", f"{PACKAGE}.b", f"{PACKAGE}.c", f"{PACKAGE}.d", f"{PACKAGE}.p",
+                             f"{PACKAGE}.p.e"], ROOT / "x.py")
+    source = (
+        "import importlib\n"
+        "_LAZY = {'thing': 'ctsft_lens.b'}\n"
+        "def f():\n"
+        "    from ctsft_lens.c import x\n"
+        "    from ctsft_lens import __version__\n"
+        "    return importlib.import_module('ctsft_lens.d')\n"
+        "class K:\n"
+        "    def g(self):\n"
+        "        from ctsft_lens.p import e\n"
+    )
+    seen = arrows(f"{PACKAGE}.a", modules, source)
+    assert seen == {PACKAGE, f"{PACKAGE}.b", f"{PACKAGE}.c", f"{PACKAGE}.d", f"{PACKAGE}.p.e"}, seen
+    assert _upward({"a": {"b", "c"}, "b": set(), "c": set()}, {"a": 1, "b": 0, "c": 2}) == [("a", "c")]
+    assert floor(f"{PACKAGE}.cdt.rules") < floor(f"{PACKAGE}.discovery_config") < floor(f"{PACKAGE}.cdt.relevance")
+    assert floor(f"{PACKAGE}.nowhere") == -1 and floor(PACKAGE) == len(FLOORS) - 1
