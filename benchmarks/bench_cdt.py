@@ -51,7 +51,7 @@ def run(model_name: str, n_examples: int, modes: list[str], bf16_positions: str 
     import torch
 
     from ctsft_lens.batching import encode
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens.scoring import head_relevance
     from ctsft_lens.forward import run as forward
     from ctsft_lens.means import head_means
     from ctsft_lens.models import load_model

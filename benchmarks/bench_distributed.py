@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/bench_distributed.py [--n-examples 48] [--repeats 3]
 
 The driver launches each setting as fresh processes. Each process builds the tiny model, runs
-one warm-up discovery, waits at a barrier, and times ``cdt.discover``. Settings:
+one warm-up discovery, waits at a barrier, and times ``ctsft_lens.discover``. Settings:
 
 * ``1 process, T threads``: plain ``python`` (no process group), ``OMP_NUM_THREADS=T`` with T = the cores;
 * ``1 process, 1 thread``;
@@ -29,7 +29,7 @@ def worker(n_examples: int, max_depth: int, batch_size: int) -> None:
     import torch
 
     from ctsft_lens import distributed
-    from ctsft_lens.cdt import discover
+    from ctsft_lens.discovery import discover
     from ctsft_lens.models import tiny_model
     from ctsft_lens.tasks import load_task
 

@@ -21,7 +21,7 @@ import torch
 
 def per_depth(model, examples, scoring: str, ratio: float, max_depth: int, means):
     """Depth by depth, a CD-T pass per depth with that depth's targets (sum aggregate)."""
-    from ctsft_lens.cdt import head_relevance
+    from ctsft_lens.scoring import head_relevance
     from ctsft_lens.cdt.expansion import n_to_keep
     from ctsft_lens.circuit import rank_heads
 
@@ -54,7 +54,8 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.05)
     args = p.parse_args()
     from ctsft_lens.batching import batches
-    from ctsft_lens.cdt import discover, head_means
+    from ctsft_lens.discovery import discover
+    from ctsft_lens.means import head_means
     from ctsft_lens.compare import time_forward
     from ctsft_lens.models import tiny_model
     from ctsft_lens.tasks import load_task

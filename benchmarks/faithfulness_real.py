@@ -65,7 +65,7 @@ def main() -> None:
             c = load_circuit(path)
             circuits[c.scoring if c.scoring not in circuits else Path(path).stem] = c
     else:
-        from ctsft_lens.cdt import discover
+        from ctsft_lens.discovery import discover
 
         found = task.sample(args.n_discover, "train", seed=0)
         circuits = {}

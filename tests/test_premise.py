@@ -217,7 +217,7 @@ def test_every_scoring_is_a_toml_key_as_it_is_a_flag(tmp_path, scoring):
 def test_a_circuit_of_every_scoring_builds_every_variant(tiny_qwen, indonesian):
     """What an experiment's discovery stage runs (``discover`` with the TOML's [discovery]), for every
     scoring; every circuit-based variant is then built from the circuit."""
-    from ctsft_lens.cdt import discover
+    from ctsft_lens.discovery import discover
     from ctsft_lens.experiments import DiscoveryConfig
     from ctsft_lens.models import model_info
 

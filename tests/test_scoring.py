@@ -136,7 +136,7 @@ def test_z_means_write_the_head_means(tiny_gpt2, examples):
 
 
 def test_registry_relevance_and_discover_accept_the_new_scorings(tiny_qwen, examples):
-    from ctsft_lens.cdt import discover, head_relevance
+    from ctsft_lens import discover, head_relevance
     from ctsft_lens.cdt.relevance import SCORERS
     from ctsft_lens.circuit import rank_heads
 
