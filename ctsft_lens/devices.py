@@ -131,19 +131,26 @@ def idle_cores(window: float = 0.1) -> float | None:
 
 def auto_threads() -> int:
     """Torch threads for this process: the cores idle right now, at least 1 (all cores where that
-    cannot be read). Measured (benchmarks/RESULTS.md, "Threads"): on 2 idle cores 2 threads are
+    cannot be read), shared among the ranks of this node under torchrun (``LOCAL_WORLD_SIZE``). Measured (benchmarks/RESULTS.md, "Threads"): on 2 idle cores 2 threads are
     1.5-1.8x faster than 1 for every model size; beside a busy neighbour 2 threads are 1.15-1.44x
     slower than 1 (and a whole test suite 6x), because torch's threads wait for each other at every
     op and one of them shares its core."""
     free = idle_cores()
     cores = os.cpu_count() or 1
-    return cores if free is None else max(1, min(cores, int(free + 0.5)))
+    n = cores if free is None else max(1, min(cores, int(free + 0.5)))
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, n // local)
 
 
-def set_threads(spec: str | int | None = None) -> int:
-    """Set torch's intra-op threads: an integer, or ``"auto"`` (:func:`auto_threads`); default
-    ``$CTSFT_THREADS``, else ``"auto"``. Returns the count set. A bad value is one clear error."""
-    spec = spec if spec is not None else os.environ.get(THREADS_ENV, "auto")
+def resolve_threads(spec: str | int | None = None) -> int:
+    """The thread count ``spec`` asks for: an integer, or ``"auto"`` (:func:`auto_threads`); default
+    ``$CTSFT_THREADS``, else ``$OMP_NUM_THREADS`` (a user who set it meant it), else ``"auto"``. A
+    bad value is one clear error."""
+    if spec is None:
+        spec = os.environ.get(THREADS_ENV) or os.environ.get("OMP_NUM_THREADS") or "auto"
     text = str(spec).strip().lower()
     if text == "auto":
         n = auto_threads()
@@ -154,7 +161,13 @@ def set_threads(spec: str | int | None = None) -> int:
             n = 0
         if n < 1:
             raise CtsftError(f"threads must be a whole number >= 1 or 'auto', got {spec!r} "
-                             f"(the --threads flag or ${THREADS_ENV})")
+                             f"(the --threads flag, ${THREADS_ENV} or $OMP_NUM_THREADS)")
+    return n
+
+
+def set_threads(spec: str | int | None = None) -> int:
+    """Set torch's intra-op threads to :func:`resolve_threads` of ``spec``; returns the count."""
+    n = resolve_threads(spec)
     torch.set_num_threads(n)
     return n
 

@@ -13,9 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # The toolkit's thread policy (ctsft_lens.devices.auto_threads: the cores idle when the suite starts),
 # decided once for the session and passed on to every CLI call and subprocess through $CTSFT_THREADS.
 # Two torch threads beside a busy neighbour made this suite 6x slower than one (benchmarks/RESULTS.md).
-from ctsft_lens.devices import auto_threads, set_threads  # noqa: E402
+from ctsft_lens.devices import resolve_threads, set_threads  # noqa: E402
 
-os.environ.setdefault("CTSFT_THREADS", str(auto_threads()))
+os.environ.setdefault("CTSFT_THREADS", str(resolve_threads()))  # $OMP_NUM_THREADS, if set, wins over auto
 set_threads()
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -541,6 +541,14 @@ def test_threads_follow_the_flag_the_variable_and_the_idle_cores(monkeypatch, ca
         assert devices.auto_threads() == 2
         monkeypatch.setattr(devices, "idle_cores", lambda window=0.1: None)  # unreadable: every core
         assert devices.auto_threads() == 2
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this node share the cores
+        assert devices.auto_threads() == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.delenv("CTSFT_THREADS", raising=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # set by the user: honoured
+        assert devices.resolve_threads() == 1
+        monkeypatch.setenv("CTSFT_THREADS", "2")  # the toolkit's own variable first
+        assert devices.resolve_threads() == 2
         monkeypatch.setenv("CTSFT_THREADS", "1")
         assert devices.set_threads() == 1
         for bad in ("0", "two"):

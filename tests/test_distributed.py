@@ -29,7 +29,7 @@ def _rank_main(rank: int, world: int, port: int, root: Path) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", CTSFT_THREADS="1",
                       TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(1)
     sys.path.insert(0, str(ROOT / "tests"))
@@ -42,11 +42,16 @@ class _one_thread:
     """The one-process reference runs with one thread, like each torchrun child."""
 
     def __enter__(self) -> None:
-        self.n = torch.get_num_threads()
+        self.n, self.env = torch.get_num_threads(), os.environ.get("CTSFT_THREADS")
+        os.environ["CTSFT_THREADS"] = "1"  # the CLI sets its threads from it
         torch.set_num_threads(1)
 
     def __exit__(self, *exc) -> None:
         torch.set_num_threads(self.n)
+        if self.env is None:
+            os.environ.pop("CTSFT_THREADS", None)
+        else:
+            os.environ["CTSFT_THREADS"] = self.env
 
 
 # --------------------------------------------------------------------------------------------
