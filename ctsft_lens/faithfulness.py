@@ -394,13 +394,29 @@ class FaithfulnessReport:
     random: RandomBand | None
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def depth_vs_random(self) -> dict[str, list[dict[str, Any]]]:
+        """Each depth circuit against random circuits **of its own size** (the fair comparison: a
+        depth curve's CPR is mostly the anchored straight line from its last point to all heads, so
+        it is not comparable with the band's CPR over the whole size grid). Per point: its
+        faithfulness, the band's mean and sd at that size, and how many sd above the mean it lies."""
+        if self.random is None:
+            return {}
+        band = {n: (m, s) for n, m, s in zip(self.random.sizes, self.random.mean, self.random.std)}
+        return {name: [{"depth": p.depth, "size": p.size, "faithfulness": p.faithfulness,
+                        "random_mean": band[p.size][0], "random_sd": band[p.size][1],
+                        "sd_above": ((p.faithfulness - band[p.size][0]) / band[p.size][1]
+                                     if band[p.size][1] > 0 else math.nan)}
+                       for p in c.points if p.size in band]
+                for name, c in self.depth.items()}
+
     def to_dict(self) -> dict[str, Any]:
         return {"positions": self.positions, "n_examples": self.n_examples, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "full": asdict(self.full), "empty": asdict(self.empty),
                 "circuits": {k: asdict(v) for k, v in self.circuits.items()},
                 "depth_curves": {k: c.to_dict() for k, c in self.depth.items()},
                 "topk_curves": {k: c.to_dict() for k, c in self.topk.items()},
-                "random": None if self.random is None else self.random.to_dict(), "meta": self.meta}
+                "random": None if self.random is None else self.random.to_dict(),
+                "depth_vs_random": self.depth_vs_random(), "meta": self.meta}
 
     def rows(self) -> list[dict[str, Any]]:
         """One flat row per measured point (for CSV): curve, kind, size, faithfulness, raw metrics."""
@@ -440,6 +456,11 @@ class FaithfulnessReport:
         if self.random is not None:
             (cm, cs), (dm, ds) = self.random.cpr, self.random.cmd
             lines.append(f"  random ({len(self.random.seeds)} seeds): CPR {cm:.3f} ± {cs:.3f}  CMD {dm:.3f} ± {ds:.3f}")
+        for name, points in self.depth_vs_random().items():
+            if points:
+                lines.append(f"  {name}/depth against random circuits of the same size: " + ", ".join(
+                    f"depth {p['depth']} ({p['size']} heads) {p['faithfulness']:.3f} vs {p['random_mean']:.3f} ± "
+                    f"{p['random_sd']:.3f} ({p['sd_above']:+.1f} sd)" for p in points))
         return "\n".join(lines)
 
 
@@ -459,6 +480,7 @@ def faithfulness_report(model: Any, circuits: dict[str, Circuit], examples: Sequ
     results = {name: ab.evaluate(c) for name, c in circuits.items()}
     depth = {name: depth_curve(ab, c, f"{name}/depth") for name, c in circuits.items()}
     topk = {name: topk_curve(ab, c.scores[0], sizes, f"{name}/top-k") for name, c in circuits.items()}
-    band = random_band(ab, sizes, seeds) if seeds else None
+    band_sizes = sorted(set(sizes) | {p.size for c in depth.values() for p in c.points})  # every depth's own size
+    band = random_band(ab, band_sizes, seeds) if seeds else None
     return FaithfulnessReport(positions, ab.n_examples, ab.n_layers, ab.n_heads, ab.full, ab.empty,
                               results, depth, topk, band, {"sizes": sizes})

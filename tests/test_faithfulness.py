@@ -188,9 +188,10 @@ def test_report_serializes_to_json_and_csv(tmp_path, model, examples):
                                  sizes=[1, 4, 8], seeds=(0, 1), progress=False)
     data = json.loads(json.dumps(report.to_dict()))
     assert data["positions"] == "last" and set(data["depth_curves"]) == {"projection", "magnitude"}
-    assert data["random"]["seeds"] == [0, 1] and len(data["random"]["mean"]) == 3
+    band = sorted({1, 4, 8} | {p.size for p in report.depth["projection"].points})  # the depths' own sizes too
+    assert data["random"]["seeds"] == [0, 1] and data["random"]["sizes"] == band
     rows = list(csv.DictReader(open(report.write_csv(tmp_path / "curves.csv"))))
-    assert len(rows) == 2 * 2 + 2 * 3 + 2 * 3  # depth points + top-k points + random points
+    assert len(rows) == 2 * 2 + 2 * 3 + 2 * len(band)  # depth points + top-k points + random points
     assert "CPR" in report.summary() and "necessity" in report.summary()
 
 
@@ -234,3 +235,24 @@ def test_circuits_from_discover_round_trip_and_get_curves(tmp_path, model, examp
         assert [p.size for p in curve.points] == [len(c.up_to_depth(d).heads) for d in range(c.depth + 1)]
         assert report.circuits[name].size == len(c.heads)
         assert report.topk[name].points[-1].faithfulness == pytest.approx(1.0)
+
+
+def test_depth_circuits_are_compared_with_random_circuits_of_their_own_size(tiny_qwen, indonesian):
+    """Issue #41: a depth curve's CPR is mostly its anchored line to all heads; the fair check is
+    each depth against the random band at the same size, which the band now always measures."""
+    from ctsft_lens import discover
+    from ctsft_lens.faithfulness import faithfulness_report
+
+    examples = indonesian.sample(6, seed=0)
+    circuit = discover(tiny_qwen, examples, ratio=0.1, max_depth=1, progress=False)
+    report = faithfulness_report(tiny_qwen, {"cdt": circuit}, examples, sizes=[1, 16], seeds=(0, 1, 2),
+                                 progress=False)
+    rows = report.depth_vs_random()["cdt"]
+    assert [r["size"] for r in rows] == [p.size for p in report.depth["cdt"].points]  # sizes outside the grid too
+    band = dict(zip(report.random.sizes, report.random.mean))
+    for r in rows:
+        assert r["random_mean"] == band[r["size"]]
+        if r["random_sd"] > 0:
+            assert r["sd_above"] == pytest.approx((r["faithfulness"] - r["random_mean"]) / r["random_sd"])
+    assert "against random circuits of the same size" in report.summary()
+    assert report.to_dict()["depth_vs_random"]["cdt"] == rows
