@@ -3,6 +3,7 @@
 The public API is re-exported here; each name lives in the module that says what it holds.
 """
 
+from ctsft_lens import progress as _progress  # noqa: F401  first: its warning filter precedes tqdm.auto's import
 from ctsft_lens.batching import Batch, encode
 from ctsft_lens.discovery import discover
 from ctsft_lens.circuit import Circuit, head_name, load_circuit, parse_head, rank_heads, save_circuit

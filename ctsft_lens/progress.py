@@ -18,7 +18,14 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, TextIO
 
-from tqdm.auto import tqdm as _tqdm
+import warnings
+
+# tqdm.auto warns "IProgress not found" at import in a Jupyter kernel without ipywidgets (transformers
+# imports it too): a red block in every exported notebook. Such a kernel gets plain lines here
+# (:func:`interactive`), so the warning says nothing a user must act on.
+warnings.filterwarnings("ignore", message="IProgress not found")
+
+from tqdm.auto import tqdm as _tqdm  # noqa: E402
 
 __all__ = ["LineProgress", "interactive", "progress_bar", "write"]
 
