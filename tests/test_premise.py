@@ -458,3 +458,22 @@ def test_the_heads_only_and_norm_only_configs_are_budget_b_with_one_change(tmp_p
         assert (cfg.transfer.n_examples, cfg.transfer.n_dev, cfg.transfer.train.epochs, cfg.transfer.train.batch_size) \
             == (b90.transfer.n_examples, b90.transfer.n_dev, b90.transfer.train.epochs, b90.transfer.train.batch_size)
         assert cfg.targets == b90.targets and cfg.max_tokens == b90.max_tokens and cfg.eval_limit == b90.eval_limit
+
+
+def test_a_contrast_refuses_runs_from_different_checkpoints(tmp_path):
+    """A rebuilt checkpoint may differ in bits (it did in session 14): its runs do not pair with the old ones."""
+    from ctsft_lens.experiments.premise import contrast
+    from ctsft_lens.files import read_json, write_json
+
+    n = 60
+    a, b = tmp_path / "a", tmp_path / "b"
+    for s in range(2):
+        _write_cell(a, "patching", "norm-only", s, _bits(n, 0.6, s), _bits(n, 0.8, 9 + s))
+        _write_cell(b, "patching", "random-layers", s, _bits(n, 0.6, s), _bits(n, 0.8, 9 + s))
+    for folder, digest in ((a, "aaaa"), (b, "bbbb")):
+        for path in folder.glob("*/runs/*/*/seed*.json"):
+            cell = read_json(path)
+            cell["result"]["checkpoint"] = digest
+            write_json(path, cell)
+    with pytest.raises(CtsftError, match="different competence checkpoints"):
+        contrast("x", (a, "patching/norm-only"), (b, "patching/random-layers"))

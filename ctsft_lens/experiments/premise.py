@@ -658,6 +658,10 @@ def contrast(name: str, a: tuple[str | Path, str], b: tuple[str | Path, str], *,
         ids = {r.test_ids.get(which) for arm in arms for r in arm.runs.values()}
         if len(ids) != 1:
             raise CtsftError(f"contrast {name}: the arms were not scored on the same {which} test examples")
+    checkpoints = {r.checkpoint for arm in arms for r in arm.runs.values()}
+    if len(checkpoints - {""}) > 1 or ("" in checkpoints and len(checkpoints) > 1):
+        raise CtsftError(f"contrast {name}: the arms were trained from different competence checkpoints (or one "
+                         "predates the record of its checkpoint): retrain the reference on the same checkpoint")
     row: dict[str, Any] = {"name": name, "a": f"{a[0]}:{a[1]}", "b": f"{b[0]}:{b[1]}",
                            "seeds_a": sorted(arms[0].runs), "seeds_b": sorted(arms[1].runs)}
     for which in ("target", "source"):

@@ -46,6 +46,9 @@ class RunResult:
     source_gold: list[int] = field(default_factory=list)
     source_pred: list[int] = field(default_factory=list)
     source_logits: list[list[float]] = field(default_factory=list)
+    # the competence checkpoint's content (files.model_digest): runs compared across study folders must
+    # share it (a rebuilt checkpoint may differ in bits); "" in runs cached before it was recorded
+    checkpoint: str = ""
 
     @property
     def target_macro_f1(self) -> float | None:

@@ -20,8 +20,8 @@ from ctsft_lens.evaluate import evaluate
 from ctsft_lens.experiments.config import ExperimentConfig, StageConfig, _lang
 from ctsft_lens.experiments.report import RunResult
 from ctsft_lens.faithfulness import faithfulness_report
-from ctsft_lens.files import (atomic_dir, cached, key_file, stage_key, verify_checksums, writable_folder,
-                              write_checksums, write_json)
+from ctsft_lens.files import (atomic_dir, cached, key_file, model_digest, stage_key, verify_checksums,
+                              writable_folder, write_checksums, write_json)
 from ctsft_lens.masks import VARIANTS, LoraSpec, circuit_mask, save_mask, variant_mask
 from ctsft_lens.means import correct_examples
 from ctsft_lens.models import load_model, model_info, save_model
@@ -170,7 +170,8 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
                            test_ids={"target": examples_id(target_test), "source": examples_id(source_test)},
                            target_gold=[ex.label for ex in target_test], target_pred=target.predictions,
                            target_logits=target.logits, source_gold=[ex.label for ex in source_test],
-                           source_pred=source.predictions, source_logits=source.logits)
+                           source_pred=source.predictions, source_logits=source.logits,
+                           checkpoint=model_digest(comp_dir) if (Path(comp_dir) / "config.json").is_file() else "")
         return {"result": asdict(result)}
 
     path = out / "runs" / task.language / label / f"seed{seed}.json"
