@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import time
 from typing import Any, Iterator
 
@@ -170,43 +169,3 @@ def set_threads(spec: str | int | None = None) -> int:
     n = resolve_threads(spec)
     torch.set_num_threads(n)
     return n
-
-
-def environment() -> dict[str, Any]:
-    """What a bug report needs: versions, devices, precision support, caches and data folders."""
-    from importlib import metadata
-
-    import ctsft_lens
-
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        devices.append("mps")
-    from ctsft_lens.models.default import DefaultModelConfig, cache_folder
-    from ctsft_lens.tasks.nusax import bundled_dir
-
-    default = cache_folder(DefaultModelConfig())
-    hf_home = os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface"))
-    return {
-        "ctsft_lens": ctsft_lens.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "packages": {p: version(p) for p in ("torch", "transformer-lens", "transformers", "datasets", "peft",
-                                              "plotly", "kaleido")},
-        "devices": devices,
-        "auto_device": resolve_device("auto"),
-        "bf16": {d: bf16_supported(d) for d in ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]},
-        "torch_threads": torch.get_num_threads(),
-        "threads_policy": os.environ.get(THREADS_ENV, "auto") + f" (cores idle now: {idle_cores()})",
-        "hf_home": hf_home,
-        "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
-        "ctsft_cache": str(default.parent),
-        "default_model_cached": (default / "default_model.json").exists(),
-        "data": {"nusax-senti (bundled)": str(bundled_dir()),
-                 **{f"xnli ({p})": p for p in ("data/xnli", "../shared/data/xnli") if os.path.isdir(p)}},
-    }

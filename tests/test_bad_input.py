@@ -567,3 +567,14 @@ def test_idle_cores_reads_a_number_on_linux():
         assert free is None
     else:
         assert free is not None and 0 <= free <= (__import__("os").cpu_count() or 1) + 1e-9
+
+
+def test_a_closed_pipe_ends_quietly():
+    """``ctsft env | head -1``: the reader leaves early; no BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    run = subprocess.run(f"{sys.executable} -m ctsft_lens.cli env | head -1", shell=True, capture_output=True,
+                         text=True, env={**os.environ, "CTSFT_THREADS": "1"}, timeout=120)
+    assert run.stdout.startswith("ctsft_lens: ") and "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr, run.stderr

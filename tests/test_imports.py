@@ -47,10 +47,6 @@ FLOORS: list[tuple[str, ...]] = [
 
 # The arrows that point up today, each with why it is still there (all inside a function).
 UPWARD: dict[tuple[str, str], str] = {
-    ("ctsft_lens.devices", "ctsft_lens.models.default"): "environment() reports the default model's cache; it "
-                                                         "belongs in the CLI (issue #39)",
-    ("ctsft_lens.devices", "ctsft_lens.tasks.nusax"): "environment() reports the bundled NusaX folder (as above)",
-    ("ctsft_lens.devices", "ctsft_lens"): "environment() reports __version__ (as above)",
     ("ctsft_lens.adapters", "ctsft_lens"): "an adapter file records the __version__ that wrote it",
     ("ctsft_lens.cli", "ctsft_lens"): "ctsft --version prints __version__",
 }

@@ -138,5 +138,10 @@ def _run_checked(args: argparse.Namespace) -> int:
             raise
         print(f"ctsft {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``ctsft env | head -1``): stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
     return 0
 
