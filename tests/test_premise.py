@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import random
 import sys
 from pathlib import Path
@@ -16,8 +17,6 @@ import torch
 from ctsft_lens.circuit import Circuit, Edge, rank_heads
 from ctsft_lens.errors import ConfigError, CtsftError, MaskError
 from ctsft_lens.experiments import ExperimentConfig
-from ctsft_lens.experiments.premise import (Gain, paired_gain, parse_rates, pick_rate, read_rates, source_configs, verdict,
-                                            with_rates)
 from ctsft_lens.masks import VARIANTS, layer_matched_mask, nearzero_layers_mask, nearzero_mask, variant_mask
 from ctsft_lens.scoring import HEAD_SCORINGS
 
@@ -28,6 +27,22 @@ else:
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = {"n_layers": 4, "n_heads": 8}
+
+
+def _study():
+    """The study's module, ``benchmarks/premise/study.py`` (study code lives beside its driver, not in
+    the package; ``benchmarks/`` is no package, its scripts import their neighbours by folder)."""
+    if "premise_study" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("premise_study", ROOT / "benchmarks" / "premise" / "study.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["premise_study"] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["premise_study"]
+
+
+_study()
+from premise_study import (Gain, paired_gain, parse_rates, pick_rate, read_rates, source_configs,  # noqa: E402
+                           verdict, with_rates)
 
 
 def _circuit(heads, scoring="patching", scores=None) -> Circuit:
@@ -280,7 +295,7 @@ def test_the_premise_pipeline_end_to_end(tmp_path, tiny_qwen):
     import json
 
     from ctsft_lens.cli import main
-    from ctsft_lens.experiments.premise import lr_sweep, run_study, study_report
+    from premise_study import lr_sweep, run_study, study_report
     from ctsft_lens.models import save_model
 
     save_model(tiny_qwen, tmp_path / "ckpt")  # 2 layers x 8 heads
@@ -362,7 +377,7 @@ def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
     figure (PNG too) and a refused run without per-example results."""
     import json
 
-    from ctsft_lens.experiments.premise import figure, study_report
+    from premise_study import figure, study_report
     from ctsft_lens.files import write_json
 
     n = 300
@@ -416,7 +431,7 @@ def test_the_report_reads_a_study_and_says_what_it_found(tmp_path):
 def test_seed_intervals_and_contrasts_across_folders(tmp_path):
     """Issue #37: the report gives the interval over seeds and examples beside the example-only one,
     and a contrast compares arms of two study folders (norm-only against random heads + norms)."""
-    from ctsft_lens.experiments.premise import contrast, study_report
+    from premise_study import contrast, study_report
     from ctsft_lens.files import write_json
 
     n = 300
@@ -462,7 +477,7 @@ def test_the_heads_only_and_norm_only_configs_are_budget_b_with_one_change(tmp_p
 
 def test_a_contrast_refuses_runs_from_different_checkpoints(tmp_path):
     """A rebuilt checkpoint may differ in bits (it did in session 14): its runs do not pair with the old ones."""
-    from ctsft_lens.experiments.premise import contrast
+    from premise_study import contrast
     from ctsft_lens.files import read_json, write_json
 
     n = 60

@@ -1,4 +1,4 @@
-"""The premise study's steps (issue #27), over :mod:`ctsft_lens.experiments.premise`.
+"""The premise study's steps (issue #27), over ``study.py`` beside this file.
 
     python benchmarks/premise/premise.py sweep  --config benchmarks/premise/acehnese_b30.toml \
         --variant circuit --lrs 1e-4,3e-4,1e-3,3e-3
@@ -25,7 +25,8 @@ import json
 from pathlib import Path
 
 from ctsft_lens.experiments import ExperimentConfig
-from ctsft_lens.experiments.premise import lr_sweep, parse_rates, read_rates, run_study, study_report, sweep_table
+
+from study import lr_sweep, parse_rates, read_rates, run_study, study_report, sweep_table  # beside this file
 
 
 def main() -> None:

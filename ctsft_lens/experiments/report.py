@@ -34,7 +34,7 @@ class RunResult:
     lora_rank: int | None = None
     retention: dict[str, float] = field(default_factory=dict)  # "task:lang" -> accuracy after
     # per test example, in the test split's order: 1 if answered correctly (paired comparisons of
-    # runs, ``experiments.premise``); empty in runs cached before they were recorded
+    # runs, ``benchmarks/premise/study.py``); empty in runs cached before they were recorded
     target_correct: list[int] = field(default_factory=list)
     source_correct: list[int] = field(default_factory=list)
     test_ids: dict[str, str] = field(default_factory=dict)  # "target" / "source" -> hash of the test uids scored

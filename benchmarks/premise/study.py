@@ -1,5 +1,9 @@
-"""The CT-SFT premise test (issue #27): does training a faithful circuit transfer better than
-training as many other heads?
+"""The CT-SFT premise study (issue #27), driven by ``premise.py`` beside it: does training a
+faithful circuit transfer better than training as many other heads?
+
+Study code, not library: the sweep, the grid over circuit sources, the bootstrap verdicts, the
+prose and the figure of this one study. What a user would call lives in the library (the
+seed-and-example bootstrap in :mod:`ctsft_lens.statistics`, the arms in :mod:`ctsft_lens.masks`).
 
 Circuits of one size from several scorings (``patching``, the exact per-head effect, is the
 oracle), the oracle's anti-circuit (``nearzero`` of the patching circuit: the heads whose exact
@@ -30,7 +34,8 @@ heads) with seeds R, the per-example gain is
 (``pairing="seed"``: seed s of every variant trains on the same target sample, so a seed both
 have is compared with itself; ``pairing="mean"``: r_s is always the mean over R). The gain is the
 mean of d_i, and its 95 % interval the percentile interval of that mean over ``n_boot`` resamples
-of the test examples (the same resamples for every arm of a budget). Seeds are not resampled: the
+of the test examples (the same resamples for every arm of a budget; ``statistics.paired_interval``
+with ``resample_seeds=False``). Seeds are not resampled: the
 interval is the test-set error of the gain of these runs, not the spread over training samples
 and random head draws; the per-seed gains are reported beside it, and the verdict asks for both
 (:func:`verdict`).
@@ -49,7 +54,6 @@ from typing import Any, Literal, Sequence
 import torch
 
 from ctsft_lens.circuit import head_name, load_circuit
-from ctsft_lens.compare import bootstrap_interval
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.experiments.config import ExperimentConfig, _lang
 from ctsft_lens.experiments.report import RunResult
@@ -316,14 +320,11 @@ def paired_gain(arm: dict[int, Sequence[int]], reference: dict[int, Sequence[int
         raise CtsftError(f"every run must be scored on the same (non-empty) test examples; lengths {sorted(n)}")
     ref_mean = torch.stack(list(r.values())).mean(0)
     diff = {s: v - (r[s] if pairing == "seed" and s in r else ref_mean) for s, v in a.items()}
-    d = torch.stack(list(diff.values())).mean(0)  # per example, over the arm's seeds
-    n_ex = len(d)
-    gen = torch.Generator().manual_seed(boot_seed)
-    idx = torch.randint(n_ex, (n_boot, n_ex), generator=gen)
-    lo, hi = bootstrap_interval(d[idx].mean(1))
-    both = paired_interval(torch.stack([diff[s] for s in sorted(diff)]), resample_seeds=True, n_boot=n_boot,
-                           boot_seed=boot_seed)
-    return Gain(float(d.mean()), lo, hi, {int(s): float(v.mean()) for s, v in sorted(diff.items())}, n_ex, n_boot,
+    d = torch.stack([diff[s] for s in sorted(diff)])  # [n_seeds, n_examples]
+    examples = paired_interval(d, resample_seeds=False, n_boot=n_boot, boot_seed=boot_seed)
+    both = paired_interval(d, resample_seeds=True, n_boot=n_boot, boot_seed=boot_seed)
+    return Gain(examples.estimate, examples.lo, examples.hi,
+                {int(s): float(v.mean()) for s, v in sorted(diff.items())}, d.shape[1], n_boot,
                 pairing, both.lo, both.hi, detectable_effect(both))
 
 
