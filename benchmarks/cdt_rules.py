@@ -1,6 +1,6 @@
 """CD-T rule study: which propagation rules rank heads like exact patching on a real model?
 
-The yardstick, declared before any run: the Spearman correlation (``compare.spearman``, ties
+The yardstick, declared before any run: the Spearman correlation (``statistics.spearman``, ties
 averaged) of a scorer's mean head table with **exact per-head mean patching**
 (``scoring.patching_per_example``) over all heads, ties broken by the Spearman over the top 5 %
 of heads by |exact effect|; beside it the top-6 overlap with exact's top 6, the heads whose CD-T
@@ -35,7 +35,7 @@ import torch
 
 from ctsft_lens.batching import batches
 from ctsft_lens.circuit import head_name, rank_heads
-from ctsft_lens.compare import spearman, time_forward
+from ctsft_lens.compare import time_forward
 from ctsft_lens.means import head_means
 from ctsft_lens.models import load_model
 from ctsft_lens.tasks import load_task

@@ -29,9 +29,9 @@ from ctsft_lens.cdt.driver import forwards
 from ctsft_lens.cdt.expansion import n_to_keep
 from ctsft_lens.cdt.relevance import task_directions
 from ctsft_lens.circuit import head_name, rank_heads
-from ctsft_lens.compare import spearman
 from ctsft_lens.models import load_model
 from ctsft_lens.scoring import patching_scores
+from ctsft_lens.statistics import spearman
 from ctsft_lens.tasks import load_task
 from ctsft_lens.tasks.base import balanced_sample
 

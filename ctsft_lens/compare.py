@@ -8,12 +8,14 @@ percentile-bootstrap intervals over evaluation examples (the same resamples for 
 differences are paired), the CPR difference to the first method with its interval, Spearman
 correlations between the rankings, and the cost: seconds and forward-equivalents (seconds
 divided by the seconds of one plain forward over the same discovery batches).
+
+Its figure is :func:`ctsft_lens.plots.plot_comparison`, its statistics (percentile intervals,
+Spearman) are :mod:`ctsft_lens.statistics`, its resumable scoring passes :mod:`ctsft_lens.score_cache`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -30,14 +32,15 @@ from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.files import cached
 from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
                                      random_band, size_grid)
 from ctsft_lens.forward import attn_results, label_logits
 from ctsft_lens.means import head_means
 from ctsft_lens.mib import MibCurve, mib_curve
 from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, MeanPositions, Protocol, check
+from ctsft_lens.score_cache import cached_pass
 from ctsft_lens.scoring import HEAD_SCORINGS, relevances
+from ctsft_lens.statistics import percentile_interval, spearman
 from ctsft_lens.tasks.base import Example
 
 
@@ -175,77 +178,6 @@ def _areas(fractions: Sequence[float], f: torch.Tensor) -> tuple[torch.Tensor, t
     return area(y), area((1 - y).abs())
 
 
-def bootstrap_interval(samples: torch.Tensor) -> tuple[float, float]:
-    """The 95 % percentile interval of bootstrap ``samples`` (NaN resamples dropped; NaNs if none are left)."""
-    s = samples[~torch.isnan(samples)]
-    if len(s) == 0:
-        return math.nan, math.nan
-    q = torch.quantile(s, torch.tensor([0.025, 0.975], dtype=s.dtype))
-    return float(q[0]), float(q[1])
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks with ties averaged."""
-    order = x.argsort()
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(len(x), dtype=x.dtype)
-    _, inverse, counts = torch.unique(x, return_inverse=True, return_counts=True)
-    sums = torch.zeros(len(counts), dtype=x.dtype).index_add_(0, inverse, ranks)
-    return (sums / counts.to(x.dtype))[inverse]
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman correlation of two score tables over the heads both scored (NaN if undefined)."""
-    a, b = a.double().flatten(), b.double().flatten()
-    ok = ~(torch.isnan(a) | torch.isnan(b))
-    if int(ok.sum()) < 2:
-        return math.nan
-    ra, rb = _ranks(a[ok]), _ranks(b[ok])
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 else math.nan
-
-
-def split_half_stability(per_example: Float[torch.Tensor, "n_examples n_layers n_heads"], labels: Sequence[int],
-                         ks: Sequence[int], *, splits: int = 20, seed: int = 0) -> dict[str, Any]:
-    """How much a ranking depends on its discovery sample: ``splits`` times, the examples are cut into
-    two disjoint label-balanced halves and each half ranks the heads by its mean table. Per ``k``:
-    the share of one half's top-k heads that are also the other's (mean, min, max over splits; two
-    random top-k sets share ``k / n_heads`` on average, the ``chance`` entry), and the Spearman
-    correlation of the two halves' tables."""
-    n = per_example.shape[0]
-    if len(labels) != n:
-        raise CtsftError(f"{len(labels)} labels for {n} examples")
-    by_label: dict[int, list[int]] = {}
-    for i, y in enumerate(labels):
-        by_label.setdefault(int(y), []).append(i)
-    if min(len(v) for v in by_label.values()) < 2:
-        raise CtsftError("every label needs at least two examples to split the sample in halves")
-    n_scored = int((~torch.isnan(per_example[0])).sum())
-    gen = torch.Generator().manual_seed(seed)
-    overlaps: dict[int, list[float]] = {int(k): [] for k in ks}
-    rhos: list[float] = []
-    for _ in range(splits):
-        a, b = [], []
-        for idx in by_label.values():
-            perm = [idx[int(j)] for j in torch.randperm(len(idx), generator=gen)]
-            half = len(perm) // 2
-            a += perm[:half]
-            b += perm[half:2 * half]
-        ta, tb = per_example[a].mean(0), per_example[b].mean(0)
-        ra, rb = rank_heads(ta), rank_heads(tb)
-        for k in overlaps:
-            overlaps[k].append(len(set(ra[:k]) & set(rb[:k])) / k)
-        rhos.append(spearman(ta, tb))
-
-    def summary(xs: list[float]) -> dict[str, float]:
-        return {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}
-
-    return {"n_half": len(a), "splits": splits, "n_heads": n_scored,
-            "overlap": {str(k): {**summary(v), "chance": k / n_scored} for k, v in overlaps.items()},
-            "spearman": summary(rhos)}
-
-
 def time_forward(model: Any, batch_list: list[Batch], repeats: int = 3) -> float:
     """Seconds of one plain forward over ``batch_list`` (the fastest of ``repeats``, after a warm-up):
     the unit of the forward-equivalent costs that every scoring and benchmark reports."""
@@ -305,21 +237,10 @@ def judge_tables(ab: MeanAblation, tables: dict[str, torch.Tensor], sizes: Seque
         if first_cpr is None:
             first_cpr = (curve.cpr, cpr_b)
         else:
-            diff, diff_ci = curve.cpr - first_cpr[0], bootstrap_interval(cpr_b - first_cpr[1])
-        out[name] = Judged(curve, bootstrap_interval(cpr_b), bootstrap_interval(cmd_b), diff, diff_ci,
-                           tuple(bootstrap_interval(fb[:, i]) for i in range(len(ks))))
+            diff, diff_ci = curve.cpr - first_cpr[0], percentile_interval(cpr_b - first_cpr[1])
+        out[name] = Judged(curve, percentile_interval(cpr_b), percentile_interval(cmd_b), diff, diff_ci,
+                           tuple(percentile_interval(fb[:, i]) for i in range(len(ks))))
     return out
-
-
-def _pass_key(discovery: Sequence[Example], means: torch.Tensor, names: Sequence[str], conf: DiscoveryConfig,
-              batch_size: int) -> str:
-    """What a cached scoring pass depends on: the prompts, μ (it fingerprints the model), the scorings,
-    their options and the batch size (padding changes float rounding)."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps([[ex.uid, ex.prompt, ex.label] for ex in discovery]).encode())
-    digest.update(means.detach().float().cpu().numpy().tobytes())
-    digest.update(json.dumps([list(names), repr(conf), batch_size]).encode())
-    return digest.hexdigest()
 
 
 def method_spec(method: str, config: DiscoveryConfig) -> tuple[str, DiscoveryConfig]:
@@ -382,9 +303,6 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
         passes.setdefault((conf.decomposition, conf.attention) if HEAD_SCORINGS[scoring].cdt else m, []).append(m)
     run = dict(means=means, batch_size=batch_size, progress=progress)
     shared: list[str] = []
-    use_cache = cache_dir is not None and distributed.world() == 1
-    if use_cache:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
     for names in passes.values():
         if len(names) > 1:
             shared += names
@@ -396,12 +314,8 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
             return {"seconds": time.perf_counter() - start,
                     "per_example": {m: rels[specs[m][0]].per_example[0] for m in names}}
 
-        if use_cache:
-            key = _pass_key(discovery, means, names, conf, batch_size)
-            done = cached(Path(cache_dir) / f"scores_{key[:16]}.pt", key, score,
-                          save=lambda value, path: torch.save(value, path), load=lambda path: torch.load(path))
-        else:
-            done = score()
+        done = cached_pass(cache_dir, score, discovery=discovery, means=means, names=names, config=conf,
+                           batch_size=batch_size)
         for name in names:
             seconds[name] = done["seconds"]
             per_example[name] = done["per_example"][name]
@@ -429,7 +343,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
 
 def load_comparison(path: str | Path) -> Comparison:
     """A :class:`Comparison` back from the ``compare.json`` that ``ctsft compare`` wrote, e.g. to redraw
-    its figure (:func:`plot_comparison`) or re-judge its tables without rescoring."""
+    its figure (:func:`ctsft_lens.plots.plot_comparison`) or re-judge its tables without rescoring."""
     from ctsft_lens.circuit import table_from_json
     from ctsft_lens.faithfulness import Curve, CurvePoint, Metrics, RandomBand
     from ctsft_lens.mib import MibCurve
@@ -457,53 +371,3 @@ def load_comparison(path: str | Path) -> Comparison:
                           data["forward_seconds"], data["means_seconds"], data["n_boot"], data.get("meta", {}))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CtsftError(f"{path}: not a compare.json written by `ctsft compare` ({type(e).__name__}: {e})") from None
-
-
-def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = None, plotlyjs: bool | str = True) -> Any:
-    """Left: f against circuit size per method (95 % bootstrap band) over the random floor.
-    Right: CPR (95 % interval) against cost in forward-equivalents."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness of the top-k heads", "CPR against cost"))
-    band = comparison.random
-    if band is not None:
-        x = [100 * f for f in band.fractions]
-        hi = [m + s for m, s in zip(band.mean, band.std)]
-        lo = [m - s for m, s in zip(band.mean, band.std)]
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
-                                 mode="lines", line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
-                                 name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
-    costs = [max(r.forward_equivalents, 1e-3) for r in comparison.methods.values()]
-    for i, r in enumerate(comparison.methods.values()):
-        color = palette[i % len(palette)]
-        # a label below its point when an earlier point sits within ~0.35 decades (their names would overlap)
-        near = sum(abs(math.log10(costs[i] / c)) < 0.35 for c in costs[:i])
-        x = [100 * p.fraction for p in r.curve.points]
-        lo = [b[0] for b in r.band]
-        hi = [b[1] for b in r.band]
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", opacity=0.2, fillcolor=color,
-                                 mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False), row=1, col=1)
-        fig.add_trace(go.Scatter(x=x, y=[p.faithfulness for p in r.curve.points], mode="lines+markers",
-                                 line={"color": color}, name=f"{r.name} (CPR {r.curve.cpr:.2f})"), row=1, col=1)
-        fig.add_trace(go.Scatter(x=[costs[i]], y=[r.curve.cpr], mode="markers+text", text=[r.name],
-                                 textposition="bottom center" if near % 2 else "top center",
-                                 marker={"color": color, "size": 10},
-                                 error_y={"type": "data", "symmetric": False, "array": [r.cpr_ci[1] - r.curve.cpr],
-                                          "arrayminus": [r.curve.cpr - r.cpr_ci[0]]},
-                                 showlegend=False), row=1, col=2)
-    fig.update_xaxes(title_text="heads kept (% of all)", row=1, col=1)
-    fig.update_yaxes(title_text="faithfulness f", row=1, col=1)
-    # half a decade of room on each side: a method's name is wider than its marker
-    span = [math.log10(min(costs)) - 0.5, math.log10(max(costs)) + 0.5] if costs else None
-    fig.update_xaxes(title_text="cost (forward-equivalents, log)", type="log", range=span, row=1, col=2)
-    fig.update_yaxes(title_text="CPR (higher is better)", row=1, col=2)
-    fig.update_layout(title=f"head scorings: {comparison.n_discovery} discovery / {comparison.n_evaluation} "
-                            f"evaluation examples", template="plotly_white", width=1200, height=480)
-    if save_html is not None:
-        path = Path(save_html)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.write_html(path, include_plotlyjs=plotlyjs)
-    return fig

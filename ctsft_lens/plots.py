@@ -1,4 +1,5 @@
-"""Plotly figures: faithfulness curves with the random floor, relevance heatmaps, the circuit graph.
+"""Plotly figures: faithfulness curves with the random floor, relevance heatmaps, the circuit graph,
+head scorings side by side (``ctsft compare``), transfer results.
 
 Each function returns a ``plotly.graph_objects.Figure`` (it shows inline in Jupyter) and writes
 an HTML file when given ``save_html`` (``plotlyjs=True``: plotly.js embedded, ~5 MB, opens
@@ -14,7 +15,7 @@ import html
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import plotly.graph_objects as go
 import torch
@@ -23,6 +24,9 @@ from plotly.subplots import make_subplots
 
 from ctsft_lens.circuit import Circuit, Edge, Head, head_name
 from ctsft_lens.faithfulness import FaithfulnessReport
+
+if TYPE_CHECKING:
+    from ctsft_lens.compare import Comparison
 
 COLORS = {"projection": "#1f77b4", "magnitude": "#d62728"}
 _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -405,6 +409,56 @@ def _arrow_tail(curve: list[tuple[float, float]], px: tuple[float, float], least
         if math.hypot((x - x1) * px[0], (y - y1) * px[1]) >= least:
             return x, y
     return curve[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Head scorings side by side (``ctsft compare``)
+# --------------------------------------------------------------------------------------------
+def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = None,
+                    plotlyjs: bool | str = True) -> go.Figure:
+    """Left: f against circuit size per method (95 % bootstrap band) over the random floor.
+    Right: CPR (95 % interval) against cost in forward-equivalents."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness of the top-k heads", "CPR against cost"))
+    band = comparison.random
+    if band is not None:
+        x = [100 * f for f in band.fractions]
+        hi = [m + s for m, s in zip(band.mean, band.std)]
+        lo = [m - s for m, s in zip(band.mean, band.std)]
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
+                                 mode="lines", line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
+                                 name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
+    costs = [max(r.forward_equivalents, 1e-3) for r in comparison.methods.values()]
+    for i, r in enumerate(comparison.methods.values()):
+        color = _PALETTE[i % len(_PALETTE)]
+        # a label below its point when an earlier point sits within ~0.35 decades (their names would overlap)
+        near = sum(abs(math.log10(costs[i] / c)) < 0.35 for c in costs[:i])
+        x = [100 * p.fraction for p in r.curve.points]
+        lo = [b[0] for b in r.band]
+        hi = [b[1] for b in r.band]
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", opacity=0.2, fillcolor=color,
+                                 mode="lines", line={"width": 0}, hoverinfo="skip", showlegend=False), row=1, col=1)
+        fig.add_trace(go.Scatter(x=x, y=[p.faithfulness for p in r.curve.points], mode="lines+markers",
+                                 line={"color": color}, name=f"{r.name} (CPR {r.curve.cpr:.2f})"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=[costs[i]], y=[r.curve.cpr], mode="markers+text", text=[r.name],
+                                 textposition="bottom center" if near % 2 else "top center",
+                                 marker={"color": color, "size": 10},
+                                 error_y={"type": "data", "symmetric": False, "array": [r.cpr_ci[1] - r.curve.cpr],
+                                          "arrayminus": [r.curve.cpr - r.cpr_ci[0]]},
+                                 showlegend=False), row=1, col=2)
+    fig.update_xaxes(title_text="heads kept (% of all)", row=1, col=1)
+    fig.update_yaxes(title_text="faithfulness f", row=1, col=1)
+    # half a decade of room on each side: a method's name is wider than its marker
+    span = [math.log10(min(costs)) - 0.5, math.log10(max(costs)) + 0.5] if costs else None
+    fig.update_xaxes(title_text="cost (forward-equivalents, log)", type="log", range=span, row=1, col=2)
+    fig.update_yaxes(title_text="CPR (higher is better)", row=1, col=2)
+    fig.update_layout(title=f"head scorings: {comparison.n_discovery} discovery / {comparison.n_evaluation} "
+                            f"evaluation examples", template="plotly_white", width=1200, height=480)
+    if save_html is not None:
+        path = Path(save_html)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.write_html(path, include_plotlyjs=plotlyjs)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ctsft_lens.cdt import relevance as relevance_module
 from ctsft_lens.cdt.decompose import (DECOMPOSITIONS, Source, Split, activation, attention, norm, product_linear,
                                       allowed_keys)
 from ctsft_lens.cdt.rules import CHOICES, PRESETS, Rules, resolve
-from ctsft_lens.compare import spearman
+from ctsft_lens.statistics import spearman
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.means import head_means
 from ctsft_lens.scoring import attribution_per_example, patching_per_example

@@ -47,7 +47,8 @@ def test_compare_command_on_the_tiny_model(tmp_path, capsys):
     assert "cdn.plot.ly" in (tmp_path / "compare.html").read_text()[:5000]
     assert "CPR" in capsys.readouterr().out
     # read back: the same figures, table and figure as the run wrote (e.g. to redraw it later)
-    from ctsft_lens.compare import load_comparison, plot_comparison
+    from ctsft_lens.compare import load_comparison
+    from ctsft_lens.plots import plot_comparison
     from ctsft_lens.errors import CtsftError
 
     again = load_comparison(tmp_path / "compare.json")
@@ -180,7 +181,7 @@ def test_compare_resumes_from_its_cache(tiny_qwen, indonesian, tmp_path, monkeyp
 
 
 def test_spearman_with_ties_and_unscored_heads():
-    from ctsft_lens.compare import spearman
+    from ctsft_lens.statistics import spearman
 
     a = torch.tensor([[1.0, 2.0, 2.0, 4.0], [float("nan"), 0.0, 5.0, 6.0]])
     assert spearman(a, a) == pytest.approx(1.0)
@@ -270,7 +271,7 @@ def test_by_length_orders_prompts_and_keeps_every_example(tiny_qwen, indonesian)
 
 
 def test_split_half_stability_is_one_for_a_fixed_ranking_and_near_chance_for_noise():
-    from ctsft_lens.compare import split_half_stability
+    from ctsft_lens.statistics import split_half_stability
 
     labels = [0, 1, 2] * 8
     fixed = torch.arange(400, dtype=torch.float32).view(1, 20, 20).repeat(24, 1, 1) + 0.01 * torch.randn(24, 20, 20)

@@ -27,11 +27,11 @@ PACKAGE = "ctsft_lens"
 # package around it ("cdt.rules" before "cdt"); it may import its own floor and those below.
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "hub", "progress"),
-    ("options", "files", "distributed", "devices", "statistics"),
+    ("options", "files", "distributed", "devices"),
     ("tasks",),
     ("models",),
     ("batching", "forward", "evaluate", "means"),
-    ("circuit", "masks"),
+    ("circuit", "masks", "statistics"),  # statistics ranks heads as circuits do (rank_heads)
     ("train", "adapters", "eap_graph"),
     ("cdt.rules",),  # below the discovery options, the rest of cdt/ above them: a folder split in two
     ("discovery_config",),
@@ -39,7 +39,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cdt", "total_effect"),
     ("scoring",),
     ("discovery",),
-    ("plots", "explore", "compare"),
+    ("plots", "explore", "compare", "score_cache"),
     ("experiments",),
     ("cli",),
     ("",),  # the root facade, ctsft_lens/__init__.py

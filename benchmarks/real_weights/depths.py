@@ -35,11 +35,12 @@ from ctsft_lens.batching import batches, by_length
 from ctsft_lens.cdt import circuit_from_relevance, head_relevances
 from ctsft_lens.cdt.relevance import Relevance
 from ctsft_lens.circuit import head_name, rank_heads, save_circuit, table_from_json
-from ctsft_lens.compare import time_forward, bootstrap_interval, judge_tables, per_example_metric, split_half_stability
+from ctsft_lens.compare import judge_tables, per_example_metric, time_forward
 from ctsft_lens.faithfulness import MeanAblation
 from ctsft_lens.masks import random_mask
 from ctsft_lens.means import head_means
 from ctsft_lens.models import load_model
+from ctsft_lens.statistics import percentile_interval, split_half_stability
 from ctsft_lens.tasks import load_task
 
 SCORINGS = ("projection", "magnitude")
@@ -161,7 +162,7 @@ def depth_rows(judge: Judge, circuits: dict, kinds: tuple[str, ...], random_kind
                 dc = by_key[(name, d, kind)]
                 fb = judge.boot(dc)
                 row[kind] = judge.point(dc)
-                row[kind + "_ci"] = list(bootstrap_interval(fb))
+                row[kind + "_ci"] = list(percentile_interval(fb))
                 rand = [by_key[k] for k in keys if k[0] == "random" and k[1] == size and k[3] == kind]
                 if rand:
                     rf = [judge.point(r) for r in rand]
@@ -169,7 +170,7 @@ def depth_rows(judge: Judge, circuits: dict, kinds: tuple[str, ...], random_kind
                     row[kind + "_random"] = {"mean": sum(rf) / len(rf), "sd": float(torch.tensor(rf).std()),
                                              "values": rf, "n": len(rf)}
                     row[kind + "_minus_random"] = row[kind] - sum(rf) / len(rf)
-                    row[kind + "_minus_random_ci"] = list(bootstrap_interval(fb - rb))
+                    row[kind + "_minus_random_ci"] = list(percentile_interval(fb - rb))
             rows.append(row)
             _log(json.dumps(row))
     return rows

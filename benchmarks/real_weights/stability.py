@@ -5,7 +5,7 @@
 
 Reads the per-example head tables ``ctsft compare`` saved (``scores_per_example``, rows in
 ``meta.discovery_uids`` order) and, for each method, splits the discovery examples 50 times into
-two disjoint label-balanced halves (``ctsft_lens.compare.split_half_stability``): the share of the
+two disjoint label-balanced halves (``ctsft_lens.statistics.split_half_stability``): the share of the
 top-k heads the halves agree on (k = 2 %, 5 %, 10 % of the heads; chance: k / n_heads) and the
 Spearman correlation of their tables. No model is loaded: it costs nothing beyond the compare run.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ctsft_lens.circuit import table_from_json
-from ctsft_lens.compare import split_half_stability
+from ctsft_lens.statistics import split_half_stability
 from ctsft_lens.tasks import load_task
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ctsft_lens.circuit import load_circuit
-from ctsft_lens.compare import compare_methods, method_spec, plot_comparison
+from ctsft_lens.compare import compare_methods, method_spec
 from ctsft_lens.discovery_config import DiscoveryConfig
 from ctsft_lens.distributed import is_main
 from ctsft_lens.errors import CLIError, CtsftError, MaskError
@@ -19,7 +19,7 @@ from ctsft_lens.files import atomic_write_text, writable_folder
 from ctsft_lens.masks import circuit_mask
 from ctsft_lens.mib import mib_curve
 from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, SPLITS
-from ctsft_lens.plots import plot_circuit, plot_faithfulness, plot_relevance, save_png
+from ctsft_lens.plots import plot_circuit, plot_comparison, plot_faithfulness, plot_relevance, save_png
 from ctsft_lens.scoring import HEAD_SCORINGS
 from ctsft_lens.tasks import load_task
 from ctsft_lens.cli import common
