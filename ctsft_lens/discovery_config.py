@@ -2,7 +2,7 @@
 
 Each option is one field whose metadata says what it means (``help``) and which commands show it
 as a flag (``cli``). From the fields come the ``ctsft discover`` / ``ctsft compare`` flags
-(``cli.add_config_flags``), the ``[discovery]`` keys of an experiment TOML (:meth:`from_dict`) and
+(``cli.add_config_flags``), the ``[discovery]`` keys of an experiment TOML (``config_tables``) and
 their rows in docs/cli.md (generated from both). ``discover``, ``head_relevance``,
 ``compare_methods`` and the experiment runner take a config and read the fields they use, so a new
 option is one field here plus the line that uses it.
@@ -106,20 +106,6 @@ class DiscoveryConfig:
             resolve(self.decomposition)
         except CtsftError as err:
             raise ConfigError(f"decomposition: {err}") from None
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "discovery") -> "DiscoveryConfig":
-        """From plain values (a TOML table): unknown keys and bad values are refused, naming ``where.key``."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must be a table")
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-        try:
-            return cls(**data)
-        except ConfigError as err:
-            raise ConfigError(f"{where}.{err}") from None
 
     def replace(self, **options: Any) -> "DiscoveryConfig":
         """This config with ``options`` (field names) changed; an unknown name is one clear error."""

@@ -104,7 +104,7 @@ def test_shipped_configs_parse(tmp_path):
     ("[experiment]\ntargets = []\n", "targets is empty"),
     ("[experiment]\ntargetz = ['javanese']\n", "unknown key"),
     ("[training]\nlr = 1\n", "unknown section"),
-    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = -1\n", "transfer: lr must be a positive number"),
+    ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = -1\n", "transfer.lr must be a positive number"),
     ("[experiment]\ntargets = ['javanese']\n[transfer]\nlr = inf\n", "transfer.lr must be a finite number"),
     ("[experiment]\ntargets = ['javanese']\n[transfer]\nepochs = 'three'\n", "transfer.epochs must be an integer"),
     ("[experiment]\ntargets = ['javanese']\n[transfer]\nepochs = true\n", "transfer.epochs must be an integer"),
@@ -131,6 +131,36 @@ def test_bad_configs_get_clear_errors(tmp_path, toml, message):
     path.write_text(toml)
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig.from_toml(path)
+
+
+T = "[experiment]\ntargets = ['javanese']\n"
+
+
+@pytest.mark.parametrize("toml, message", [
+    (T + "colour = 1\n", r"unknown key\(s\) \['colour'\] in \[experiment\]"),
+    (T + "[competence]\nbatchsize = 4\n", r"unknown key\(s\) \['batchsize'\] in \[competence\]"),
+    (T + "[transfer]\nbatchsize = 4\n", r"unknown key\(s\) \['batchsize'\] in \[transfer\]"),
+    (T + "[discovery]\nbatchsize = 4\n", r"unknown key\(s\) \['batchsize'\] in \[discovery\]"),
+    ("[experiment]\ntargets = 'javanese'\n", r"experiment\.targets must be a list"),
+    (T + "[competence]\nn_dev = 'x'\n", r"competence\.n_dev must be an integer"),
+    (T + "[transfer]\nbetas = [0.9]\n", r"transfer\.betas must have 2 entries"),
+    (T + "[discovery]\nratio = 'x'\n", r"discovery\.ratio must be a finite number"),
+    (T + "[discovery]\nratio = 2\n", r"discovery\.ratio must be in \(0, 1\]"),  # the dataclass's own check
+    ("[experiment]\nseeds = [0]\n", r"\[experiment\] needs targets"),
+    ("experiment = 3\n", r"\[experiment\] must be a table"),
+    (T + "discovery = 3\n", r"unknown key\(s\) \['discovery'\] in \[experiment\]"),  # a table, not a key
+])
+def test_one_reader_names_the_file_the_table_and_the_key(tmp_path, toml, message):
+    """TrainConfig, DiscoveryConfig and ExperimentConfig tables go through one reader (``config_tables``):
+    each refusal is one line that starts with the file."""
+    import re
+
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as err:
+        ExperimentConfig.from_toml(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: ") and "\n" not in text and re.search(message, text), text
 
 
 def test_png_without_kaleido_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):

@@ -27,7 +27,7 @@ PACKAGE = "ctsft_lens"
 # package around it ("cdt.rules" before "cdt"); it may import its own floor and those below.
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "hub", "progress"),
-    ("options", "files", "distributed", "devices"),
+    ("options", "files", "distributed", "devices", "config_tables"),
     ("tasks",),
     ("models",),
     ("batching", "forward", "evaluate", "means"),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, as a package (a dependency there)
     import tomli as tomllib
 
+from ctsft_lens.config_tables import as_table, from_table, table_values
 from ctsft_lens.devices import DTYPES
 from ctsft_lens.discovery_config import DiscoveryConfig
 from ctsft_lens.errors import ConfigError
@@ -46,22 +46,19 @@ class StageConfig:
     lr_by_variant: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_flat(cls, section: dict[str, Any], where: str) -> "StageConfig":
-        own = {k: section[k] for k in STAGE_FIELDS if k in section}
-        lrs = section.get("lr_by_variant", {})
-        rest = {k: v for k, v in section.items() if k not in STAGE_FIELDS and k != "lr_by_variant"}
-        for k, v in own.items():
-            check_value(f"{where}.{k}", v, int, error=ConfigError)
+    def from_flat(cls, section: Any, where: str, name: str) -> "StageConfig":
+        """From the flat table ``[name]`` of the file ``where``: this stage's keys, the rest
+        :class:`TrainConfig`'s (both read by ``config_tables``)."""
+        table = as_table(section, where, name)
+        mine = (*STAGE_FIELDS, "lr_by_variant")
+        own = table_values(cls, {k: v for k, v in table.items() if k in STAGE_FIELDS}, where, name)
+        lrs = table.get("lr_by_variant", {})
         if not isinstance(lrs, dict):
-            raise ConfigError(f"{where}.lr_by_variant must be a table of variant = learning rate")
+            raise ConfigError(f"{where}: {name}.lr_by_variant must be a table of variant = learning rate")
         for k, v in lrs.items():
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{where}.lr_by_variant.{k} must be a positive number, got {v!r}")
-        try:
-            train = TrainConfig.from_dict(rest, where=where)
-        except ValueError as err:
-            msg = str(err)
-            raise ConfigError(msg if msg.startswith(where) else f"{where}: {msg}") from None
+                raise ConfigError(f"{where}: {name}.lr_by_variant.{k} must be a positive number, got {v!r}")
+        train = from_table(TrainConfig, {k: v for k, v in table.items() if k not in mine}, where, name)
         return cls(**own, train=train, lr_by_variant={k: float(v) for k, v in lrs.items()})
 
     def key(self) -> dict[str, Any]:
@@ -179,27 +176,20 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> "ExperimentConfig":
+        """From a parsed TOML file (``where``: its path, for the messages); tables read by ``config_tables``."""
         unknown = set(data) - {"experiment", "competence", "discovery", "transfer"}
         if unknown:
             raise ConfigError(f"{where}: unknown section(s) {sorted(unknown)}; expected experiment, competence, discovery, transfer")
-        top = dict(_checked(data.get("experiment", {}), cls, where, "experiment",
-                            skip={"competence", "discovery", "transfer"}))
-        if "targets" not in top:
-            raise ConfigError(f"{where}: [experiment] needs targets = [...] (the languages to adapt to)")
-        for key in ("targets", "variants", "seeds", "retention"):
-            if key in top:
-                if not isinstance(top[key], list):
-                    raise ConfigError(f"{where}: experiment.{key} must be a list")
-                top[key] = tuple(top[key])
+        top = table_values(cls, data.get("experiment", {}), where, "experiment",
+                           skip=("competence", "discovery", "transfer"),
+                           required={"targets": "= [...] (the languages to adapt to)"})
         if "retention" in top:
             top["retention"] = tuple(RetentionPair.parse(v, f"{where}: experiment.retention[{i}]")
                                      for i, v in enumerate(top["retention"]))
         cfg = cls(**top,
-                  competence=StageConfig.from_flat(_table(data.get("competence", {}), where, "competence"),
-                                                   f"{where}: competence"),
-                  discovery=DiscoveryConfig.from_dict(data.get("discovery", {}), f"{where}: discovery"),
-                  transfer=StageConfig.from_flat(_table(data.get("transfer", {}), where, "transfer"),
-                                                 f"{where}: transfer"))
+                  competence=StageConfig.from_flat(data.get("competence", {}), where, "competence"),
+                  discovery=from_table(DiscoveryConfig, data.get("discovery", {}), where, "discovery"),
+                  transfer=StageConfig.from_flat(data.get("transfer", {}), where, "transfer"))
         cfg.validate(where)
         return cfg
 
@@ -298,31 +288,6 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _table(section: Any, where: str, name: str) -> dict[str, Any]:
-    if not isinstance(section, dict):
-        raise ConfigError(f"{where}: [{name}] must be a table")
-    return section
-
-
-def _checked(section: Any, cls: type, where: str, name: str, skip: set[str] = frozenset(),
-             lists: set[str] = frozenset({"targets", "variants", "seeds"})) -> dict[str, Any]:
-    _table(section, where, name)
-    known = {f.name for f in fields(cls)} - set(skip)
-    unknown = set(section) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    for key, value in section.items():
-        if key in lists | {"retention"}:
-            if not isinstance(value, list):
-                raise ConfigError(f"{where}: {name}.{key} must be a list")
-            if key in lists:  # every entry too (seeds = ["a"] must not wait for the transfer stage)
-                check_value(f"{where}: {name}.{key}", value, hints[key], error=ConfigError)
-        elif key != "sweep":
-            check_value(f"{where}: {name}.{key}", value, hints[key], error=ConfigError)
-    return section
 
 
 def _lang(cfg: ExperimentConfig, language: str) -> str:

@@ -80,17 +80,6 @@ class TrainConfig:
                 del out[name]
         return out
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "train") -> "TrainConfig":
-        """From plain values (a TOML table): unknown keys and wrongly typed values are refused."""
-        hints = typing.get_type_hints(cls)
-        unknown = set(data) - set(hints)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: {sorted(hints)}")
-        for key, value in data.items():
-            check_value(f"{where}.{key}", value, hints[key], error=ConfigError)
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
