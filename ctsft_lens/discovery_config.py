@@ -41,7 +41,7 @@ class DiscoveryConfig:
     """How heads are scored and a circuit is grown from the scores (module docstring)."""
 
     scoring: str = _opt("projection", "head scoring: projection / magnitude (CD-T), attribution, attribution-ig, "
-                        "patching (total effect on the logit difference; docs/method.md)", cli=(DISCOVER, COMPARE))
+                        "attribution-verified, patching (total effect on the logit difference; docs/method.md)", cli=(DISCOVER, COMPARE))
     ratio: float = _opt(0.02, "share of all heads kept per depth (at least one)")
     max_depth: int = _opt(2, "expansion steps after the logits")
     n_examples: int = _opt(30, "label-balanced examples the heads are scored on")
@@ -75,6 +75,11 @@ class DiscoveryConfig:
     ig_steps: int = _opt(5, "integration steps of the attribution-ig scoring", cli=(DISCOVER, COMPARE), key="if-set")
     heads_per_forward: int = _opt(8, "heads sharing a forward in the patching scoring", cli=(DISCOVER, COMPARE),
                                   key="if-set")
+    verify_top: int = _opt(8, "attribution-verified: heads re-scored by exact patching, the top by its estimate",
+                           cli=(DISCOVER, COMPARE), key="if-set")
+    verify_flag: float = _opt(0.1, "attribution-verified: also re-score a head whose non-linear correction is at "
+                                   "least this share of the largest |estimate|", cli=(DISCOVER, COMPARE),
+                              key="if-set")
     depth: int | None = _opt(None, "experiment: circuit depth the masks use (none: the deepest reached)", cli=(),
                              key="never")
     depths: tuple[int, ...] = _opt((), "experiment: report the circuit-based variants at each of these depths (one "
@@ -93,6 +98,8 @@ class DiscoveryConfig:
             (self.n_examples >= 1, f"n_examples must be >= 1, got {self.n_examples}"),
             (self.ig_steps >= 1, f"ig_steps must be >= 1, got {self.ig_steps}"),
             (self.heads_per_forward >= 1, f"heads_per_forward must be >= 1, got {self.heads_per_forward}"),
+            (self.verify_top >= 0, f"verify_top must be >= 0, got {self.verify_top}"),
+            (self.verify_flag > 0, f"verify_flag must be > 0 (inf: flag none), got {self.verify_flag}"),
             (self.mean_n is None or self.mean_n >= 1, f"mean_n must be >= 1, got {self.mean_n}"),
             (self.depth is None or 0 <= self.depth <= self.max_depth,
              f"depth must be in 0..max_depth ({self.max_depth}), got {self.depth}"),

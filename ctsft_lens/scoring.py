@@ -30,6 +30,7 @@ from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import Metric
 from ctsft_lens.means import head_means
 from ctsft_lens.options import check
+from ctsft_lens.pattern_attribution import pattern_attribution_per_example
 from ctsft_lens.tasks.base import Example
 from ctsft_lens.total_effect import (  # noqa: F401  (re-exported: they lived here)
     attribution_ig_scores, attribution_per_example, attribution_scores, patching_per_example, patching_scores,
@@ -109,6 +110,13 @@ HEAD_SCORINGS: dict[str, HeadScoring] = {
         "attribution-ig", _total_effect("attribution-ig", lambda model, ex, config, **kw: attribution_per_example(
             model, ex, ig_steps=config.ig_steps, **kw)), False, "1 forward + ig_steps x (forward + backward)",
         "integrated gradients of m on the straight line μ → z, --ig-steps midpoint steps"),
+    "attribution-verified": HeadScoring(
+        "attribution-verified", _total_effect("attribution-verified", lambda model, ex, config, **kw: (
+            pattern_attribution_per_example(model, ex, verify_top=config.verify_top, verify_flag=config.verify_flag,
+                                            heads_per_forward=config.heads_per_forward, **kw))), False,
+        "1 forward + 1 backward + per-head corrections + exact patching of the verified heads",
+        "attribution with each head's own MLP and every later attention pattern recomputed exactly, then exact "
+        "patching of the --verify-top heads and of those whose correction is large"),
     "patching": HeadScoring(
         "patching", _total_effect("patching", lambda model, ex, config, **kw: patching_per_example(
             model, ex, heads_per_forward=config.heads_per_forward, **kw)), False,

@@ -36,7 +36,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("cdt.rules",),  # below the discovery options, the rest of cdt/ above them: a folder split in two
     ("discovery_config",),
     ("faithfulness", "mib"),  # below cdt/: the CD-T read-outs take their metric (logit_diff) from here
-    ("cdt", "total_effect"),
+    ("cdt", "total_effect", "pattern_attribution"),
     ("scoring",),
     ("discovery",),
     ("plots", "explore", "compare", "score_cache"),
