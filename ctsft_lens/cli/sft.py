@@ -14,9 +14,9 @@ from ctsft_lens.circuit import load_circuit
 from ctsft_lens.distributed import is_main
 from ctsft_lens.errors import CLIError, MaskError
 from ctsft_lens.evaluate import evaluate
-from ctsft_lens.experiments.stages import fine_tune
+from ctsft_lens.experiments.stages import fine_tune, run_mask, stage_samples
 from ctsft_lens.files import writable_folder
-from ctsft_lens.masks import VARIANTS, check_circuit, load_mask, variant_mask
+from ctsft_lens.masks import VARIANTS, check_circuit, load_mask
 from ctsft_lens.models import load_model, model_info, save_model
 from ctsft_lens.tasks import load_task
 from ctsft_lens.cli import common
@@ -78,8 +78,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_file: str | None, save: bool) -> None:
-    """Sample data, fine-tune with the experiments' fine-tuning step (:func:`~ctsft_lens.experiments.stages.fine_tune`:
-    the best dev epoch restored), score the test split, write results."""
+    """One fine-tuning run through the experiments' stage steps (:mod:`ctsft_lens.experiments.stages`:
+    ``stage_samples``, ``run_mask``, ``fine_tune`` with the best dev epoch restored), then the test
+    split scored as the stages score it (``evaluate``) and the results written."""
     config = _train_config(args)
     reads = [("--model", args.model)]
     writable_folder(args.out, reads=reads, model_at=Path(args.out) / "model" if save else None)
@@ -94,8 +95,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
     if mask_file:
         load_mask(mask_file)  # the file's own checks (size, nesting, duplicates) before the model loads
     task = load_task(args.task, args.lang, args.data_dir)
-    train_ex = task.sample(args.n_examples, "train", seed=args.seed)
-    dev_ex = task.sample(args.dev_limit, "valid", seed=args.seed) if args.dev_limit else task.examples("valid")
+    train_ex, dev_ex = stage_samples(task, args.n_examples, args.dev_limit, seed=args.seed)
     test_ex = task.examples("test", args.test_limit)
     model = common._load(args)
     _check_fit(model, [*train_ex, *dev_ex, *test_ex])  # before training, not after
@@ -103,7 +103,7 @@ def _run_sft(args: argparse.Namespace, name: str, *, variant: str | None, mask_f
         mask = load_mask(mask_file, model, strict_weights=getattr(args, "strict", False), warn_weights=True)
     else:
         try:
-            mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=args.seed)
+            mask = run_mask(model, variant, circuit, seed=args.seed)
         except MaskError as err:
             raise MaskError(f"{args.circuit}: {err}" if args.circuit else str(err)) from None
         if mask is not None:

@@ -144,7 +144,7 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
         model = _load(config, comp_dir)
         # expansion that stopped early (nothing upstream) reports deeper depths as the circuit stopped
         at = None if depth is None or circuit is None else min(depth, circuit.depth)
-        mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=at)
+        mask = run_mask(model, variant, circuit, seed=seed, depth=at)
         matched = rank = None
         if _needs_circuit(variant):
             specs, _ = trainable_specs(model, circuit_mask(circuit, at), config.transfer.train.kv,
@@ -208,13 +208,29 @@ def faithfulness_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, t
 
 
 def _stage_data(task: Any, stage: StageConfig, seed: int, exclude: set[str] = frozenset()) -> tuple[list, list]:
-    """Label-balanced training sample (train split, without ``exclude``d uids) and dev sample (valid
-    split): none when ``n_dev = 0`` or when model selection is off (``select_best = false``)."""
+    """:func:`stage_samples` of a stage: no dev sample when ``n_dev = 0`` or when model selection is
+    off (``select_best = false``)."""
+    return stage_samples(task, stage.n_examples, stage.n_dev if stage.train.select_best else 0, seed=seed,
+                         exclude=exclude)
+
+
+def stage_samples(task: Any, n_examples: int, n_dev: int | None, *, seed: int,
+                  exclude: set[str] = frozenset()) -> tuple[list, list]:
+    """The examples one fine-tuning run reads: a label-balanced training sample (train split, without
+    ``exclude``d uids) and a dev sample (valid split: ``n_dev`` label-balanced, none for 0, the whole
+    split for None). Every stage and ``ctsft competence`` / ``ctsft train`` draw them here."""
     pool = [ex for ex in task.examples("train") if ex.uid not in exclude]
-    train_ex = balanced_sample(pool, stage.n_examples, task.n_labels, seed=seed,
+    train_ex = balanced_sample(pool, n_examples, task.n_labels, seed=seed,
                                where=f"{task.name}/{task.language}/train" + (" (held out from competence)" if exclude else ""))
-    dev_ex = task.sample(stage.n_dev, "valid", seed=seed) if stage.n_dev and stage.train.select_best else []
-    return train_ex, dev_ex
+    if n_dev is None:
+        return train_ex, task.examples("valid")
+    return train_ex, task.sample(n_dev, "valid", seed=seed) if n_dev else []
+
+
+def run_mask(model: Any, variant: str, circuit: Any, *, seed: int, depth: int | None = None) -> Any:
+    """What ``variant`` trains on ``model`` (a head mask, a spec, or None for full fine-tuning), drawn
+    for ``seed`` from ``circuit`` at ``depth``: the transfer stage's mask, and ``ctsft train --variant``'s."""
+    return variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed, depth=depth)
 
 
 def discovery_pool(config: ExperimentConfig, task: Any) -> list:
