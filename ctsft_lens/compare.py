@@ -37,7 +37,7 @@ from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, R
 from ctsft_lens.forward import attn_results, label_logits
 from ctsft_lens.means import head_means
 from ctsft_lens.mib import MibCurve, mib_curve
-from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, MeanPositions, Protocol, check
+from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, MeanPositions, Protocol, check, check_distinct
 from ctsft_lens.score_cache import cached_pass
 from ctsft_lens.scoring import HEAD_SCORINGS, relevances
 from ctsft_lens.statistics import percentile_interval, spearman
@@ -275,11 +275,8 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     discovery prompts, μ, the scorings and their options, so a long comparison resumes where it stopped."""
     config = discovery_config(config, **options)
     methods = list(methods)
-    if not methods:
-        raise CtsftError("give at least one method")
+    check_distinct("methods", methods)
     specs = {m: method_spec(m, config) for m in methods}  # name -> (scoring, its config)
-    if len(set(methods)) != len(methods):
-        raise CtsftError(f"a method is listed twice: {methods}")
     check("positions", positions, MEAN_POSITIONS)
     check("protocol", protocol, PROTOCOLS)
     if n_boot < 1:

@@ -12,7 +12,7 @@ from ctsft_lens.cdt.expansion import circuit_from_relevance
 from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import Circuit
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
-from ctsft_lens.errors import CtsftError
+from ctsft_lens.options import check_distinct
 from ctsft_lens.means import head_means
 from ctsft_lens.scoring import HEAD_SCORINGS, check_scoring, relevances
 from ctsft_lens.tasks.base import Example
@@ -56,8 +56,7 @@ def discover_circuits(model: Any, examples: Sequence[Example], config: Discovery
     Same options and checks as :func:`discover`."""
     config = discovery_config(config, **options)
     scorings = tuple(scorings) if scorings is not None else (config.scoring,)
-    if not scorings or len(set(scorings)) != len(scorings):
-        raise CtsftError(f"scorings must be distinct and at least one (discover_circuits), got {list(scorings)}")
+    check_distinct("scorings", scorings)
     for name in scorings:
         check_scoring(name)
     rules = resolve(config.decomposition)

@@ -8,7 +8,7 @@ tasks) are registries kept beside their code (``cdt.relevance.SCORERS``,
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Literal, Sequence, get_args
 
 from ctsft_lens.errors import CtsftError
 
@@ -60,6 +60,17 @@ def check(what: str, value: object, choices: tuple[str, ...] | list[str], error:
     """One clear error for a value outside its set, naming the option and the choices."""
     if value not in choices:
         raise error(f"{what} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_distinct(what: str, values: Sequence[object], error: type[Exception] = CtsftError) -> None:
+    """One clear error for an empty list or one that names an entry twice (a scoring asked for twice
+    would be computed, written and reported twice)."""
+    values = list(values)
+    if not values:
+        raise error(f"{what}: give at least one")
+    twice = sorted({str(v) for v in values if values.count(v) > 1})
+    if twice:
+        raise error(f"{what} must be distinct: {', '.join(twice)} given twice (got {' '.join(map(str, values))})")
 
 
 def check_value(what: str, value: object, tp: object, error: type[Exception] = CtsftError) -> None:

@@ -283,3 +283,17 @@ def test_split_half_stability_is_one_for_a_fixed_ranking_and_near_chance_for_noi
     assert abs(s["spearman"]["mean"]) < 0.2
     with pytest.raises(Exception, match="two examples"):
         split_half_stability(noise[:3], [0, 1, 2], [5])
+
+
+def test_a_scoring_asked_for_twice_is_one_line_wherever_it_is_asked():
+    """compare's methods and discovery's scorings share one check (``options.check_distinct``)."""
+    from ctsft_lens.compare import compare_methods
+    from ctsft_lens.discovery import discover_circuits
+    from ctsft_lens.errors import CtsftError
+
+    with pytest.raises(CtsftError, match="methods must be distinct: attribution given twice"):
+        compare_methods(None, [], [], ["attribution", "patching", "attribution"])
+    with pytest.raises(CtsftError, match="methods: give at least one"):
+        compare_methods(None, [], [], [])
+    with pytest.raises(CtsftError, match="scorings must be distinct: patching given twice"):
+        discover_circuits(None, [], scorings=("patching", "patching"))

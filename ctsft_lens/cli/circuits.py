@@ -16,6 +16,7 @@ from ctsft_lens.errors import CLIError, MaskError
 from ctsft_lens.files import atomic_write_text, writable_folder
 from ctsft_lens.masks import VARIANTS, save_mask, variant_mask
 from ctsft_lens.means import correct_examples
+from ctsft_lens.options import check_distinct
 from ctsft_lens.tasks import load_task
 from ctsft_lens.cli import common
 from ctsft_lens.cli.common import _add_discovery_config, _add_model, _add_task, _discovery_config, _positive
@@ -40,9 +41,8 @@ def _add_discover(sub: Any) -> None:
 
 def _cmd_discover(args: argparse.Namespace) -> None:
     config = _discovery_config(args, "discover")
-    scorings = list(dict.fromkeys(args.scoring or ["projection"]))
-    if len(scorings) != len(args.scoring or ["projection"]):
-        raise CLIError(f"a --scoring is given twice: {' '.join(args.scoring)}")
+    scorings = args.scoring or ["projection"]
+    check_distinct("--scoring", scorings, error=CLIError)
     out = Path(args.out)
     if len(scorings) > 1 and out.suffix == ".json":
         raise CLIError(f"--out {out} is a file, but {len(scorings)} scorings write a circuit each: give a folder")
