@@ -28,7 +28,7 @@ from ctsft_lens.circuit import Circuit, rank_heads
 from ctsft_lens.forward import attn_results, hook_name, label_logits
 from ctsft_lens.masks import HeadMask, circuit_mask, random_mask
 from ctsft_lens.means import head_means
-from ctsft_lens.options import MeanPositions as Positions
+from ctsft_lens.options import MeanPositions
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
@@ -115,7 +115,7 @@ class MeanAblation:
     circuits share a forward). Build it once and reuse it for every curve.
     """
 
-    def __init__(self, model: Any, examples: Sequence[Example], *, positions: Positions = "pooled",
+    def __init__(self, model: Any, examples: Sequence[Example], *, positions: MeanPositions = "pooled",
                  means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
                  metric: Metric | None = None, batch_size: int = 32, tables_per_forward: int | None = 1,
                  memory_gb: float | None = None, progress: bool = True) -> None:
@@ -465,7 +465,7 @@ class FaithfulnessReport:
 
 
 def faithfulness_report(model: Any, circuits: dict[str, Circuit], examples: Sequence[Example], *,
-                        positions: Positions = "pooled", sizes: Sequence[int] | None = None,
+                        positions: MeanPositions = "pooled", sizes: Sequence[int] | None = None,
                         seeds: Sequence[int] = (0, 1, 2, 3, 4), batch_size: int = 32,
                         tables_per_forward: int | None = 1, memory_gb: float | None = None,
                         metric: Metric | None = None, progress: bool = True) -> FaithfulnessReport:

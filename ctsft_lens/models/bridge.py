@@ -21,12 +21,10 @@ import torch
 
 from ctsft_lens import hub
 from ctsft_lens.errors import ModelLoadError
-from ctsft_lens.models.architectures import ROWS, check_bridge
+from ctsft_lens.models.architectures import ARCHITECTURES, check_bridge
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B"
-# HF architecture -> the hub-style name the bridge is booted with (from the architecture table).
-ARCHITECTURES = {row.hf_class: row.boot_name for row in ROWS}
-SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)  # the HF class names of the architecture table's rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -46,7 +44,7 @@ def bridge_from_hf(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
     tokenizer.padding_side = "left"
     hf_model.eval()
     # The bridge looks the architecture up by name; hub-style names pick the right adapter.
-    boot_name = ARCHITECTURES[arch]
+    boot_name = ARCHITECTURES[arch].boot_name
     with _quiet_logger("transformer_lens"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(boot_name, hf_model=hf_model, tokenizer=tokenizer)
