@@ -22,7 +22,8 @@ KVPolicy = Literal["never", "selected-groups"]
 """Whether masked training also updates the K/V group a selected head reads."""
 MeanPositions = Literal["pooled", "last"]
 """Head means pooled over every prompt token, or taken at the last one."""
-Split = Literal["train", "valid", "test"]
+DataSplit = Literal["train", "valid", "test"]
+"""A task's data split (not ``cdt.Split``, a tensor's β / γ parts)."""
 Aggregate = Literal["sum", "max"]
 """How expansion at depth >= 1 combines a head's relevance to several target heads: the sum (the
 public CD-T notebooks; default) or the maximum (ctsft_lens 0.1)."""
@@ -46,7 +47,7 @@ BASELINES: tuple[str, ...] = get_args(Baseline)
 ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
 KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
 MEAN_POSITIONS: tuple[str, ...] = get_args(MeanPositions)
-SPLITS: tuple[str, ...] = get_args(Split)
+SPLITS: tuple[str, ...] = get_args(DataSplit)
 AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 MEAN_OVER: tuple[str, ...] = get_args(MeanOver)
 POOLS: tuple[str, ...] = get_args(Pool)
