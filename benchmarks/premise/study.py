@@ -58,10 +58,9 @@ from ctsft_lens.errors import CtsftError
 from ctsft_lens.experiments.config import ExperimentConfig, _lang
 from ctsft_lens.experiments.report import RunResult
 from ctsft_lens.experiments.runner import given_checkpoint, run_experiment
-from ctsft_lens.experiments.stages import _cut, _load, _needs_circuit, _stage_data, fine_tune
+from ctsft_lens.experiments.stages import _cut, _load, _needs_circuit, fine_tune, run_mask, stage_samples
 from ctsft_lens.files import atomic_write_text, cached, read_json, sha256_file, stage_key, write_json
-from ctsft_lens.masks import VARIANTS, variant_mask
-from ctsft_lens.models import model_info
+from ctsft_lens.masks import VARIANTS
 from ctsft_lens.progress import write
 from ctsft_lens.statistics import detectable_effect, paired_interval
 from ctsft_lens.tasks import load_task
@@ -120,8 +119,8 @@ def lr_sweep(config: ExperimentConfig, variant: str, lrs: Sequence[float], *, n_
 
             def compute(lr: float = float(lr), seed: int = seed, stage: Any = stage) -> dict[str, Any]:
                 model = _load(config, comp_dir)
-                mask = variant_mask(variant, model_info(model, checksum=False), circuit, seed=seed)
-                train_ex = _stage_data(task, dataclasses.replace(stage, n_dev=0), seed=seed)[0]
+                mask = run_mask(model, variant, circuit, seed=seed)
+                train_ex = stage_samples(task, stage.n_examples, 0, seed=seed)[0]
                 # select_best only makes the trainer score dev each epoch: the updates are the same
                 run = fine_tune(model, _cut(config, model, train_ex), _cut(config, model, dev),
                                 dataclasses.replace(stage.train, seed=seed, select_best=True), mask=mask,
