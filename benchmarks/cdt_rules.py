@@ -14,9 +14,10 @@ study grows over several runs and across sessions; ``--summary`` writes the Mark
         --n-examples 12 --max-tokens 48 --scorer patching --scorer attribution --scorer cdt:faithful \\
         --out runs/cdt_rules
 
-A scorer is ``patching``, ``attribution``, ``attribution-ig`` or ``cdt:SPEC`` where SPEC is a
-rule preset (``ctsft_lens.cdt.rules.PRESETS``) optionally followed by overrides, e.g.
-``cdt:shapley,norm=jacobian,attention=linear``.
+A scorer is ``patching``, ``attribution``, ``attribution-ig``, ``attribution-verified[:TOP[:FLAG]]``
+(its ``verify_top`` and ``verify_flag``; ``attribution-verified:0:inf`` is its estimate alone) or
+``cdt:SPEC`` where SPEC is a rule preset (``ctsft_lens.cdt.rules.PRESETS``) optionally followed by
+overrides, e.g. ``cdt:shapley,norm=jacobian,attention=linear``.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def load(args: argparse.Namespace) -> tuple[Any, list, torch.Tensor, str]:
 def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_size: int) -> dict[str, Any]:
     """Per-example table ``[n, L, H]`` of one scorer, its unstable heads and its seconds."""
     from ctsft_lens.cdt.relevance import head_relevance
-    from ctsft_lens.scoring import attribution_per_example, patching_per_example
+    from ctsft_lens.pattern_attribution import pattern_attribution_per_example
+    from ctsft_lens.total_effect import attribution_per_example, patching_per_example
 
     unstable: list[str] = []
+    extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if scorer == "patching":
         table = patching_per_example(model, examples, means=means, batch_size=batch_size, heads_per_forward=16,
@@ -71,6 +74,14 @@ def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_si
     elif scorer == "attribution-ig":
         table = attribution_per_example(model, examples, means=means, batch_size=batch_size, ig_steps=5,
                                         progress=False)
+    elif scorer.split(":")[0] == "attribution-verified":  # attribution-verified[:TOP[:FLAG]]; :0:inf = the estimate
+        parts = scorer.split(":")[1:]
+        top, flag = (int(parts[0]) if parts else 8), (float(parts[1]) if len(parts) > 1 else 0.1)
+        details: dict[str, Any] = {}
+        table = pattern_attribution_per_example(model, examples, means=means, batch_size=batch_size,
+                                                verify_top=int(top), verify_flag=float(flag), heads_per_forward=16,
+                                                progress=False, details=details)
+        extra = {"verified": [head_name(h) for h in details["verified"]]}
     elif scorer.startswith("cdt:"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -79,8 +90,9 @@ def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_si
         table = rel.per_example[0]
         unstable = [head_name(h) for h in rel.unstable]
     else:
-        raise SystemExit(f"unknown scorer {scorer!r}: patching, attribution, attribution-ig or cdt:SPEC")
-    return {"table": table.float(), "unstable": unstable, "seconds": time.perf_counter() - t0}
+        raise SystemExit(f"unknown scorer {scorer!r}: patching, attribution, attribution-ig, "
+                         "attribution-verified[:TOP[:FLAG]] or cdt:SPEC")
+    return {"table": table.float(), "unstable": unstable, "seconds": time.perf_counter() - t0, **extra}
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from jaxtyping import Float
 
 from ctsft_lens.batching import Batch
 from ctsft_lens.cdt.decompose import Split, _act_fn, _norm_module, allowed_keys, is_rotary, norm, rotary
+from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
@@ -53,7 +54,6 @@ from ctsft_lens.means import head_means
 from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps
 from ctsft_lens.total_effect import _head_table, _scores, _setup, patching_per_example
 
-Head = tuple[int, int]
 
 TOP_K = 8
 """Heads by corrected score re-scored exactly (``DiscoveryConfig.verify_top``); measured default."""

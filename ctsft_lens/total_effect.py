@@ -48,6 +48,7 @@ import torch
 from jaxtyping import Float
 
 from ctsft_lens.batching import Batch, batches, check_examples
+from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
@@ -55,7 +56,6 @@ from ctsft_lens.means import head_means, z_means  # z_means re-exported: it live
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
-Head = tuple[int, int]
 
 
 def _head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:
