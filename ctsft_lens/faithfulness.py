@@ -17,10 +17,10 @@ import csv
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches
@@ -28,16 +28,14 @@ from ctsft_lens.circuit import Circuit, rank_heads
 from ctsft_lens.forward import attn_results, hook_name, label_logits
 from ctsft_lens.masks import HeadMask, circuit_mask, random_mask
 from ctsft_lens.means import head_means
+from ctsft_lens.metrics import Metric, logit_diff
 from ctsft_lens.options import MeanPositions
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
-Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``metric(label_logits [batch, n_labels], gold labels [batch]) -> [batch]``, higher = more of the task."""
-
 
 # --------------------------------------------------------------------------------------------
-# The task metric
+# The task metric over a set of examples (the metric itself: ``ctsft_lens.metrics``)
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Metrics:
@@ -45,13 +43,6 @@ class Metrics:
 
     logit_diff: float
     accuracy: float
-
-
-def logit_diff(logits: Float[torch.Tensor, "batch n_labels"],
-               labels: Int[torch.Tensor, " batch"]) -> Float[torch.Tensor, " batch"]:
-    """Gold-label logit minus the mean logit of the other labels, per example."""
-    gold = logits.gather(-1, labels[..., None])[..., 0]  # any leading dims
-    return gold - (logits.sum(-1) - gold) / (logits.shape[-1] - 1)
 
 
 def normalize(value: float, full: float, empty: float) -> float:

@@ -48,7 +48,7 @@ from ctsft_lens.batching import Batch
 from ctsft_lens.cdt.decompose import Split, _act_fn, _norm_module, allowed_keys, is_rotary, norm, rotary
 from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.faithfulness import Metric, logit_diff
+from ctsft_lens.metrics import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
 from ctsft_lens.means import head_means
 from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps

@@ -27,7 +27,7 @@ from ctsft_lens.cdt.relevance import SCORERS, Relevance, head_relevances
 from ctsft_lens.circuit import Head
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.faithfulness import Metric
+from ctsft_lens.metrics import Metric
 from ctsft_lens.means import head_means
 from ctsft_lens.options import check
 from ctsft_lens.pattern_attribution import pattern_attribution_per_example

@@ -50,7 +50,7 @@ from jaxtyping import Float
 from ctsft_lens.batching import Batch, batches, check_examples
 from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.faithfulness import Metric, logit_diff
+from ctsft_lens.metrics import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
 from ctsft_lens.means import head_means, z_means  # z_means re-exported: it lived here
 from ctsft_lens.progress import progress_bar

@@ -30,13 +30,13 @@ FLOORS: list[tuple[str, ...]] = [
     ("options", "files", "distributed", "devices", "config_tables"),
     ("tasks",),
     ("models",),
-    ("batching", "forward", "evaluate", "means"),
+    ("batching", "forward", "metrics", "evaluate", "means"),
     ("circuit", "masks", "statistics"),  # statistics ranks heads as circuits do (rank_heads)
     ("train", "adapters", "eap_graph"),
     ("cdt.rules",),  # below the discovery options, the rest of cdt/ above them: a folder split in two
     ("discovery_config",),
-    ("faithfulness", "mib"),  # below cdt/: the CD-T read-outs take their metric (logit_diff) from here
     ("cdt", "total_effect", "pattern_attribution"),
+    ("faithfulness", "mib"),
     ("scoring",),
     ("discovery",),
     ("plots", "explore", "compare", "score_cache"),

@@ -6,7 +6,8 @@ import torch
 
 from ctsft_lens.batching import encode
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.faithfulness import MeanAblation, logit_diff
+from ctsft_lens.faithfulness import MeanAblation
+from ctsft_lens.metrics import logit_diff
 from ctsft_lens.forward import attn_results, hook_name, label_logits
 from ctsft_lens.means import head_means
 from ctsft_lens.scoring import (HEAD_SCORINGS, attribution_ig_scores, attribution_per_example, attribution_scores,

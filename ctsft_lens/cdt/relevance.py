@@ -34,7 +34,7 @@ from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, label_
                                       source_positions, unembed, BETA_LIMIT, recon_tol)
 from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
 from ctsft_lens.cdt.rules import resolve
-from ctsft_lens.faithfulness import logit_diff
+from ctsft_lens.metrics import logit_diff
 from ctsft_lens.models.architectures import soft_caps
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.circuit import Head
