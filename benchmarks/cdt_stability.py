@@ -1,6 +1,7 @@
 """CD-T propagation rules on a real model: stability, reconstruction, agreement with exact patching.
 
-For each ``--rules`` entry (``ctsft_lens.cdt.decompose.DECOMPOSITIONS``) every head is a source
+For each ``--rules`` entry (a rule set: a preset of ``ctsft_lens.cdt.rules.PRESETS``, optionally with
+overrides, e.g. ``legacy,attention=frozen``) every head is a source
 against the logits (depth 0, label-balanced mean baseline, all positions), as ``discover`` does.
 Reported per rule: heads finite, worst relative reconstruction error |β+γ - forward| / max|forward|
 at the logits (last token, full vocabulary) and at any checked hook (every resid_post, the final
@@ -23,9 +24,11 @@ from typing import Any
 import torch
 
 from ctsft_lens.means import head_means
-from ctsft_lens.options import ATTENTION_RULES
-from ctsft_lens.cdt.decompose import DECOMPOSITIONS, RECON_TOL, Split, unembed
 from ctsft_lens.cdt.driver import forwards
+from ctsft_lens.cdt.health import RECON_TOL
+from ctsft_lens.cdt.propagate import unembed
+from ctsft_lens.cdt.rules import PRESETS, resolve
+from ctsft_lens.cdt.split import Split
 from ctsft_lens.cdt.expansion import n_to_keep
 from ctsft_lens.cdt.relevance import task_directions
 from ctsft_lens.circuit import head_name, rank_heads
@@ -38,8 +41,9 @@ from ctsft_lens.tasks.base import balanced_sample
 
 @torch.no_grad()
 def run_rule(model: Any, examples: list, means: torch.Tensor, rule: str, batch_size: int,
-             chunk: int, attention: str = "cdt") -> dict[str, Any]:
-    """Projection scores and stability figures of every head for one rule."""
+             chunk: int) -> dict[str, Any]:
+    """Projection scores and stability figures of every head for one rule set."""
+    rules = resolve(rule)
     cfg = model.cfg
     L, H = cfg.n_layers, cfg.n_heads
     proj = torch.zeros(L, H, dtype=torch.float64)
@@ -50,7 +54,7 @@ def run_rule(model: Any, examples: list, means: torch.Tensor, rule: str, batch_s
     t0 = time.time()
     heads = [(layer, head) for layer in range(L) for head in range(H)]
     for fwd in forwards(model, examples, heads, batch_size=batch_size, chunk=chunk, forward_last_only=False,
-                        means=means, decomposition=rule, attention_rule=attention):
+                        means=means, rules=rules):
         real = fwd.logits[:, -1].double()  # [B, vocab]
         scale = real.abs().max()
         directions = task_directions(model, fwd.batch.label_token_ids)[fwd.batch.labels.to(cfg.device)]
@@ -62,7 +66,7 @@ def run_rule(model: Any, examples: list, means: torch.Tensor, rule: str, batch_s
                 if name == "ln_final.hook_out":
                     last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
                     got["proj"] = (last.beta * directions).sum(-1).double()  # [S, B]
-                    lg = unembed(model, last)
+                    lg = unembed(model, last, rules)
                     got["recon"] = ((lg.beta + lg.gamma).double() - real).abs().flatten(1).amax(1) / scale
                     got["beta"] = lg.beta.double().abs().flatten(1).amax(1) / scale
                     got["ok"] = (lg.beta.isfinite() & lg.gamma.isfinite()).flatten(1).all(1)
@@ -102,6 +106,15 @@ def summarize(r: dict[str, Any], exact: torch.Tensor, k: int) -> dict[str, Any]:
     }
 
 
+def _rule_set(text: str) -> str:
+    """``--rules`` entries: a rule set ``resolve`` accepts (one clear line otherwise)."""
+    try:
+        resolve(text)
+    except Exception as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="model folder or name for ctsft_lens.load_model")
@@ -111,8 +124,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-tokens", type=int, default=None,
                     help="sample only prompts of at most this many tokens (exact patching costs a forward per head)")
-    ap.add_argument("--rules", nargs="+", default=list(DECOMPOSITIONS), choices=list(DECOMPOSITIONS))
-    ap.add_argument("--attention", default="cdt", choices=list(ATTENTION_RULES), help="attention rule; default: %(default)s")
+    ap.add_argument("--rules", nargs="+", default=list(PRESETS), type=_rule_set, metavar="RULES",
+                    help="rule sets: presets, optionally with overrides (legacy,attention=frozen); default: every preset")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--chunk", type=int, default=14, help="source heads propagated together; default: %(default)s")
     ap.add_argument("--heads-per-forward", type=int, default=16)
@@ -138,7 +151,7 @@ def main() -> None:
     print(f"exact patching: {t_patch:.0f} s; top-{k} heads {[head_name(h) for h in exact_top]}", flush=True)
     rows, tables = {}, {"exact": exact.tolist()}
     for rule in args.rules:
-        r = run_rule(model, examples, means, rule, args.batch_size, args.chunk, args.attention)
+        r = run_rule(model, examples, means, rule, args.batch_size, args.chunk)
         rows[rule] = summarize(r, exact, k)
         tables[rule] = r["proj"].tolist()
         print(rule, json.dumps(rows[rule]), flush=True)

@@ -255,7 +255,7 @@ def method_spec(method: str, config: DiscoveryConfig) -> tuple[str, DiscoveryCon
         raise CtsftError(f"method {method!r}: only a CD-T scoring takes a rule set after '@' "
                          f"({', '.join(k for k, v in HEAD_SCORINGS.items() if v.cdt)})")
     resolve(rules)  # one clear line for an unknown rule set or field
-    return scoring, dataclasses.replace(config, decomposition=rules, attention=None)
+    return scoring, dataclasses.replace(config, decomposition=rules)
 
 
 def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequence[Example], methods: Sequence[str],
@@ -297,7 +297,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     passes: dict[Any, list[str]] = {}
     for m in methods:
         scoring, conf = specs[m]
-        passes.setdefault((conf.decomposition, conf.attention) if HEAD_SCORINGS[scoring].cdt else m, []).append(m)
+        passes.setdefault(conf.decomposition if HEAD_SCORINGS[scoring].cdt else m, []).append(m)
     run = dict(means=means, batch_size=batch_size, progress=progress)
     shared: list[str] = []
     for names in passes.values():
@@ -332,7 +332,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
             "eval_batch_size": eval_batch_size, "positions": positions, "protocol": protocol, "boot_seed": boot_seed,
             "torch_threads": torch.get_num_threads(), "device": str(cfg.device), "shared_cdt_pass": shared,
             "discovery_uids": [ex.uid for ex in discovery],
-            "rules": {m: resolve(conf.decomposition, attention=conf.attention).spec()
+            "rules": {m: resolve(conf.decomposition).spec()
                       for m, (scoring, conf) in specs.items() if HEAD_SCORINGS[scoring].cdt}}
     return Comparison(results, rho, band_random, ab.full, ab.empty, len(discovery), ab.n_examples, n_layers, n_heads,
                       forward_seconds, means_seconds, n_boot, meta)

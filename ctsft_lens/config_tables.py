@@ -36,6 +36,9 @@ def table_values(cls: type, table: Any, where: str, name: str, *, skip: tuple[st
     not set (they come from elsewhere, e.g. other tables); ``required``: key -> the hint its
     missing-key line gives."""
     as_table(table, where, name)
+    retired = getattr(cls, "refuse_retired", None)  # a dataclass's own line for the keys it once took
+    if retired is not None:
+        retired(table, f"{where}: {name}.")
     known = {f.name for f in dataclasses.fields(cls)} - set(skip)
     unknown = set(table) - known
     if unknown:

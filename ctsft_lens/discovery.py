@@ -72,9 +72,8 @@ def discover_circuits(model: Any, examples: Sequence[Example], config: Discovery
     rest = tuple(s for s in scorings if s not in rels)
     if rest:  # total effect: one logits table each
         rels.update(relevances(model, examples, config, scorings=rest, **run))
-    recorded = {"baseline": config.baseline,
-                "attention": rules.attention if config.attention is None else config.attention,
-                "decomposition": rules.spec(), "bias_o": rules.bias if config.bias_o is None else config.bias_o,
+    recorded = {"baseline": config.baseline, "attention": rules.attention,  # the two rules of older files, kept
+                "decomposition": rules.spec(), "bias_o": rules.bias_o or rules.bias,
                 "streams": config.streams, "n_examples": len(examples),
                 "n_reference": len(ref) if config.baseline == "mean" else 0, "mean_positions": "pooled",
                 "source_positions": None if config.positions is None else list(config.positions)}

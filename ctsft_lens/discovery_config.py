@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ctsft_lens.cdt.rules import CHOICES as RULE_FIELDS
-from ctsft_lens.cdt.rules import DEFAULT_PRESET, PRESETS, Rules, resolve
+from ctsft_lens.cdt.rules import DEFAULT_PRESET, FOLDED, PRESETS, Rules, folded, resolve
 from ctsft_lens.errors import ConfigError, CtsftError
-from ctsft_lens.options import Aggregate, AttentionRule, Baseline, BiasO, MeanOver, Pool, Select, Streams, check_value
+from ctsft_lens.options import Aggregate, Baseline, MeanOver, Pool, Select, Streams, check_value
 
 DISCOVER, COMPARE = "discover", "compare"
 
@@ -46,14 +46,9 @@ class DiscoveryConfig:
     max_depth: int = _opt(2, "expansion steps after the logits")
     n_examples: int = _opt(30, "label-balanced examples the heads are scored on")
     baseline: Baseline = _opt("mean", "source baseline: the label-balanced head mean, or zero", cli=(DISCOVER, COMPARE))
-    attention: AttentionRule | None = _opt(None, "CD-T attention rule, overriding the rule set's (decomposition); "
-                                                 "none: the rule set's", cli=(DISCOVER, COMPARE))
     decomposition: str | Rules = _opt(DEFAULT_PRESET, f"CD-T rule set (docs/method.md §2): one of {', '.join(PRESETS)}, "
                               f"optionally followed by overrides 'preset,field=rule' with fields "
                               f"{', '.join(RULE_FIELDS)}", cli=(DISCOVER, COMPARE), metavar="RULES")
-    bias_o: BiasO | None = _opt(None, "attention output bias at the source layer: shared by |beta|:|gamma| (public "
-                                      "CD-T code) or all to gamma; none: the rule set's bias rule",
-                                cli=(DISCOVER, COMPARE))
     aggregate: Aggregate = _opt("sum", "depth >= 1: combine a head's relevance to several targets by their sum "
                                        "(public CD-T) or max")
     select: Select = _opt("positive", "which heads a depth may add: positive scores only, largest first (a depth "
@@ -114,10 +109,19 @@ class DiscoveryConfig:
         except CtsftError as err:
             raise ConfigError(f"decomposition: {err}") from None
 
+    @classmethod
+    def refuse_retired(cls, given: dict[str, Any], prefix: str = "", decomposition: Any = None) -> None:
+        """One :class:`ConfigError` line for an option folded into ``decomposition`` (``cdt.rules.FOLDED``:
+        ``attention``, ``bias_o``), naming the rule set to write instead; ``prefix`` names where it came
+        from (the TOML reader's ``file: discovery.``)."""
+        for name in sorted(set(given) & set(FOLDED)):
+            raise ConfigError(prefix + folded(name, given[name], given.get("decomposition", decomposition)))
+
     def replace(self, **options: Any) -> "DiscoveryConfig":
         """This config with ``options`` (field names) changed; an unknown name is one clear error."""
         if not options:
             return self
+        self.refuse_retired(options, decomposition=self.decomposition)
         unknown = set(options) - {f.name for f in fields(self)}
         if unknown:
             raise TypeError(f"unknown discovery option(s) {sorted(unknown)}; the options are the fields of "
@@ -131,10 +135,15 @@ class DiscoveryConfig:
             value, mode = getattr(self, f.name), f.metadata["key"]
             if mode == "always" or (mode == "if-set" and value != f.default):
                 out[f.name] = asdict(self)[f.name]
-        return out
+        return {**_FOLDED_KEY, **out}
 
     def report_depths(self) -> tuple[int | None, ...]:
         return self.depths or (self.depth,)
+
+
+_FOLDED_KEY = {"attention": None, "bias_o": None}
+"""The options folded into ``decomposition`` (issue #39) entered every cache key at None: kept there, so
+the caches of runs from before stay valid (set, they are now part of the ``decomposition`` string)."""
 
 
 def discovery_config(config: DiscoveryConfig | None = None, **options: Any) -> DiscoveryConfig:

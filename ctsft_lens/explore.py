@@ -33,13 +33,15 @@ from typing import Any, Iterable, Literal, Sequence
 
 import torch
 
-from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import Source, Split, label_logits, propagate
+from ctsft_lens.batching import check_examples
 from ctsft_lens.cdt.driver import forwards
+from ctsft_lens.cdt.propagate import label_logits
+from ctsft_lens.cdt.rules import DEFAULT_PRESET, resolve
+from ctsft_lens.cdt.split import Split
 from ctsft_lens.circuit import Circuit, Head, head_name, parse_head
+from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.means import head_means
-from ctsft_lens.cdt.rules import resolve as resolve_rules
-from ctsft_lens.options import ATTENTION_RULES, BASELINES, AttentionRule, Baseline, check
+from ctsft_lens.options import check
 from ctsft_lens.tasks.base import Example
 
 Backend = Literal["auto", "circuitsvis", "plotly"]
@@ -96,7 +98,7 @@ class HeadView:
     label_names: tuple[str, ...]
     examples: tuple[ExampleView, ...]
     baseline: str = "mean"
-    attention_rule: str = "cdt"
+    decomposition: str = DEFAULT_PRESET
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -148,7 +150,7 @@ class HeadView:
         mp = "  ".join(f"{n} {v:+.3f}" for n, v in zip(self.label_names, self.mean_push))
         head = ("<div class='ctsft-hv'>" + (f"<div class='ctsft-hv-title'>head {self.name}</div>" if title else "")
                 + f"<div class='ctsft-hv-note'>label push: CD-T β at each label's logit ({self.baseline} baseline, "
-                f"{self.attention_rule} attention rule); mean over {len(self.examples)} examples: {html.escape(mp)}. "
+                f"rule set {html.escape(self.decomposition)}); mean over {len(self.examples)} examples: {html.escape(mp)}. "
                 "Tokens shaded by the head's attention from the answer position (hover for the weight).</div>"
                 "<table class='ctsft-table'><thead><tr><th>#</th><th>gold</th><th>predicted</th><th>label push (β)</th>"
                 "<th>top source tokens</th><th>attention over the prompt</th></tr></thead><tbody>")
@@ -217,54 +219,60 @@ def as_head(model: Any, head: Head | str | Sequence[int]) -> Head:
     return layer, h
 
 
-def head_view(model: Any, head: Head | str, examples: Sequence[Example], *,
-              means: torch.Tensor | None = None, reference: Sequence[Example] | None = None,
-              baseline: Baseline = "mean", attention: AttentionRule | None = None, top_k: int = 5,
-              batch_size: int = 8, memory_gb: float = 2.0) -> HeadView:
+def head_view(model: Any, head: Head | str, examples: Sequence[Example], config: DiscoveryConfig | None = None, *,
+              means: torch.Tensor | None = None, reference: Sequence[Example] | None = None, top_k: int = 5,
+              batch_size: int = 8, memory_gb: float = 2.0, **options: Any) -> HeadView:
     """What ``head`` (``(layer, head)`` or ``"3.7"``) reads and pushes on each of ``examples``.
 
-    ``means``: the ``[n_layers, n_heads, d_model]`` baseline (:func:`ctsft_lens.means.head_means`);
+    ``config``: the discovery options (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`;
+    keyword ``options`` override its fields), so a view reads a head under the rule set
+    (``decomposition``), ``baseline``, source ``positions`` and ``streams`` its circuit was found
+    with. ``means``: the ``[n_layers, n_heads, d_model]`` baseline (:func:`ctsft_lens.means.head_means`);
     by default the label-balanced mean over ``reference`` (default: ``examples``, which then need
     every label). ``baseline="zero"`` subtracts nothing. Views of several heads: :func:`head_views`
     (one forward per batch for all of them).
     """
-    return head_views(model, [head], examples, means=means, reference=reference, baseline=baseline,
-                      attention=attention, top_k=top_k, batch_size=batch_size, memory_gb=memory_gb)[0]
+    return head_views(model, [head], examples, config, means=means, reference=reference, top_k=top_k,
+                      batch_size=batch_size, memory_gb=memory_gb, **options)[0]
 
 
 @torch.no_grad()
-def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Example], *,
-               means: torch.Tensor | None = None, reference: Sequence[Example] | None = None,
-               baseline: Baseline = "mean", attention: AttentionRule | None = None, top_k: int = 5,
-               batch_size: int = 8, memory_gb: float = 2.0) -> list[HeadView]:
+def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Example],
+               config: DiscoveryConfig | None = None, *, means: torch.Tensor | None = None,
+               reference: Sequence[Example] | None = None, top_k: int = 5, batch_size: int = 8,
+               memory_gb: float = 2.0, **options: Any) -> list[HeadView]:
     """:func:`head_view` of each head in ``heads``, sharing the baseline and the real forwards."""
-    check("baseline", baseline, BASELINES)
-    if attention is not None:
-        check("attention", attention, ATTENTION_RULES)
+    config = discovery_config(config, **options)
+    rules = resolve(config.decomposition)
     heads = [as_head(model, h) for h in heads]
     if not heads:
         raise ValueError("no heads given")
     _, names = check_examples(examples)
-    if baseline == "mean" and means is None:
+    if config.baseline == "mean" and means is None:
         means = head_means(model, reference if reference is not None else examples, batch_size=batch_size)
-    if baseline == "zero":
+    if config.baseline == "zero":
         means = None
     cfg = model.cfg
     rows: dict[Head, list[ExampleView]] = {h: [] for h in heads}
-    for fwd in forwards(model, examples, heads, batch_size=batch_size, memory_gb=memory_gb, means=means,
-                        attention_rule=attention):
+    for fwd in forwards(model, examples, heads, batch_size=batch_size, memory_gb=memory_gb, means=means, rules=rules,
+                        positions=config.positions, streams=config.streams):
         batch, logits, start, n = fwd.batch, fwd.logits, fwd.start, fwd.n
         width = batch.input_ids.shape[1]
         ids = batch.label_token_ids.to(logits.device)
-        label_logits = logits[:, -1, ids].float().cpu()
+        label_logits_ = logits[:, -1, ids].float().cpu()
         lengths = batch.attention_mask.sum(1).tolist()
         tokens = [tuple(model.tokenizer.decode([t]) for t in batch.input_ids[b, width - lengths[b]:].tolist())
                   for b in range(n)]
         for chunk in fwd.chunks():
             layer, part = chunk.layer, chunk.heads
             seen: dict[str, Split] = {}
-            chunk.propagate(_keep_final(seen))
-            push = _label_beta(model, seen["ln_final.hook_out"], ids).float().cpu()  # [S, B, n_labels]
+
+            def keep(name: str, x: Split) -> None:
+                if name == "ln_final.hook_out":
+                    seen[name] = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
+
+            chunk.propagate(keep)
+            push = label_logits(model, seen["ln_final.hook_out"], ids, rules).beta.float().cpu()  # [S, B, n_labels]
             pattern = fwd.cache[f"blocks.{layer}.attn.hook_pattern"][:, part, -1].float().cpu()  # [B, S, k]
             for s, h in enumerate(part):
                 for b in range(n):
@@ -272,43 +280,33 @@ def head_views(model: Any, heads: Iterable[Head | str], examples: Sequence[Examp
                     order = sorted(range(len(att)), key=lambda p: (-float(att[p]), p))[:top_k]
                     rows[(layer, h)].append(ExampleView(
                         index=start + b, uid=examples[start + b].uid,
-                        gold=int(batch.labels[b]), predicted=int(label_logits[b].argmax()),
-                        push=tuple(push[s, b].tolist()), label_logits=tuple(label_logits[b].tolist()),
+                        gold=int(batch.labels[b]), predicted=int(label_logits_[b].argmax()),
+                        push=tuple(push[s, b].tolist()), label_logits=tuple(label_logits_[b].tolist()),
                         tokens=tokens[b], attention=tuple(att.tolist()),
                         top_tokens=tuple((p, tokens[b][p], float(att[p])) for p in order)))
     meta = {"model": getattr(cfg, "model_name", None), "n_examples": len(examples)}
-    rule = resolve_rules(None, attention=attention).attention
-    return [HeadView(h, tuple(names), tuple(rows[h]), "mean" if means is not None else "zero", rule, meta)
+    return [HeadView(h, tuple(names), tuple(rows[h]), "mean" if means is not None else "zero", rules.spec(), meta)
             for h in heads]
 
 
-def label_push(model: Any, cache: Any, attention_mask: torch.Tensor, sources: Sequence[Source],
-               label_token_ids: torch.Tensor, *, means: torch.Tensor | None = None,
-               attention: AttentionRule | None = None) -> torch.Tensor:
-    """β of each source (one layer) at the label logits of the last prompt token: ``[source, batch, n_labels]``.
+def label_push(model: Any, heads: Iterable[Head | str], examples: Sequence[Example],
+               config: DiscoveryConfig | None = None, **options: Any) -> torch.Tensor:
+    """β of each head at the label logits of the last prompt token: ``[head, example, n_labels]``.
 
     The same numbers as ``decompose(...)["unembed.hook_out"].beta[:, :, -1, label_token_ids]``
-    (the unembedding's bias is shared and a logit cap applied column by column, so only the label
-    columns are computed), with the last layer propagated at the last position only.
-    """
-    seen: dict[str, Split] = {}
-    propagate(model, cache, attention_mask, sources, means=means, attention_rule=attention, emit=_keep_final(seen),
-              last_only=True)
-    return _label_beta(model, seen["ln_final.hook_out"], label_token_ids)
+    under the same rule set (only the label columns computed, the last layer at the last position
+    only); the label push of :func:`head_views`, whose options it takes."""
+    return torch.stack([view.push for view in head_views(model, heads, examples, config, **options)])
 
 
-def _keep_final(seen: dict[str, Split]) -> Any:
-    """An ``emit`` that keeps the β/γ at the final norm in ``seen``."""
-    def keep(name: str, x: Split) -> None:
-        if name == "ln_final.hook_out":
-            seen[name] = x
-
-    return keep
-
-
-def _label_beta(model: Any, x: Split, label_token_ids: torch.Tensor) -> torch.Tensor:
-    """β at the label logits of the last position, from β/γ at the final norm: ``[source, batch, n_labels]``."""
-    return label_logits(model, Split(x.beta[:, :, -1], x.gamma[:, :, -1]), label_token_ids).beta
+def circuit_config(circuit: Circuit) -> DiscoveryConfig:
+    """The discovery options a circuit file records that a view reads: its rule set and baseline
+    (files written before the attention and b_O rules joined the rule set record them beside it)."""
+    o = circuit.options
+    rules = resolve(o.get("decomposition"), attention=o.get("attention"))
+    if o.get("bias_o") not in (None, rules.bias_o or rules.bias):
+        rules = resolve(rules, bias_o=o["bias_o"])
+    return DiscoveryConfig(decomposition=rules.spec(), baseline=o.get("baseline", "mean"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,6 +534,7 @@ def model_label(name: str) -> tuple[str, str]:
 
 
 def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], out: str | Path, *,
+                   config: DiscoveryConfig | None = None,
                    faithfulness_examples: Sequence[Example] | None = None, means: torch.Tensor | None = None,
                    seeds: Sequence[int] = (0, 1, 2, 3, 4), sizes: Sequence[int] | None = None,
                    backend: Backend = "plotly", title: str | None = None, batch_size: int = 8,
@@ -544,7 +543,9 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
     circuit graph, the faithfulness curve with its random band (over ``seeds``; on
     ``faithfulness_examples``, default ``examples``), and a head view per circuit head.
     plotly.js (and circuitsvis, with ``backend="circuitsvis"``) is embedded once: the file opens
-    offline. ``out``: an ``.html`` file, or a folder (then ``out/report.html``). Returns the path.
+    offline. ``out``: an ``.html`` file, or a folder (then ``out/report.html``). ``config``: the
+    options the head views read (default: the rule set and baseline the circuit was found with,
+    :func:`circuit_config`). Returns the path.
     """
     from ctsft_lens.faithfulness import faithfulness_report
     from ctsft_lens.files import atomic_write_text
@@ -556,7 +557,8 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
     name = circuit.scoring
     report = faithfulness_report(model, {name: circuit}, faithfulness_examples or examples, sizes=sizes,
                                  seeds=tuple(seeds), progress=progress)
-    views = head_views(model, circuit.heads, examples, means=means, batch_size=batch_size) if circuit.heads else []
+    config = config if config is not None else circuit_config(circuit)
+    views = head_views(model, circuit.heads, examples, config, means=means, batch_size=batch_size) if circuit.heads else []
     short, about = model_label(circuit.model.get("name") or getattr(model.cfg, "model_name", None) or "model")
     shape = f"{int(model.cfg.n_layers)} layers × {int(model.cfg.n_heads)} heads"
     title = title or f"Circuit report: {name} circuit of {short}"

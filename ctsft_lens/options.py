@@ -1,9 +1,10 @@
 """Every set of option names, defined once.
 
 Validation (:func:`check`), CLI ``choices=`` and the docs read these tuples; the ``Literal``
-types give the typed API. Sets that name *implementations* (head scorings, transfer variants,
-tasks) are registries kept beside their code (``cdt.relevance.SCORERS``,
-``masks.VARIANTS``, ``tasks.TASKS``): adding an entry there is the whole edit.
+types give the typed API. Sets that name *implementations* (head scorings, CD-T rules, transfer
+variants, tasks) are registries kept beside their code (``scoring.HEAD_SCORINGS``, ``cdt.rules``
+with each operation's ``RULES``, ``masks.VARIANTS``, ``tasks.TASKS``): adding an entry there is
+the whole edit.
 """
 
 from __future__ import annotations
@@ -14,10 +15,6 @@ from ctsft_lens.errors import CtsftError
 
 Baseline = Literal["mean", "zero"]
 """CD-T source baseline: subtract the label-balanced head mean, or nothing."""
-AttentionRule = Literal["cdt", "frozen", "linear", "difference"]
-"""How CD-T splits attention: β pattern from β queries/keys (``cdt``), the real pattern (``frozen``),
-the pattern's first-order response to β (``linear``), or the exact removal with γ's own pattern
-(``difference``); see ``cdt.rules``."""
 KVPolicy = Literal["never", "selected-groups"]
 """Whether masked training also updates the K/V group a selected head reads."""
 MeanPositions = Literal["pooled", "last"]
@@ -30,9 +27,6 @@ public CD-T notebooks; default) or the maximum (ctsft_lens 0.1)."""
 MeanOver = Literal["pool", "correct"]
 """Which reference examples give the head means μ: the discovery pool, or only correctly answered
 ones (the paper is reported to use 50 correct, label-balanced samples)."""
-BiasO = Literal["share", "gamma"]
-"""CD-T at the source layer: the attention output bias b_O shared between β and γ by |β|:|γ| like
-every other bias (the public CD-T code; default), or given wholly to γ (ctsft_lens 0.1)."""
 Select = Literal["positive", "absolute"]
 """Which heads backward expansion may add: positive scores only, largest first, or the largest |score|."""
 Pool = Literal["shared", "held-out"]
@@ -44,7 +38,6 @@ Streams = Literal["beta", "both"]
 """CD-T propagation: ``"beta"`` pushes β only and takes γ = real − β from the one forward (the fast
 path, issue #12); ``"both"`` pushes β and γ independently (the reference: β + γ checks the rules)."""
 BASELINES: tuple[str, ...] = get_args(Baseline)
-ATTENTION_RULES: tuple[str, ...] = get_args(AttentionRule)
 KV_POLICIES: tuple[str, ...] = get_args(KVPolicy)
 MEAN_POSITIONS: tuple[str, ...] = get_args(MeanPositions)
 SPLITS: tuple[str, ...] = get_args(DataSplit)
@@ -52,7 +45,6 @@ AGGREGATES: tuple[str, ...] = get_args(Aggregate)
 MEAN_OVER: tuple[str, ...] = get_args(MeanOver)
 POOLS: tuple[str, ...] = get_args(Pool)
 SELECTS: tuple[str, ...] = get_args(Select)
-BIAS_O: tuple[str, ...] = get_args(BiasO)
 PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 STREAMS: tuple[str, ...] = get_args(Streams)
 

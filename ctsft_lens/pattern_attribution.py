@@ -45,7 +45,11 @@ import torch
 from jaxtyping import Float
 
 from ctsft_lens.batching import Batch
-from ctsft_lens.cdt.decompose import Split, _act_fn, _norm_module, allowed_keys, is_rotary, norm, rotary
+from ctsft_lens.cdt.activation import act_fn as _act_fn
+from ctsft_lens.cdt.attention import allowed_keys, is_rotary, rotary
+from ctsft_lens.cdt.norm import norm
+from ctsft_lens.cdt.norm import norm_module as _norm_module
+from ctsft_lens.cdt.split import Split
 from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.metrics import Metric, logit_diff

@@ -12,7 +12,7 @@ logits); ``run`` holds how to run it (``target``, ``sources``, ``reference``, ``
 This module sits above both ``cdt/`` and ``total_effect``, and neither imports it: the ``--scoring``
 and ``compare --method`` choices, the TOML check of ``discovery.scoring``, :func:`head_relevance`,
 discovery (``ctsft_lens.discovery``) and ``compare`` all read this one dict, so every scoring is valid
-everywhere and a new scoring is one entry.
+everywhere and a new scoring is one entry (a CD-T one also its read-out in ``cdt.relevance``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from jaxtyping import Float
 
-from ctsft_lens.cdt.relevance import SCORERS, Relevance, head_relevances
+from ctsft_lens.cdt.relevance import Relevance, head_relevances
 from ctsft_lens.circuit import Head
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
@@ -82,7 +82,7 @@ def _total_effect(name: str, table: Callable[..., torch.Tensor]) -> Scorer:
         if not (isinstance(target, str) and target == "logits"):
             raise CtsftError(f"scoring {name!r} scores heads against the logits only (its score already counts "
                              "every path through later heads); head targets are for the CD-T scorings "
-                             f"{' and '.join(SCORERS)}")
+                             f"{' and '.join(n for n, s in HEAD_SCORINGS.items() if s.cdt)}")
         if config.positions is not None:
             raise CtsftError(f"scoring {name!r} intervenes at every position; source positions are a CD-T option")
         if config.baseline == "zero":
@@ -162,8 +162,9 @@ def head_relevance(model: Any, examples: Sequence[Example], config: DiscoveryCon
                    metric: Metric | None = None, **options: Any) -> Relevance:
     """Relevance of every head by ``config.scoring``, any scoring of ``HEAD_SCORINGS`` (keyword
     ``options``: fields of :class:`~ctsft_lens.discovery_config.DiscoveryConfig` overriding
-    ``config``). CD-T scorings: see ``cdt.relevance.head_relevance`` (head targets, source
-    positions...); the total-effect ones score against the logits only."""
+    ``config``): the one way to score heads. CD-T scorings: see ``cdt.relevance.head_relevances``
+    (head targets, source positions, the rule set...); the total-effect ones score against the
+    logits only."""
     config = discovery_config(config, **options)
     check_scoring(config.scoring)
     return HEAD_SCORINGS[config.scoring].score(model, examples, config, metric, target=target, sources=sources,

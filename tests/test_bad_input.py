@@ -517,7 +517,8 @@ def test_the_model_name_hint_never_suggests_the_name_itself():
 
 def test_a_choice_error_lists_the_choices_plainly():
     from ctsft_lens.errors import ConfigError
-    from ctsft_lens.options import AttentionRule, check_value
+    from ctsft_lens.cdt.rules import AttentionRule
+    from ctsft_lens.options import check_value
 
     with pytest.raises(ConfigError) as err:
         check_value("discovery.attention", "bogus", AttentionRule | None, error=ConfigError)

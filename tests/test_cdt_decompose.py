@@ -10,7 +10,11 @@ import torch
 from ctsft_lens.batching import encode
 from ctsft_lens.forward import attn_results
 from ctsft_lens.means import head_means
-from ctsft_lens.cdt.decompose import Source, decompose, propagate
+from ctsft_lens.cdt.decompose import decompose
+from ctsft_lens.cdt.propagate import propagate
+from ctsft_lens.cdt.rules import PRESETS
+from ctsft_lens.cdt.split import Source
+from ctsft_lens.errors import CtsftError
 
 HOOKS = ("hook_resid_pre", "ln1.hook_out", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
          "attn.hook_rot_k", "attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid",
@@ -44,7 +48,8 @@ def test_beta_plus_gamma_is_the_real_activation_at_every_hook(models, examples, 
     means = head_means(model, examples) if baseline == "mean" else None
     sources = [Source(0, 1), Source(1, 6), Source(0, 3, (-1, -2)), Source(1, 2, (0,))]
     record = _record(model)
-    split = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="both")
+    split = decompose(model, batch, sources, record, means=means, decomposition=f"exact,attention={rule}",
+                      streams="both")
     with attn_results(model):
         logits, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask)
     for name in record:
@@ -92,9 +97,10 @@ def test_padding_does_not_leak(models, examples, arch, rule):
     batch = encode(model, examples)
     sources = [Source(0, 2), Source(1, 4)]
     name = "unembed.hook_out"
-    padded = decompose(model, batch, sources, [name], attention_rule=rule)[name]
+    padded = decompose(model, batch, sources, [name], decomposition=f"exact,attention={rule}")[name]
     short = len(examples) - 1
-    alone = decompose(model, encode(model, examples[short:]), sources, [name], attention_rule=rule)[name]
+    alone = decompose(model, encode(model, examples[short:]), sources, [name],
+                      decomposition=f"exact,attention={rule}")[name]
     n = int(batch.attention_mask[short].sum())
     for a, b in ((padded.beta, alone.beta), (padded.gamma, alone.gamma)):
         scale = b.abs().max().item()
@@ -104,9 +110,24 @@ def test_padding_does_not_leak(models, examples, arch, rule):
 def test_propagate_wants_one_layer(models, examples):
     model = models["gpt2"]
     with pytest.raises(ValueError, match="one layer"):
-        propagate(model, None, None, [Source(0, 1), Source(1, 1)], emit=lambda *_: None)
+        propagate(model, None, None, [Source(0, 1), Source(1, 1)], rules=PRESETS["exact"], emit=lambda *_: None)
     with pytest.raises(ValueError, match="attention rule"):
-        propagate(model, None, None, [Source(0, 1)], emit=lambda *_: None, attention_rule="softmax")
+        decompose(model, encode(model, examples), [Source(0, 1)], [], decomposition="exact,attention=softmax")
+
+
+def test_rules_given_outside_the_rule_set_are_one_line_naming_the_new_spelling(models, examples):
+    """The attention and b_O rules live in the rule set only: the old keywords say how to write them."""
+    model = models["gpt2"]
+    batch = encode(model, examples)
+    with pytest.raises(CtsftError, match=r"write decomposition='cdt-paper,attention=frozen'"):
+        decompose(model, batch, [Source(0, 1)], [], decomposition="cdt-paper", attention_rule="frozen")
+    with pytest.raises(CtsftError, match=r"write decomposition='exact,bias_o=share'"):
+        decompose(model, batch, [Source(0, 1)], [], bias_o="share")
+    with pytest.raises(CtsftError, match=r"write decomposition='exact,attention=linear'"):
+        propagate(model, None, None, [Source(0, 1)], rules=PRESETS["exact"], emit=lambda *_: None,
+                  attention_rule="linear")
+    with pytest.raises(TypeError, match="colour"):
+        decompose(model, batch, [Source(0, 1)], [], colour="red")
 
 
 def test_b_o_is_shared_by_default_and_the_old_rule_is_an_option(models, examples):
@@ -121,8 +142,8 @@ def test_b_o_is_shared_by_default_and_the_old_rule_is_an_option(models, examples
     src = [Source(1, 3)]
     share = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None,
                       decomposition="cdt-paper")["blocks.1.hook_attn_out"]
-    gamma = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None, decomposition="cdt-paper",
-                      bias_o="gamma")["blocks.1.hook_attn_out"]
+    gamma = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None,
+                      decomposition="cdt-paper,bias_o=gamma")["blocks.1.hook_attn_out"]
     default = decompose(model, batch, src, ["blocks.1.hook_attn_out"], means=None)["blocks.1.hook_attn_out"]
     torch.testing.assert_close(default.beta, gamma.beta)  # the default rule set gives every bias to γ
     torch.testing.assert_close(share.beta + share.gamma, gamma.beta + gamma.gamma)

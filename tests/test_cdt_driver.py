@@ -1,5 +1,6 @@
 """The one propagation driver (``ctsft_lens.cdt.driver``): batch → cache → per-layer chunks →
-``propagate``, walked by head relevance, the head views and the rule benchmark (issue 28)."""
+``propagate``, walked by head relevance, ``decompose``, the head views and the rule benchmark
+(issues 28, 39)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ctsft_lens.cdt.decompose import Split
 from ctsft_lens.cdt.driver import by_layer, chunk_size, forwards
+from ctsft_lens.cdt.rules import PRESETS
+from ctsft_lens.cdt.split import Split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,8 @@ def test_chunk_size_does_not_change_the_numbers(tiny_qwen, examples):
     """β at the final norm of each source, propagated one head at a time or all together."""
     def betas(chunk):
         out = {}
-        for fwd in forwards(tiny_qwen, examples, [(0, h) for h in range(4)], batch_size=5, chunk=chunk):
+        for fwd in forwards(tiny_qwen, examples, [(0, h) for h in range(4)], batch_size=5, chunk=chunk,
+                            rules=PRESETS["exact"]):
             for c in fwd.chunks():
                 got = {}
                 c.propagate(lambda name, x: got.setdefault(name, x) if name == "ln_final.hook_out" else None)
@@ -78,20 +81,19 @@ def _users(path: Path, name: str) -> list[str]:
 
 def test_the_loop_lives_in_the_driver_only():
     """``cache_names`` (what a propagation's cache holds) is read by the driver alone, and
-    ``propagate`` is called by the driver's chunks (relevance hands them its own binding) and by
-    ``explore.label_push`` (one call on a cache the caller made)."""
+    ``propagate`` is called by the driver's chunks alone (relevance hands them its own binding):
+    ``decompose``, the head views and ``label_push`` walk the driver too."""
     files = sorted((REPO / "ctsft_lens").rglob("*.py")) + sorted((REPO / "benchmarks").glob("*.py"))
     callers = {}
     for path in files:
         rel = str(path.relative_to(REPO))
-        if rel == "ctsft_lens/cdt/decompose.py":
+        if rel == "ctsft_lens/cdt/propagate.py":
             continue
         for name in ("cache_names", "propagate"):
             for fn in _users(path, name):
                 callers.setdefault(name, set()).add(f"{rel}:{fn}")
-    assert callers.get("cache_names") == {"ctsft_lens/cdt/driver.py:forwards"}
-    assert callers.get("propagate") == {"ctsft_lens/cdt/driver.py:propagate", "ctsft_lens/explore.py:label_push",
-                                        "ctsft_lens/cdt/relevance.py:_relevance_chunk"}
+    assert callers.get("cache_names") == {"ctsft_lens/cdt/driver.py:forward"}
+    assert callers.get("propagate") == {"ctsft_lens/cdt/driver.py:propagate", "ctsft_lens/cdt/relevance.py:_relevance_chunk"}
 
 
 def test_no_module_imports_a_private_name_of_another():

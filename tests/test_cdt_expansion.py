@@ -76,8 +76,8 @@ def test_discover_builds_a_consistent_circuit(model, examples, scoring):
 
 
 def test_tiny_ratio_keeps_one_head_per_depth(model, examples):
-    circuit = discover(model, examples, ratio=1e-6, max_depth=3, baseline="zero", attention="frozen",
-                       progress=False)
+    circuit = discover(model, examples, ratio=1e-6, max_depth=3, baseline="zero",
+                       decomposition="exact,attention=frozen", progress=False)
     assert all(len(heads) == 1 for heads in circuit.heads_by_depth)
     _check_circuit(circuit, model, 1)
     layers = [heads[0][0] for heads in circuit.heads_by_depth]
@@ -99,8 +99,10 @@ def test_bad_arguments(model, examples):
         discover(model, examples, ratio=0, progress=False)
     with pytest.raises(ValueError, match="max_depth"):
         discover(model, examples, max_depth=-1, progress=False)
-    with pytest.raises(ValueError, match="attention"):
-        discover(model, examples, attention="softmax", progress=False)
+    with pytest.raises(ValueError, match="attention rule must be one of"):
+        discover(model, examples, decomposition="exact,attention=softmax", progress=False)
+    with pytest.raises(ValueError, match="write decomposition='exact,attention=frozen'"):
+        discover(model, examples, attention="frozen", progress=False)
 
 
 def test_cli_discover_writes_a_circuit(tmp_path, capsys):

@@ -9,7 +9,10 @@ import torch
 
 from ctsft_lens import head_relevance
 from ctsft_lens.batching import encode
-from ctsft_lens.cdt.decompose import Source, decompose, first_position, propagate
+from ctsft_lens.cdt.decompose import decompose
+from ctsft_lens.cdt.propagate import cache_names, first_position, propagate
+from ctsft_lens.cdt.rules import PRESETS
+from ctsft_lens.cdt.split import Source
 from ctsft_lens.forward import attn_results, run
 from ctsft_lens.means import head_means
 
@@ -41,7 +44,8 @@ def test_beta_only_scores_equal_the_two_stream_reference(models, examples, arch,
     model = models[arch]
     means = head_means(model, examples) if baseline == "mean" else None
     for positions in (None, (-1,)):
-        _same_scores(model, examples, attention=rule, baseline=baseline, means=means, positions=positions)
+        _same_scores(model, examples, decomposition=f"exact,attention={rule}", baseline=baseline, means=means,
+                     positions=positions)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
@@ -63,8 +67,8 @@ def test_beta_only_split_equals_the_reference_at_every_real_position(models, exa
     record = ["blocks.1.attn.hook_v", "blocks.2.attn.hook_z", "blocks.1.mlp.hook_post", "blocks.2.hook_resid_post",
               "ln_final.hook_out", "unembed.hook_out"]
     means = head_means(model, examples)
-    ref = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="both")
-    fast = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="beta")
+    ref = decompose(model, batch, sources, record, means=means, decomposition=f"exact,attention={rule}", streams="both")
+    fast = decompose(model, batch, sources, record, means=means, decomposition=f"exact,attention={rule}", streams="beta")
     real = batch.attention_mask.bool()
     with attn_results(model):
         logits, cache = run(model, batch, names=[n for n in record if n != "unembed.hook_out"])
@@ -88,18 +92,16 @@ def test_beta_only_path_starts_at_the_first_source_position(models, examples):
     assert first_position([Source(1, 0)], mask) == int(mask.any(0).nonzero().min())  # every real token
     widths: dict[str, set[int]] = {"beta": set(), "both": set()}
     with attn_results(model):
-        from ctsft_lens.cdt.decompose import cache_names
-
         for streams in widths:
             _, cache = run(model, batch, names=cache_names(model, [1], streams))
-            propagate(model, cache, mask, sources, streams=streams, decomposition="cdt-paper",
+            propagate(model, cache, mask, sources, streams=streams, rules=PRESETS["cdt-paper"],
                       emit=lambda name, x, s=streams: widths[s].add(x.beta.shape[2]))
     assert widths == {"beta": {1}, "both": {mask.shape[1]}}
-    # the linear attention rule (the default's) reads every key: its fast path starts at position 0
+    # the difference attention rule (the default's) reads every key: its fast path starts at position 0
     linear: set[int] = set()
     with attn_results(model):
         _, cache = run(model, batch, names=cache_names(model, [1], "beta"))
-        propagate(model, cache, mask, sources, emit=lambda name, x: linear.add(x.beta.shape[2]))
+        propagate(model, cache, mask, sources, rules=PRESETS["exact"], emit=lambda name, x: linear.add(x.beta.shape[2]))
     assert linear == {mask.shape[1]}
 
 

@@ -1,7 +1,7 @@
-"""CD-T rule table (``cdt.rules``): each linear rule is the derivative, the fully linear rule set
-is attribution patching, its one-backward path equals the per-source propagation, and on a model
-with a massive activation the Jacobian norm rule ranks heads like exact patching where the
-frozen one does not."""
+"""CD-T rule table (``cdt.rules``): every rule is one function in its operation's file, each linear
+rule is the derivative, the fully linear rule set is attribution patching, its one-backward path
+equals the per-source propagation, and on a model with a massive activation the Jacobian norm rule
+ranks heads like exact patching where the frozen one does not."""
 
 from __future__ import annotations
 
@@ -13,11 +13,19 @@ import torch
 
 from ctsft_lens import head_relevance
 from ctsft_lens.batching import encode
+from ctsft_lens.cdt import activation as activation_rules
+from ctsft_lens.cdt import attention as attention_rules
+from ctsft_lens.cdt import bias as bias_rules
 from ctsft_lens.cdt import decompose
+from ctsft_lens.cdt import norm as norm_rules
+from ctsft_lens.cdt import normalize as normalize_rules
+from ctsft_lens.cdt import product as product_rules
 from ctsft_lens.cdt import relevance as relevance_module
-from ctsft_lens.cdt.decompose import (DECOMPOSITIONS, Source, Split, activation, attention, norm, product_linear,
-                                      allowed_keys)
+from ctsft_lens.cdt.activation import activation
+from ctsft_lens.cdt.attention import allowed_keys, attention
+from ctsft_lens.cdt.norm import norm
 from ctsft_lens.cdt.rules import CHOICES, PRESETS, Rules, resolve
+from ctsft_lens.cdt.split import Source, Split
 from ctsft_lens.statistics import spearman
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.means import head_means
@@ -149,7 +157,7 @@ def test_linear_activation_and_product_are_the_derivative():
     torch.testing.assert_close(out.beta, torch.func.jvp(silu, (x,), (beta,))[1])
     torch.testing.assert_close(out.beta + out.gamma, silu(x))
     a, u, ba, bu = torch.randn(40), torch.randn(40), torch.randn(40), torch.randn(40)
-    p = product_linear(Split(ba, a - ba), Split(bu, u - bu))
+    p = product_rules.linear(Split(ba, a - ba), Split(bu, u - bu))
     torch.testing.assert_close(p.beta, ba * u + a * bu)
     torch.testing.assert_close(p.beta + p.gamma, a * u)
 
@@ -208,7 +216,7 @@ def test_one_backward_equals_the_propagation(models, examples, arch, positions, 
     assert fast.shape == ref.shape and _rel(fast, ref) <= 1e-5
 
 
-@pytest.mark.parametrize("preset", [p for p in DECOMPOSITIONS if PRESETS[p].precision == "model"])
+@pytest.mark.parametrize("preset", [p for p in PRESETS if PRESETS[p].precision == "model"])
 def test_beta_only_path_equals_two_streams_for_every_preset(models, examples, preset):
     model = models["qwen2"]
     batch = encode(model, examples)
@@ -277,6 +285,20 @@ def test_exact_rules_rank_like_patching_through_a_saturated_softmax(examples):
 # --------------------------------------------------------------------------------------------
 # The table and its names
 # --------------------------------------------------------------------------------------------
+def test_every_rule_of_the_table_is_one_function_in_its_operations_file():
+    """Each operation's file holds a ``RULES`` dict whose names are exactly the table's choices for
+    its field (``bias_o`` shares the bias rules; precision is a dtype, no operation): a new rule
+    is one choice in ``cdt/rules.py`` plus one function there."""
+    registries = {"norm": norm_rules.RULES, "attention": attention_rules.RULES, "activation": activation_rules.RULES,
+                  "product": product_rules.RULES, "bias": bias_rules.RULES, "bias_o": bias_rules.RULES,
+                  "normalize": normalize_rules.RULES}
+    assert set(registries) == set(CHOICES) - {"precision"}
+    for field, registry in registries.items():
+        assert tuple(registry) == CHOICES[field], field
+        assert all(callable(rule) for rule in registry.values()), field
+    assert attention_rules.FROM_FIRST_SOURCE <= set(attention_rules.RULES)
+
+
 def test_presets_and_overrides():
     assert resolve(None) == PRESETS["exact"] == Rules()
     assert PRESETS["linear"].linear and not PRESETS["faithful"].linear and not PRESETS["cdt-paper"].linear
@@ -298,6 +320,8 @@ def test_presets_and_overrides():
     with pytest.raises(CtsftError, match="attention rule must be one of.*difference"):  # every choice named
         resolve("exact,attention=bogus")
     assert set(CHOICES) == {f.name for f in dataclasses.fields(Rules)}
+    assert resolve("cdt-paper,bias_o=gamma").bias_o == "gamma" and PRESETS["cdt-paper"].bias_o is None  # b_O: as bias
+    assert resolve("linear,bias_o=share").spec() == "linear,bias_o=share" and not resolve("linear,bias_o=share").linear
 
 
 def test_cli_takes_a_rule_spec_and_refuses_a_bad_one(capsys):
@@ -305,12 +329,14 @@ def test_cli_takes_a_rule_spec_and_refuses_a_bad_one(capsys):
 
     parser = build_parser()
     args = parser.parse_args(["discover", "--decomposition", "faithful,norm=frozen", "--out", "x.json"])
-    assert args.decomposition == "faithful,norm=frozen" and args.attention is None
+    assert args.decomposition == "faithful,norm=frozen" and not hasattr(args, "attention")
     with pytest.raises(SystemExit) as err:
         parser.parse_args(["discover", "--decomposition", "faithful,norm=exact", "--out", "x.json"])
     assert err.value.code == 2
     assert "norm rule must be one of" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as err:
-        parser.parse_args(["discover", "--attention", "nope", "--out", "x.json"])
-    err_text = capsys.readouterr().err
-    assert err.value.code == 2 and "difference" in err_text and "Traceback" not in err_text
+    for flag in ("--attention", "--bias-o"):  # folded into the rule set: one line naming the new spelling
+        with pytest.raises(SystemExit) as err:
+            parser.parse_args(["discover", flag, "frozen", "--out", "x.json"])
+        err_text = capsys.readouterr().err
+        assert err.value.code == 2 and "Traceback" not in err_text and len(err_text.strip().splitlines()) == 1
+        assert f"--decomposition exact,{flag[2:].replace('-', '_')}=RULE" in err_text, err_text

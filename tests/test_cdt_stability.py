@@ -18,9 +18,12 @@ import torch
 from ctsft_lens.batching import encode
 from ctsft_lens.forward import attn_results
 from ctsft_lens.means import head_means
-from ctsft_lens.cdt.decompose import (DECOMPOSITIONS, DEFAULT_DECOMPOSITION, Health, Source, Split,
-                                      UnstableDecompositionError, UnstableDecompositionWarning, decompose,
-                                      health_at, normalize_rel_irrel, product, product_shapley)
+from ctsft_lens.cdt import product
+from ctsft_lens.cdt.decompose import decompose
+from ctsft_lens.cdt.health import Health, UnstableDecompositionError, UnstableDecompositionWarning, health_at
+from ctsft_lens.cdt.normalize import normalize_rel_irrel
+from ctsft_lens.cdt.rules import DEFAULT_PRESET, PRESETS
+from ctsft_lens.cdt.split import Source, Split
 
 HOOKS = ("hook_resid_pre", "ln1.hook_out", "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q",
          "attn.hook_rot_k", "attn.hook_z", "attn.hook_result", "hook_attn_out", "hook_resid_mid",
@@ -107,7 +110,7 @@ def test_default_rule_is_finite_exact_and_on_scale(massive, examples):
     assert (beta[..., -1, :].abs().amax(-1) > 0).all()  # every source still reaches the logits
 
 
-@pytest.mark.parametrize("rule", DECOMPOSITIONS)
+@pytest.mark.parametrize("rule", PRESETS)
 def test_every_rule_keeps_the_invariant(tiny_qwen, examples, rule):
     """On an ordinary tiny model every rule splits the forward exactly at every hook."""
     batch = encode(tiny_qwen, examples)
@@ -139,16 +142,16 @@ def test_shapley_product_is_linear_in_beta():
     ta, tu = torch.randn(50), torch.randn(50)
     ba, bu = torch.randn(50) * 100, torch.randn(50) * 100  # large cancelling parts
     a, u = Split(ba, ta - ba), Split(bu, tu - bu)
-    out = product_shapley(a, u)
+    out = product.shapley(a, u)
     torch.testing.assert_close(out.beta + out.gamma, ta * tu, atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(out.beta, 0.5 * (ba * tu + ta * bu), atol=1e-3, rtol=1e-4)  # no ba*bu term
-    twice = product_shapley(Split(2 * ba, ta - 2 * ba), Split(2 * bu, tu - 2 * bu))
+    twice = product.shapley(Split(2 * ba, ta - 2 * ba), Split(2 * bu, tu - 2 * bu))
     torch.testing.assert_close(twice.beta, 2 * out.beta, atol=1e-2, rtol=1e-4)
-    legacy = product(a, u)
+    legacy = product.legacy(a, u)
     assert legacy.beta.abs().max() > 10 * out.beta.abs().max()  # the legacy rule squares them
-    only = product_shapley(Split(ta, torch.zeros(50)), Split(tu, torch.zeros(50)))
+    only = product.shapley(Split(ta, torch.zeros(50)), Split(tu, torch.zeros(50)))
     torch.testing.assert_close(only.beta, ta * tu)  # β is everything: β' is the whole product
-    none = product_shapley(Split(torch.zeros(50), ta), Split(torch.zeros(50), tu))
+    none = product.shapley(Split(torch.zeros(50), ta), Split(torch.zeros(50), tu))
     assert none.beta.abs().max() == 0
 
 
@@ -171,7 +174,7 @@ def test_health_flags_nan_and_reconstruction():
 
 def test_relevance_is_never_silent(massive, examples):
     """Legacy on the massive model: strict names the heads; non-strict warns and lists them."""
-    from ctsft_lens.cdt.relevance import head_relevance
+    from ctsft_lens.scoring import head_relevance
 
     sources = [(0, 0), (0, 1), (5, 3)]
     kw = dict(sources=sources, progress=False, decomposition="legacy")
@@ -203,7 +206,7 @@ def test_discover_records_unstable_heads(massive, examples, tmp_path):
     del old["unstable"]  # a file written before the field existed
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert load_circuit(tmp_path / "old.json").unstable == ()
-    assert DEFAULT_DECOMPOSITION != "legacy"
+    assert DEFAULT_PRESET != "legacy"
 
 
 def test_beta_only_path_equals_the_reference_under_a_massive_activation(massive, examples):

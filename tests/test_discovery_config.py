@@ -70,6 +70,9 @@ def test_every_scoring_is_valid_everywhere(scoring):
     ({"decomposition": "faithful,norm=exact"}, "discovery.decomposition"),
     ({"depth": 5}, "discovery.depth must be in"),
     ({"colour": "red"}, r"unknown key\(s\) \['colour'\]"),
+    ({"attention": "frozen"}, r"discovery.attention='frozen' is now a field of the CD-T rule set: write "
+                              r"decomposition='exact,attention=frozen'"),
+    ({"bias_o": "gamma", "decomposition": "cdt-paper"}, r"write decomposition='cdt-paper,bias_o=gamma'"),
 ])
 def test_bad_discovery_keys_name_the_key(table, message):
     with pytest.raises(ConfigError, match=message):
@@ -111,8 +114,22 @@ def test_flags_build_the_config_and_reach_the_scorer(monkeypatch):
 
 
 def test_search_key_keeps_earlier_runs_valid():
-    """Options added later enter the discovery stage's cache key only when set."""
+    """Options added later enter the discovery stage's cache key only when set; the attention and b_O
+    options folded into ``decomposition`` leave the keys of earlier runs as they were (pinned)."""
+    from ctsft_lens.files import stage_key
+
     base = DiscoveryConfig().search_key()
     assert "streams" not in base and "ig_steps" not in base and "depth" not in base
     assert DiscoveryConfig(streams="both").search_key()["streams"] == "both"
     assert DiscoveryConfig(depths=(0, 1)).search_key() == base
+    assert stage_key(base) == "4a83c9db9d648b71"
+    assert stage_key(DiscoveryConfig(decomposition="cdt-paper", ratio=0.1).search_key()) == "3e75325ea2ecaccb"
+
+
+def test_rules_given_beside_the_rule_set_name_the_new_spelling():
+    """``attention=`` / ``bias_o=`` once overrode the rule set from outside it: one clear line now."""
+    with pytest.raises(ConfigError, match=r"write decomposition='faithful,attention=cdt'"):
+        DiscoveryConfig(decomposition="faithful").replace(attention="cdt")
+    with pytest.raises(ConfigError, match=r"write decomposition='exact,bias_o=share'"):
+        DiscoveryConfig().replace(bias_o="share")
+    assert DiscoveryConfig().replace(decomposition="exact,attention=cdt,bias_o=share").decomposition.endswith("share")

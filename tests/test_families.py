@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from ctsft_lens.batching import encode
-from ctsft_lens.cdt.decompose import Source, allowed_keys, decompose, propagate, unembed
+from ctsft_lens.cdt.attention import allowed_keys
+from ctsft_lens.cdt.decompose import decompose
+from ctsft_lens.cdt.propagate import propagate, unembed
+from ctsft_lens.cdt.rules import PRESETS
+from ctsft_lens.cdt.split import Source
 from ctsft_lens.errors import ModelLoadError, UnsupportedOperationError
 from ctsft_lens.forward import attn_results
 from ctsft_lens.means import head_means
@@ -120,8 +124,8 @@ def test_beta_plus_gamma_is_the_real_activation_at_every_hook(arch, baseline, ex
     sources = [Source(0, 1), Source(1, 3), Source(0, 2, (-1, -2)), Source(1, 0, (0,))]
     record = _record(model, cache)
     for rule in ("cdt", "frozen"):
-        split = decompose(model, batch, sources, record, means=means, attention_rule=rule, strict=True,
-                          streams="both")
+        split = decompose(model, batch, sources, record, means=means, decomposition=f"exact,attention={rule}",
+                          strict=True, streams="both")
         for name in record:
             real = logits if name == "unembed.hook_out" else cache[name]
             _close(split[name].beta + split[name].gamma, real, f"{rule}: {name}")
@@ -140,8 +144,8 @@ def test_every_emitted_activation_is_a_hook_of_the_real_forward(arch, examples):
     batch = encode(model, examples)
     _, cache = _forward(model, batch)
     seen: dict[str, tuple] = {}
-    propagate(model, cache, batch.attention_mask, [Source(0, 1)], emit=lambda n, x: seen.__setitem__(n, x),
-              streams="both")
+    propagate(model, cache, batch.attention_mask, [Source(0, 1)], rules=PRESETS["exact"],
+              emit=lambda n, x: seen.__setitem__(n, x), streams="both")
     not_hooked = {n for n in seen if n not in cache}
     # Phi-3's fused-qkv attention rotates q/k without firing hook_rot_q/k; the rules still rotate them
     assert not_hooked == ({f"blocks.{l}.attn.hook_rot_{p}" for l in (1, 2) for p in "qk"} if arch == "phi3" else set())
@@ -172,11 +176,11 @@ def test_beta_carries_everything_when_gamma_is_zero(arch, examples):
     fake["blocks.0.attn.hook_result"] = result
     fake["blocks.0.hook_resid_pre"] = torch.zeros_like(mid)
     seen: dict = {}
-    health = propagate(model, fake, batch.attention_mask, [Source(0, 1)], decomposition="legacy",
+    health = propagate(model, fake, batch.attention_mask, [Source(0, 1)], rules=PRESETS["legacy"],
                        emit=lambda n, x: seen.__setitem__(n, x), streams="both")  # frozen norms: β = x stays x
     assert (health.recon < 1e-5).all()
     real = batch.attention_mask.bool()
-    seen["unembed.hook_out"] = unembed(model, seen["ln_final.hook_out"])
+    seen["unembed.hook_out"] = unembed(model, seen["ln_final.hook_out"], PRESETS["legacy"])
     checked = 0
     for name, x in seen.items():
         if name.startswith("blocks.0.") or (name not in cache and name != "unembed.hook_out"):
@@ -204,8 +208,10 @@ def test_beta_only_path_equals_the_two_stream_reference(arch, examples):
     record = ["blocks.2.attn.hook_z", "blocks.2.hook_attn_out", "blocks.2.hook_resid_post", "unembed.hook_out"]
     real = batch.attention_mask.bool()
     for rule in ("cdt", "frozen"):
-        ref = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="both")
-        fast = decompose(model, batch, sources, record, means=means, attention_rule=rule, streams="beta")
+        ref = decompose(model, batch, sources, record, means=means, decomposition=f"exact,attention={rule}",
+                        streams="both")
+        fast = decompose(model, batch, sources, record, means=means, decomposition=f"exact,attention={rule}",
+                         streams="beta")
         for name in record:
             total = logits if name == "unembed.hook_out" else cache[name]
             keep = real.view(1, *real.shape, *[1] * (total.dim() - 2))  # padding rows of the real pattern are noise
@@ -360,8 +366,8 @@ def test_operations_without_a_rule_raise(monkeypatch, examples):
         decompose(llama, batch, [Source(0, 1)], ["ln_final.hook_out"])
     hf_config(llama).sliding_window = None
     # a real pattern that reaches keys the rules would hide (here: a window the model does not have)
-    rules = importlib.import_module("ctsft_lens.cdt.decompose")  # the module, not the function of that name
-    monkeypatch.setattr(rules, "sliding_windows", lambda model: [2] * model.cfg.n_layers)
+    walk = importlib.import_module("ctsft_lens.cdt.propagate")  # the module, not the function of that name
+    monkeypatch.setattr(walk, "sliding_windows", lambda model: [2] * model.cfg.n_layers)
     with pytest.raises(UnsupportedOperationError, match="outside the causal / sliding-window mask"):
         decompose(llama, batch, [Source(0, 1)], ["ln_final.hook_out"], decomposition="cdt-paper")  # the β-pattern rule
 

@@ -15,7 +15,7 @@ import torch
 
 from ctsft_lens import pattern_attribution as pa
 from ctsft_lens.batching import batches
-from ctsft_lens.cdt.decompose import allowed_keys
+from ctsft_lens.cdt.attention import allowed_keys
 from ctsft_lens.circuit import rank_heads
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.forward import run

@@ -95,7 +95,7 @@ def test_a_notebook_without_ipywidgets_gets_plain_lines(monkeypatch):
 
 
 def test_the_cdt_relevance_bar_is_a_plain_line_in_a_log(capfd, monkeypatch):
-    from ctsft_lens.cdt.relevance import head_relevance
+    from ctsft_lens.scoring import head_relevance
     from ctsft_lens.models import tiny_model
     from ctsft_lens.tasks import load_task
 

@@ -138,10 +138,10 @@ def test_z_means_write_the_head_means(tiny_gpt2, examples):
 
 def test_registry_relevance_and_discover_accept_the_new_scorings(tiny_qwen, examples):
     from ctsft_lens import discover, head_relevance
-    from ctsft_lens.cdt.relevance import SCORERS
     from ctsft_lens.circuit import rank_heads
 
-    assert set(SCORERS) < set(HEAD_SCORINGS) and {"attribution", "attribution-ig", "patching"} < set(HEAD_SCORINGS)
+    assert {n for n, s in HEAD_SCORINGS.items() if s.cdt} == {"projection", "magnitude"}
+    assert {"attribution", "attribution-ig", "patching"} < set(HEAD_SCORINGS)
     means = head_means(tiny_qwen, examples)
     rel = head_relevance(tiny_qwen, examples, scoring="patching", means=means, progress=False)
     assert rel.per_example.shape == (1, 6, 2, 8) and rel.scoring == "patching"

@@ -1,5 +1,12 @@
 """CD-T circuit discovery: β/γ decomposition, head relevance, iterative backward expansion.
 
+The package is shaped like its rule table (``rules.py``: one field per operation, the presets):
+one file per operation (``norm``, ``attention``, ``activation``, ``product``, ``bias``,
+``normalize``), each with a ``RULES`` dict of its rules, so a new rule is one choice in the table
+plus one function in its operation's file. ``propagate`` walks the layers, ``health`` checks
+every split against the real forward, ``driver`` runs the forwards and the chunks of sources,
+``decompose`` is the one call for notebooks, ``relevance`` and ``expansion`` score and grow circuits.
+
 A facade over this package's own modules: ``decompose``, ``Source`` and ``Split`` load with the
 package; the rest loads on first use (PEP 562), so that importing ``cdt.rules`` (as the discovery
 options do) does not pull in the layers built on it. Discovery and the scoring registry sit above
@@ -9,12 +16,12 @@ options do) does not pull in the layers built on it. Discovery and the scoring r
 
 from typing import Any
 
-from ctsft_lens.cdt.decompose import Source, Split, decompose
+from ctsft_lens.cdt.decompose import decompose
+from ctsft_lens.cdt.split import Source, Split
 
 _LAZY = {
     "circuit_from_relevance": "ctsft_lens.cdt.expansion",
     "Relevance": "ctsft_lens.cdt.relevance", "head_relevances": "ctsft_lens.cdt.relevance",
-    "SCORERS": "ctsft_lens.cdt.relevance",
 }
 
 
@@ -28,4 +35,4 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-__all__ = ["Source", "Split", "decompose", "circuit_from_relevance", "Relevance", "head_relevances", "SCORERS"]
+__all__ = ["Source", "Split", "decompose", "circuit_from_relevance", "Relevance", "head_relevances"]

@@ -1,11 +1,11 @@
 """The one propagation driver: examples → batches → real forward with cache → per-layer chunks of
-sources sized to a memory budget → :func:`ctsft_lens.cdt.decompose.propagate`.
+sources sized to a memory budget → :func:`ctsft_lens.cdt.propagate.propagate`.
 
-Head relevance (``cdt.relevance``), the head views (``explore``) and the rule benchmark
-(``benchmarks/cdt_stability.py``) all walk this loop; they differ only in what they read on the way
-(the ``emit`` they give each chunk) and what they keep::
+Head relevance (``cdt.relevance``), ``decompose``, the head views (``explore``) and the rule
+benchmark (``benchmarks/cdt_stability.py``) all walk this loop; they differ only in what they read
+on the way (the ``emit`` they give each chunk) and what they keep::
 
-    for fwd in forwards(model, examples, sources, batch_size=8, memory_gb=2.0, means=means):
+    for fwd in forwards(model, examples, sources, batch_size=8, memory_gb=2.0, rules=rules, means=means):
         ...                                   # per batch: fwd.batch, fwd.logits, fwd.cache, fwd.start
         for chunk in fwd.chunks():
             health = chunk.propagate(emit)    # emit(hook_name, Split) sees [source, batch, pos, ...]
@@ -21,7 +21,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from ctsft_lens.batching import Batch, batches
-from ctsft_lens.cdt.decompose import Emit, Health, Source, cache_names, propagate
+from ctsft_lens.cdt.health import Health
+from ctsft_lens.cdt.propagate import cache_names, propagate
+from ctsft_lens.cdt.split import Emit, Source
 from ctsft_lens.circuit import Head
 from ctsft_lens.devices import memory_budget_gb
 from ctsft_lens.forward import attn_results, run
@@ -53,15 +55,18 @@ def by_layer(sources: Sequence[Head]) -> dict[int, list[int]]:
 
 @dataclass(frozen=True)
 class Chunk:
-    """Source heads of one layer, propagated together on one batch (:meth:`propagate`)."""
+    """Sources of one layer, propagated together on one batch (:meth:`propagate`)."""
 
     forward: "Forward"
     layer: int
-    heads: list[int]
     sources: list[Source]
 
+    @property
+    def heads(self) -> list[int]:
+        return [s.head for s in self.sources]
+
     def propagate(self, emit: Emit, *, via: Callable[..., Health] | None = None) -> Health:
-        """``cdt.decompose.propagate`` of these sources on the batch's cache with the driver's rules.
+        """``cdt.propagate.propagate`` of these sources on the batch's cache with the driver's options.
 
         ``via``: the function to call instead (same signature), e.g. a caller's own binding of
         ``propagate`` that tests wrap to count the passes."""
@@ -72,7 +77,8 @@ class Chunk:
 @dataclass
 class Forward:
     """One batch's real forward: the batch, the index of its first example, the logits and the cache
-    (``None`` once the driver has moved on), the attention mask on the model's device."""
+    (``None`` once the driver has moved on), the attention mask on the model's device, the sources by
+    layer and how many of them propagate together (``chunk``)."""
 
     model: Any
     batch: Batch
@@ -80,9 +86,8 @@ class Forward:
     logits: torch.Tensor
     cache: Any
     mask: torch.Tensor
-    layers: dict[int, list[int]]
+    groups: dict[int, list[Source]]
     chunk: int
-    positions: tuple[int, ...] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,11 +95,41 @@ class Forward:
         return int(self.batch.input_ids.shape[0])
 
     def chunks(self) -> Iterator[Chunk]:
-        """Every source, layer by layer, ``chunk`` heads at a time."""
-        for layer, heads in self.layers.items():
-            for i in range(0, len(heads), self.chunk):
-                part = heads[i:i + self.chunk]
-                yield Chunk(self, layer, part, [Source(layer, h, self.positions) for h in part])
+        """Every source, layer by layer, ``chunk`` of them at a time."""
+        for layer, group in self.groups.items():
+            for i in range(0, len(group), self.chunk):
+                yield Chunk(self, layer, group[i:i + self.chunk])
+
+
+def forward(
+    model: Any,
+    batch: Batch,
+    groups: dict[int, list[Source]],
+    *,
+    start: int = 0,
+    memory_gb: float | None = None,
+    chunk: int | None = None,
+    streams: str = "beta",
+    names: Sequence[str] = (),
+    forward_last_only: bool = True,
+    **options: Any,
+) -> Forward:
+    """The :class:`Forward` of one ``batch`` whose chunks cover ``groups`` (sources by layer).
+
+    The cache holds what propagation from those layers reads (``cache_names``; layer 0's when there
+    are none) and ``names``. A chunk is ``chunk`` sources if given, else as many as ``memory_gb``
+    holds (:func:`chunk_size`; default budget: ``devices.memory_budget_gb``). ``forward_last_only``:
+    the real forward's logits at the last position only. ``options`` (``rules``, ``means``,
+    ``stop_layer``, ``last_only``) and ``streams`` go to every ``propagate``.
+    """
+    cfg = model.cfg
+    with attn_results(model):
+        logits, cache = run(model, batch, names=[*cache_names(model, list(groups) or [0], streams), *names],
+                            last_only=forward_last_only)
+    n, width = batch.input_ids.shape
+    size = chunk if chunk is not None else chunk_size(model, n, width, memory_budget_gb(cfg.device, memory_gb))
+    return Forward(model, batch, start, logits, cache, batch.attention_mask.to(cfg.device), groups, size,
+                   {**options, "streams": streams})
 
 
 def forwards(
@@ -106,34 +141,20 @@ def forwards(
     memory_gb: float | None = None,
     chunk: int | None = None,
     positions: tuple[int, ...] | None = None,
-    streams: str = "beta",
-    forward_last_only: bool = True,
     **options: Any,
 ) -> Iterator[Forward]:
-    """One :class:`Forward` per batch of ``examples`` (in order), whose :meth:`Forward.chunks` cover
-    ``sources`` layer by layer.
+    """One :func:`forward` per batch of ``examples`` (in order), its chunks covering the heads
+    ``sources`` layer by layer, each head once.
 
-    The cache holds what propagation from the source layers reads (``cache_names``; layer 0's when
-    ``sources`` is empty). A chunk is ``chunk`` heads if given, else as many as ``memory_gb`` holds
-    (:func:`chunk_size`; default budget: ``devices.memory_budget_gb``). ``positions``: the source
-    tokens of every source. ``forward_last_only``: the real forward's logits at the last position
-    only. ``options`` (``means``, ``decomposition``, ``attention_rule``, ``bias_o``, ``stop_layer``,
-    ``last_only``) and ``streams`` go to every ``propagate``; ``last_only`` defaults to True.
+    ``positions``: the source tokens of every source. ``options`` go to :func:`forward` (``rules``,
+    ``means``, ``streams``, ``stop_layer``, ``forward_last_only``...); ``last_only`` defaults to True.
     """
-    layers = by_layer(sources)
-    cfg = model.cfg
-    budget = None if chunk is not None else memory_budget_gb(cfg.device, memory_gb)
-    names = cache_names(model, list(layers) or [0], streams)
-    options = {"last_only": True, **options, "streams": streams}
+    groups = {layer: [Source(layer, h, positions) for h in heads] for layer, heads in by_layer(sources).items()}
+    budget = None if chunk is not None else memory_budget_gb(model.cfg.device, memory_gb)
+    options = {"last_only": True, **options}
     start = 0
     for batch in batches(model, examples, batch_size) if len(examples) else ():
-        with attn_results(model):
-            logits, cache = run(model, batch, names=names, last_only=forward_last_only)
-        n, width = batch.input_ids.shape
-        size = chunk if chunk is not None else chunk_size(model, n, width, budget)
-        fwd = Forward(model, batch, start, logits, cache, batch.attention_mask.to(cfg.device), layers, size,
-                      positions, options)
-        del cache
+        fwd = forward(model, batch, groups, start=start, memory_gb=budget, chunk=chunk, **options)
         yield fwd
         fwd.cache = None  # released before the next forward, even if the caller still holds ``fwd``
-        start += n
+        start += fwd.n

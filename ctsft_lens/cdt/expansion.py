@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ctsft_lens.cdt.relevance import SCORERS, Relevance
+from ctsft_lens.cdt.relevance import _READOUTS, Relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
 from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.models.bridge import model_info
@@ -43,7 +43,7 @@ def circuit_from_relevance(model: Any, rel: Relevance, config: DiscoveryConfig |
     ratio, max_depth, aggregate = config.ratio, config.max_depth, config.aggregate
     cfg = model.cfg
     k = n_to_keep(ratio, cfg.n_layers * cfg.n_heads)
-    heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate, total_effect=rel.scoring not in SCORERS,
+    heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate, total_effect=rel.scoring not in _READOUTS,
                                            select=config.select)
     opts = {**(options or {}), "aggregate": aggregate, "target_position": "last", "max_depth": max_depth,
             "n_keep_per_depth": k, "select": config.select}

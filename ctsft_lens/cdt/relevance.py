@@ -1,6 +1,7 @@
 """Relevance of attention heads to a target, from their CD-T β at that target.
 
-Two scores, per example then averaged:
+Two read-outs, the CD-T scorings of ``ctsft_lens.scoring.HEAD_SCORINGS`` (the one registry; one
+scoring through it: ``scoring.head_relevance``), per example then averaged:
 
 * ``"projection"``: ``⟨β, v_task⟩`` with ``v_task = W_U[:, y] - mean_{y' != y} W_U[:, y']`` (``y``
   the gold label's token, ``y'`` the other labels' tokens). β is taken at the last prompt
@@ -30,10 +31,11 @@ from jaxtyping import Float
 
 from ctsft_lens import distributed
 from ctsft_lens.batching import batches, check_examples
-from ctsft_lens.cdt.decompose import (Health, Source, Split, head_output, label_logits, propagate, report_unstable,
-                                      source_positions, unembed, BETA_LIMIT, recon_tol)
 from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
-from ctsft_lens.cdt.rules import resolve
+from ctsft_lens.cdt.health import BETA_LIMIT, Health, recon_tol, report_unstable
+from ctsft_lens.cdt.propagate import head_output, label_logits, propagate, source_positions, unembed
+from ctsft_lens.cdt.rules import PRESETS, Rules, resolve
+from ctsft_lens.cdt.split import Source, Split
 from ctsft_lens.metrics import logit_diff
 from ctsft_lens.models.architectures import soft_caps
 from ctsft_lens.progress import progress_bar
@@ -73,51 +75,50 @@ def task_directions(model: Any, label_token_ids: torch.Tensor) -> Float[torch.Te
 
 @dataclass(frozen=True)
 class Readout:
-    """What the scorers read per example: ``direction`` = v_task ``[B, d]``; on a model with final-logit
-    soft-capping (Gemma 2) the logits target reads the label logits through the cap instead (``cap``:
-    the rule set's activation and bias rules), so that the projection is the change of the capped
-    logit difference that patching measures (without a cap the two are the same number)."""
+    """What the read-outs see per example: ``direction`` = v_task ``[B, d]`` and the rule set; on a
+    model with final-logit soft-capping (Gemma 2) the logits target reads the label logits through
+    the cap instead (``capped``, under the rule set's activation and bias rules), so that the
+    projection is the change of the capped logit difference that patching measures (without a cap
+    the two are the same number)."""
 
     direction: Float[torch.Tensor, "batch d_model"]
     label_token_ids: torch.Tensor
     labels: torch.Tensor
-    cap: tuple[str, str] | None = None  # (activation rule, bias rule) where the model caps its logits
+    rules: Rules
+    capped: bool = False
 
 
-def readout(model: Any, batch: Any, rules: Any) -> Readout:
-    """The :class:`Readout` of one batch under ``rules`` (the cap's rules only where the model caps)."""
+def readout(model: Any, batch: Any, rules: Rules) -> Readout:
+    """The :class:`Readout` of one batch under ``rules``."""
     labels = batch.labels.to(model.cfg.device)
-    capped = soft_caps(model)[1] is not None
-    return Readout(task_directions(model, batch.label_token_ids)[labels], batch.label_token_ids, labels,
-                   (rules.activation, rules.bias) if capped else None)
+    return Readout(task_directions(model, batch.label_token_ids)[labels], batch.label_token_ids, labels, rules,
+                   soft_caps(model)[1] is not None)
 
 
 def capped_logit_diff(model: Any, x: Split, r: Readout) -> torch.Tensor:
     """β of the capped gold-minus-other-labels logit difference, from β/γ at the final norm ``[..., B, d]``."""
-    act, bias = r.cap or ("difference", "gamma")
-    lab = label_logits(model, x, r.label_token_ids, rule=act, bias_rule=bias).beta.float()
+    lab = label_logits(model, x, r.label_token_ids, r.rules).beta.float()
     return logit_diff(lab, r.labels.expand(*lab.shape[:-1]))
 
 
-def _projection(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
+def projection(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
     """``⟨β, v_task⟩`` at the target vector (the final-normed residual for the logits target)."""
-    if logits and r.cap is not None:
+    if logits and r.capped:
         return capped_logit_diff(model, x, r)
     return (x.beta.float() * r.direction.float()).sum(-1)  # the reduction in float32, whatever the model dtype
 
 
-def _magnitude(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
+def magnitude(x: Split, model: Any, logits: bool, r: Readout) -> torch.Tensor:
     """``‖β‖₁ / ‖γ‖₁`` at the target (the full logit vector for the logits target)."""
     if logits:
-        x = unembed(model, x)
+        x = unembed(model, x, r.rules)
     return x.beta.float().abs().sum(-1) / x.gamma.float().abs().sum(-1)
 
 
-Scorer = Callable[[Split, Any, bool, Readout], torch.Tensor]
-SCORERS: dict[str, Scorer] = {"projection": _projection, "magnitude": _magnitude}
-"""CD-T head scorings: ``(split target [source, batch, d], model, is_logits, v_task [batch, d]) -> [source, batch]``.
-The one registry: ``--scoring`` choices, validation and docs read it; a new scoring is one entry."""
-Scoring = str  # a key of SCORERS
+_READOUTS: dict[str, Callable[[Split, Any, bool, Readout], torch.Tensor]] = {"projection": projection,
+                                                                             "magnitude": magnitude}
+"""How each CD-T scoring of ``ctsft_lens.scoring.HEAD_SCORINGS`` (the one registry) reads β at a target:
+``(split target [source, batch, d], model, is_logits, readout) -> [source, batch]``."""
 
 
 def _cdt_only(scorings: Sequence[str]) -> tuple[str, ...]:
@@ -125,57 +126,19 @@ def _cdt_only(scorings: Sequence[str]) -> tuple[str, ...]:
     if not scorings or len(set(scorings)) != len(scorings):
         raise ValueError(f"scorings must be distinct and at least one, got {list(scorings)}")
     for name in scorings:
-        if name not in SCORERS:
-            raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(SCORERS)} "
+        if name not in _READOUTS:
+            raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(_READOUTS)} "
                              "(every scoring: ctsft_lens.scoring.head_relevance)")
     return scorings
 
 
 @torch.no_grad()
-def head_relevance(
-    model: Any,
-    examples: Sequence[Example],
-    config: DiscoveryConfig | None = None,
-    *,
-    target: Literal["logits", "all"] | Sequence[Head] = "logits",
-    sources: Sequence[Head] | None = None,
-    reference: Sequence[Example] | None = None,
-    means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
-    batch_size: int = 8,
-    memory_gb: float | None = None,
-    progress: bool = True,
-    **options: Any,
-) -> Relevance:
-    """CD-T relevance of every head upstream of ``target`` (the logits, each listed head, or ``"all"``:
-    the logits then every head of layers 1.. in order, as discovery reads all depths from).
-
-    The options are the fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`;
-    keyword ``options`` override them): ``scoring`` (a CD-T one, ``SCORERS``), ``baseline``,
-    ``attention``, ``decomposition``, ``bias_o``, ``streams``, ``strict``, ``positions``.
-    ``sources`` restricts the heads scored (default: all heads upstream of some target);
-    ``positions`` limits each source to those prompt tokens (negative from the end; default all).
-    ``baseline="mean"`` subtracts each source head's label-balanced mean output over
-    ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
-    ``memory_gb`` bounds the ``[source, example]`` chunks propagated at once (default: 70 % of the
-    free CUDA memory on a GPU, 2 GiB elsewhere). Scores are reduced in float32 in any model dtype.
-    A source whose β/γ goes non-finite or leaves the real forward, or whose score is not finite,
-    raises :class:`~ctsft_lens.cdt.decompose.UnstableDecompositionError` naming it if ``strict``;
-    otherwise a warning names it and ``Relevance.unstable`` lists it. ``streams``: the β-only
-    fast path (default) or the two-stream reference ``"both"`` (same scores to float rounding).
-    Every scoring, CD-T's and the total-effect ones: ``ctsft_lens.scoring.head_relevance``.
-    """
-    config = discovery_config(config, **options)
-    return head_relevances(model, examples, config, scorings=(config.scoring,), target=target, sources=sources,
-                           reference=reference, means=means, batch_size=batch_size, memory_gb=memory_gb,
-                           progress=progress)[config.scoring]
-
-
 def head_relevances(
     model: Any,
     examples: Sequence[Example],
     config: DiscoveryConfig | None = None,
     *,
-    scorings: Sequence[Scoring] = tuple(SCORERS),
+    scorings: Sequence[str] = tuple(_READOUTS),
     target: Literal["logits", "all"] | Sequence[Head] = "logits",
     sources: Sequence[Head] | None = None,
     reference: Sequence[Example] | None = None,
@@ -185,18 +148,30 @@ def head_relevances(
     progress: bool = True,
     **options: Any,
 ) -> dict[str, Relevance]:
-    """:func:`head_relevance` for several CD-T scorings (keys of ``SCORERS``) from **one** propagation.
+    """CD-T relevance of every head upstream of ``target`` (the logits, each listed head, or ``"all"``:
+    the logits then every head of layers 1.. in order, as discovery reads all depths from), for
+    each CD-T scoring in ``scorings`` from **one** propagation (they differ only in how they read β
+    and γ at the target, so projection and magnitude together cost what one costs).
 
-    The scorings differ only in how they read β (and γ) at the target, so projection and magnitude
-    together cost what one of them costs (``ctsft compare`` uses this). Same options and checks
-    (``config.scoring`` is not read: ``scorings`` are the scorings).
+    The options are the fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`;
+    keyword ``options`` override them; ``config.scoring`` is not read): ``baseline``,
+    ``decomposition`` (the rule set, resolved here once), ``streams``, ``strict``, ``positions``.
+    ``sources`` restricts the heads scored (default: all heads upstream of some target);
+    ``positions`` limits each source to those prompt tokens (negative from the end; default all).
+    ``baseline="mean"`` subtracts each source head's label-balanced mean output over
+    ``reference`` (default: ``examples``), or uses ``means`` if given; ``"zero"`` subtracts nothing.
+    ``memory_gb`` bounds the ``[source, example]`` chunks propagated at once (default: 70 % of the
+    free CUDA memory on a GPU, 2 GiB elsewhere). Scores are reduced in float32 in any model dtype.
+    A source whose β/γ goes non-finite or leaves the real forward, or whose score is not finite,
+    raises :class:`~ctsft_lens.cdt.health.UnstableDecompositionError` naming it if ``strict``;
+    otherwise a warning names it and ``Relevance.unstable`` lists it. ``streams``: the β-only
+    fast path (default) or the two-stream reference ``"both"`` (same scores to float rounding).
+    One scoring, any of the registry's: ``ctsft_lens.scoring.head_relevance``.
     """
     scorings = _cdt_only(scorings)
     config = discovery_config(config, **options)
-    baseline, positions, bias_o, streams, strict = (config.baseline, config.positions, config.bias_o,
-                                                    config.streams, config.strict)
-    rules = resolve(config.decomposition, attention=config.attention)
-    rules_linear = rules.linear and bias_o in (None, rules.bias)  # b_O shared at the source: not the derivative
+    baseline, positions, streams, strict = config.baseline, config.positions, config.streams, config.strict
+    rules = resolve(config.decomposition)
     check_examples(examples)
     cfg = model.cfg
     targets: tuple[Head | None, ...]
@@ -236,7 +211,7 @@ def head_relevances(
     bar = progress_bar(total=n_batches * len(sources), disable=not progress, desc="CD-T relevance", unit="head",
                        leave=False)
     # fully linear rules against the logits: one backward pass gives every source (module docstring)
-    one_backward = rules_linear and targets == (None,) and scorings == ("projection",) and streams == "beta"
+    one_backward = rules.linear and targets == (None,) and scorings == ("projection",) and streams == "beta"
     if one_backward:
         start = 0
         mu_z = z_means(model, means) if means is not None and local else None  # once: a pseudo-inverse per head
@@ -250,7 +225,7 @@ def head_relevances(
             start += n
     else:
         for fwd in forwards(model, local, sources, batch_size=batch_size, memory_gb=memory_gb, positions=positions,
-                            streams=streams, means=means, decomposition=rules, bias_o=bias_o, stop_layer=stop):
+                            streams=streams, means=means, rules=rules, stop_layer=stop):
             reads = readout(model, fwd.batch, rules)
             rows = slice(fwd.start, fwd.start + fwd.n)
             for chunk in fwd.chunks():
@@ -291,7 +266,7 @@ def _relevance_chunk(
         if name == "ln_final.hook_out" and targets[0] is None:
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
             for scoring in scorings:
-                out[scoring, 0] = SCORERS[scoring](last, model, True, reads)
+                out[scoring, 0] = _READOUTS[scoring](last, model, True, reads)
         elif name.endswith(".attn.hook_z") and hook_layer(name) in target_layers:
             z_layer = hook_layer(name)
             last = Split(x.beta[:, :, -1], x.gamma[:, :, -1])
@@ -299,7 +274,7 @@ def _relevance_chunk(
                 if tgt is not None and tgt[0] == z_layer:
                     at = head_output(model, z_layer, tgt[1], last)
                     for scoring in scorings:
-                        out[scoring, t] = SCORERS[scoring](at, model, False, reads)
+                        out[scoring, t] = _READOUTS[scoring](at, model, False, reads)
 
     health = chunk.propagate(visit, via=propagate)  # this module's binding: tests count the passes through it
     return out, health
@@ -325,7 +300,7 @@ def linear_projection(model: Any, batch: Any, means: torch.Tensor | None,
           torch.zeros(n_layers, int(cfg.n_heads), int(cfg.d_head), device=device))
     mask = batch.attention_mask.to(device)
     where = source_positions([Source(0, 0, positions)], mask)[0].to(torch.float32)[:, :, None]  # [B, pos, 1]
-    reads = readout(model, batch, resolve("exact"))  # m itself: the capped logit difference (cap(0) = 0 aside)
+    reads = readout(model, batch, PRESETS["exact"])  # m itself: the capped logit difference (cap(0) = 0 aside)
     leaves: dict[int, torch.Tensor] = {}
     clean: dict[int, torch.Tensor] = {}
     final: list[torch.Tensor] = []
@@ -344,7 +319,7 @@ def linear_projection(model: Any, batch: Any, means: torch.Tensor | None,
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         run(model, batch, last_only=True)
         last = final[0][:, -1]
-        m = (capped_logit_diff(model, Split(last, torch.zeros_like(last)), reads) if reads.cap is not None
+        m = (capped_logit_diff(model, Split(last, torch.zeros_like(last)), reads) if reads.capped
              else (last.float() * reads.direction.float()).sum(-1)).sum()
         grads = torch.autograd.grad(m, [leaves[layer] for layer in range(n_layers)])
     out = torch.stack([(((clean[layer] - mu[layer].to(g.dtype)) * g).sum(-1) * where).sum(1)

@@ -1,7 +1,9 @@
 """CD-T propagation rules: one field per operation, and the named rule sets (presets).
 
 Each operation has a small set of rules; docs/method.md §2 gives every rule's equation and
-source. A rule is *linear* when β' depends linearly on β at the real activations: with every
+source. Each rule's code is one function in the file named for its operation (``cdt/norm.py``,
+``attention.py``, ``activation.py``, ``product.py``, ``bias.py``, ``normalize.py``), whose
+``RULES`` dict maps the rule's name to it: a new rule is one choice here plus one function there. A rule is *linear* when β' depends linearly on β at the real activations: with every
 rule linear, β is the forward-mode derivative of the network along the source's ``a − μ``, so
 CD-T's projection score equals attribution patching's ``(z − μ)·∂m/∂z`` (tested) and all
 sources come from one backward pass (``relevance.linear_projection_scores``).
@@ -24,6 +26,7 @@ product     ``legacy``      ``a ⊙ u − γ_a ⊙ γ_u`` (every term holding a 
             ``linear``      ``β_a ⊙ u + a ⊙ β_u``                                       yes
 bias        ``share``       b split by |βW| : |γW|                                      no
             ``gamma``       b wholly to γ                                               yes
+bias_o      as ``bias``     b_O at the sources' layer (unset: the ``bias`` rule)        as bias
 normalize   ``none``        —                                                           —
             ``bert`` /      the public code's ``normalize_rel_irrel`` at the BERT      no
             ``gpt``         code's places or at ``prop_GPT_layer``'s places
@@ -44,14 +47,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Union, get_args
 
 import torch
 
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.options import ATTENTION_RULES, AttentionRule
 
 NormRule = Literal["frozen", "jacobian", "difference"]
+AttentionRule = Literal["cdt", "frozen", "linear", "difference"]
 ActivationRule = Literal["difference", "linear"]
 ProductRule = Literal["legacy", "shapley", "linear"]
 BiasRule = Literal["share", "gamma"]
@@ -60,10 +63,11 @@ Precision = Literal["model", "float64"]
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "norm": get_args(NormRule),
-    "attention": ATTENTION_RULES,
+    "attention": get_args(AttentionRule),
     "activation": get_args(ActivationRule),
     "product": get_args(ProductRule),
     "bias": get_args(BiasRule),
+    "bias_o": get_args(BiasRule),
     "normalize": get_args(NormalizePlaces),
     "precision": get_args(Precision),
 }
@@ -72,28 +76,31 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Rules:
-    """One CD-T rule per operation (see the module table)."""
+    """One CD-T rule per operation (see the module table). ``bias_o``: b_O at the sources' own
+    layer; ``None`` (every preset) follows ``bias`` (``"share"`` with shared biases elsewhere is
+    the public CD-T code, ``"gamma"`` ctsft_lens 0.1)."""
 
     norm: NormRule = "difference"
     attention: AttentionRule = "difference"
     activation: ActivationRule = "difference"
     product: ProductRule = "legacy"
     bias: BiasRule = "gamma"
+    bias_o: BiasRule | None = None
     normalize: NormalizePlaces = "none"
     precision: Precision = "model"
 
     def __post_init__(self) -> None:
         for name, choices in CHOICES.items():
             value = getattr(self, name)
-            if value not in choices:
+            if value not in choices and not (name == "bias_o" and value is None):
                 raise CtsftError(f"CD-T {name} rule must be one of {choices}, got {value!r}")
 
     @property
     def linear(self) -> bool:
         """Whether every rule is the derivative's: then β is the JVP along the source and the
         projection score is attribution patching's (one backward pass computes all sources)."""
-        return (self.norm, self.attention, self.activation, self.product, self.bias, self.normalize) == (
-            "jacobian", "linear", "linear", "linear", "gamma", "none")
+        return (self.norm, self.attention, self.activation, self.product, self.bias, self.bias_o or self.bias,
+                self.normalize) == ("jacobian", "linear", "linear", "linear", "gamma", "gamma", "none")
 
     def dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         return torch.float64 if self.precision == "float64" else model_dtype
@@ -140,6 +147,11 @@ PRESETS: dict[str, Rules] = {
 * ``*-f64``: the same rules in float64.
 """
 DEFAULT_PRESET = "exact"
+Decomposition = Union[str, Rules]
+"""A CD-T rule set: a preset name of :data:`PRESETS`, ``"preset,field=rule,..."``, or a :class:`Rules`."""
+
+FOLDED: dict[str, str] = {"attention": "attention", "attention_rule": "attention", "bias_o": "bias_o"}
+"""Options that once set a rule beside the rule set (issue #39), by the :class:`Rules` field that holds it now."""
 
 
 def resolve(spec: "str | Rules | None", **overrides: Any) -> Rules:
@@ -169,3 +181,20 @@ def resolve(spec: "str | Rules | None", **overrides: Any) -> Rules:
         raise CtsftError(f"unknown CD-T rule field(s) {sorted(unknown)}; fields: {tuple(CHOICES)}")
     given = {**from_spec, **{k: v for k, v in overrides.items() if v is not None}}  # keywords win over the spec
     return dataclasses.replace(rules, **given) if given else rules
+
+
+def folded(name: str, value: Any, spec: "Decomposition | None" = None) -> str:
+    """The one line for an option folded into the rule set: the rule set that says the same."""
+    base = resolve(spec).spec() if spec is not None else DEFAULT_PRESET
+    return (f"{name}={value!r} is now a field of the CD-T rule set: write decomposition='{base},{FOLDED[name]}="
+            f"{value}' (docs/method.md §2)")
+
+
+def refuse_folded(given: dict[str, Any], spec: "Decomposition | None" = None) -> None:
+    """For ``**given`` keywords of a rule-taking function: one clear error for a folded option
+    (:data:`FOLDED`), Python's own for any other unknown keyword."""
+    for name, value in given.items():
+        if name in FOLDED:
+            raise CtsftError(folded(name, value, spec))
+    if given:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(given)}")

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable
 
 from ctsft_lens import distributed
+from ctsft_lens.cdt.rules import DEFAULT_PRESET, FOLDED
 from ctsft_lens.cli import analysis, circuits, env, evaluation, experiment, sft
 from ctsft_lens.cli.common import write_results
 from ctsft_lens.devices import set_threads
@@ -42,7 +43,10 @@ COMMANDS: list[tuple[Callable[[Any], None], Callable[[argparse.Namespace], None]
 
 
 # Flags users (and once docs/cli.md) pass to a command that has none: what to do instead.
-_FLAG_HINTS = {("competence", "--save-model"): "competence always saves the tuned model to OUT/model: drop the flag"}
+_FLAG_HINTS = {("competence", "--save-model"): "competence always saves the tuned model to OUT/model: drop the flag",
+               **{(cmd, "--" + name.replace("_", "-")): f"the {field} rule is a field of the CD-T rule set now: write "
+                  f"--decomposition {DEFAULT_PRESET},{field}=RULE (docs/method.md §2)"
+                  for cmd in ("discover", "compare") for name, field in FOLDED.items() if name != "attention_rule"}}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ctsft_lens.batching import check_fit
-from ctsft_lens.cdt.decompose import UnstableDecompositionError
+from ctsft_lens.cdt.health import UnstableDecompositionError
 from ctsft_lens.circuit import head_name, load_circuit, save_circuit
 from ctsft_lens.discovery import discover_circuits
 from ctsft_lens.distributed import is_main

@@ -1,7 +1,8 @@
 """What ctsft_lens knows about each decoder family: one frozen row per Hugging Face architecture class.
 
-CD-T's rules (``cdt/decompose.py``), head masking (``train/masking.py``) and loading
-(``models/bridge.py``) read their architecture knowledge here and nowhere else, so a family is
+CD-T's rules (``cdt/``: the layer walk ``propagate.py``, one file per operation), head masking
+(``train/masking.py``) and loading (``models/bridge.py``) read their architecture knowledge here
+and nowhere else, so a family is
 one row (plus a CD-T rule where it brings a new operation). Every row was read off the pinned
 transformer-lens 4.3 adapter (``transformer_lens/model_bridge/supported_architectures/``) and
 the transformers 5 modelling code, and :func:`check_bridge` re-checks it on every boot;
