@@ -299,7 +299,7 @@ def label_push(model: Any, heads: Iterable[Head | str], examples: Sequence[Examp
     return torch.stack([view.push for view in head_views(model, heads, examples, config, **options)])
 
 
-def circuit_config(circuit: Circuit) -> DiscoveryConfig:
+def _circuit_config(circuit: Circuit) -> DiscoveryConfig:
     """The discovery options a circuit file records that a view reads: its rule set and baseline
     (files written before the attention and b_O rules joined the rule set record them beside it)."""
     o = circuit.options
@@ -545,7 +545,7 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
     plotly.js (and circuitsvis, with ``backend="circuitsvis"``) is embedded once: the file opens
     offline. ``out``: an ``.html`` file, or a folder (then ``out/report.html``). ``config``: the
     options the head views read (default: the rule set and baseline the circuit was found with,
-    :func:`circuit_config`). Returns the path.
+    :func:`_circuit_config`). Returns the path.
     """
     from ctsft_lens.faithfulness import faithfulness_report
     from ctsft_lens.files import atomic_write_text
@@ -557,7 +557,7 @@ def circuit_report(model: Any, circuit: Circuit, examples: Sequence[Example], ou
     name = circuit.scoring
     report = faithfulness_report(model, {name: circuit}, faithfulness_examples or examples, sizes=sizes,
                                  seeds=tuple(seeds), progress=progress)
-    config = config if config is not None else circuit_config(circuit)
+    config = config if config is not None else _circuit_config(circuit)
     views = head_views(model, circuit.heads, examples, config, means=means, batch_size=batch_size) if circuit.heads else []
     short, about = model_label(circuit.model.get("name") or getattr(model.cfg, "model_name", None) or "model")
     shape = f"{int(model.cfg.n_layers)} layers × {int(model.cfg.n_heads)} heads"

@@ -12,7 +12,7 @@ import torch
 
 from ctsft_lens.batching import encode
 from ctsft_lens.cdt import Source, decompose
-from ctsft_lens.explore import HeadView, circuit_report, head_view, head_views
+from ctsft_lens.explore import HeadView, circuit_report, head_view, head_views, label_push
 from ctsft_lens.forward import run
 from ctsft_lens.means import head_means
 
@@ -102,6 +102,24 @@ def test_many_heads_in_one_call_equal_one_at_a_time(tiny_qwen, examples, means, 
     torch.testing.assert_close(views[1].push, view.push, atol=1e-5, rtol=1e-4)
     for a, b in zip(views[1].examples, view.examples):
         assert a.attention == pytest.approx(b.attention, abs=1e-6)
+
+
+def test_views_read_heads_under_the_discovery_options(tiny_qwen, examples, means):
+    """A view takes the ``DiscoveryConfig`` (or its fields): the push is ``decompose``'s under that rule
+    set; ``label_push`` is the views' push."""
+    from ctsft_lens.discovery_config import DiscoveryConfig
+
+    batch = encode(tiny_qwen, examples)
+    split = decompose(tiny_qwen, batch, [Source(1, 3)], ["unembed.hook_out"], means=means, decomposition="cdt-paper")
+    beta = split["unembed.hook_out"].beta[0, :, -1][:, batch.label_token_ids].float().cpu()
+    paper = head_view(tiny_qwen, (1, 3), examples, DiscoveryConfig(decomposition="cdt-paper"), means=means)
+    assert paper.decomposition == "cdt-paper" and "rule set cdt-paper" in paper.table_html()
+    torch.testing.assert_close(paper.push, beta, atol=1e-5, rtol=1e-4)
+    push = label_push(tiny_qwen, [(1, 3), "0.5"], examples, means=means, decomposition="cdt-paper")
+    assert push.shape == (2, len(examples), len(paper.label_names))
+    torch.testing.assert_close(push[0], paper.push)
+    with pytest.raises(ValueError, match="write decomposition='exact,attention=frozen'"):
+        head_view(tiny_qwen, (1, 3), examples, attention="frozen")
 
 
 def test_dataframe_and_jupyter_html(view):

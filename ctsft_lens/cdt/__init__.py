@@ -8,8 +8,8 @@ every split against the real forward, ``driver`` runs the forwards and the chunk
 ``decompose`` is the one call for notebooks, ``relevance`` and ``expansion`` score and grow circuits.
 
 A facade over this package's own modules: ``decompose``, ``Source`` and ``Split`` load with the
-package; the rest loads on first use (PEP 562), so that importing ``cdt.rules`` (as the discovery
-options do) does not pull in the layers built on it. Discovery and the scoring registry sit above
+package; ``relevance`` and ``expansion``, which read the discovery options, load on first use
+(PEP 562), so that importing ``cdt.rules`` (as the discovery options do) does not import them. Discovery and the scoring registry sit above
 ``cdt/``: ``discover`` / ``discover_circuits`` are in ``ctsft_lens.discovery``, ``head_relevance``
 (every scoring) in ``ctsft_lens.scoring``, both also in the top-level ``ctsft_lens``.
 """
