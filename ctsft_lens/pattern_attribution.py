@@ -56,7 +56,7 @@ from ctsft_lens.metrics import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
 from ctsft_lens.means import head_means
 from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps
-from ctsft_lens.total_effect import _head_table, _scores, _setup, patching_per_example
+from ctsft_lens.total_effect import head_table, score_tables, prepare, patching_per_example
 
 
 TOP_K = 8
@@ -357,8 +357,8 @@ def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, mean
         raise CtsftError(f"verify_flag must be > 0 (inf: flag nothing), got {verify_flag!r}")
     if means is None:
         means = head_means(model, examples, batch_size=batch_size, progress=progress)
-    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
-    select = _head_table(model, heads)
+    mu_z, batch_list = prepare(model, examples, means, batch_size, progress)
+    select = head_table(model, heads)
     fn = metric or logit_diff
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -367,7 +367,7 @@ def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, mean
         parts.append((attribution, estimate))
         return estimate
 
-    corrected = _scores(per_batch, batch_list, len(examples), select, "attribution + exact patterns", progress)
+    corrected = score_tables(per_batch, batch_list, len(examples), select, "attribution + exact patterns", progress)
     attribution = torch.cat([a for a, _ in parts]).float().masked_fill(~select[None], float("nan"))
     correction = corrected - attribution
     mean = corrected.double().mean(0)

@@ -29,7 +29,7 @@ from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.metrics import Metric
 from ctsft_lens.means import head_means
-from ctsft_lens.options import check
+from ctsft_lens.options import check, check_distinct
 from ctsft_lens.pattern_attribution import pattern_attribution_per_example
 from ctsft_lens.tasks.base import Example
 from ctsft_lens.total_effect import (  # noqa: F401  (re-exported: they lived here)
@@ -139,8 +139,7 @@ def relevances(model: Any, examples: Sequence[Example], config: DiscoveryConfig 
     ``memory_gb``, ``progress``."""
     config = config if config is not None else DiscoveryConfig()
     scorings = tuple(scorings) if scorings is not None else (config.scoring,)
-    if not scorings or len(set(scorings)) != len(scorings):
-        raise CtsftError(f"scorings must be distinct and at least one, got {list(scorings)}")
+    check_distinct("scorings", scorings)
     for name in scorings:
         check_scoring(name)
     shared = tuple(s for s in scorings if HEAD_SCORINGS[s].cdt)

@@ -1,6 +1,6 @@
 """Total-effect head scorings beside CD-T: attribution patching, its integrated-gradients form, and exact patching.
 
-All three use the task metric of the faithfulness curves (``faithfulness.logit_diff``: the gold
+All three use the task metric of the faithfulness curves (``metrics.logit_diff``: the gold
 label's logit minus the mean of the other labels' logits at the last prompt token) and the
 label-balanced mean μ of ``means.head_means``, and score a head positive when it helps the gold
 label. They score a head's *total* effect on the metric (every path from the head to the logits,
@@ -58,7 +58,7 @@ from ctsft_lens.tasks.base import Example
 
 
 
-def _head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:
+def head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:
     """Boolean ``[n_layers, n_heads]`` of the heads to score (all when ``heads`` is None)."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
     if heads is None:
@@ -71,8 +71,9 @@ def _head_table(model: Any, heads: Sequence[Head] | None) -> torch.Tensor:
     return table
 
 
-def _setup(model: Any, examples: Sequence[Example], means: torch.Tensor | None, batch_size: int,
-           progress: bool) -> tuple[torch.Tensor, list[Batch]]:
+def prepare(model: Any, examples: Sequence[Example], means: torch.Tensor | None, batch_size: int,
+            progress: bool) -> tuple[torch.Tensor, list[Batch]]:
+    """μ at ``hook_z`` (:func:`z_means`; the examples' own head means when ``means`` is None) and the batches."""
     check_examples(examples)
     if batch_size < 1:
         raise CtsftError(f"batch_size must be >= 1, got {batch_size}")
@@ -129,8 +130,8 @@ def _gradient_effects(model: Any, batch: Batch, mu_z: torch.Tensor, alphas: Sequ
     return total / len(alphas)
 
 
-def _scores(per_batch: Callable[[Batch], torch.Tensor], batch_list: list[Batch], n_examples: int,
-            select: torch.Tensor, desc: str, progress: bool) -> torch.Tensor:
+def score_tables(per_batch: Callable[[Batch], torch.Tensor], batch_list: list[Batch], n_examples: int,
+                 select: torch.Tensor, desc: str, progress: bool) -> torch.Tensor:
     """Per-example tables ``[example, n_layers, n_heads]``, NaN where a head was not scored."""
     rows = [per_batch(b) for b in progress_bar(batch_list, disable=not progress, desc=desc, leave=False)]
     out = torch.cat(rows).to(torch.float32) if rows else torch.zeros(0, *select.shape)
@@ -145,11 +146,11 @@ def attribution_per_example(model: Any, examples: Sequence[Example], *, means: t
     """``attribution`` (``ig_steps=None``) or ``attribution-ig`` scores of every example, ``[n, L, H]``."""
     if ig_steps is not None and (not isinstance(ig_steps, int) or isinstance(ig_steps, bool) or ig_steps < 1):
         raise CtsftError(f"ig_steps must be an integer >= 1, got {ig_steps!r}")
-    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
-    select = _head_table(model, heads)
+    mu_z, batch_list = prepare(model, examples, means, batch_size, progress)
+    select = head_table(model, heads)
     alphas = [1.0] if ig_steps is None else [(k + 0.5) / ig_steps for k in range(ig_steps)]
     fn = metric or logit_diff
-    return _scores(lambda b: _gradient_effects(model, b, mu_z, alphas, select, fn), batch_list, len(examples),
+    return score_tables(lambda b: _gradient_effects(model, b, mu_z, alphas, select, fn), batch_list, len(examples),
                    select, "attribution" if ig_steps is None else f"attribution-ig ({ig_steps} steps)", progress)
 
 
@@ -218,8 +219,8 @@ def patching_per_example(model: Any, examples: Sequence[Example], *, means: torc
     (module docstring); heads are grouped within a layer so each forward skips as much as it can."""
     if not isinstance(heads_per_forward, int) or heads_per_forward < 1:
         raise CtsftError(f"heads_per_forward must be an integer >= 1, got {heads_per_forward!r}")
-    mu_z, batch_list = _setup(model, examples, means, batch_size, progress)
-    select = _head_table(model, heads)
+    mu_z, batch_list = prepare(model, examples, means, batch_size, progress)
+    select = head_table(model, heads)
     listed = [(int(layer), int(head)) for layer, head in select.nonzero().tolist()]
     fn = metric or logit_diff
     n_layers, n_heads = select.shape
@@ -260,7 +261,7 @@ def patching_per_example(model: Any, examples: Sequence[Example], *, means: torc
         with torch.no_grad():
             return _metric(model, batch, fn).double().cpu()
 
-    return _scores(per_batch, batch_list, len(examples), select, "patching", progress)
+    return score_tables(per_batch, batch_list, len(examples), select, "patching", progress)
 
 
 def patching_scores(model: Any, examples: Sequence[Example], *, means: torch.Tensor | None = None,

@@ -37,6 +37,7 @@ from ctsft_lens.cdt.propagate import head_output, label_logits, propagate, sourc
 from ctsft_lens.cdt.rules import PRESETS, Rules, resolve
 from ctsft_lens.cdt.split import Source, Split
 from ctsft_lens.metrics import logit_diff
+from ctsft_lens.options import check_distinct
 from ctsft_lens.models.architectures import soft_caps
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.circuit import Head
@@ -123,8 +124,7 @@ _READOUTS: dict[str, Callable[[Split, Any, bool, Readout], torch.Tensor]] = {"pr
 
 def _cdt_only(scorings: Sequence[str]) -> tuple[str, ...]:
     scorings = tuple(scorings)
-    if not scorings or len(set(scorings)) != len(scorings):
-        raise ValueError(f"scorings must be distinct and at least one, got {list(scorings)}")
+    check_distinct("scorings", scorings, error=ValueError)
     for name in scorings:
         if name not in _READOUTS:
             raise ValueError(f"scoring {name!r} is not a CD-T scoring; these share a pass: {', '.join(_READOUTS)} "
