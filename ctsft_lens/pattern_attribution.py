@@ -39,16 +39,15 @@ verified heads (``(L − l)/L`` of a forward each, from the cached prefix).
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 from jaxtyping import Float
 
 from ctsft_lens.batching import Batch
-from ctsft_lens.cdt.activation import act_fn as _act_fn
+from ctsft_lens.cdt.activation import act_fn
 from ctsft_lens.cdt.attention import allowed_keys, is_rotary, rotary
-from ctsft_lens.cdt.norm import norm
-from ctsft_lens.cdt.norm import norm_module as _norm_module
+from ctsft_lens.cdt.norm import norm, norm_module
 from ctsft_lens.cdt.split import Split
 from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
@@ -56,6 +55,7 @@ from ctsft_lens.metrics import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
 from ctsft_lens.means import head_means
 from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps
+from ctsft_lens.options import check
 from ctsft_lens.total_effect import head_table, score_tables, prepare, patching_per_example
 
 
@@ -63,6 +63,10 @@ TOP_K = 8
 """Heads by corrected score re-scored exactly (``DiscoveryConfig.verify_top``); measured default."""
 FLAG = 0.1
 """A head whose |correction| is at least this fraction of the largest |corrected score| is re-scored exactly too."""
+Queries = Literal["last", "all"]
+QUERIES: Queries = "last"
+"""Which query rows of the later patterns are recomputed: the last prompt token's (where the metric
+is read; the default, measured in benchmarks/RESULTS_cdt_rules.md) or every position's."""
 MAX_ELEMENTS = 2**25
 """Largest ``[source, batch, head, q, k]`` pattern tensor built at once: sources are chunked to fit."""
 
@@ -74,8 +78,12 @@ class _LowRank:
         self.dz, self.w_o = dz, w_o  # [S, B, P, e], [S, e, d]
         self.d = w_o.shape[-1]
 
-    def project(self, matrix: torch.Tensor) -> torch.Tensor:  # β @ matrix: [S, B, P, n]
-        return torch.einsum("sbpe,sen->sbpn", self.dz, torch.einsum("sed,dn->sen", self.w_o, matrix))
+    def project(self, matrix: torch.Tensor, keep: slice = slice(None)) -> torch.Tensor:  # β @ matrix: [S, B, P, n]
+        dz = self.dz[:, :, keep]
+        (s, b, p, e), (d, n) = dz.shape, matrix.shape
+        if s * b * p * (e * d + d * n) < s * e * d * n + s * b * p * e * n:  # few rows: form β there
+            return torch.einsum("sbpe,sed->sbpd", dz, self.w_o) @ matrix
+        return torch.einsum("sbpe,sen->sbpn", dz, torch.einsum("sed,dn->sen", self.w_o, matrix))
 
     def dot(self, r: torch.Tensor) -> torch.Tensor:  # ⟨β, r⟩ over d: [S, B, P]
         return torch.einsum("sbpe,sbpe->sbp", self.dz, torch.einsum("bpd,sed->sbpe", r, self.w_o))
@@ -95,8 +103,8 @@ class _Full:
         self.beta = beta
         self.d = beta.shape[-1]
 
-    def project(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self.beta @ matrix
+    def project(self, matrix: torch.Tensor, keep: slice = slice(None)) -> torch.Tensor:
+        return self.beta[:, :, keep] @ matrix
 
     def dot(self, r: torch.Tensor) -> torch.Tensor:
         return (self.beta * r[None]).sum(-1)
@@ -137,7 +145,7 @@ class _Normed:
         self.w = None
         if norm_name is None:  # the map reads the residual stream itself (OLMo-2)
             return
-        self.w, self.b_ln, rms, _ = _norm_module(model, norm_name)
+        self.w, self.b_ln, rms, _ = norm_module(model, norm_name)
         self.s = cache[f"{norm_name}.hook_scale"]  # [B, P, 1]
         d = r.shape[-1]
         rc = r if rms else r - r.mean(-1, keepdim=True)
@@ -150,55 +158,62 @@ class _Normed:
         self.s_new = (self.s[None].square() + (sq[..., None] - 2 * self.dot) / d).clamp_min(
             torch.finfo(r.dtype).tiny).sqrt()
 
-    def linear(self, real: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(perturbed output, first-order change)`` of ``x W + b`` (``real``: its clean output, ``[B, P, n]``)."""
+    def linear(self, real: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, keep: slice = slice(None),
+               first_order: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(perturbed output, first-order change or None)`` of ``x W + b`` at positions ``keep``
+        (``real``: its clean output, ``[B, P, n]``)."""
+        real = real[:, keep]
         c = bias if bias is not None else torch.zeros_like(real[0, 0])
         if self.w is None:
-            u = self.delta.project(weight)
-            return real[None] - u, -u
-        u = self.delta.project(self.w[:, None] * weight)
+            u = self.delta.project(weight, keep)
+            return real[None] - u, (-u if first_order else None)
+        u = self.delta.project(self.w[:, None] * weight, keep)
         if self.mean is not None:
-            u = u - self.mean[..., None] * (self.w @ weight)
+            u -= self.mean[:, :, keep, None] * (self.w @ weight)
         if self.b_ln is not None:
             c = c + self.b_ln @ weight
-        new = (self.s[None] * (real - c)[None] - u) / self.s_new + c
-        lin = -u / self.s[None] + (real - c)[None] * self.dot / (self.d * self.s[None].square())
-        return new, lin
+        s, s_new = self.s[None, :, keep], self.s_new[:, :, keep]
+        centred = real - c
+        lin = None
+        if first_order:
+            lin = (centred[None] * (self.dot[:, :, keep] / (self.d * s.square()))).sub_(u / s)
+        return u.neg_().add_(s * centred[None]).div_(s_new).add_(c), lin
 
 
-def _projections(model: Any, cache: dict[str, torch.Tensor], layer: int, delta: Any
+def _projections(model: Any, cache: dict[str, torch.Tensor], layer: int, delta: Any, queries: slice = slice(None)
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """For q and k of ``layer``: ``(real, perturbed, first-order change)``, ``[S?, B, P, n, d_head]``
-    after the q/k norm and rotary, with ``β`` taken out of the layer's input residual."""
+    """For q (at positions ``queries``) and k of ``layer``: ``(real, perturbed, first-order change)``,
+    ``[S?, B, P, n, d_head]`` after the q/k norm and rotary, with ``β`` taken out of the layer's input."""
     row, attn = architecture(model), model.blocks[layer].attn
     pre = f"blocks.{layer}"
     normed = _Normed(model, cache, f"{pre}.ln1" if row.pre_norms else None, cache[f"{pre}.hook_resid_pre"], delta)
     out = {}
     for name, weight, bias in (("q", attn.W_Q, attn.b_Q), ("k", attn.W_K, attn.b_K)):
+        keep = queries if name == "q" else slice(None)
         real = cache[f"{pre}.attn.hook_{name}"]  # [B, P, n, e]: the projection's output
         n_heads, e = real.shape[-2:]
-        real = real.flatten(-2)
-        new, lin = normed.linear(real, _flat(weight), None if bias is None else bias.reshape(-1))
+        new, lin = normed.linear(real.flatten(-2), _flat(weight), None if bias is None else bias.reshape(-1), keep)
+        real = real[:, keep].flatten(-2)
         real, new, lin = (t.unflatten(-1, (n_heads, e)) for t in (real, new, lin))
         if row.qk_norm is not None:  # per head over d_head, or over the whole projection (OLMo-2)
-            wn, _, _, eps_n = _norm_module(model, f"{pre}.attn.{name}_norm")
+            wn, _, _, eps_n = norm_module(model, f"{pre}.attn.{name}_norm")
             whole = row.qk_norm != "head"
             rx, nx, lx = (t.flatten(-2) for t in (real, new, lin)) if whole else (real, new, lin)
             lx = _rms_jvp(rx, lx, wn, eps_n)
             rx, nx = _rms(rx, wn, eps_n)[0], _rms(nx, wn, eps_n)[0]
             real, new, lin = (t.unflatten(-1, (n_heads, e)) for t in (rx, nx, lx)) if whole else (rx, nx, lx)
         if is_rotary(model):
-            cos, sin = cache[f"{pre}.attn.hook_cos"], cache[f"{pre}.attn.hook_sin"]
+            cos, sin = cache[f"{pre}.attn.hook_cos"][:, keep], cache[f"{pre}.attn.hook_sin"][:, keep]
             real, new, lin = (rotary(t, cos, sin) for t in (real, new, lin))
         out[name] = (real, new, lin)
     return out
 
 
 def _pattern_term(model: Any, cache: dict[str, torch.Tensor], layer: int, delta: Any,
-                  grad_pattern: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``⟨∂m/∂P, ΔP − δP⟩`` at ``layer`` for each source and example: ``[S, B]``."""
-    proj = _projections(model, cache, layer, delta)
+                  grad_pattern: torch.Tensor, allowed: torch.Tensor, queries: slice = slice(None)) -> torch.Tensor:
+    """``⟨∂m/∂P, ΔP − δP⟩`` at ``layer``'s query rows ``queries`` for each source and example: ``[S, B]``."""
+    proj = _projections(model, cache, layer, delta, queries)
+    allowed, grad_pattern = allowed[:, :, queries], grad_pattern[:, :, queries]
     (q, q_new, dq), (k, k_new, dk) = proj["q"], proj["k"]
     group = q.shape[-2] // k.shape[-2]
     if group > 1:
@@ -211,7 +226,7 @@ def _pattern_term(model: Any, cache: dict[str, torch.Tensor], layer: int, delta:
         scores = torch.tanh(scores / cap) * cap
     p_new = torch.softmax(scores.masked_fill(~allowed[None], float("-inf")), dim=-1).nan_to_num(0.0)
     del scores
-    pattern = cache[f"blocks.{layer}.attn.hook_pattern"].masked_fill(~allowed, 0.0)  # [B, H, P, P]
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"][:, :, queries].masked_fill(~allowed, 0.0)  # [B, H, q, P]
     d_scores = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) / scale
     if cap is not None:
         d_scores = d_scores * (1 - torch.tanh((q @ k.transpose(-1, -2)) / (scale * cap)).square())
@@ -224,7 +239,7 @@ def _post(model: Any, cache: dict[str, torch.Tensor], name: str, raw: torch.Tens
     """The removed part after a post-sublayer norm (exact, scale recomputed); ``raw`` itself where there is none."""
     if not architecture(model).post_norms:
         return raw
-    w, b, rms, eps = _norm_module(model, name)
+    w, b, rms, eps = norm_module(model, name)
     total = cache[out][None]
     return norm(Split(raw, total - raw), cache[f"{name}.hook_scale"], w, b, rms=rms, rule="difference",
                 eps=eps).beta
@@ -246,15 +261,14 @@ def _mlp_removed(model: Any, cache: dict[str, torch.Tensor], layer: int, delta: 
     recomputed, the activation and gate exact): ``[S, B, P, d_mlp]``, no ``d_mlp × d_model`` product."""
     row, pre, mlp = architecture(model), f"blocks.{layer}", model.blocks[layer].mlp
     normed = _Normed(model, cache, f"{pre}.ln2" if row.pre_norms else None, cache[f"{pre}.hook_resid_mid"], delta)
-    f = _act_fn(model, layer)
+    f = act_fn(model, layer)
     pre_real = cache[f"{pre}.mlp.hook_pre"]
     pre_new, _ = normed.linear(pre_real, mlp.W_gate if row.gated else mlp.W_in,
-                               getattr(mlp, "b_gate", None) if row.gated else mlp.b_in)
-    if not row.gated:
-        return f(pre_real)[None] - f(pre_new)
-    up_real = cache[f"{pre}.mlp.hook_pre_linear"]
-    up_new, _ = normed.linear(up_real, mlp.W_in, mlp.b_in)
-    return (f(pre_real) * up_real)[None] - f(pre_new) * up_new
+                               getattr(mlp, "b_gate", None) if row.gated else mlp.b_in, first_order=False)
+    hidden = f(pre_new)
+    if row.gated:
+        hidden *= normed.linear(cache[f"{pre}.mlp.hook_pre_linear"], mlp.W_in, mlp.b_in, first_order=False)[0]
+    return hidden.neg_().add_(cache[f"{pre}.mlp.hook_post"][None])
 
 
 def _names(model: Any) -> list[str]:
@@ -277,7 +291,7 @@ def _names(model: Any) -> list[str]:
     return names
 
 
-def _batch_scores(model: Any, batch: Batch, mu_z: torch.Tensor, select: torch.Tensor, metric: Metric
+def _batch_scores(model: Any, batch: Batch, mu_z: torch.Tensor, select: torch.Tensor, metric: Metric, queries: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(attribution, estimate)`` of one batch, each ``[batch, n_layers, n_heads]``."""
     n_layers = int(model.cfg.n_layers)
@@ -301,11 +315,11 @@ def _batch_scores(model: Any, batch: Batch, mu_z: torch.Tensor, select: torch.Te
         grads = dict(zip(wanted, torch.autograd.grad(m.sum(), [leaves[n] for n in wanted])))
     with torch.no_grad():
         return _estimates(model, cache, grads, real=batch.attention_mask.to(model.cfg.device).bool(), mu_z=mu_z,
-                          select=select)
+                          select=select, queries=queries)
 
 
 def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], *, real: torch.Tensor,
-               mu_z: torch.Tensor, select: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               mu_z: torch.Tensor, select: torch.Tensor, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(attribution, estimate)`` ``[batch, n_layers, n_heads]`` from one forward's cache and gradients:
     the estimate is ``⟨∂m/∂resid_post, own block removed exactly⟩ − Σ_later ⟨∂m/∂P, ΔP − δP⟩``."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -324,6 +338,7 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
         grad_patterns.append(torch.einsum("bqhe,bkhe->bhqk", g, v) * real[:, None, :, None])
     windows = sliding_windows(model)
     allowed = {w: allowed_keys(real, w) for w in set(windows)}  # [B, 1, P, P]
+    rows = slice(-1, None) if queries == "last" else slice(None)  # the query rows recomputed
     step = max(1, MAX_ELEMENTS // (b * n_pos * max(n_heads * n_pos, int(model.cfg.d_mlp))))
     for layer in range(n_layers):
         heads = [h for h in range(n_heads) if bool(select[layer, h])]
@@ -335,8 +350,8 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
             total = delta.dot(g_post).sum(-1).double()  # [S, B]: the write itself, on the skip path
             total += (_mlp_removed(model, cache, layer, delta) * g_hidden[None]).sum((-1, -2)).double()
             for later in range(layer + 1, n_layers):
-                total -= _pattern_term(model, cache, later, delta, grad_patterns[later],
-                                       allowed[windows[later]]).double()
+                total -= _pattern_term(model, cache, later, delta, grad_patterns[later], allowed[windows[later]],
+                                       rows).double()
             estimate[:, layer, part] = total.T.cpu()
     return attribution, estimate
 
@@ -344,7 +359,7 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
 def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, means: torch.Tensor | None = None,
                                     heads: Sequence[Head] | None = None, metric: Metric | None = None,
                                     batch_size: int = 8, verify_top: int = TOP_K, verify_flag: float = FLAG,
-                                    heads_per_forward: int = 8, progress: bool = True,
+                                    heads_per_forward: int = 8, queries: Queries = QUERIES, progress: bool = True,
                                     details: dict[str, Any] | None = None
                                     ) -> Float[torch.Tensor, "example n_layers n_heads"]:
     """Per-example scores ``[n, L, H]`` (NaN: not in ``heads``): attribution with every later
@@ -353,6 +368,7 @@ def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, mean
     filled with the uncorrected ``attribution``, the ``corrected`` estimate and the ``verified`` heads."""
     if not isinstance(verify_top, int) or isinstance(verify_top, bool) or verify_top < 0:
         raise CtsftError(f"verify_top must be an integer >= 0, got {verify_top!r}")
+    check("queries", queries, get_args(Queries))
     if not verify_flag > 0:
         raise CtsftError(f"verify_flag must be > 0 (inf: flag nothing), got {verify_flag!r}")
     if means is None:
@@ -363,7 +379,7 @@ def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, mean
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def per_batch(batch: Batch) -> torch.Tensor:
-        attribution, estimate = _batch_scores(model, batch, mu_z, select, fn)
+        attribution, estimate = _batch_scores(model, batch, mu_z, select, fn, queries)
         parts.append((attribution, estimate))
         return estimate
 
