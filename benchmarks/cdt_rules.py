@@ -114,10 +114,15 @@ def main() -> None:
                          "the sample's order), judged against patching's rows for those examples: a cheaper "
                          "grid; rows go to a separate table")
     ap.add_argument("--summary", action="store_true", help="only print the tables of every study under --out")
+    ap.add_argument("--frontier", default=None, metavar="PNG",
+                    help="with --summary: also draw cost against Spearman of every scorer of every study")
     args = ap.parse_args()
     if args.summary:
-        for folder in sorted(p for p in Path(args.out).iterdir() if (p / "meta.json").exists()):
+        folders = sorted(p for p in Path(args.out).iterdir() if (p / "meta.json").exists())
+        for folder in folders:
             print(summary(folder) + "\n")
+        if args.frontier:
+            print(f"frontier: {frontier_figure([p for f in folders for p in frontier_points(f)], Path(args.frontier))}")
         return
     if not args.model:
         ap.error("give the model folder (e.g. runs/realqwen), or --summary")
@@ -234,6 +239,47 @@ def summary(folder: Path) -> str:
             lines += ["", grid_table(cells)]
         out.append("\n".join(lines))
     return "\n\n".join(out)
+
+
+def frontier_points(folder: Path) -> list[dict[str, Any]]:
+    """Every cached scorer of one study folder against its ``patching`` table: cost and fidelity."""
+    meta = json.loads((folder / "meta.json").read_text())
+    runs = {p.stem: torch.load(p) for p in sorted(folder.glob("*.pt"))}
+    if "patching" not in runs:
+        return []
+    exact = runs["patching"]["table"].double().mean(0)
+    ex6 = set(rank_heads(exact.float())[:6])
+    points = []
+    for r in runs.values():
+        if r.get("rows"):
+            continue
+        t = r["table"].double().mean(0)
+        points.append({"study": f"{meta['model']} · {meta['task']} {meta['lang']}", "scorer": label(r),
+                       "fe": r["seconds"] / r["forward_seconds"], "spearman": spearman(t, exact),
+                       "top6": len(set(rank_heads(t.float())[:6]) & ex6)})
+    return points
+
+
+def frontier_figure(points: list[dict[str, Any]], path: Path) -> Path:
+    """Cost (forward-equivalents per example, log scale) against Spearman with exact patching: one
+    marker per scorer and study, its top-6 overlap in the hover and the label."""
+    import plotly.graph_objects as go
+
+    from ctsft_lens.plots import save_png
+
+    fig = go.Figure()
+    for study in sorted({p["study"] for p in points}):
+        rows = sorted((p for p in points if p["study"] == study), key=lambda p: p["fe"])
+        fig.add_trace(go.Scatter(
+            x=[p["fe"] for p in rows], y=[p["spearman"] for p in rows], mode="markers+text", name=study,
+            text=[f"{p['scorer']} ({p['top6']}/6)" for p in rows], textposition="middle right",
+            textfont={"size": 9}, marker={"size": 9},
+            hovertemplate="%{text}<br>%{x:.1f} forward-eq / example<br>Spearman %{y:.3f}<extra></extra>"))
+    fig.update_layout(width=900, height=520, template="plotly_white", legend={"orientation": "h", "y": -0.2},
+                      title="Head scorers: cost against agreement with exact patching (top-6 shared in brackets)",
+                      xaxis={"type": "log", "title": "forward-equivalents per example (log)"},
+                      yaxis={"title": "Spearman with exact patching, all heads"})
+    return save_png(fig, path)
 
 
 GRID = {"norm": ("frozen", "jacobian", "difference"), "attention": ("cdt", "frozen", "linear"),
