@@ -41,6 +41,7 @@ from ctsft_lens.means import head_means
 from ctsft_lens.models import load_model
 from ctsft_lens.tasks import load_task
 from ctsft_lens.tasks.base import balanced_sample
+from ctsft_lens.statistics import spearman
 
 
 def load(args: argparse.Namespace) -> tuple[Any, list, torch.Tensor, str]:

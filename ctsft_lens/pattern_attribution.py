@@ -210,11 +210,18 @@ def _projections(model: Any, cache: dict[str, torch.Tensor], layer: int, delta: 
 
 
 def _pattern_term(model: Any, cache: dict[str, torch.Tensor], layer: int, delta: Any,
-                  grad_pattern: torch.Tensor, allowed: torch.Tensor, queries: slice = slice(None)) -> torch.Tensor:
-    """``⟨∂m/∂P, ΔP − δP⟩`` at ``layer``'s query rows ``queries`` for each source and example: ``[S, B]``."""
+                  grad_pattern: torch.Tensor, allowed: torch.Tensor, queries: slice = slice(None),
+                  first_key: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``⟨∂m/∂P, ΔP − δP⟩`` at ``layer``'s query rows ``queries`` for each source and example: ``[S, B]``.
+    ``first_key``: ``(first position per example, its key with the source ablated [S, B, KV, e])``,
+    from the first token's own stream, so one softmax sees both changes."""
     proj = _projections(model, cache, layer, delta, queries)
     allowed, grad_pattern = allowed[:, :, queries], grad_pattern[:, :, queries]
     (q, q_new, dq), (k, k_new, dk) = proj["q"], proj["k"]
+    if first_key is not None:
+        first, key = first_key
+        k_new = k_new.clone()
+        k_new[:, torch.arange(len(first)), first] = key
     group = q.shape[-2] // k.shape[-2]
     if group > 1:
         k, k_new, dk = (t.repeat_interleave(group, dim=-2) for t in (k, k_new, dk))
@@ -291,6 +298,97 @@ def _names(model: Any) -> list[str]:
     return names
 
 
+def _qk_rotated(model: Any, layer: int, name: str, x: torch.Tensor, cos: torch.Tensor | None,
+                sin: torch.Tensor | None) -> torch.Tensor:
+    """A projection's output ``[..., pos, n, d_head]`` through the family's q/k norm and rotary, as the forward does."""
+    row = architecture(model)
+    if row.qk_norm is not None:
+        wn, _, _, eps = norm_module(model, f"blocks.{layer}.attn.{name}_norm")
+        if row.qk_norm == "head":
+            x = _rms(x, wn, eps)[0]
+        else:
+            x = _rms(x.flatten(-2), wn, eps)[0].unflatten(-1, x.shape[-2:])
+    return x if cos is None else rotary(x, cos, sin)
+
+
+def _first_token_runs(model: Any, first_ids: torch.Tensor, mu_z: torch.Tensor, layer: int, heads: list[int]
+                      ) -> dict[str, torch.Tensor]:
+    """The first prompt token's k and v at every layer, clean and with each source head mean-ablated.
+
+    The first real token attends only to itself, so its stream is a one-token forward, the same in
+    every example that starts with that token: ``[token, 1 + source, ...]`` per hook (row 0 clean)."""
+    n_tokens, rows = len(first_ids), 1 + len(heads)
+    ids = first_ids.repeat_interleave(rows)[:, None]
+    which = torch.arange(rows).repeat(n_tokens)  # 0: clean, s + 1: source s ablated
+    device = model.cfg.device
+    out: dict[str, torch.Tensor] = {}
+
+    def ablate(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        z = z.clone()
+        for s, head in enumerate(heads):
+            z[which == s + 1, :, head] = mu_z[layer, head].to(z)
+        return z
+
+    def keep(t: torch.Tensor, hook: Any, name: str) -> None:
+        out[name] = t.detach()[:, 0].unflatten(0, (n_tokens, rows))
+
+    names = [hook_name(k, f"attn.hook_{x}") for k in range(layer + 1, int(model.cfg.n_layers)) for x in "kv"]
+    batch = Batch(ids.to(device), torch.ones_like(ids).to(device), torch.zeros(len(ids), dtype=torch.long),
+                  torch.zeros(1, dtype=torch.long))
+    with model.hooks(fwd_hooks=[(hook_name(layer, "attn.hook_z"), ablate)]
+                     + [(n, functools.partial(keep, name=n)) for n in names]):
+        run(model, batch, last_only=True)
+    return out
+
+
+def _first_token_effect(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                        runs: dict[str, torch.Tensor], later: int, token: torch.Tensor, first: torch.Tensor,
+                        real: torch.Tensor, shared: dict[int, tuple], skip_rows: slice
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``m(ablated at the first token) − m(clean)`` through ``later``'s attention, ``[S, B]``: the
+    first token's key moves every query's score to it exactly (softmax recomputed), its value to first
+    order, each downstream to first order (the sink: Qwen2.5's first token carries its massive channel).
+    Query rows ``skip_rows`` are left to :func:`_pattern_term`, which gets the ablated key returned
+    beside the effect (``[S, B, KV, e]``, normed and rotated) and recomputes them with every key moved."""
+    b_idx = torch.arange(real.shape[0], device=real.device)
+    pre = f"blocks.{later}"
+    if later not in shared:
+        cos = sin = None
+        if is_rotary(model):
+            cos, sin = cache[f"{pre}.attn.hook_cos"], cache[f"{pre}.attn.hook_sin"]
+        q = _qk_rotated(model, later, "q", cache[f"{pre}.attn.hook_q"], cos, sin)  # [B, P, H, e]
+        pattern = cache[f"{pre}.attn.hook_pattern"]  # [B, H, P, P]
+        g_pattern = torch.einsum("bqhe,bkhe->bhqk", grads[f"{pre}.attn.hook_z"],
+                                 cache[f"{pre}.attn.hook_v"].repeat_interleave(
+                                     q.shape[-2] // cache[f"{pre}.attn.hook_v"].shape[-2], dim=-2))
+        p0 = pattern[b_idx, :, :, first]  # [B, H, P]
+        rest = pattern.sum(-1) - p0
+        g0 = g_pattern[b_idx, :, :, first]
+        spread = (g_pattern * pattern).sum(-1) - g0 * p0  # Σ_{k ≠ first} g_k p_k
+        g_v0 = torch.einsum("bhq,bqhe->bhe", p0 * real[:, None, :], grads[f"{pre}.attn.hook_z"])
+        cs = None if cos is None else (cos[b_idx, first][:, None], sin[b_idx, first][:, None])
+        shared[later] = (q, p0, rest, g0, spread, g_v0, cs)
+    q, p0, rest, g0, spread, g_v0, cs = shared[later]
+    k, v = runs[f"{pre}.attn.hook_k"][token], runs[f"{pre}.attn.hook_v"][token]  # [B, 1 + S, KV, e]
+    k = _qk_rotated(model, later, "k", k, *(cs if cs is not None else (None, None)))
+    key = k[:, 1:].transpose(0, 1)  # [S, B, KV, e]
+    group = q.shape[-2] // k.shape[-2]
+    k, v = k.repeat_interleave(group, dim=-2), v.repeat_interleave(group, dim=-2)  # [B, 1 + S, H, e]
+    scale, cap = attention_scale(model), soft_caps(model)[0]
+    scores = torch.einsum("bqhe,bshe->sbhq", q, k) / scale  # [1 + S, B, H, P]
+    if cap is not None:
+        scores = torch.tanh(scores / cap) * cap
+    shift = scores[1:] - scores[:1]
+    logit = p0.clamp_min(torch.finfo(p0.dtype).tiny).log() - rest.clamp_min(torch.finfo(p0.dtype).tiny).log() + shift
+    p0_new = torch.sigmoid(logit)
+    ratio = torch.where(rest > 0, torch.sigmoid(-logit) / rest.clamp_min(torch.finfo(p0.dtype).tiny), 1.0)
+    rows = real[:, None, :] & (torch.arange(real.shape[1], device=real.device)[None, None, :] > first[:, None, None])
+    rows[:, :, skip_rows] = False
+    term = ((ratio - 1) * spread + g0 * (p0_new - p0)) * rows
+    value = torch.einsum("bhe,sbhe->sb", g_v0, (v[:, 1:] - v[:, :1]).transpose(0, 1))
+    return term.sum((-1, -2)) + value, key
+
+
 def _batch_scores(model: Any, batch: Batch, mu_z: torch.Tensor, select: torch.Tensor, metric: Metric, queries: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(attribution, estimate)`` of one batch, each ``[batch, n_layers, n_heads]``."""
@@ -315,11 +413,12 @@ def _batch_scores(model: Any, batch: Batch, mu_z: torch.Tensor, select: torch.Te
         grads = dict(zip(wanted, torch.autograd.grad(m.sum(), [leaves[n] for n in wanted])))
     with torch.no_grad():
         return _estimates(model, cache, grads, real=batch.attention_mask.to(model.cfg.device).bool(), mu_z=mu_z,
-                          select=select, queries=queries)
+                          select=select, queries=queries, input_ids=batch.input_ids.to(model.cfg.device))
 
 
 def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], *, real: torch.Tensor,
-               mu_z: torch.Tensor, select: torch.Tensor, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
+               mu_z: torch.Tensor, select: torch.Tensor, queries: str, input_ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(attribution, estimate)`` ``[batch, n_layers, n_heads]`` from one forward's cache and gradients:
     the estimate is ``⟨∂m/∂resid_post, own block removed exactly⟩ − Σ_later ⟨∂m/∂P, ΔP − δP⟩``."""
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -327,12 +426,16 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
     attribution = torch.zeros(b, n_layers, n_heads, dtype=torch.float64)
     estimate = torch.zeros(b, n_layers, n_heads, dtype=torch.float64)
     dzs, grad_patterns = [], []
+    first = real.int().argmax(1)  # each example's first real token (left padding)
+    after = real.clone()
+    after[torch.arange(b), first] = False  # the first token's path is computed on its own stream
+    first_ids, token = input_ids[torch.arange(b), first].unique(return_inverse=True)
     for layer in range(n_layers):
         z = cache[hook_name(layer, "attn.hook_z")]
         dz = (z - mu_z[layer].to(z.dtype)) * real[:, :, None, None]  # [B, P, H, e]: what ablation removes
-        dzs.append(dz)
         g = grads[hook_name(layer, "attn.hook_z")]
         attribution[:, layer] = (dz * g).sum((1, 3)).double().cpu()
+        dzs.append(dz * after[:, :, None, None])
         v = cache[hook_name(layer, "attn.hook_v")]
         v = v.repeat_interleave(n_heads // v.shape[-2], dim=-2)
         grad_patterns.append(torch.einsum("bqhe,bkhe->bhqk", g, v) * real[:, None, :, None])
@@ -340,6 +443,7 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
     allowed = {w: allowed_keys(real, w) for w in set(windows)}  # [B, 1, P, P]
     rows = slice(-1, None) if queries == "last" else slice(None)  # the query rows recomputed
     step = max(1, MAX_ELEMENTS // (b * n_pos * max(n_heads * n_pos, int(model.cfg.d_mlp))))
+    shared: dict[int, tuple] = {}
     for layer in range(n_layers):
         heads = [h for h in range(n_heads) if bool(select[layer, h])]
         g_post = grads[hook_name(layer, "hook_resid_post")]
@@ -349,9 +453,12 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
             delta = _source_delta(model, cache, layer, part, dzs[layer][:, :, part].permute(2, 0, 1, 3))
             total = delta.dot(g_post).sum(-1).double()  # [S, B]: the write itself, on the skip path
             total += (_mlp_removed(model, cache, layer, delta) * g_hidden[None]).sum((-1, -2)).double()
+            runs = _first_token_runs(model, first_ids, mu_z, layer, part) if layer < n_layers - 1 else {}
             for later in range(layer + 1, n_layers):
+                effect, key = _first_token_effect(model, cache, grads, runs, later, token, first, real, shared, rows)
+                total -= effect.double()
                 total -= _pattern_term(model, cache, later, delta, grad_patterns[later], allowed[windows[later]],
-                                       rows).double()
+                                       rows, (first, key)).double()
             estimate[:, layer, part] = total.T.cpu()
     return attribution, estimate
 
