@@ -22,7 +22,7 @@ import torch
 def per_depth(model, examples, scoring: str, ratio: float, max_depth: int, means):
     """Depth by depth, a CD-T pass per depth with that depth's targets (sum aggregate)."""
     from ctsft_lens.scoring import head_relevance
-    from ctsft_lens.cdt.expansion import n_to_keep
+    from ctsft_lens.scoring.expansion import n_to_keep
     from ctsft_lens.circuit import rank_heads
 
     k = n_to_keep(ratio, model.cfg.n_layers * model.cfg.n_heads)

@@ -24,7 +24,7 @@ from ctsft_lens import load_model, load_task
 from ctsft_lens.batching import encode
 from ctsft_lens.forward import label_logits
 from ctsft_lens.means import head_means
-from ctsft_lens.total_effect import patching_per_example
+from ctsft_lens.scoring.total_effect import patching_per_example
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from ctsft_lens.cdt.health import RECON_TOL
 from ctsft_lens.cdt.propagate import unembed
 from ctsft_lens.cdt.rules import PRESETS, resolve
 from ctsft_lens.cdt.split import Split
-from ctsft_lens.cdt.expansion import n_to_keep
+from ctsft_lens.scoring.expansion import n_to_keep
 from ctsft_lens.cdt.relevance import task_directions
 from ctsft_lens.circuit import head_name, rank_heads
 from ctsft_lens.models import load_model

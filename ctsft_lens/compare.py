@@ -30,7 +30,6 @@ from ctsft_lens import distributed
 from ctsft_lens.batching import Batch, batches, by_length
 from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import rank_heads
-from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import (Curve, CurvePoint, MeanAblation, Metrics, RandomBand, ablation_hooks,
                                      random_band, size_grid)
@@ -39,7 +38,7 @@ from ctsft_lens.means import head_means
 from ctsft_lens.mib import MibCurve, mib_curve
 from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, MeanPositions, Protocol, check, check_distinct
 from ctsft_lens.score_cache import cached_pass
-from ctsft_lens.scoring import HEAD_SCORINGS, relevances
+from ctsft_lens.scoring import HEAD_SCORINGS, DiscoveryConfig, discovery_config, relevances
 from ctsft_lens.statistics import percentile_interval, spearman
 from ctsft_lens.tasks.base import Example
 
@@ -267,7 +266,7 @@ def compare_methods(model: Any, discovery: Sequence[Example], evaluation: Sequen
     """Score heads with each of ``methods`` (keys of ``scoring.HEAD_SCORINGS``, a CD-T one optionally
     ``@rules``: :func:`method_spec`) on ``discovery`` and
     judge every ranking on ``evaluation`` (see the module docstring). The scoring options are the
-    fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`: ``ig_steps``,
+    fields of ``config`` (:class:`~ctsft_lens.scoring.DiscoveryConfig`: ``ig_steps``,
     ``heads_per_forward``, the CD-T rule set...; keyword ``options`` override them; its ``scoring``
     is not read: ``methods`` are the scorings). ``positions``: the evaluation head means, pooled or
     at the last token. ``protocol="mib"`` adds MIB's CPR / CMD (``ctsft_lens.mib``) per method.

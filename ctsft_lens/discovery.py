@@ -1,5 +1,5 @@
 """Circuit discovery for every head scoring: score with the registry (``ctsft_lens.scoring``), then
-backward expansion (``cdt.expansion``). Also reachable as ``ctsft_lens.discover``."""
+backward expansion (``scoring.expansion``). Also reachable as ``ctsft_lens.discover``."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ from typing import Any, Sequence
 import torch
 
 from ctsft_lens.batching import check_examples
-from ctsft_lens.cdt.expansion import circuit_from_relevance
 from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import Circuit
-from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.options import check_distinct
 from ctsft_lens.means import head_means
-from ctsft_lens.scoring import HEAD_SCORINGS, check_scoring, relevances
+from ctsft_lens.scoring import (HEAD_SCORINGS, DiscoveryConfig, check_scoring, circuit_from_relevance,
+                                discovery_config, relevances)
 from ctsft_lens.tasks.base import Example
 
 
@@ -24,7 +23,7 @@ def discover(model: Any, examples: Sequence[Example], config: DiscoveryConfig | 
              progress: bool = True, **options: Any) -> Circuit:
     """Find a circuit of attention heads by head relevance and iterative backward expansion.
 
-    The options are the fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`);
+    The options are the fields of ``config`` (:class:`~ctsft_lens.scoring.DiscoveryConfig`);
     keyword ``options`` override them (``scoring=``, ``ratio=``, ``max_depth=``...).
     ``positions`` limits each source head to those prompt tokens (e.g. ``(-1,)``; default all).
     ``reference`` (default ``examples``) gives the label-balanced head means of the ``"mean"``
@@ -38,7 +37,7 @@ def discover(model: Any, examples: Sequence[Example], config: DiscoveryConfig | 
     ``strict``: raise on a source whose CD-T decomposition is unstable (non-finite, or β+γ off
     the forward); else warn and list it in ``Circuit.unstable`` (its NaN score is never ranked).
     ``streams``: CD-T's β-only fast path (default) or the two-stream reference (``"both"``).
-    All depths come from one CD-T propagation (``cdt.expansion``); :func:`discover_circuits` gives
+    All depths come from one CD-T propagation (``scoring.expansion``); :func:`discover_circuits` gives
     several scorings from that one pass.
     """
     config = discovery_config(config, **options)

@@ -39,7 +39,7 @@ from ctsft_lens.cdt.propagate import label_logits
 from ctsft_lens.cdt.rules import DEFAULT_PRESET, resolve
 from ctsft_lens.cdt.split import Split
 from ctsft_lens.circuit import Circuit, Head, head_name, parse_head
-from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
+from ctsft_lens.scoring import DiscoveryConfig, discovery_config
 from ctsft_lens.means import head_means
 from ctsft_lens.options import check
 from ctsft_lens.tasks.base import Example
@@ -224,7 +224,7 @@ def head_view(model: Any, head: Head | str, examples: Sequence[Example], config:
               batch_size: int = 8, memory_gb: float = 2.0, **options: Any) -> HeadView:
     """What ``head`` (``(layer, head)`` or ``"3.7"``) reads and pushes on each of ``examples``.
 
-    ``config``: the discovery options (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`;
+    ``config``: the discovery options (:class:`~ctsft_lens.scoring.DiscoveryConfig`;
     keyword ``options`` override its fields), so a view reads a head under the rule set
     (``decomposition``), ``baseline``, source ``positions`` and ``streams`` its circuit was found
     with. ``means``: the ``[n_layers, n_heads, d_model]`` baseline (:func:`ctsft_lens.means.head_means`);

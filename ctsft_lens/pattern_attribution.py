@@ -56,7 +56,7 @@ from ctsft_lens.forward import hook_name, run
 from ctsft_lens.means import head_means
 from ctsft_lens.models.architectures import architecture, attention_scale, sliding_windows, soft_caps
 from ctsft_lens.options import check
-from ctsft_lens.total_effect import head_table, score_tables, prepare, patching_per_example
+from ctsft_lens.scoring.total_effect import head_table, score_tables, prepare, patching_per_example
 
 
 TOP_K = 8

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ctsft_lens import distributed
-from ctsft_lens.discovery_config import DiscoveryConfig
+from ctsft_lens.scoring import DiscoveryConfig
 from ctsft_lens.files import cached
 from ctsft_lens.tasks.base import Example
 

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from ctsft_lens.cli import build_parser
-from ctsft_lens.discovery_config import DiscoveryConfig
+from ctsft_lens.scoring import DiscoveryConfig
 from ctsft_lens.scoring import HEAD_SCORINGS
 
 DOC = Path(__file__).with_name("cli.md")
@@ -45,7 +45,7 @@ def generated() -> str:
         out += ["", f"## ctsft {name}", "", help_ + ".", "", "| option | meaning |", "|---|---|"]
         out += [_row(a) for a in p._actions if a.option_strings and a.dest not in ("help", "debug")]
     out += ["", "## Experiment `[discovery]` keys", "",
-            "The fields of `DiscoveryConfig` (`ctsft_lens/discovery_config.py`), the same options as the discover "
+            "The fields of `DiscoveryConfig` (`ctsft_lens/scoring/config.py`), the same options as the discover "
             "/ compare flags above.", "", "| key | default | meaning |", "|---|---|---|"]
     hints = typing.get_type_hints(DiscoveryConfig)
     for f in dataclasses.fields(DiscoveryConfig):

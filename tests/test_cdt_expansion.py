@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ctsft_lens import discover, head_relevance
-from ctsft_lens.cdt.expansion import n_to_keep
+from ctsft_lens.scoring.expansion import n_to_keep
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +279,8 @@ def test_discover_circuits_share_one_pass(model, examples, monkeypatch):
 
 
 def test_one_saved_pass_expands_at_any_ratio(model, examples):
-    from ctsft_lens.cdt import circuit_from_relevance, head_relevances
+    from ctsft_lens.cdt import head_relevances
+    from ctsft_lens.scoring import circuit_from_relevance
 
     rel = head_relevances(model, examples, scorings=("projection",), target="all", progress=False)["projection"]
     assert rel.targets[0] is None and len(rel.targets) == 1 + 3 * 4  # the logits, then layers 1-3
@@ -291,7 +292,7 @@ def test_one_saved_pass_expands_at_any_ratio(model, examples):
 
 
 def test_expand_needs_every_head_as_a_target(model, examples):
-    from ctsft_lens.cdt.expansion import expand
+    from ctsft_lens.scoring.expansion import expand
 
     rel = head_relevance(model, examples, progress=False)  # logits only
     with pytest.raises(ValueError, match="target='all'"):
@@ -305,7 +306,7 @@ def test_expand_needs_every_head_as_a_target(model, examples):
 def test_expansion_adds_only_positive_heads_and_fewer_when_fewer_exist():
     """Issue #41: a quota never pulls in a head that works against its target (select='positive');
     select='absolute' ranks by |score| and takes them."""
-    from ctsft_lens.cdt.expansion import expand
+    from ctsft_lens.scoring.expansion import expand
     from ctsft_lens.cdt.relevance import Relevance
 
     nan = float("nan")

@@ -135,7 +135,7 @@ def test_a_cdt_method_may_name_its_rule_set(tiny_qwen, indonesian):
     set gives alone, the two differ, and only same-rules CD-T scorings share a pass."""
     from ctsft_lens import head_relevance
     from ctsft_lens.compare import compare_methods, method_spec
-    from ctsft_lens.discovery_config import DiscoveryConfig
+    from ctsft_lens.scoring import DiscoveryConfig
     from ctsft_lens.errors import CtsftError
 
     discovery, evaluation = indonesian.sample(3, seed=0), indonesian.sample(6, "valid", seed=1)

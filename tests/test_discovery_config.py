@@ -9,7 +9,7 @@ import pytest
 
 from ctsft_lens.cdt.rules import DEFAULT_PRESET
 from ctsft_lens.cli import build_parser
-from ctsft_lens.discovery_config import COMPARE, DISCOVER, DiscoveryConfig, cli_fields
+from ctsft_lens.scoring.config import COMPARE, DISCOVER, DiscoveryConfig, cli_fields
 from ctsft_lens.errors import ConfigError
 from ctsft_lens.experiments import DiscoveryConfig as FromExperiments
 from ctsft_lens.experiments import ExperimentConfig
@@ -89,10 +89,10 @@ def test_a_bad_flag_value_is_a_usage_error(capsys):
 
 def test_flags_build_the_config_and_reach_the_scorer(monkeypatch):
     """``heads_per_forward`` was added as one field: it is a discover flag and reaches the patching scorer."""
-    from ctsft_lens import total_effect
     from ctsft_lens.cli.common import _discovery_config
     from ctsft_lens.discovery import discover
     from ctsft_lens.models import tiny_model
+    from ctsft_lens.scoring import registry
     from ctsft_lens.tasks import load_task
 
     args = build_parser().parse_args(["discover", "--scoring", "patching", "--heads-per-forward", "3",
@@ -101,12 +101,9 @@ def test_flags_build_the_config_and_reach_the_scorer(monkeypatch):
     assert (config.scoring, config.heads_per_forward, config.positions, config.strict) == ("patching", 3, (-1, -2),
                                                                                            False)
     seen = []
-    real = total_effect.patching_per_example
-    monkeypatch.setattr(total_effect, "patching_per_example",
+    real = registry.patching_per_example
+    monkeypatch.setattr(registry, "patching_per_example",
                         lambda *a, **k: seen.append(k["heads_per_forward"]) or real(*a, **k))
-    import ctsft_lens.scoring as scoring
-
-    monkeypatch.setattr(scoring, "patching_per_example", total_effect.patching_per_example)
     model = tiny_model()
     examples = load_task("nusax-senti", "indonesian").sample(3, seed=0)
     circuit = discover(model, examples, dataclasses.replace(config, positions=None), progress=False)

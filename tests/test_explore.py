@@ -107,7 +107,7 @@ def test_many_heads_in_one_call_equal_one_at_a_time(tiny_qwen, examples, means, 
 def test_views_read_heads_under_the_discovery_options(tiny_qwen, examples, means):
     """A view takes the ``DiscoveryConfig`` (or its fields): the push is ``decompose``'s under that rule
     set; ``label_push`` is the views' push."""
-    from ctsft_lens.discovery_config import DiscoveryConfig
+    from ctsft_lens.scoring import DiscoveryConfig
 
     batch = encode(tiny_qwen, examples)
     split = decompose(tiny_qwen, batch, [Source(1, 3)], ["unembed.hook_out"], means=means, decomposition="cdt-paper")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / "ctsft_lens"
 PACKAGE = "ctsft_lens"
 
 # The floors, bottom to top: a module sits on the floor of the longest name here that is it or a
-# package around it ("cdt.rules" before "cdt"); it may import its own floor and those below.
+# package around it; it may import its own floor and those below.
 FLOORS: list[tuple[str, ...]] = [
     ("errors", "hub", "progress"),
     ("options", "files", "distributed", "devices", "config_tables"),
@@ -33,11 +33,9 @@ FLOORS: list[tuple[str, ...]] = [
     ("batching", "forward", "metrics", "evaluate", "means"),
     ("circuit", "masks", "statistics"),  # statistics ranks heads as circuits do (rank_heads)
     ("train", "adapters", "eap_graph"),
-    ("cdt.rules",),  # below the discovery options, the rest of cdt/ above them: a folder split in two
-    ("discovery_config",),
-    ("cdt", "total_effect", "pattern_attribution"),
+    ("cdt",),  # takes Rules and plain values: nothing in it reads the discovery options
     ("faithfulness", "mib"),
-    ("scoring",),
+    ("scoring", "pattern_attribution"),  # pattern_attribution: the attribution-verified scoring, bound for scoring/
     ("discovery",),
     ("plots", "explore", "compare", "score_cache"),
     ("experiments",),
@@ -209,7 +207,7 @@ def test_no_cycle_even_through_function_imports_in_scoring_and_training():
     """An import inside a function hides a cycle from the module-level graph without removing it:
     the scoring layers (CD-T, total effect, the registry, discovery) and training have none."""
     modules = _modules()
-    mine = ("ctsft_lens.cdt", "ctsft_lens.scoring", "ctsft_lens.total_effect", "ctsft_lens.discovery",
+    mine = ("ctsft_lens.cdt", "ctsft_lens.scoring", "ctsft_lens.discovery",
             "ctsft_lens.train")
     keep = {m for m in modules if m.startswith(mine)}
     graph = {name: imports(name, modules, in_functions=True) & keep for name in keep}
@@ -238,16 +236,19 @@ def test_no_module_imports_names_from_the_root_facade():
 
 
 def test_scoring_layers():
-    """The scoring registry sits above CD-T and the total-effect scorings: neither imports it, nor
-    discovery, not even inside a function; the discovery options sit below all of them."""
+    """``cdt/`` takes Rules and plain values: nothing in it imports the scoring package (the discovery
+    options, the registry, expansion) or discovery, not even inside a function. In ``scoring/`` the
+    options read only cdt's rule table, and the total-effect scorings neither CD-T nor the registry."""
     modules = _modules()
-    above = {"ctsft_lens.scoring", "ctsft_lens.discovery"}
+    scoring = {m for m in modules if m.startswith("ctsft_lens.scoring")} | {"ctsft_lens.discovery"}
     for name in modules:
-        if name.startswith("ctsft_lens.cdt") or name in ("ctsft_lens.total_effect", "ctsft_lens.discovery_config"):
+        if name.startswith("ctsft_lens.cdt"):
             seen = imports(name, modules, in_functions=True)
-            assert not seen & above, f"{name} imports {sorted(seen & above)}"
-    config = imports("ctsft_lens.discovery_config", modules, in_functions=True)
+            assert not seen & scoring, f"{name} imports {sorted(seen & scoring)}"
+    config = imports("ctsft_lens.scoring.config", modules, in_functions=True)
     assert not {m for m in config if m.startswith("ctsft_lens.cdt.") and m != "ctsft_lens.cdt.rules"}, config
+    effect = imports("ctsft_lens.scoring.total_effect", modules, in_functions=True)
+    assert not {m for m in effect if m.startswith(("ctsft_lens.cdt", "ctsft_lens.scoring."))}, effect
 
 
 def test_every_module_sits_on_a_floor_and_every_floor_holds_one():
@@ -295,5 +296,5 @@ def test_the_walker_reads_functions_and_lazy_exports():
     seen = arrows(f"{PACKAGE}.a", modules, source)
     assert seen == {PACKAGE, f"{PACKAGE}.b", f"{PACKAGE}.c", f"{PACKAGE}.d", f"{PACKAGE}.p.e"}, seen
     assert _upward({"a": {"b", "c"}, "b": set(), "c": set()}, {"a": 1, "b": 0, "c": 2}) == [("a", "c")]
-    assert floor(f"{PACKAGE}.cdt.rules") < floor(f"{PACKAGE}.discovery_config") < floor(f"{PACKAGE}.cdt.relevance")
+    assert floor(f"{PACKAGE}.cdt.rules") == floor(f"{PACKAGE}.cdt.relevance") < floor(f"{PACKAGE}.scoring.config")
     assert floor(f"{PACKAGE}.nowhere") == -1 and floor(PACKAGE) == len(FLOORS) - 1

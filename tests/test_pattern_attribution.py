@@ -24,7 +24,7 @@ from ctsft_lens.models import tiny_model
 from ctsft_lens.models.architectures import attention_scale, sliding_windows, soft_caps
 from ctsft_lens.models.tiny import TINY_ARCHS
 from ctsft_lens.statistics import spearman
-from ctsft_lens.total_effect import attribution_per_example, patching_per_example
+from ctsft_lens.scoring.total_effect import attribution_per_example, patching_per_example
 
 
 def _recorder(store: dict, names: list[str]) -> list:

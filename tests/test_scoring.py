@@ -9,9 +9,9 @@ from ctsft_lens.errors import CtsftError
 from ctsft_lens.faithfulness import MeanAblation
 from ctsft_lens.metrics import logit_diff
 from ctsft_lens.forward import attn_results, hook_name, label_logits
-from ctsft_lens.means import head_means
+from ctsft_lens.means import head_means, z_means
 from ctsft_lens.scoring import (HEAD_SCORINGS, attribution_ig_scores, attribution_per_example, attribution_scores,
-                                head_scores, patching_scores, z_means)
+                                head_scores, patching_scores)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_cached_prefix_patching_equals_full_patching(arch, examples):
     """Issue #38: the blocks below a patched head return the clean forward's outputs instead of
     recomputing them; the scores are today's, on every family."""
     from ctsft_lens.models import tiny_model
-    from ctsft_lens.total_effect import patching_per_example
+    from ctsft_lens.scoring.total_effect import patching_per_example
 
     model = tiny_model(arch, n_layers=3)
     full = patching_per_example(model, examples, heads_per_forward=3, cached_prefix=False, progress=False)
@@ -189,7 +189,7 @@ def test_cached_prefix_patching_equals_full_patching(arch, examples):
 def test_cached_prefix_patching_skips_the_blocks_below(examples):
     """Each block computes only for the clean forward and the head groups at or below its layer."""
     from ctsft_lens.models import tiny_model
-    from ctsft_lens.total_effect import patching_per_example
+    from ctsft_lens.scoring.total_effect import patching_per_example
 
     model = tiny_model("qwen2", n_layers=4)
     layer_class = type(model.blocks[0].original_component)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ctsft_lens.cdt.expansion import n_to_keep
+from ctsft_lens.scoring.expansion import n_to_keep
 from ctsft_lens.circuit import Circuit, Edge, rank_heads, save_circuit, table_from_json
 from ctsft_lens.models import load_model
 from ctsft_lens.models.bridge import model_info

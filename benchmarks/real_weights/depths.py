@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from ctsft_lens.batching import batches, by_length
-from ctsft_lens.cdt import circuit_from_relevance, head_relevances
+from ctsft_lens.cdt import head_relevances
+from ctsft_lens.cdt.rules import resolve
+from ctsft_lens.scoring import circuit_from_relevance
 from ctsft_lens.cdt.relevance import Relevance
 from ctsft_lens.circuit import head_name, rank_heads, save_circuit, table_from_json
 from ctsft_lens.compare import judge_tables, per_example_metric, time_forward
@@ -68,7 +70,7 @@ def discover_phase(args: argparse.Namespace, model, task, out: Path) -> dict:
     forward = time_forward(model, list(batches(model, discovery, args.batch_size)))
     t0 = time.perf_counter()
     rels = head_relevances(model, discovery, scorings=SCORINGS, target="all", means=means,
-                           decomposition=args.decomposition, batch_size=args.batch_size, progress=not args.no_progress)
+                           rules=resolve(args.decomposition), batch_size=args.batch_size, progress=not args.no_progress)
     seconds = time.perf_counter() - t0
     saved = {"uids": uids, "labels": [ex.label for ex in discovery], "seconds": seconds,
              "decomposition": args.decomposition,

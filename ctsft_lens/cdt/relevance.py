@@ -34,16 +34,15 @@ from ctsft_lens.batching import batches, check_examples
 from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
 from ctsft_lens.cdt.health import BETA_LIMIT, Health, recon_tol, report_unstable
 from ctsft_lens.cdt.propagate import head_output, label_logits, propagate, source_positions, unembed
-from ctsft_lens.cdt.rules import PRESETS, Rules, resolve
+from ctsft_lens.cdt.rules import DEFAULT_PRESET, PRESETS, Rules
 from ctsft_lens.cdt.split import Source, Split
 from ctsft_lens.metrics import logit_diff
-from ctsft_lens.options import check_distinct
+from ctsft_lens.options import BASELINES, STREAMS, Baseline, Streams, check, check_distinct
 from ctsft_lens.models.architectures import soft_caps
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.circuit import Head
 from ctsft_lens.forward import hook_layer, run
 from ctsft_lens.means import head_means, z_means
-from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.tasks.base import Example
 
 
@@ -136,26 +135,30 @@ def _cdt_only(scorings: Sequence[str]) -> tuple[str, ...]:
 def head_relevances(
     model: Any,
     examples: Sequence[Example],
-    config: DiscoveryConfig | None = None,
     *,
+    rules: Rules = PRESETS[DEFAULT_PRESET],
     scorings: Sequence[str] = tuple(_READOUTS),
     target: Literal["logits", "all"] | Sequence[Head] = "logits",
     sources: Sequence[Head] | None = None,
     reference: Sequence[Example] | None = None,
     means: Float[torch.Tensor, "n_layers n_heads d_model"] | None = None,
+    baseline: Baseline = "mean",
+    positions: tuple[int, ...] | None = None,
+    streams: Streams = "beta",
+    strict: bool = True,
     batch_size: int = 8,
     memory_gb: float | None = None,
     progress: bool = True,
-    **options: Any,
 ) -> dict[str, Relevance]:
     """CD-T relevance of every head upstream of ``target`` (the logits, each listed head, or ``"all"``:
     the logits then every head of layers 1.. in order, as discovery reads all depths from), for
     each CD-T scoring in ``scorings`` from **one** propagation (they differ only in how they read β
     and γ at the target, so projection and magnitude together cost what one costs).
 
-    The options are the fields of ``config`` (:class:`~ctsft_lens.discovery_config.DiscoveryConfig`;
-    keyword ``options`` override them; ``config.scoring`` is not read): ``baseline``,
-    ``decomposition`` (the rule set, resolved here once), ``streams``, ``strict``, ``positions``.
+    ``rules``: the CD-T rule set, a :class:`~ctsft_lens.cdt.rules.Rules` (``cdt.rules.resolve`` reads a
+    rule-set string; default: the ``DEFAULT_PRESET``). The other options are plain values: the
+    fields of the same name of the discovery options, which the scoring registry
+    (``ctsft_lens.scoring``) unpacks from a ``DiscoveryConfig`` into these arguments.
     ``sources`` restricts the heads scored (default: all heads upstream of some target);
     ``positions`` limits each source to those prompt tokens (negative from the end; default all).
     ``baseline="mean"`` subtracts each source head's label-balanced mean output over
@@ -169,9 +172,10 @@ def head_relevances(
     One scoring, any of the registry's: ``ctsft_lens.scoring.head_relevance``.
     """
     scorings = _cdt_only(scorings)
-    config = discovery_config(config, **options)
-    baseline, positions, streams, strict = config.baseline, config.positions, config.streams, config.strict
-    rules = resolve(config.decomposition)
+    if not isinstance(rules, Rules):
+        raise TypeError(f"rules must be a cdt.rules.Rules (cdt.rules.resolve reads a rule-set string), got {rules!r}")
+    check("baseline", baseline, BASELINES, error=ValueError)
+    check("streams", streams, STREAMS, error=ValueError)
     check_examples(examples)
     cfg = model.cfg
     targets: tuple[Head | None, ...]

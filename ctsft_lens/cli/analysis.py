@@ -10,7 +10,6 @@ from typing import Any
 
 from ctsft_lens.circuit import load_circuit
 from ctsft_lens.compare import compare_methods, method_spec
-from ctsft_lens.discovery_config import DiscoveryConfig
 from ctsft_lens.distributed import is_main
 from ctsft_lens.errors import CLIError, CtsftError, MaskError
 from ctsft_lens.explore import BACKENDS, circuit_report
@@ -20,7 +19,7 @@ from ctsft_lens.masks import circuit_mask
 from ctsft_lens.mib import mib_curve
 from ctsft_lens.options import MEAN_POSITIONS, PROTOCOLS, SPLITS
 from ctsft_lens.plots import plot_circuit, plot_comparison, plot_faithfulness, plot_relevance, save_png
-from ctsft_lens.scoring import HEAD_SCORINGS
+from ctsft_lens.scoring import HEAD_SCORINGS, DiscoveryConfig
 from ctsft_lens.tasks import load_task
 from ctsft_lens.cli import common
 from ctsft_lens.cli.common import (_add_discovery_config, _add_model, _add_out, _add_task, _discovery_config,

@@ -12,12 +12,12 @@ from typing import Any, Callable
 
 from ctsft_lens.batching import check_fit
 from ctsft_lens.devices import DEVICE_HELP, DTYPES
-from ctsft_lens.discovery_config import DiscoveryConfig, cli_fields
 from ctsft_lens.distributed import is_main, rank_device
 from ctsft_lens.errors import CtsftError, TaskError
 from ctsft_lens.files import atomic_write_text, write_json
 from ctsft_lens.models import load_model
-from ctsft_lens.scoring import HEAD_SCORINGS
+from ctsft_lens.scoring import HEAD_SCORINGS, DiscoveryConfig
+from ctsft_lens.scoring.config import cli_fields
 from ctsft_lens.tasks import TASKS
 from ctsft_lens.train import TrainConfig
 

@@ -24,7 +24,7 @@ test, from the floor module that defines and uses it (``ctsft_lens.experiments.s
 
 from __future__ import annotations
 
-from ctsft_lens.discovery_config import DiscoveryConfig
+from ctsft_lens.scoring import DiscoveryConfig
 from ctsft_lens.errors import ConfigError, CtsftError
 from ctsft_lens.experiments.config import STAGE_FIELDS, ExperimentConfig, RetentionPair, StageConfig
 from ctsft_lens.experiments.presets import quickstart_config, smoke_config

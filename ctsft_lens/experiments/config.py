@@ -17,12 +17,11 @@ else:  # Python 3.10: the same parser, as a package (a dependency there)
 
 from ctsft_lens.config_tables import as_table, from_table, table_values
 from ctsft_lens.devices import DTYPES
-from ctsft_lens.discovery_config import DiscoveryConfig
 from ctsft_lens.errors import ConfigError
 from ctsft_lens.masks import VARIANTS
 from ctsft_lens.models.default import DefaultModelConfig, cache_folder
 from ctsft_lens.options import check_value
-from ctsft_lens.scoring import HEAD_SCORINGS
+from ctsft_lens.scoring import HEAD_SCORINGS, DiscoveryConfig
 from ctsft_lens.tasks import TASKS, TaskError
 from ctsft_lens.train.trainer import TrainConfig
 

@@ -7,9 +7,10 @@ their rows in docs/cli.md (generated from both). ``discover``, ``head_relevance`
 ``compare_methods`` and the experiment runner take a config and read the fields they use, so a new
 option is one field here plus the line that uses it.
 
-The module sits low in the import graph (options, errors and the CD-T rule table only): the CD-T
-engine, the total-effect scorings and the scoring registry above them all import it. Which
-scorings exist is the registry's (``ctsft_lens.scoring.HEAD_SCORINGS``); it validates ``scoring``.
+The module imports only options, errors and the CD-T rule table; nothing in ``cdt/`` imports it:
+the scoring registry (``registry.py``) unpacks a config into the rule set and plain values that
+``cdt.relevance.head_relevances`` takes. Which scorings exist is the registry's
+(``ctsft_lens.scoring.HEAD_SCORINGS``); it validates ``scoring``.
 """
 
 from __future__ import annotations

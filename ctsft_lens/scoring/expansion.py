@@ -12,7 +12,7 @@ then table lookups. Depths 0..D together cost what depth 0 costs (the public CD-
 ctsft_lens 0.1, propagate again per depth), and several scorings share that pass too.
 
 Scoring then expanding, for every scoring of the registry: ``ctsft_lens.discovery.discover`` (a
-floor above ``cdt/``); this module expands a table already scored.
+floor above this package); this module expands a table already scored.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any
 
 import torch
 
-from ctsft_lens.cdt.relevance import _READOUTS, Relevance
+from ctsft_lens.cdt.relevance import Relevance
 from ctsft_lens.circuit import Circuit, Edge, Head, rank_heads
-from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.models.bridge import model_info
 from ctsft_lens.options import Aggregate, Select
+from ctsft_lens.scoring.config import DiscoveryConfig, discovery_config
+from ctsft_lens.scoring.registry import HEAD_SCORINGS, check_scoring
 
 
 def n_to_keep(ratio: float, n_heads_total: int) -> int:
@@ -41,10 +42,11 @@ def circuit_from_relevance(model: Any, rel: Relevance, config: DiscoveryConfig |
     scored, recorded in the file). Lets one saved pass be expanded at several ratios or depths."""
     config = discovery_config(config, **overrides)
     ratio, max_depth, aggregate = config.ratio, config.max_depth, config.aggregate
+    check_scoring(rel.scoring)
     cfg = model.cfg
     k = n_to_keep(ratio, cfg.n_layers * cfg.n_heads)
-    heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate, total_effect=rel.scoring not in _READOUTS,
-                                           select=config.select)
+    heads_by_depth, tables, edges = expand(rel, k, max_depth, aggregate,
+                                           total_effect=not HEAD_SCORINGS[rel.scoring].cdt, select=config.select)
     opts = {**(options or {}), "aggregate": aggregate, "target_position": "last", "max_depth": max_depth,
             "n_keep_per_depth": k, "select": config.select}
     return Circuit(heads_by_depth, tables, edges, rel.scoring, ratio, model_info(model, checksum=True), opts,

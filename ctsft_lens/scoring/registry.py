@@ -3,13 +3,15 @@
 ``HEAD_SCORINGS[name].score(model, examples, config, metric, **run)`` gives a
 :class:`~ctsft_lens.cdt.relevance.Relevance`, the per-example head tables ``[target, example,
 n_layers, n_heads]``, for CD-T's ``projection`` and ``magnitude`` (``cdt.relevance``) and the
-total-effect scorings ``attribution``, ``attribution-ig`` and ``patching`` (``total_effect``).
-``config`` is the :class:`~ctsft_lens.discovery_config.DiscoveryConfig` (each scoring reads the fields
-it uses), ``metric`` the task metric of the total-effect scorings (CD-T has none: it reads β at the
-logits); ``run`` holds how to run it (``target``, ``sources``, ``reference``, ``means``,
-``batch_size``, ``memory_gb``, ``progress``).
+total-effect scorings ``attribution``, ``attribution-ig``, ``attribution-verified`` and ``patching``
+(``total_effect``, ``pattern_attribution``). ``config`` is the
+:class:`~ctsft_lens.scoring.config.DiscoveryConfig` (each scoring reads the fields it uses; for CD-T
+:func:`cdt_options` unpacks it into the rule set and plain values ``cdt/`` takes), ``metric`` the
+task metric of the total-effect scorings (CD-T has none: it reads β at the logits); ``run`` holds
+how to run it (``target``, ``sources``, ``reference``, ``means``, ``batch_size``, ``memory_gb``,
+``progress``).
 
-This module sits above both ``cdt/`` and ``total_effect``, and neither imports it: the ``--scoring``
+This module sits above ``cdt/`` and ``total_effect``, and neither imports it: the ``--scoring``
 and ``compare --method`` choices, the TOML check of ``discovery.scoring``, :func:`head_relevance`,
 discovery (``ctsft_lens.discovery``) and ``compare`` all read this one dict, so every scoring is valid
 everywhere and a new scoring is one entry (a CD-T one also its read-out in ``cdt.relevance``).
@@ -24,18 +26,15 @@ import torch
 from jaxtyping import Float
 
 from ctsft_lens.cdt.relevance import Relevance, head_relevances
+from ctsft_lens.cdt.rules import resolve
 from ctsft_lens.circuit import Head
-from ctsft_lens.discovery_config import DiscoveryConfig, discovery_config
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.metrics import Metric
 from ctsft_lens.means import head_means
 from ctsft_lens.options import check, check_distinct
-from ctsft_lens.pattern_attribution import pattern_attribution_per_example
+from ctsft_lens.scoring.config import DiscoveryConfig, discovery_config
+from ctsft_lens.scoring.total_effect import attribution_per_example, patching_per_example
 from ctsft_lens.tasks.base import Example
-from ctsft_lens.total_effect import (  # noqa: F401  (re-exported: they lived here)
-    attribution_ig_scores, attribution_per_example, attribution_scores, patching_per_example, patching_scores,
-    z_means,
-)
 
 Target = Literal["logits", "all"] | Sequence[Head]
 Scorer = Callable[..., Relevance]
@@ -63,13 +62,32 @@ class HeadScoring:
                           progress=progress).per_example[0]
 
 
+def cdt_options(config: DiscoveryConfig) -> dict[str, Any]:
+    """The discovery options CD-T reads, as ``cdt.relevance.head_relevances`` takes them: the rule set
+    (``decomposition`` resolved, once) and the plain values ``baseline``, ``positions``, ``streams``,
+    ``strict``."""
+    return dict(rules=resolve(config.decomposition), baseline=config.baseline, positions=config.positions,
+                streams=config.streams, strict=config.strict)
+
+
 def _cdt(name: str) -> Scorer:
     def score(model: Any, examples: Sequence[Example], config: DiscoveryConfig, metric: Metric | None = None,
               **run: Any) -> Relevance:
         if metric is not None:
             raise CtsftError(f"scoring {name!r} is a CD-T scoring: it has no metric option")
-        return head_relevances(model, examples, config, scorings=(name,), **run)[name]
+        return head_relevances(model, examples, scorings=(name,), **cdt_options(config), **run)[name]
     return score
+
+
+def _pattern_attribution(model: Any, examples: Sequence[Example], config: DiscoveryConfig,
+                         **kw: Any) -> torch.Tensor:
+    # Imported here until pattern_attribution.py moves into this package: at the top level it imports
+    # scoring.total_effect, so a module-level import would run this package's __init__ in a loop.
+    from ctsft_lens.pattern_attribution import pattern_attribution_per_example
+
+    return pattern_attribution_per_example(model, examples, verify_top=config.verify_top,
+                                           verify_flag=config.verify_flag,
+                                           heads_per_forward=config.heads_per_forward, **kw)
 
 
 def _total_effect(name: str, table: Callable[..., torch.Tensor]) -> Scorer:
@@ -111,9 +129,7 @@ HEAD_SCORINGS: dict[str, HeadScoring] = {
             model, ex, ig_steps=config.ig_steps, **kw)), False, "1 forward + ig_steps x (forward + backward)",
         "integrated gradients of m on the straight line μ → z, --ig-steps midpoint steps"),
     "attribution-verified": HeadScoring(
-        "attribution-verified", _total_effect("attribution-verified", lambda model, ex, config, **kw: (
-            pattern_attribution_per_example(model, ex, verify_top=config.verify_top, verify_flag=config.verify_flag,
-                                            heads_per_forward=config.heads_per_forward, **kw))), False,
+        "attribution-verified", _total_effect("attribution-verified", _pattern_attribution), False,
         "1 forward + 1 backward + per-head corrections + exact patching of the verified heads",
         "attribution with each head's own MLP and every later attention pattern recomputed exactly, then exact "
         "patching of the --verify-top heads and of those whose correction is large"),
@@ -147,7 +163,7 @@ def relevances(model: Any, examples: Sequence[Example], config: DiscoveryConfig 
     if shared:
         if metric is not None:
             raise CtsftError(f"scoring {shared[0]!r} is a CD-T scoring: it has no metric option")
-        out.update(head_relevances(model, examples, config, scorings=shared, target=target, **run))
+        out.update(head_relevances(model, examples, scorings=shared, target=target, **cdt_options(config), **run))
     for name in scorings:
         if name not in out:
             out[name] = HEAD_SCORINGS[name].score(model, examples, config, metric, target=target, **run)
@@ -160,7 +176,7 @@ def head_relevance(model: Any, examples: Sequence[Example], config: DiscoveryCon
                    batch_size: int = 8, memory_gb: float | None = None, progress: bool = True,
                    metric: Metric | None = None, **options: Any) -> Relevance:
     """Relevance of every head by ``config.scoring``, any scoring of ``HEAD_SCORINGS`` (keyword
-    ``options``: fields of :class:`~ctsft_lens.discovery_config.DiscoveryConfig` overriding
+    ``options``: fields of :class:`~ctsft_lens.scoring.config.DiscoveryConfig` overriding
     ``config``): the one way to score heads. CD-T scorings: see ``cdt.relevance.head_relevances``
     (head targets, source positions, the rule set...); the total-effect ones score against the
     logits only."""

@@ -35,8 +35,8 @@ with the sign that makes a helpful head positive (``m(clean) − m(patched)``):
   recomputes every block (the previous path; same scores to float tolerance, tested).
 
 These are the scoring functions; the one registry of every head scoring (CD-T's ``projection`` and
-``magnitude`` and these three) is ``ctsft_lens.scoring.HEAD_SCORINGS``, above this module and
-``cdt/``: nothing here imports CD-T.
+``magnitude`` and these three) is ``ctsft_lens.scoring.HEAD_SCORINGS`` (``registry.py``, beside
+this module): nothing here imports CD-T or the registry.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from ctsft_lens.circuit import Head
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.metrics import Metric, logit_diff
 from ctsft_lens.forward import hook_name, run
-from ctsft_lens.means import head_means, z_means  # z_means re-exported: it lived here
+from ctsft_lens.means import head_means, z_means
 from ctsft_lens.progress import progress_bar
 from ctsft_lens.tasks.base import Example
 
