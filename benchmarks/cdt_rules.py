@@ -60,7 +60,7 @@ def load(args: argparse.Namespace) -> tuple[Any, list, torch.Tensor, str]:
 
 def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_size: int) -> dict[str, Any]:
     """Per-example table ``[n, L, H]`` of one scorer, its unstable heads and its seconds."""
-    from ctsft_lens.pattern_attribution import pattern_attribution_per_example
+    from ctsft_lens.scoring.pattern_attribution import pattern_attribution_per_example
     from ctsft_lens.scoring import head_relevance
     from ctsft_lens.scoring.total_effect import attribution_per_example, patching_per_example
 

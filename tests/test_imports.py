@@ -35,7 +35,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("train", "adapters", "eap_graph"),
     ("cdt",),  # takes Rules and plain values: nothing in it reads the discovery options
     ("faithfulness", "mib"),
-    ("scoring", "pattern_attribution"),  # pattern_attribution: the attribution-verified scoring, bound for scoring/
+    ("scoring",),
     ("discovery",),
     ("plots", "explore", "compare", "score_cache"),
     ("experiments",),

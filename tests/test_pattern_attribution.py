@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from ctsft_lens import pattern_attribution as pa
+from ctsft_lens.scoring import pattern_attribution as pa
 from ctsft_lens.batching import batches
 from ctsft_lens.cdt.attention import allowed_keys
 from ctsft_lens.circuit import rank_heads

@@ -34,6 +34,7 @@ from ctsft_lens.means import head_means
 from ctsft_lens.options import check, check_distinct
 from ctsft_lens.scoring.config import DiscoveryConfig, discovery_config
 from ctsft_lens.scoring.total_effect import attribution_per_example, patching_per_example
+from ctsft_lens.scoring.pattern_attribution import pattern_attribution_per_example
 from ctsft_lens.tasks.base import Example
 
 Target = Literal["logits", "all"] | Sequence[Head]
@@ -81,9 +82,6 @@ def _cdt(name: str) -> Scorer:
 
 def _pattern_attribution(model: Any, examples: Sequence[Example], config: DiscoveryConfig,
                          **kw: Any) -> torch.Tensor:
-    # Imported here until pattern_attribution.py moves into this package: at the top level it imports
-    # scoring.total_effect, so a module-level import would run this package's __init__ in a loop.
-    from ctsft_lens.pattern_attribution import pattern_attribution_per_example
 
     return pattern_attribution_per_example(model, examples, verify_top=config.verify_top,
                                            verify_flag=config.verify_flag,
