@@ -138,7 +138,7 @@ def test_options_are_checked(tiny_qwen, indonesian):
 def test_no_verification_is_the_estimate_and_heads_restrict(tiny_qwen, indonesian):
     examples = indonesian.sample(3, "train", seed=0)
     details: dict = {}
-    out = pattern_attribution_per_example(tiny_qwen, examples, verify_top=0, verify_flag=float("inf"),
+    out = pattern_attribution_per_example(tiny_qwen, examples, verify_top=0, verify_flag=float("inf"), verify_sink=float("inf"),
                                           heads=[(1, 3), (0, 5)], progress=False, details=details)
     assert details["verified"] == []
     assert torch.equal(out.isnan(), details["corrected"].isnan())

@@ -76,6 +76,9 @@ class DiscoveryConfig:
     verify_flag: float = _opt(0.1, "attribution-verified: also re-score a head whose non-linear correction is at "
                                    "least this share of the largest |estimate|", cli=(DISCOVER, COMPARE),
                               key="if-set")
+    verify_sink: float = _opt(0.5, "attribution-verified: also re-score a head whose ablation moves the first "
+                                   "token's key or value (the attention sink) by this share of its norm at some "
+                                   "layer", cli=(DISCOVER, COMPARE), key="if-set")
     depth: int | None = _opt(None, "experiment: circuit depth the masks use (none: the deepest reached)", cli=(),
                              key="never")
     depths: tuple[int, ...] = _opt((), "experiment: report the circuit-based variants at each of these depths (one "
@@ -96,6 +99,7 @@ class DiscoveryConfig:
             (self.heads_per_forward >= 1, f"heads_per_forward must be >= 1, got {self.heads_per_forward}"),
             (self.verify_top >= 0, f"verify_top must be >= 0, got {self.verify_top}"),
             (self.verify_flag > 0, f"verify_flag must be > 0 (inf: flag none), got {self.verify_flag}"),
+            (self.verify_sink > 0, f"verify_sink must be > 0 (inf: flag none), got {self.verify_sink}"),
             (self.mean_n is None or self.mean_n >= 1, f"mean_n must be >= 1, got {self.mean_n}"),
             (self.depth is None or 0 <= self.depth <= self.max_depth,
              f"depth must be in 0..max_depth ({self.max_depth}), got {self.depth}"),

@@ -20,8 +20,14 @@ and every later layer ``l'``:
    the score becomes ``attribution − ⟨∂m/∂P, ΔP − δP⟩`` with ``∂m/∂P = ∂m/∂z · vᵀ`` (exact: ``z = P v``)
    from the same backward pass.
 
-Then the ``top_k`` heads by corrected score, and every head whose correction is at least
-``flag`` × the largest |corrected score|, are re-scored by exact patching from cached prefixes
+The first real token attends only to itself, so its own stream under each ablation is a
+one-token forward (shared by every example that starts with that token): its exact key joins the
+recomputed softmax of step 2 at every later layer, its value enters to first order. On Qwen2.5 the
+first token carries the massive channel, and some early heads act mainly through it (the sink).
+
+Then the ``verify_top`` heads by estimate, every head whose correction is at least ``verify_flag``
+× the largest |estimate|, and every head that moves the first token's key or value by at least
+``verify_sink`` of its norm, are re-scored by exact patching from cached prefixes
 (``total_effect.patching_per_example``), as AtP* verifies its candidates.
 
 Approximations it keeps (each measured in benchmarks/RESULTS_cdt_rules.md): only the direct
@@ -67,6 +73,10 @@ Queries = Literal["last", "all"]
 QUERIES: Queries = "last"
 """Which query rows of the later patterns are recomputed: the last prompt token's (where the metric
 is read; the default, measured in benchmarks/RESULTS_cdt_rules.md) or every position's."""
+SINK = 0.5
+"""A head whose ablation moves the first token's key or value at some later layer by at least this
+share of its norm is re-scored exactly too: that path runs through the attention sink, whose
+response the estimate reads to first order (``verify_sink``; measured in benchmarks/RESULTS_cdt_rules.md)."""
 MAX_ELEMENTS = 2**25
 """Largest ``[source, batch, head, q, k]`` pattern tensor built at once: sources are chunked to fit."""
 
@@ -444,6 +454,7 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
     rows = slice(-1, None) if queries == "last" else slice(None)  # the query rows recomputed
     step = max(1, MAX_ELEMENTS // (b * n_pos * max(n_heads * n_pos, int(model.cfg.d_mlp))))
     shared: dict[int, tuple] = {}
+    sink = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     for layer in range(n_layers):
         heads = [h for h in range(n_heads) if bool(select[layer, h])]
         g_post = grads[hook_name(layer, "hook_resid_post")]
@@ -454,40 +465,50 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
             total = delta.dot(g_post).sum(-1).double()  # [S, B]: the write itself, on the skip path
             total += (_mlp_removed(model, cache, layer, delta) * g_hidden[None]).sum((-1, -2)).double()
             runs = _first_token_runs(model, first_ids, mu_z, layer, part) if layer < n_layers - 1 else {}
+            for name, t in runs.items():  # how far each source moves the first token's keys and values
+                shift = ((t[:, 1:] - t[:, :1]).flatten(2).norm(dim=-1) / t[:, :1].flatten(2).norm(dim=-1)).amax(0)
+                sink[layer, part] = torch.maximum(sink[layer, part], shift.double().cpu())
             for later in range(layer + 1, n_layers):
                 effect, key = _first_token_effect(model, cache, grads, runs, later, token, first, real, shared, rows)
                 total -= effect.double()
                 total -= _pattern_term(model, cache, later, delta, grad_patterns[later], allowed[windows[later]],
                                        rows, (first, key)).double()
             estimate[:, layer, part] = total.T.cpu()
-    return attribution, estimate
+    return attribution, estimate, sink
 
 
 def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, means: torch.Tensor | None = None,
                                     heads: Sequence[Head] | None = None, metric: Metric | None = None,
                                     batch_size: int = 8, verify_top: int = TOP_K, verify_flag: float = FLAG,
-                                    heads_per_forward: int = 8, queries: Queries = QUERIES, progress: bool = True,
+                                    verify_sink: float = SINK, heads_per_forward: int = 8,
+                                    queries: Queries = QUERIES, progress: bool = True,
                                     details: dict[str, Any] | None = None
                                     ) -> Float[torch.Tensor, "example n_layers n_heads"]:
     """Per-example scores ``[n, L, H]`` (NaN: not in ``heads``): attribution with every later
     attention pattern recomputed exactly, then exact patching of the verified heads (module
-    docstring). ``verify_top=0`` and ``verify_flag=inf`` skip the exact step. ``details``: a dict
-    filled with the uncorrected ``attribution``, the ``corrected`` estimate and the ``verified`` heads."""
+    docstring). ``verify_top=0`` and ``verify_flag=verify_sink=inf`` skip the exact step. ``details``:
+    a dict filled with the uncorrected ``attribution``, the ``corrected`` estimate, each head's ``sink``
+    shift and the ``verified`` heads."""
     if not isinstance(verify_top, int) or isinstance(verify_top, bool) or verify_top < 0:
         raise CtsftError(f"verify_top must be an integer >= 0, got {verify_top!r}")
     check("queries", queries, get_args(Queries))
     if not verify_flag > 0:
         raise CtsftError(f"verify_flag must be > 0 (inf: flag nothing), got {verify_flag!r}")
+    if not verify_sink > 0:
+        raise CtsftError(f"verify_sink must be > 0 (inf: flag nothing), got {verify_sink!r}")
     if means is None:
         means = head_means(model, examples, batch_size=batch_size, progress=progress)
     mu_z, batch_list = prepare(model, examples, means, batch_size, progress)
     select = head_table(model, heads)
     fn = metric or logit_diff
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sink = torch.zeros(select.shape, dtype=torch.float64)
 
     def per_batch(batch: Batch) -> torch.Tensor:
-        attribution, estimate = _batch_scores(model, batch, mu_z, select, fn, queries)
+        nonlocal sink
+        attribution, estimate, shift = _batch_scores(model, batch, mu_z, select, fn, queries)
         parts.append((attribution, estimate))
+        sink = torch.maximum(sink, shift)
         return estimate
 
     corrected = score_tables(per_batch, batch_list, len(examples), select, "attribution + exact patterns", progress)
@@ -498,7 +519,9 @@ def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, mean
     verified = {head for _, head in ranked[:verify_top]}
     big = correction.double().mean(0).abs()
     limit = verify_flag * float(mean.abs().nan_to_num(0.0).max())
-    verified |= {(int(l), int(h)) for l, h in (big >= limit).nonzero().tolist() if bool(select[l, h])} if limit > 0 else set()
+    flagged = (big >= limit) if limit > 0 else torch.zeros_like(select)
+    flagged |= sink >= verify_sink  # moves the first token's keys or values: the sink, read to first order
+    verified |= {(int(l), int(h)) for l, h in (flagged & select).nonzero().tolist()}
     out = corrected.clone()
     if verified:
         exact = patching_per_example(model, examples, means=means, heads=sorted(verified),
@@ -507,5 +530,5 @@ def pattern_attribution_per_example(model: Any, examples: Sequence[Any], *, mean
         for layer, head in verified:
             out[:, layer, head] = exact[:, layer, head]
     if details is not None:
-        details.update(attribution=attribution, corrected=corrected, verified=sorted(verified))
+        details.update(attribution=attribution, corrected=corrected, sink=sink.float(), verified=sorted(verified))
     return out

@@ -82,9 +82,8 @@ def _cdt(name: str) -> Scorer:
 
 def _pattern_attribution(model: Any, examples: Sequence[Example], config: DiscoveryConfig,
                          **kw: Any) -> torch.Tensor:
-
     return pattern_attribution_per_example(model, examples, verify_top=config.verify_top,
-                                           verify_flag=config.verify_flag,
+                                           verify_flag=config.verify_flag, verify_sink=config.verify_sink,
                                            heads_per_forward=config.heads_per_forward, **kw)
 
 
