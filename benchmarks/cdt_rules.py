@@ -252,11 +252,11 @@ def frontier_points(folder: Path) -> list[dict[str, Any]]:
     ex6 = set(rank_heads(exact.float())[:6])
     points = []
     for r in runs.values():
-        if r.get("rows"):
+        if r.get("rows") and len(r["rows"]) != runs["patching"]["table"].shape[0]:  # a --subset row
             continue
         t = r["table"].double().mean(0)
         points.append({"study": f"{meta['model']} · {meta['task']} {meta['lang']}", "scorer": label(r),
-                       "fe": r["seconds"] / r["forward_seconds"], "spearman": spearman(t, exact),
+                       "fe": float(r["seconds"] / r["forward_seconds"]), "spearman": float(spearman(t, exact)),
                        "top6": len(set(rank_heads(t.float())[:6]) & ex6)})
     return points
 
