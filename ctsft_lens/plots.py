@@ -36,6 +36,16 @@ def _color(name: str, i: int) -> str:
     return COLORS.get(name.split("/")[0], _PALETTE[i % len(_PALETTE)])
 
 
+def _random_band(fig: go.Figure, band: Any, name: str) -> list[float]:
+    """The random circuits' mean ± 1 sd as a grey band in the left panel; returns its x (% of heads)."""
+    x = [100 * f for f in band.fractions]
+    hi = [m + s for m, s in zip(band.mean, band.std)]
+    lo = [m - s for m, s in zip(band.mean, band.std)]
+    fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
+                             mode="lines", line={"width": 0}, hoverinfo="skip", name=name), row=1, col=1)
+    return x
+
+
 def _finish(fig: go.Figure, save_html: str | Path | None, plotlyjs: bool | str) -> go.Figure:
     if save_html is not None:
         path = Path(save_html)
@@ -138,13 +148,7 @@ def plot_faithfulness(report: FaithfulnessReport, *, save_html: str | Path | Non
     fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness vs circuit size", "faithfulness vs depth"))
     band = report.random
     if band is not None:
-        x = [100 * f for f in band.fractions]
-        hi = [m + s for m, s in zip(band.mean, band.std)]
-        lo = [m - s for m, s in zip(band.mean, band.std)]
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
-                                 mode="lines", line={"width": 0}, hoverinfo="skip",
-                                 name=f"random ±1 sd ({len(band.seeds)} seeds)"),
-                      row=1, col=1)
+        x = _random_band(fig, band, f"random ±1 sd ({len(band.seeds)} seeds)")
         fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
                                  name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
     for i, (name, curve) in enumerate(report.topk.items()):
@@ -421,11 +425,7 @@ def plot_comparison(comparison: Comparison, *, save_html: str | Path | None = No
     fig = make_subplots(rows=1, cols=2, subplot_titles=("faithfulness of the top-k heads", "CPR against cost"))
     band = comparison.random
     if band is not None:
-        x = [100 * f for f in band.fractions]
-        hi = [m + s for m, s in zip(band.mean, band.std)]
-        lo = [m - s for m, s in zip(band.mean, band.std)]
-        fig.add_trace(go.Scatter(x=x + x[::-1], y=hi + lo[::-1], fill="toself", fillcolor="rgba(128,128,128,0.25)",
-                                 mode="lines", line={"width": 0}, hoverinfo="skip", name="random ±1 sd"), row=1, col=1)
+        x = _random_band(fig, band, "random ±1 sd")
         fig.add_trace(go.Scatter(x=x, y=band.mean, mode="lines", line={"color": "gray", "dash": "dash"},
                                  name=f"random mean (CPR {band.cpr[0]:.2f})"), row=1, col=1)
     costs = [max(r.forward_equivalents, 1e-3) for r in comparison.methods.values()]

@@ -133,6 +133,10 @@ def test_options_are_checked(tiny_qwen, indonesian):
         pattern_attribution_per_example(tiny_qwen, examples, verify_top=-1, progress=False)
     with pytest.raises(CtsftError, match="verify_flag"):
         pattern_attribution_per_example(tiny_qwen, examples, verify_flag=0.0, progress=False)
+    with pytest.raises(CtsftError, match="verify_sink"):
+        pattern_attribution_per_example(tiny_qwen, examples, verify_sink=-1.0, progress=False)
+    with pytest.raises(CtsftError, match="queries"):
+        pattern_attribution_per_example(tiny_qwen, examples, queries="first", progress=False)
 
 
 def test_no_verification_is_the_estimate_and_heads_restrict(tiny_qwen, indonesian):

@@ -86,7 +86,6 @@ class _LowRank:
 
     def __init__(self, dz: torch.Tensor, w_o: torch.Tensor) -> None:
         self.dz, self.w_o = dz, w_o  # [S, B, P, e], [S, e, d]
-        self.d = w_o.shape[-1]
 
     def project(self, matrix: torch.Tensor, keep: slice = slice(None)) -> torch.Tensor:  # β @ matrix: [S, B, P, n]
         dz = self.dz[:, :, keep]
@@ -111,7 +110,6 @@ class _Full:
 
     def __init__(self, beta: torch.Tensor) -> None:
         self.beta = beta
-        self.d = beta.shape[-1]
 
     def project(self, matrix: torch.Tensor, keep: slice = slice(None)) -> torch.Tensor:
         return self.beta[:, :, keep] @ matrix
