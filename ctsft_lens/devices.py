@@ -107,16 +107,35 @@ def bf16_supported(device: str) -> bool:
 THREADS_ENV = "CTSFT_THREADS"
 
 
-def idle_cores(window: float = 0.1) -> float | None:
-    """How many CPU cores were idle over the last ``window`` seconds (Linux ``/proc/stat``; None
-    elsewhere). Instantaneous, unlike the load average, which lags a finished job by minutes."""
+def _free_and_total(fields: list[int], niced_yield: bool) -> tuple[int, int]:
+    """Free and total jiffies from one ``/proc/stat`` cpu line (user nice system idle iowait irq
+    softirq steal): idle and iowait are free; so is niced time when ``niced_yield`` (a process at
+    nice <= 0 takes the cores from niced work: beside a niced two-thread training job the quickstart
+    took 93 s with two threads against 118 s with one, benchmarks/RESULTS.md "Threads")."""
+    free = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    if niced_yield:
+        free += fields[1]
+    return free, sum(fields[:8])
+
+
+def idle_cores(window: float = 0.1, niced_yield: bool | None = None) -> float | None:
+    """How many CPU cores were free over the last ``window`` seconds (Linux ``/proc/stat``; None
+    elsewhere): idle, or running only niced work that yields to this process (``niced_yield``;
+    default: when this process runs at nice <= 0). Instantaneous, unlike the load average, which
+    lags a finished job by minutes."""
+    if niced_yield is None:
+        try:
+            niced_yield = os.getpriority(os.PRIO_PROCESS, 0) <= 0
+        except (AttributeError, OSError):
+            niced_yield = False
+
     def snapshot() -> tuple[int, int] | None:
         try:
             with open("/proc/stat") as f:
                 fields = [int(x) for x in f.readline().split()[1:]]
         except (OSError, ValueError):
             return None
-        return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])  # idle + iowait, total
+        return _free_and_total(fields, niced_yield)
 
     first = snapshot()
     if first is None:

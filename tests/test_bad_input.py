@@ -570,6 +570,21 @@ def test_idle_cores_reads_a_number_on_linux():
         assert free is not None and 0 <= free <= (__import__("os").cpu_count() or 1) + 1e-9
 
 
+def test_niced_work_counts_as_free_only_for_a_process_it_yields_to():
+    """A niced neighbour yields its cores to a nice-0 process (measured: the quickstart beside a
+    niced training job, 93 s with two threads, 118 s with one); an equal-priority one does not."""
+    from ctsft_lens.devices import _free_and_total
+
+    # one second on 2 cores: a niced job on both (nice 200 jiffies), nothing idle
+    fields = [0, 200, 0, 0, 0, 0, 0, 0]
+    assert _free_and_total(fields, niced_yield=True) == (200, 200)  # 2 cores free for a nice-0 process
+    assert _free_and_total(fields, niced_yield=False) == (0, 200)   # none for a niced one
+    # the same load at nice 0 (user time) is busy either way
+    assert _free_and_total([200, 0, 0, 0, 0, 0, 0, 0], niced_yield=True) == (0, 200)
+    # idle and iowait are free; guest columns (past the 8th) are not counted twice
+    assert _free_and_total([50, 0, 0, 100, 50, 0, 0, 0, 50, 0], niced_yield=True) == (150, 200)
+
+
 def test_a_closed_pipe_ends_quietly():
     """``ctsft env | head -1``: the reader leaves early; no BrokenPipeError traceback."""
     import os
