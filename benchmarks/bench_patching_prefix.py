@@ -1,6 +1,14 @@
 """Exact patching with and without the cached prefix (issue #38), in forward-equivalents, one process.
 
     python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] [--layers 0,6,12,18,23]
+    python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] --versus-cdt
+    python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] --versus-old
+
+``--versus-cdt``: every head by cached-prefix patching and by ``cdt:exact`` (projection against the
+logits, the circuit default) in the same process, after the same forward timing: which of the two
+exact paths costs less (issue #38), and how far their tables differ. ``--versus-old``: every head by
+``patching``'s default (8 heads per forward within a layer, cached prefix) against the path it
+replaced (8 heads per forward across layers, every block recomputed), the issue's "today's cost".
 
 For every head of the sampled layers, ``patching_per_example`` runs once recomputing every block
 (``cached_prefix=False``, the previous path) and once from the cached prefix (the default); the
@@ -32,6 +40,8 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--n-examples", type=int, default=3)
     p.add_argument("--layers", default=None, help="comma-separated layers to time (default: 5 spread over the depth)")
+    p.add_argument("--versus-cdt", action="store_true", help="all heads: cached patching against cdt:exact")
+    p.add_argument("--versus-old", action="store_true", help="all heads: the default path against the one it replaced")
     args = p.parse_args()
     model = load_model(args.model)
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
@@ -48,6 +58,10 @@ def main() -> None:
             label_logits(model, batch)
             times.append(time.perf_counter() - start)
     forward = statistics.median(times)
+    if args.versus_cdt:
+        return versus_cdt(model, examples, means, forward)
+    if args.versus_old:
+        return versus_old(model, examples, means, forward)
     rows = []
     for layer in layers:
         heads = [(layer, h) for h in range(n_heads)]
@@ -78,6 +92,58 @@ def main() -> None:
               f"{r['max_abs_diff']:.1e} ({r['max_abs_score']:.2f}) |")
     print(f"all {n_layers * n_heads} heads (extrapolated over layers; forward-equivalents are per example as the "
           f"forward is of the same examples): full {full:.0f} fe, cached {cached:.0f} fe, ratio {cached / full:.2f}")
+
+
+def versus_cdt(model, examples, means, forward: float) -> None:
+    """Every head, both exact paths, one process: seconds and forward-equivalents per example."""
+    import warnings
+
+    from ctsft_lens.scoring import head_relevance
+    from ctsft_lens.statistics import spearman
+
+    n_heads = int(model.cfg.n_heads)
+    start = time.perf_counter()
+    patched = patching_per_example(model, examples, means=means, batch_size=len(examples),
+                                   heads_per_forward=n_heads, progress=False).mean(0)
+    t_patch = time.perf_counter() - start
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rel = head_relevance(model, examples, scoring="projection", means=means, decomposition="exact",
+                             batch_size=len(examples), strict=False, progress=False)
+    t_cdt = time.perf_counter() - start
+    cdt = rel.per_example[0].mean(0)
+    diff = float((cdt - patched).abs().max())
+    print(json.dumps({"forward_seconds": forward, "patching_seconds": t_patch, "cdt_exact_seconds": t_cdt,
+                      "patching_fe": t_patch / forward, "cdt_exact_fe": t_cdt / forward,
+                      "spearman": float(spearman(cdt.flatten(), patched.flatten())),
+                      "max_abs_diff": diff, "max_abs_score": float(patched.abs().max())}))
+    print(f"\nforward of {len(examples)} examples: {forward:.3f} s")
+    print("| path | seconds | fe / example |\n|---|---|---|")
+    print(f"| patching, cached prefix, {n_heads} heads per forward | {t_patch:.0f} | {t_patch / forward:.0f} |")
+    print(f"| cdt:exact (projection, logits) | {t_cdt:.0f} | {t_cdt / forward:.0f} |")
+    print(f"max |cdt:exact − patching| {diff:.1e} of max |score| {float(patched.abs().max()):.2f}")
+
+
+def versus_old(model, examples, means, forward: float) -> None:
+    """Every head, 8 per forward: the cached prefix (groups within a layer) against recomputing every
+    block (groups across layers, the previous default), one process."""
+    out, seconds = {}, {}
+    for cached in (True, False):
+        start = time.perf_counter()
+        out[cached] = patching_per_example(model, examples, means=means, batch_size=len(examples),
+                                           heads_per_forward=8, cached_prefix=cached, progress=False)
+        seconds[cached] = time.perf_counter() - start
+    diff = float((out[True] - out[False]).nan_to_num().abs().max())
+    print(json.dumps({"forward_seconds": forward, "default_seconds": seconds[True], "old_seconds": seconds[False],
+                      "default_fe": seconds[True] / forward, "old_fe": seconds[False] / forward,
+                      "max_abs_diff": diff}))
+    print(f"\nforward of {len(examples)} examples: {forward:.3f} s")
+    print("| path (8 heads per forward) | seconds | fe / example |\n|---|---|---|")
+    print(f"| cached prefix, groups within a layer (default) | {seconds[True]:.0f} | {seconds[True] / forward:.0f} |")
+    print(f"| every block recomputed, groups across layers (before) | {seconds[False]:.0f} | "
+          f"{seconds[False] / forward:.0f} |")
+    print(f"ratio {seconds[True] / seconds[False]:.2f}; max |diff| {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,27 @@ def test_exact_pieces_equal_the_forward(arch, indonesian):
     assert ((pattern - direct["blocks.1.attn.hook_pattern"]) * keep).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_one_first_token_forward_serves_every_source_layer(arch, indonesian):
+    """The first token's k and v under each source's ablation, all sources in one forward (stopped
+    after the last value it needs), equal one forward per source: no row sees another's ablation."""
+    torch.manual_seed(0)
+    model = tiny_model(arch, n_layers=3)
+    examples = indonesian.sample(6, "train", seed=0)
+    mu_z = z_means(model, head_means(model, examples, progress=False))
+    first_ids = torch.tensor([5, 17])
+    sources = [(0, 1), (0, 3), (1, 0)]
+    with torch.no_grad():
+        every = pa._first_token_runs(model, first_ids, mu_z, sources)
+        assert sorted(every) == sorted(f"blocks.{k}.attn.hook_{x}" for k in (1, 2) for x in "kv")
+        for i, source in enumerate(sources):
+            alone = pa._first_token_runs(model, first_ids, mu_z, [source])
+            for name, t in alone.items():
+                torch.testing.assert_close(every[name][:, [0, 1 + i]], t, rtol=1e-5, atol=1e-6)
+                if int(name.split(".")[1]) > source[0]:
+                    assert (t[:, 1] - t[:, 0]).abs().max() > 0, (source, name)  # the ablation moves it
+
+
 def saturated_model():
     """Two Qwen2 layers; head 1.0 asks the same query everywhere (its bias) and its keys read head
     0.0's write a thousand-fold sharpened: its softmax is saturated, so the pattern's derivative at

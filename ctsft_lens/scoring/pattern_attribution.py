@@ -319,34 +319,55 @@ def _qk_rotated(model: Any, layer: int, name: str, x: torch.Tensor, cos: torch.T
     return x if cos is None else rotary(x, cos, sin)
 
 
-def _first_token_runs(model: Any, first_ids: torch.Tensor, mu_z: torch.Tensor, layer: int, heads: list[int]
+def _first_token_runs(model: Any, first_ids: torch.Tensor, mu_z: torch.Tensor, sources: list[tuple[int, int]]
                       ) -> dict[str, torch.Tensor]:
     """The first prompt token's k and v at every layer, clean and with each source head mean-ablated.
 
     The first real token attends only to itself, so its stream is a one-token forward, the same in
-    every example that starts with that token: ``[token, 1 + source, ...]`` per hook (row 0 clean)."""
-    n_tokens, rows = len(first_ids), 1 + len(heads)
+    every example that starts with that token: ``[token, 1 + source, ...]`` per hook (row 0 clean,
+    row ``1 + i`` with ``sources[i]`` ablated). One forward serves every source layer: a forward of a
+    few one-token rows reads every weight once and costs about as much as one of many rows (a
+    forward per source layer was 6.4 of 36.9 forward-equivalents on the stand-in,
+    benchmarks/RESULTS_cdt_rules.md)."""
+    n_tokens, rows = len(first_ids), 1 + len(sources)
     ids = first_ids.repeat_interleave(rows)[:, None]
-    which = torch.arange(rows).repeat(n_tokens)  # 0: clean, s + 1: source s ablated
+    which = torch.arange(rows).repeat(n_tokens)  # 0: clean, i + 1: sources[i] ablated
     device = model.cfg.device
     out: dict[str, torch.Tensor] = {}
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for i, (layer, head) in enumerate(sources):
+        by_layer.setdefault(layer, []).append((i + 1, head))
 
-    def ablate(z: torch.Tensor, hook: Any) -> torch.Tensor:
+    def ablate(z: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
         z = z.clone()
-        for s, head in enumerate(heads):
-            z[which == s + 1, :, head] = mu_z[layer, head].to(z)
+        for row, head in by_layer[layer]:
+            z[which == row, :, head] = mu_z[layer, head].to(z)
         return z
+
+    low = min(by_layer, default=int(model.cfg.n_layers))
+    names = [hook_name(k, f"attn.hook_{x}") for k in range(low + 1, int(model.cfg.n_layers)) for x in "kv"]
 
     def keep(t: torch.Tensor, hook: Any, name: str) -> None:
         out[name] = t.detach()[:, 0].unflatten(0, (n_tokens, rows))
+        if len(out) == len(names):
+            raise _Done  # the last value is kept: the rest of the forward (and its unembedding) is not needed
 
-    names = [hook_name(k, f"attn.hook_{x}") for k in range(layer + 1, int(model.cfg.n_layers)) for x in "kv"]
+    if not names:
+        return out
     batch = Batch(ids.to(device), torch.ones_like(ids).to(device), torch.zeros(len(ids), dtype=torch.long),
                   torch.zeros(1, dtype=torch.long))
-    with model.hooks(fwd_hooks=[(hook_name(layer, "attn.hook_z"), ablate)]
+    with model.hooks(fwd_hooks=[(hook_name(layer, "attn.hook_z"), functools.partial(ablate, layer=layer))
+                                for layer in by_layer]
                      + [(n, functools.partial(keep, name=n)) for n in names]):
-        run(model, batch, last_only=True)
+        try:
+            run(model, batch, last_only=True)
+        except _Done:
+            pass
     return out
+
+
+class _Done(Exception):
+    """Ends a forward from a hook once everything it was run for is recorded."""
 
 
 def _first_token_effect(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
@@ -453,6 +474,9 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
     step = max(1, MAX_ELEMENTS // (b * n_pos * max(n_heads * n_pos, int(model.cfg.d_mlp))))
     shared: dict[int, tuple] = {}
     sink = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    sources = [(layer, h) for layer in range(n_layers - 1) for h in range(n_heads) if bool(select[layer, h])]
+    row = {source: i for i, source in enumerate(sources)}
+    every = _first_token_runs(model, first_ids, mu_z, sources)
     for layer in range(n_layers):
         heads = [h for h in range(n_heads) if bool(select[layer, h])]
         g_post = grads[hook_name(layer, "hook_resid_post")]
@@ -462,7 +486,11 @@ def _estimates(model: Any, cache: dict[str, torch.Tensor], grads: dict[str, torc
             delta = _source_delta(model, cache, layer, part, dzs[layer][:, :, part].permute(2, 0, 1, 3))
             total = delta.dot(g_post).sum(-1).double()  # [S, B]: the write itself, on the skip path
             total += (_mlp_removed(model, cache, layer, delta) * g_hidden[None]).sum((-1, -2)).double()
-            runs = _first_token_runs(model, first_ids, mu_z, layer, part) if layer < n_layers - 1 else {}
+            runs: dict[str, torch.Tensor] = {}
+            if layer < n_layers - 1:
+                index = torch.tensor([0] + [1 + row[(layer, h)] for h in part], device=first_ids.device)
+                runs = {n: every[n][:, index] for n in (hook_name(k, f"attn.hook_{x}")
+                                                        for k in range(layer + 1, n_layers) for x in "kv")}
             for name, t in runs.items():  # how far each source moves the first token's keys and values
                 shift = ((t[:, 1:] - t[:, :1]).flatten(2).norm(dim=-1) / t[:, :1].flatten(2).norm(dim=-1)).amax(0)
                 sink[layer, part] = torch.maximum(sink[layer, part], shift.double().cpu())
