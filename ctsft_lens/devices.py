@@ -148,7 +148,8 @@ def idle_cores(window: float = 0.1, niced_yield: bool | None = None) -> float | 
 
 
 def auto_threads() -> int:
-    """Torch threads for this process: the cores idle right now, at least 1 (all cores where that
+    """Torch threads for this process: the cores free right now (:func:`idle_cores`: idle, or running
+    only niced work that yields to this process), at least 1 (all cores where that
     cannot be read), shared among the ranks of this node under torchrun (``LOCAL_WORLD_SIZE``). Measured (benchmarks/RESULTS.md, "Threads"): on 2 idle cores 2 threads are
     1.5-1.8x faster than 1 for every model size; beside a busy neighbour 2 threads are 1.15-1.44x
     slower than 1 (and a whole test suite 6x), because torch's threads wait for each other at every

@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ctsft", description="Circuit-Targeted SFT toolkit (CD-T circuits on TransformerLens)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--threads", default=None, metavar="N|auto",
-                        help="torch CPU threads: a number, or auto (the cores idle when the command starts; measured "
+                        help="torch CPU threads: a number, or auto (the cores free when the command starts: idle or running only niced work; measured "
                              "in benchmarks/RESULTS.md); default: $CTSFT_THREADS, else auto")
     from ctsft_lens import __version__  # inside: a name of the root facade (tests/test_imports.py)
 
