@@ -77,7 +77,11 @@ def score(model: Any, examples: list, means: torch.Tensor, scorer: str, batch_si
                                         progress=False)
     elif scorer.split(":")[0] == "attribution-verified":  # attribution-verified[:TOP[:FLAG]]; :0:inf = the estimate
         parts = scorer.split(":")[1:]
-        top, flag = (int(parts[0]) if parts else 8), (float(parts[1]) if len(parts) > 1 else 0.1)
+        try:
+            top, flag = (int(parts[0]) if parts else 8), (float(parts[1]) if len(parts) > 1 else 0.1)
+        except ValueError:
+            raise SystemExit(f"scorer {scorer!r}: write attribution-verified[:TOP[:FLAG]] with TOP a whole number "
+                             "and FLAG a number, e.g. attribution-verified:8:0.1") from None
         details: dict[str, Any] = {}
         table = pattern_attribution_per_example(model, examples, means=means, batch_size=batch_size,
                                                 verify_top=int(top), verify_flag=float(flag), heads_per_forward=16,
