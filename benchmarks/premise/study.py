@@ -55,10 +55,10 @@ import torch
 
 from ctsft_lens.circuit import head_name, load_circuit
 from ctsft_lens.errors import CtsftError
-from ctsft_lens.experiments.config import ExperimentConfig, _lang
+from ctsft_lens.experiments.config import ExperimentConfig, canonical_language
 from ctsft_lens.experiments.report import RunResult
 from ctsft_lens.experiments.runner import given_checkpoint, run_experiment
-from ctsft_lens.experiments.stages import _cut, _load, _needs_circuit, fine_tune, run_mask, stage_samples
+from ctsft_lens.experiments.stages import load_stage_model, needs_circuit, truncated, fine_tune, run_mask, stage_samples
 from ctsft_lens.files import atomic_write_text, cached, read_json, sha256_file, stage_key, write_json
 from ctsft_lens.masks import VARIANTS
 from ctsft_lens.progress import write
@@ -100,12 +100,12 @@ def lr_sweep(config: ExperimentConfig, variant: str, lrs: Sequence[float], *, n_
     if variant not in VARIANTS:
         raise CtsftError(f"unknown variant {variant!r}; choose from {tuple(VARIANTS)}")
     comp_dir, comp_key = _checkpoint_key(config)
-    needs = _needs_circuit(variant)
+    needs = needs_circuit(variant)
     if needs and not config.circuit:
         raise CtsftError(f"variant {variant!r} is built from a circuit: set experiment.circuit")
     circuit = load_circuit(config.circuit) if needs else None
     circuit_key = sha256_file(Path(config.circuit)) if needs else None
-    target = _lang(config, config.targets[0])
+    target = canonical_language(config, config.targets[0])
     task = load_task(config.task, target, config.data_dir)
     dev = task.sample(n_dev, "valid", seed=dev_seed)
     folder = Path(out) if out is not None else Path(config.out) / "sweep"
@@ -118,11 +118,11 @@ def lr_sweep(config: ExperimentConfig, variant: str, lrs: Sequence[float], *, n_
                             dev_seed, "premise-sweep")
 
             def compute(lr: float = float(lr), seed: int = seed, stage: Any = stage) -> dict[str, Any]:
-                model = _load(config, comp_dir)
+                model = load_stage_model(config, comp_dir)
                 mask = run_mask(model, variant, circuit, seed=seed)
                 train_ex = stage_samples(task, stage.n_examples, 0, seed=seed)[0]
                 # select_best only makes the trainer score dev each epoch: the updates are the same
-                run = fine_tune(model, _cut(config, model, train_ex), _cut(config, model, dev),
+                run = fine_tune(model, truncated(config, model, train_ex), truncated(config, model, dev),
                                 dataclasses.replace(stage.train, seed=seed, select_best=True), mask=mask,
                                 progress=progress)
                 last = run.history[-1]

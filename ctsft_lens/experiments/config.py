@@ -289,5 +289,6 @@ class ExperimentConfig:
         return asdict(self)
 
 
-def _lang(cfg: ExperimentConfig, language: str) -> str:
+def canonical_language(cfg: ExperimentConfig, language: str) -> str:
+    """``language`` as the experiment's task spells it (``"id"`` -> ``"indonesian"`` for NusaX-Senti)."""
     return TASKS[cfg.task].canonical_language(language)

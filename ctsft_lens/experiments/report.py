@@ -13,7 +13,7 @@ from typing import Any
 
 from ctsft_lens.circuit import head_name, load_circuit
 from ctsft_lens.evaluate import macro_f1
-from ctsft_lens.experiments.config import ExperimentConfig, _lang
+from ctsft_lens.experiments.config import ExperimentConfig, canonical_language
 from ctsft_lens.files import write_json
 
 
@@ -87,7 +87,7 @@ class ExperimentResult:
         """One row per (target, variant): mean and std over seeds of accuracy and retention."""
         rows = []
         labels = list(dict.fromkeys(r.variant for r in self.runs))  # variants (at each depth), in run order
-        for target in dict.fromkeys(_lang(self.config, t) for t in self.config.targets):
+        for target in dict.fromkeys(canonical_language(self.config, t) for t in self.config.targets):
             tgt = target
             for variant in labels:
                 runs = [r for r in self.runs if r.target == tgt and r.variant == variant]

@@ -11,9 +11,9 @@ from typing import Any
 
 from ctsft_lens import distributed
 from ctsft_lens.circuit import head_name, load_circuit
-from ctsft_lens.experiments.config import ExperimentConfig, _lang
+from ctsft_lens.experiments.config import ExperimentConfig, canonical_language
 from ctsft_lens.experiments.report import ExperimentResult, RunResult, _circuit_summary, _write_tables
-from ctsft_lens.experiments.stages import (_needs_circuit, _retention_key, _retention_tests, a0_stage,
+from ctsft_lens.experiments.stages import (a0_stage, needs_circuit, retention_key, retention_tests,
                                            competence_stage, discovery_stage, faithfulness_stage, preflight,
                                            retention_stage, transfer_stage)
 from ctsft_lens.files import atomic_write_text, model_digest, sha256_file, stage_key, write_json
@@ -28,7 +28,7 @@ def given_checkpoint(config: ExperimentConfig) -> tuple[Path, str]:
     every stage cached from it is redone when the weights change and kept when only the path does."""
     comp_dir = Path(config.competence_model or "")
     return comp_dir, stage_key("checkpoint", model_digest(comp_dir), config.task, config.data_dir,
-                               _lang(config, config.source), config.max_tokens)
+                               canonical_language(config, config.source), config.max_tokens)
 
 
 def run_experiment(config: ExperimentConfig, *, progress: bool = True, force: bool = False,
@@ -65,12 +65,13 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
         return value if distributed.is_main() else step(False)
 
     out = Path(config.out)
-    langs = dict.fromkeys([_lang(config, config.source)] + [_lang(config, t) for t in config.targets])
+    source = canonical_language(config, config.source)
+    targets = list(dict.fromkeys(canonical_language(config, t) for t in config.targets))
+    langs = dict.fromkeys([source] + targets)
     task_of = {lang: load_task(config.task, lang, config.data_dir) for lang in langs}
     distributed.on_main(lambda: preflight(config, task_of, out, progress=progress), "the experiment's checks")
     if distributed.is_main():
         write_json(out / "config.json", config.to_dict())  # for the reader; caching goes by stage keys
-    source, targets = _lang(config, config.source), list(dict.fromkeys(_lang(config, t) for t in config.targets))
     test = {lang: t.examples("test", config.eval_limit) for lang, t in task_of.items()}
 
     def log(msg: str) -> None:
@@ -88,17 +89,17 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
                                             stage_key(comp_key, config.eval_limit, sorted(task_of)),
                                             force=f, progress=progress))
     log("competence model accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()))
-    retention = _retention_tests(config)
+    retention = retention_tests(config)
     retention_before = (first_on_main(lambda f: retention_stage(
-        config, comp_dir, retention, out, stage_key(comp_key, config.eval_limit, _retention_key(config)),
+        config, comp_dir, retention, out, stage_key(comp_key, config.eval_limit, retention_key(config)),
         force=f, progress=progress)) if retention else {})
-    needs_circuit = any(_needs_circuit(v) for v in config.variants) or config.faithfulness
+    wants_circuit = any(needs_circuit(v) for v in config.variants) or config.faithfulness
     circuit, circuit_key = None, stage_key(comp_key, config.discovery.search_key())
-    if needs_circuit and config.circuit:  # found elsewhere: its content stands for its settings
+    if wants_circuit and config.circuit:  # found elsewhere: its content stands for its settings
 
         circuit_key = stage_key(comp_key, "circuit-file", sha256_file(Path(config.circuit)))
         circuit = load_circuit(config.circuit)
-    elif needs_circuit:
+    elif wants_circuit:
         circuit = first_on_main(lambda f: discovery_stage(config, comp_dir, task_of[source], out, circuit_key,
                                                           force=f, log=log, progress=progress))
     figures: dict[str, str] = {}
@@ -108,14 +109,14 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
             force=f, progress=progress)))
     # Seed-major order: a run stopped early still has whole seeds of every (target, variant).
     jobs = [(t, v, d, s) for s in config.all_seeds() for t in targets for v in config.variants
-            if s in config.seeds_of(v) for d in (config.discovery.report_depths() if _needs_circuit(v) else (None,))]
+            if s in config.seeds_of(v) for d in (config.discovery.report_depths() if needs_circuit(v) else (None,))]
 
     def cell(job: tuple, force_: bool) -> RunResult:
         target, variant, depth, seed = job
-        key = stage_key(comp_key, circuit_key if _needs_circuit(variant) else None,
+        key = stage_key(comp_key, circuit_key if needs_circuit(variant) else None,
                         config.transfer.for_variant(variant).key(),
                         config.eval_limit, config.max_tokens, target, variant, depth, seed,
-                        *([_retention_key(config)] if retention else []))
+                        *([retention_key(config)] if retention else []))
         return transfer_stage(config, comp_dir, circuit, task_of[target], test[target], test[source],
                               variant, depth, seed, out, key, force=force_, progress=progress,
                               source_pool=task_of[source] if target == source else None, retention=retention)

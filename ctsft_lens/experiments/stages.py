@@ -17,7 +17,7 @@ from ctsft_lens.discovery import discover
 from ctsft_lens.distributed import rank_device
 from ctsft_lens.errors import CtsftError
 from ctsft_lens.evaluate import evaluate
-from ctsft_lens.experiments.config import ExperimentConfig, StageConfig, _lang
+from ctsft_lens.experiments.config import ExperimentConfig, StageConfig, canonical_language
 from ctsft_lens.experiments.report import RunResult
 from ctsft_lens.faithfulness import faithfulness_report
 from ctsft_lens.files import (atomic_dir, cached, key_file, model_digest, stage_key, verify_checksums,
@@ -33,16 +33,17 @@ from ctsft_lens.train import TrainConfig, TrainResult, train, trainable_specs
 from ctsft_lens.train.lora import resolve_lora
 
 
-def _load(config: ExperimentConfig, name: str | Path) -> Any:
+def load_stage_model(config: ExperimentConfig, name: str | Path) -> Any:
     """A model of the experiment on its device, in its dtype."""
     return load_model(str(name), device=rank_device(config.device), dtype=config.dtype)
 
 
-def _retention_key(config: ExperimentConfig) -> list:
+def retention_key(config: ExperimentConfig) -> list:
+    """The related (task, language) pairs as they enter a stage's cache key."""
     return [asdict(p) for p in config.retention]
 
 
-def _retention_tests(config: ExperimentConfig) -> dict[str, list]:
+def retention_tests(config: ExperimentConfig) -> dict[str, list]:
     """Test examples (``eval_limit``) of every related (task, language) pair, by ``task:lang``."""
     tests = {}
     for pair in config.retention:
@@ -56,14 +57,15 @@ def retention_stage(config: ExperimentConfig, comp_dir: Path, tests: dict[str, l
                     force: bool, progress: bool) -> dict[str, float]:
     """Accuracy of the competence model on each related (task, language) pair: ``out/retention.json``."""
     def compute() -> dict[str, Any]:
-        model = _load(config, comp_dir)
-        return {"accuracy": {label: evaluate(model, _cut(config, model, ex), progress=progress).accuracy
+        model = load_stage_model(config, comp_dir)
+        return {"accuracy": {label: evaluate(model, truncated(config, model, ex), progress=progress).accuracy
                              for label, ex in tests.items()}}
 
     return _cached(out / "retention.json", key, compute, force)["accuracy"]
 
 
-def _needs_circuit(variant: str) -> bool:
+def needs_circuit(variant: str) -> bool:
+    """Whether a transfer variant trains a circuit's heads (so the run needs a discovered circuit)."""
     return VARIANTS[variant].needs_circuit
 
 
@@ -79,9 +81,9 @@ def competence_stage(config: ExperimentConfig, task: Any, out: Path, key: str, *
     """Full fine-tuning on the source language; the checkpoint folder ``out/competence``."""
     def compute() -> Any:
         log(f"competence tuning {config.model} on {task.language} ({config.competence.n_examples} examples)")
-        model = _load(config, config.model)
+        model = load_stage_model(config, config.model)
         train_ex, dev_ex = _stage_data(task, config.competence, seed=0)
-        _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), config.competence, mask=None,
+        _finetune(model, truncated(config, model, train_ex), truncated(config, model, dev_ex), config.competence, mask=None,
                   seed=0, progress=progress)
         return model
 
@@ -98,8 +100,8 @@ def a0_stage(config: ExperimentConfig, comp_dir: Path, test: dict[str, list], ou
              force: bool, progress: bool) -> dict[str, float]:
     """Accuracy of the competence model on every language's test examples (A0 and the source before)."""
     def compute() -> dict[str, Any]:
-        model = _load(config, comp_dir)
-        return {"accuracy": {lang: evaluate(model, _cut(config, model, ex), progress=progress).accuracy
+        model = load_stage_model(config, comp_dir)
+        return {"accuracy": {lang: evaluate(model, truncated(config, model, ex), progress=progress).accuracy
                              for lang, ex in test.items()}}
 
     return _cached(out / "a0.json", key, compute, force)["accuracy"]
@@ -111,13 +113,13 @@ def discovery_stage(config: ExperimentConfig, comp_dir: Path, task: Any, out: Pa
     d = config.discovery
 
     def compute() -> Any:
-        model = _load(config, comp_dir)
+        model = load_stage_model(config, comp_dir)
         pool = discovery_pool(config, task)
-        examples = _cut(config, model, balanced_sample(pool, d.n_examples, task.n_labels, seed=1,
+        examples = truncated(config, model, balanced_sample(pool, d.n_examples, task.n_labels, seed=1,
                                                        where=f"the {d.pool} discovery pool"))
         reference = None
         if d.mean_over == "correct":
-            reference = correct_examples(model, _cut(config, model, pool), d.mean_n, seed=1)
+            reference = correct_examples(model, truncated(config, model, pool), d.mean_n, seed=1)
         log(f"discovering the circuit ({d.scoring}, ratio {d.ratio}, depth ≤ {d.max_depth}, {d.pool} pool, "
             f"means over {len(reference or examples)} {d.mean_over} examples)")
         return discover(model, examples, d, reference=reference, progress=progress)
@@ -141,12 +143,12 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
     label = variant if depth is None or not config.discovery.depths else f"{variant}@d{depth}"
 
     def compute() -> dict[str, Any]:
-        model = _load(config, comp_dir)
+        model = load_stage_model(config, comp_dir)
         # expansion that stopped early (nothing upstream) reports deeper depths as the circuit stopped
         at = None if depth is None or circuit is None else min(depth, circuit.depth)
         mask = run_mask(model, variant, circuit, seed=seed, depth=at)
         matched = rank = None
-        if _needs_circuit(variant):
+        if needs_circuit(variant):
             specs, _ = trainable_specs(model, circuit_mask(circuit, at), config.transfer.train.kv,
                                        config.transfer.train.train_norms)
             matched = sum(s.n_trainable for s in specs)
@@ -157,12 +159,12 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
         stage = config.transfer.for_variant(variant)
         train_ex, dev_ex = _stage_data(task, stage, seed=seed, exclude=exclude)
         start = time.perf_counter()
-        n_trainable = _finetune(model, _cut(config, model, train_ex), _cut(config, model, dev_ex), stage,
+        n_trainable = _finetune(model, truncated(config, model, train_ex), truncated(config, model, dev_ex), stage,
                                 mask=mask, seed=seed, progress=progress)
-        target = evaluate(model, _cut(config, model, target_test))
-        source = evaluate(model, _cut(config, model, source_test))
+        target = evaluate(model, truncated(config, model, target_test))
+        source = evaluate(model, truncated(config, model, source_test))
         seconds = time.perf_counter() - start
-        kept = {name: evaluate(model, _cut(config, model, ex)).accuracy for name, ex in (retention or {}).items()}
+        kept = {name: evaluate(model, truncated(config, model, ex)).accuracy for name, ex in (retention or {}).items()}
         result = RunResult(task.language, label, seed, target.accuracy, source.accuracy, n_trainable, seconds,
                            len(train_ex), len(dev_ex), matched_params=matched, lora_rank=rank, retention=kept,
                            target_correct=_correct(target_test, target.predictions),
@@ -193,9 +195,9 @@ def faithfulness_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, t
     """Faithfulness of the circuit over depth and size on source valid examples (the paper's
     faithfulness-vs-depth figure): ``out/faithfulness.json``, ``curves.csv`` and the figure."""
     def compute() -> dict[str, Any]:
-        model = _load(config, comp_dir)
+        model = load_stage_model(config, comp_dir)
         n = min(config.faithfulness_examples, len(task.examples("valid")) // task.n_labels * task.n_labels)
-        examples = _cut(config, model, task.sample(n, "valid", seed=2))
+        examples = truncated(config, model, task.sample(n, "valid", seed=2))
         report = faithfulness_report(model, {circuit.scoring: circuit}, examples, progress=progress)
         report.write_csv(out / "faithfulness_curves.csv")
         plot_faithfulness(report, save_html=out / "figures" / "faithfulness.html", plotlyjs=True)
@@ -243,7 +245,7 @@ def discovery_pool(config: ExperimentConfig, task: Any) -> list:
     return [ex for ex in task.examples("train") if ex.uid not in used]
 
 
-def _cut(config: ExperimentConfig, model: Any, examples: list) -> list:
+def truncated(config: ExperimentConfig, model: Any, examples: list) -> list:
     """Examples truncated to ``max_tokens`` (template and answer position kept), if set."""
     if config.max_tokens is None or not examples:
         return examples
@@ -263,14 +265,14 @@ def used_examples(config: ExperimentConfig, task_of: dict[str, Any]) -> dict[str
         for ex in examples:
             group.setdefault(ex.uid or ex.prompt, ex)
 
-    source = _lang(config, config.source)
+    source = canonical_language(config, config.source)
     src = task_of[source]
     competence = _stage_data(src, config.competence, seed=0)
     add(f"{source}/train", competence[0])
     add(f"{source}/valid", competence[1])
     for lang, task in task_of.items():
         add(f"{lang}/test", task.examples("test", config.eval_limit))
-    for target in dict.fromkeys(_lang(config, t) for t in config.targets):
+    for target in dict.fromkeys(canonical_language(config, t) for t in config.targets):
         exclude = {ex.uid for ex in competence[0]} if target == source else set()
         for seed in config.all_seeds():
             train_ex, dev_ex = _stage_data(task_of[target], config.transfer, seed, exclude)
@@ -279,14 +281,14 @@ def used_examples(config: ExperimentConfig, task_of: dict[str, Any]) -> dict[str
     d = config.discovery
     pool = discovery_pool(config, src)
     sample = balanced_sample(pool, d.n_examples, src.n_labels, seed=1, where=f"the {d.pool} discovery pool")
-    if (any(_needs_circuit(v) for v in config.variants) or config.faithfulness) and not config.circuit:
+    if (any(needs_circuit(v) for v in config.variants) or config.faithfulness) and not config.circuit:
         add(f"{source}/train", sample)
         if d.mean_over == "correct":
             add(f"{source}/train", pool)
     if config.faithfulness:
         n = min(config.faithfulness_examples, len(src.examples("valid")) // src.n_labels * src.n_labels)
         add(f"{source}/valid", src.sample(n, "valid", seed=2))
-    for label, examples in _retention_tests(config).items():
+    for label, examples in retention_tests(config).items():
         add(f"{label}/test", examples)
     return {key: list(group.values()) for key, group in used.items() if group}
 
@@ -305,7 +307,7 @@ def preflight(config: ExperimentConfig, task_of: dict[str, Any], out: Path, *, p
         name = verify_checksums(comp)
     except CtsftError:  # a given checkpoint is the model every stage uses (``model`` is then recorded only)
         name = config.competence_model or config.model
-    model = _load(config, name)
+    model = load_stage_model(config, name)
     cut = {}
     for key, examples in used.items():
         if config.max_tokens is not None:
