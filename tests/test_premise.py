@@ -345,6 +345,16 @@ batch_size = 3
     assert (tmp_path / "study" / "attribution-ig" / "a0.json").is_file()  # shared, not recomputed
     saved = json.loads((tmp_path / "study" / "patching" / "results.json").read_text())
     assert all(len(r["target_correct"]) == 6 for r in saved["runs"])
+    # each run names the heads it trained: the circuit's, and each seed's own random draw (issue #37)
+    from ctsft_lens.circuit import head_name, load_circuit
+    from ctsft_lens.experiments.stages import run_mask
+
+    circuit = load_circuit(tmp_path / "circuits" / "circuit_patching.json")
+    by_run = {(r.variant, r.seed): r.heads for r in results["patching"].runs}
+    assert by_run[("circuit", 0)] == [head_name(h) for h in sorted(circuit.heads)] != []
+    draws = [[head_name(h) for h in run_mask(tiny_qwen, "random-layers", circuit, seed=s).heads] for s in (0, 1)]
+    assert [by_run[("random-layers", s)] for s in (0, 1)] == draws and draws[0] != draws[1]
+    assert len(draws[0]) == len(by_run[("circuit", 0)]) and not set(draws[0]) & set(by_run[("circuit", 0)])
 
     report = study_report({"study": tmp_path / "study"}, tmp_path / "report", n_boot=200)
     a = report["analyses"][0]

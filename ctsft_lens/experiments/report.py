@@ -49,6 +49,9 @@ class RunResult:
     # the competence checkpoint's content (files.model_digest): runs compared across study folders must
     # share it (a rebuilt checkpoint may differ in bits); "" in runs cached before it was recorded
     checkpoint: str = ""
+    # the heads a head-mask variant trained, as "layer.head" (the random draws of a seed, issue #37);
+    # empty for full fine-tuning, LoRA and sparse variants, and in runs cached before it was recorded
+    heads: list[str] = field(default_factory=list)
 
     @property
     def target_macro_f1(self) -> float | None:

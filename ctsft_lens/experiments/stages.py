@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ctsft_lens.batching import check_fit, truncate
-from ctsft_lens.circuit import load_circuit, save_circuit
+from ctsft_lens.circuit import head_name, load_circuit, save_circuit
 from ctsft_lens.discovery import discover
 from ctsft_lens.distributed import rank_device
 from ctsft_lens.errors import CtsftError
@@ -22,7 +22,7 @@ from ctsft_lens.experiments.report import RunResult
 from ctsft_lens.faithfulness import faithfulness_report
 from ctsft_lens.files import (atomic_dir, cached, key_file, model_digest, stage_key, verify_checksums,
                               writable_folder, write_checksums, write_json)
-from ctsft_lens.masks import VARIANTS, LoraSpec, circuit_mask, save_mask, variant_mask
+from ctsft_lens.masks import VARIANTS, HeadMask, LoraSpec, circuit_mask, save_mask, variant_mask
 from ctsft_lens.means import correct_examples
 from ctsft_lens.models import load_model, model_info, save_model
 from ctsft_lens.plots import plot_faithfulness
@@ -173,7 +173,8 @@ def transfer_stage(config: ExperimentConfig, comp_dir: Path, circuit: Any, task:
                            target_gold=[ex.label for ex in target_test], target_pred=target.predictions,
                            target_logits=target.logits, source_gold=[ex.label for ex in source_test],
                            source_pred=source.predictions, source_logits=source.logits,
-                           checkpoint=model_digest(comp_dir) if (Path(comp_dir) / "config.json").is_file() else "")
+                           checkpoint=model_digest(comp_dir) if (Path(comp_dir) / "config.json").is_file() else "",
+                           heads=[head_name(h) for h in mask.heads] if isinstance(mask, HeadMask) else [])
         return {"result": asdict(result)}
 
     path = out / "runs" / task.language / label / f"seed{seed}.json"
