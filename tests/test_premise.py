@@ -369,6 +369,7 @@ batch_size = 3
     text = (tmp_path / "report" / "premise.md").read_text()
     assert "the oracle (patching) circuit" in text and "the anti-circuit" in text and "attribution-ig circuit" in text
     assert "| 3 × 1 | circuit: patching (oracle) |" in text and "3 examples × 1 epochs:" in text
+    assert f"Heads drawn, random heads, layer-matched: seed 0: {' '.join(draws[0])}; seed 1: {' '.join(draws[1])}" in text
     assert (tmp_path / "report" / "premise.html").is_file()
 
 

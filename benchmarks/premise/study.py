@@ -461,7 +461,8 @@ def analyse(budget: Budget, *, reference: str = "random-layers", oracle: str = "
         src = [r.source_accuracy for r in arm.runs.values()]
         row = {"arm": key, "label": _label(arm, oracle, reference, anti), "source": arm.source,
                "variant": arm.variant, "seeds": sorted(arm.runs), "trainable_params": next(iter(arm.runs.values())).trainable_params,
-               "heads": arm.heads, "target_acc_mean": statistics.fmean(acc), "target_acc_sd": _sd(acc),
+               "heads": arm.heads, "heads_by_seed": {s: r.heads for s, r in sorted(arm.runs.items()) if r.heads},
+               "target_acc_mean": statistics.fmean(acc), "target_acc_sd": _sd(acc),
                "target_acc_by_seed": {s: r.target_accuracy for s, r in sorted(arm.runs.items())},
                "source_acc_mean": statistics.fmean(src), "source_acc_sd": _sd(src),
                "source_acc_by_seed": {s: r.source_accuracy for s, r in sorted(arm.runs.items())},
@@ -569,6 +570,10 @@ def markdown(analyses: Sequence[dict[str, Any]]) -> str:
     heads = {r["label"]: r["heads"] for a in analyses for r in a["rows"] if r["heads"]}
     if heads:
         lines += ["", "Circuits: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in heads.items())]
+    drawn = [(r["label"], r["heads_by_seed"]) for a in analyses for r in a["rows"]
+             if r.get("heads_by_seed") and not r["heads"]]
+    for label, by_seed in drawn:  # the heads each seed drew (runs cached before they were recorded: absent)
+        lines += ["", f"Heads drawn, {label}: " + "; ".join(f"seed {s}: {' '.join(h)}" for s, h in by_seed.items())]
     return "\n".join(lines)
 
 
