@@ -418,3 +418,27 @@ def test_a_circuit_file_is_used_as_is(tmp_path, monkeypatch):
     assert sorted(result.circuit_heads) == sorted(f"{h[0]}.{h[1]}" for h in circuit.heads)
     # the table describes the file's circuit (depth 0), not the config's discovery settings (depth <= 2)
     assert f"(projection, ratio 0.1, depth ≤ 0, file {tmp_path / 'c.json'})" in result.markdown()
+
+
+def test_the_results_tables_are_never_half_written(tmp_path, monkeypatch):
+    """A run stopped while its tables are written leaves the previous tables whole (each file is a
+    temporary renamed into place)."""
+    from ctsft_lens import files
+    from ctsft_lens.experiments.presets import quickstart_config
+    from ctsft_lens.experiments.report import ExperimentResult, RunResult, write_tables
+
+    runs = [RunResult("javanese", v, s, 0.6, 0.7, 1000, 1.0) for v in ("full", "circuit") for s in (0, 1)]
+    result = ExperimentResult(quickstart_config(), 0.74, {"javanese": 0.45}, ["3.7"], runs, tmp_path)
+    write_tables(result)
+    before = {n: (tmp_path / n).read_bytes() for n in ("results.csv", "results.md", "results.json")}
+    assert before["results.csv"].startswith(b"target,") and b"circuit" in before["results.md"]
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt
+
+    changed = ExperimentResult(quickstart_config(), 0.74, {"javanese": 0.45}, ["3.7"],
+                               [dataclasses.replace(r, target_accuracy=0.1) for r in runs], tmp_path)
+    monkeypatch.setattr(files.os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_tables(changed)
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before

@@ -5,6 +5,7 @@ are written to (``results.csv``, ``results.md``, ``results.json``)."""
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ from typing import Any
 from ctsft_lens.circuit import head_name, load_circuit
 from ctsft_lens.evaluate import macro_f1
 from ctsft_lens.experiments.config import ExperimentConfig, canonical_language
-from ctsft_lens.files import write_json
+from ctsft_lens.files import atomic_write_text, write_json
 
 
 @dataclass(frozen=True)
@@ -181,14 +182,17 @@ def _std(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def _write_tables(result: ExperimentResult) -> None:
+def write_tables(result: ExperimentResult) -> None:
+    """``results.csv``, ``results.md`` and ``results.json`` of a result, each written whole (a
+    temporary file renamed into place: a stopped run never leaves a half-written table)."""
     rows = result.table()
     result.out.mkdir(parents=True, exist_ok=True)
-    with open(result.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["target"])
-        writer.writeheader()
-        writer.writerows(rows)
-    (result.out / "results.md").write_text(result.markdown() + "\n")
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["target"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(result.out / "results.csv", buffer.getvalue())
+    atomic_write_text(result.out / "results.md", result.markdown() + "\n")
     write_json(result.out / "results.json", {"source_accuracy_before": result.source_accuracy_before,
                                         "a0": result.a0, "retention_before": result.retention_before,
                                         "circuit": result.circuit_heads, "circuit_label": result.circuit_label,
@@ -196,7 +200,7 @@ def _write_tables(result: ExperimentResult) -> None:
                                         "table": rows, "runs": [asdict(r) for r in result.runs]})
 
 
-def _circuit_summary(path: Path) -> str:
+def circuit_summary(path: Path) -> str:
     """Depth-by-depth heads of a circuit file with their mean layer (the appendix's pool comparison)."""
     if not path.exists():
         return "(no circuit)"

@@ -12,7 +12,7 @@ from typing import Any
 from ctsft_lens import distributed
 from ctsft_lens.circuit import head_name, load_circuit
 from ctsft_lens.experiments.config import ExperimentConfig, canonical_language
-from ctsft_lens.experiments.report import ExperimentResult, RunResult, _circuit_summary, _write_tables
+from ctsft_lens.experiments.report import ExperimentResult, RunResult, circuit_summary, write_tables
 from ctsft_lens.experiments.stages import (a0_stage, needs_circuit, retention_key, retention_tests,
                                            competence_stage, discovery_stage, faithfulness_stage, preflight,
                                            retention_stage, transfer_stage)
@@ -146,7 +146,7 @@ def _run_experiment(config: ExperimentConfig, *, progress: bool, force: bool, sp
     if not distributed.is_main():  # rank 0 writes the tables and figures
         result.figures = figures
         return result
-    _write_tables(result)
+    write_tables(result)
 
     if runs:
         figures.update({name: str(p) for name, p in experiment_figures(result, out / "figures", png=png).items()})
@@ -170,7 +170,7 @@ def run_sweep(config: ExperimentConfig, *, progress: bool = True, force: bool = 
                                   discovery=dataclasses.replace(config.discovery, **{field_name: value}))
         res = run_experiment(sub, progress=progress, force=force, png=png)
         first = first or res
-        circuit = _circuit_summary(Path(sub.out) / "circuit.json")
+        circuit = circuit_summary(Path(sub.out) / "circuit.json")
         lines += [f"## {label}", "", circuit, "", res.markdown() if res.runs else "(no transfer runs)", ""]
         runs += [dataclasses.replace(r, variant=f"{label}:{r.variant}") for r in res.runs]
         heads += [f"{label}:{h}" for h in res.circuit_heads]
