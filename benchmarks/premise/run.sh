@@ -17,6 +17,8 @@
 #                            each with its own target-dev sweep (LRS: its rates, default HEAD_LRS); 5 seeds;
 #                            grid_b90_heads runs the primary arms (circuit, random-layers; HEAD_VARIANTS), then
 #   grid_b90_heads_anti      the heads-only layer-matched anti-circuit (secondary)
+#   grid_b90_with_norms      issue #37: random heads and the oracle WITH norms, and full fine-tuning, re-run on the
+#                            heads-only arms' checkpoint (5 seeds; budget B's rates, RATES_with_norms overrides)
 #   grid_b90_shared          issue #37, secondary: every arm at the paper's shared rate 5e-5 (acehnese_b90_shared.toml)
 #   TARGET=buginese|javanese sweep_b90 grid_b90: budget B on the other targets (buginese_b90.toml, javanese_b90.toml)
 #   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
@@ -79,9 +81,10 @@ for s in $STAGES; do
       stage "$s" python "$HERE/premise.py" sweep --config "$cfg" --variant "$v" --lrs "${LRS:-$HEAD_LRS}" --no-progress ;;
     grid_b90_heads|grid_b90_norms)  # issue #37: heads only (circuit, random-layers, nearzero-layers), norm-only; 5 seeds
       name=acehnese_${s#grid_}
-      for f in a0.json a0.json.key; do  # A0 does not depend on the arms: share budget B's (its key is checked)
-        [ -f "$OUT/acehnese_b90/patching/$f" ] && [ ! -e "$OUT/$name/patching/$f" ] && mkdir -p "$OUT/$name/patching" \
-          && cp "$OUT/acehnese_b90/patching/$f" "$OUT/$name/patching/$f"
+      for f in a0.json a0.json.key; do  # A0 does not depend on the arms: share one of this checkpoint's (its key is checked)
+        src=$OUT/acehnese_b90_heads/patching; [ -f "$src/$f" ] || src=$OUT/acehnese_b90/patching
+        [ -f "$src/$f" ] && [ ! -e "$OUT/$name/patching/$f" ] && mkdir -p "$OUT/$name/patching" \
+          && cp "$src/$f" "$OUT/$name/patching/$f"
       done
       variants=(); [ "$s" = grid_b90_heads ] && variants=(--variants "${HEAD_VARIANTS:-circuit,random-layers}")
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/$name.toml" --sources patching "${variants[@]}" \
@@ -89,6 +92,15 @@ for s in $STAGES; do
     grid_b90_heads_anti)  # issue #37, secondary: the layer-matched anti-circuit, heads only (after the primary arms)
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_heads.toml" --sources patching \
         --variants nearzero-layers --no-progress ;;
+    grid_b90_with_norms)  # issue #37: budget B's reference arms (random heads and oracle WITH norms, full) on the
+      # heads-only arms' checkpoint, 5 seeds, at budget B's sweep picks (acehnese_b90_with_norms.toml says why)
+      name=acehnese_b90_with_norms
+      for f in a0.json a0.json.key; do  # the heads-only grid's A0 (same checkpoint; its key is checked)
+        [ -f "$OUT/acehnese_b90_heads/patching/$f" ] && [ ! -e "$OUT/$name/patching/$f" ] && mkdir -p "$OUT/$name/patching" \
+          && cp "$OUT/acehnese_b90_heads/patching/$f" "$OUT/$name/patching/$f"
+      done
+      stage "$s" python "$HERE/premise.py" grid --config "$HERE/$name.toml" --sources patching \
+        --rates "${RATES_with_norms:-head=3e-3,full=3e-6}" --no-progress ;;
     grid_b90_shared)  # issue #37, secondary: every arm at the paper's shared rate 5e-5 (no sweep)
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_shared.toml" --sources patching \
         --rates head=5e-5,full=5e-5 --no-progress ;;
