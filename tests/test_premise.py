@@ -486,6 +486,19 @@ def test_the_heads_only_and_norm_only_configs_are_budget_b_with_one_change(tmp_p
         assert cfg.targets == b90.targets and cfg.max_tokens == b90.max_tokens and cfg.eval_limit == b90.eval_limit
 
 
+def test_the_with_norms_reference_pairs_with_the_heads_only_arms(tmp_path):
+    """Budget B's reference arms re-run on the heads-only checkpoint: the same seeds, examples, test set and
+    schedule as the heads-only config; only the norms and the arm list differ."""
+    heads = _study_toml("acehnese_b90_heads.toml", tmp_path)
+    ref = _study_toml("acehnese_b90_with_norms.toml", tmp_path)
+    assert ref.transfer.train.train_norms is True and set(ref.variants) == {"random-layers", "circuit", "full"}
+    strip = lambda c: dataclasses.replace(c, name="", out="", variants=(), transfer=dataclasses.replace(  # noqa: E731
+        c.transfer, lr_by_variant={}, train=dataclasses.replace(c.transfer.train, train_norms=True, lr=1.0)))
+    assert strip(ref) == strip(heads)
+    rated = with_rates(ref, {"head": 3e-3, "full": 3e-6})
+    assert rated.transfer.for_variant("circuit").train.lr == 3e-3 and rated.transfer.for_variant("full").train.lr == 3e-6
+
+
 def test_a_contrast_refuses_runs_from_different_checkpoints(tmp_path):
     """A rebuilt checkpoint may differ in bits (it did in session 14): its runs do not pair with the old ones."""
     from premise_study import contrast
