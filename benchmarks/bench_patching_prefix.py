@@ -1,6 +1,6 @@
 """Exact patching with and without the cached prefix (issue #38), in forward-equivalents, one process.
 
-    python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] [--layers 0,6,12,18,23]
+    python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] [--batch-size B] [--layers 0,6,12,18,23]
     python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] --versus-cdt
     python benchmarks/bench_patching_prefix.py MODEL [--n-examples 3] --versus-old
 
@@ -39,6 +39,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--n-examples", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per padded batch (default: all in one); the forward is timed over the same batches")
     p.add_argument("--layers", default=None, help="comma-separated layers to time (default: 5 spread over the depth)")
     p.add_argument("--versus-cdt", action="store_true", help="all heads: cached patching against cdt:exact")
     p.add_argument("--versus-old", action="store_true", help="all heads: the default path against the one it replaced")
@@ -48,27 +50,29 @@ def main() -> None:
     layers = ([int(x) for x in args.layers.split(",")] if args.layers else
               sorted({round(i * (n_layers - 1) / 4) for i in range(5)}))
     examples = load_task("nusax-senti", "indonesian").sample(args.n_examples, "train", seed=0)
-    batch = encode(model, examples)
-    means = head_means(model, examples, batch_size=len(examples), progress=False)
+    bs = args.batch_size or len(examples)
+    parts = [encode(model, examples[i:i + bs]) for i in range(0, len(examples), bs)]
+    means = head_means(model, examples, batch_size=bs, progress=False)
     with torch.no_grad():
-        label_logits(model, batch)
+        label_logits(model, parts[0])
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            label_logits(model, batch)
+            for batch in parts:
+                label_logits(model, batch)
             times.append(time.perf_counter() - start)
     forward = statistics.median(times)
     if args.versus_cdt:
-        return versus_cdt(model, examples, means, forward)
+        return versus_cdt(model, examples, means, forward, bs)
     if args.versus_old:
-        return versus_old(model, examples, means, forward)
+        return versus_old(model, examples, means, forward, bs)
     rows = []
     for layer in layers:
         heads = [(layer, h) for h in range(n_heads)]
         out = {}
         for cached in (False, True):
             start = time.perf_counter()
-            out[cached] = patching_per_example(model, examples, means=means, heads=heads, batch_size=len(examples),
+            out[cached] = patching_per_example(model, examples, means=means, heads=heads, batch_size=bs,
                                                heads_per_forward=n_heads, cached_prefix=cached, progress=False)
             out[f"s{cached}"] = time.perf_counter() - start
         diff = float((out[True] - out[False]).nan_to_num().abs().max())
@@ -94,7 +98,7 @@ def main() -> None:
           f"forward is of the same examples): full {full:.0f} fe, cached {cached:.0f} fe, ratio {cached / full:.2f}")
 
 
-def versus_cdt(model, examples, means, forward: float) -> None:
+def versus_cdt(model, examples, means, forward: float, bs: int) -> None:
     """Every head, both exact paths, one process: seconds and forward-equivalents per example."""
     import warnings
 
@@ -103,14 +107,14 @@ def versus_cdt(model, examples, means, forward: float) -> None:
 
     n_heads = int(model.cfg.n_heads)
     start = time.perf_counter()
-    patched = patching_per_example(model, examples, means=means, batch_size=len(examples),
+    patched = patching_per_example(model, examples, means=means, batch_size=bs,
                                    heads_per_forward=n_heads, progress=False).mean(0)
     t_patch = time.perf_counter() - start
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rel = head_relevance(model, examples, scoring="projection", means=means, decomposition="exact",
-                             batch_size=len(examples), strict=False, progress=False)
+                             batch_size=bs, strict=False, progress=False)
     t_cdt = time.perf_counter() - start
     cdt = rel.per_example[0].mean(0)
     diff = float((cdt - patched).abs().max())
@@ -125,13 +129,13 @@ def versus_cdt(model, examples, means, forward: float) -> None:
     print(f"max |cdt:exact − patching| {diff:.1e} of max |score| {float(patched.abs().max()):.2f}")
 
 
-def versus_old(model, examples, means, forward: float) -> None:
+def versus_old(model, examples, means, forward: float, bs: int) -> None:
     """Every head, 8 per forward: the cached prefix (groups within a layer) against recomputing every
     block (groups across layers, the previous default), one process."""
     out, seconds = {}, {}
     for cached in (True, False):
         start = time.perf_counter()
-        out[cached] = patching_per_example(model, examples, means=means, batch_size=len(examples),
+        out[cached] = patching_per_example(model, examples, means=means, batch_size=bs,
                                            heads_per_forward=8, cached_prefix=cached, progress=False)
         seconds[cached] = time.perf_counter() - start
     diff = float((out[True] - out[False]).nan_to_num().abs().max())

@@ -136,6 +136,22 @@ def test_z_means_write_the_head_means(tiny_gpt2, examples):
         z_means(tiny_gpt2, torch.randn_like(means))
 
 
+def test_z_means_equal_the_pseudo_inverse_when_a_head_is_rank_deficient():
+    """The Gram-matrix form equals ``μ W_O^+`` (the minimum-norm z), also for a head whose W_O lost rank."""
+    from types import SimpleNamespace
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-4, 5, (2, 3, 4, 64), generator=gen).float()  # integers: the rank deficiency below is exact
+    w[1, 2, 3] = 2 * w[1, 2, 0] - w[1, 2, 1]  # rank 3 of 4: one z direction writes nothing
+    w[0, 1] = 0.0  # a dead head: its mean is 0 and so is its z
+    z = torch.randn(2, 3, 4, generator=gen)
+    means = torch.einsum("lhd,lhdm->lhm", z, w)
+    got = z_means(SimpleNamespace(W_O=w), means)
+    want = torch.einsum("lhm,lhmd->lhd", means.double(), torch.linalg.pinv(w.double())).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got[0, 1].abs().max() == 0 and not torch.allclose(got[1, 2], z[1, 2])  # minimum norm, not the z given
+
+
 def test_registry_relevance_and_discover_accept_the_new_scorings(tiny_qwen, examples):
     from ctsft_lens import discover, head_relevance
     from ctsft_lens.circuit import rank_heads
@@ -186,26 +202,46 @@ def test_cached_prefix_patching_equals_full_patching(arch, examples):
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_prefix_patching_skips_the_blocks_below(examples):
-    """Each block computes only for the clean forward and the head groups at or below its layer."""
+def test_cached_prefix_patching_skips_the_blocks_below_and_most_padding(examples):
+    """Each block computes only for the clean forward and the head groups at or below its layer, and
+    on the cached path each batch runs regrouped by length: no forward carries more than 1/4 padding."""
+    from ctsft_lens.batching import encode
     from ctsft_lens.models import tiny_model
     from ctsft_lens.scoring.total_effect import patching_per_example
 
     model = tiny_model("qwen2", n_layers=4)
+    batch = encode(model, examples)
+    lengths = batch.attention_mask.sum(1).tolist()
+    buckets = batch.length_buckets()
+    assert 1 < len(buckets) < len(examples)  # this batch is padded, and regrouping is not one forward per example
+    assert sorted(i for index, _ in buckets for i in index) == list(range(len(examples)))
+    assert sum(p.attention_mask.numel() for _, p in buckets) < batch.attention_mask.numel() * 0.75  # padding cut
+    for index, part in buckets:
+        assert part.attention_mask.shape[1] == max(lengths[i] for i in index)
+        assert part.attention_mask.float().mean() >= 0.75 and torch.equal(part.labels, batch.labels[index])
     layer_class = type(model.blocks[0].original_component)
     calls: dict[int, int] = {}
+    seen: list[tuple[int, int]] = []
     original = layer_class.forward
 
-    def counting(self, *args, **kwargs):
+    def counting(self, hidden_states, *args, **kwargs):
         calls[id(self)] = calls.get(id(self), 0) + 1
-        return original(self, *args, **kwargs)
+        seen.append(tuple(hidden_states.shape[:2]))
+        return original(self, hidden_states, *args, **kwargs)
 
     layer_class.forward = counting
+    g = len(buckets)
     try:
-        for cached, want in ((False, [6, 6, 6, 6]), (True, [3, 4, 5, 6])):  # head means + clean + 4 groups
+        # head means (one padded batch) + clean + 4 groups: padded, or per length group from its cached prefix
+        for cached, want in ((False, [6, 6, 6, 6]), (True, [1 + g * (k + 2) for k in range(4)])):
             calls.clear()
-            patching_per_example(model, examples, heads_per_forward=8, cached_prefix=cached, progress=False)
+            seen.clear()
+            patching_per_example(model, examples, heads_per_forward=8, batch_size=8, cached_prefix=cached,
+                                 progress=False)
             assert [calls.get(id(b.original_component), 0) for b in model.blocks] == want
+            if cached:  # after the means' padded forward (4 blocks), every forward ran at a group's own width
+                widths = {part.attention_mask.shape[1] for _, part in buckets}
+                assert {w for _, w in seen[4:]} == widths
         assert not any("forward" in vars(b.original_component) for b in model.blocks)  # restored
     finally:
         layer_class.forward = original
