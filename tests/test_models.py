@@ -158,3 +158,73 @@ def test_model_info_checksum_changes_with_weights():
     assert before["weights_sha256"] != after["weights_sha256"]
     assert {k: v for k, v in before.items() if k != "weights_sha256"} == \
            {k: v for k, v in after.items() if k != "weights_sha256"}
+
+
+# ------------------------------------------------------------------------------------------
+# booted templates: a small model is booted once per process and copied (models/bridge.py)
+# ------------------------------------------------------------------------------------------
+def test_a_copied_small_model_is_a_fresh_independent_bridge():
+    """Each load is its own bridge: weights, hooks and tokenizer are not shared with the template or
+    another load, and it computes (logits, cached hook names, gradients) what a fresh boot does."""
+    from ctsft_lens.models.bridge import bridge_from_hf
+
+    a, b = tiny_model("qwen2", n_layers=2), tiny_model("qwen2", n_layers=2)
+    fresh = bridge_from_hf(tiny_hf_model("qwen2", n_layers=2), tiny_tokenizer(2048), name="tiny-qwen2")
+    toks = fresh.to_tokens(["Text: enak sekali\nSentiment:"])
+    logits, cache = a.run_with_cache(toks)
+    fresh_logits, fresh_cache = fresh.run_with_cache(toks)
+    torch.testing.assert_close(logits, fresh_logits, rtol=0, atol=0)
+    assert sorted(cache.keys()) == sorted(fresh_cache.keys())
+    assert a.tokenizer is not b.tokenizer and a.cfg is not b.cfg and a.cfg.model_name == "tiny-qwen2"
+    seen = []
+    a.add_hook("blocks.0.attn.hook_z", lambda z, hook: seen.append(hook.name))
+    b(toks)
+    assert seen == []  # a's hook is a's alone
+    a(toks)
+    assert len(seen) == 1  # (the alias's own name: blocks.0.attn.o.hook_in)
+    a.reset_hooks()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(1.0)
+    assert not torch.equal(a(toks), fresh_logits)
+    torch.testing.assert_close(b(toks), fresh_logits, rtol=0, atol=0)  # b and the template kept their weights
+    torch.testing.assert_close(tiny_model("qwen2", n_layers=2)(toks), fresh_logits, rtol=0, atol=0)
+    b(toks)[0, -1].logsumexp(-1).backward()
+    assert all(p.grad is not None for p in b.parameters()) and all(p.grad is None for p in a.parameters())
+
+
+def test_a_rewritten_model_folder_is_loaded_again(tmp_path):
+    """A folder's template is keyed by its files' identity: new weights in the same folder are read."""
+    from ctsft_lens.models.bridge import weights_checksum
+
+    save_model(tiny_model("qwen2", n_layers=1, seed=0), tmp_path / "m")
+    first = load_model(str(tmp_path / "m"))
+    again = load_model(str(tmp_path / "m"))
+    assert weights_checksum(first) == weights_checksum(again) and first is not again
+    save_model(tiny_model("qwen2", n_layers=1, seed=1), tmp_path / "m")
+    assert weights_checksum(load_model(str(tmp_path / "m"))) == weights_checksum(tiny_model("qwen2", n_layers=1, seed=1))
+    assert weights_checksum(load_model(str(tmp_path / "m"))) != weights_checksum(first)
+
+
+def test_a_large_model_is_booted_not_templated(monkeypatch):
+    from ctsft_lens.models import bridge as bridge_module
+
+    monkeypatch.setattr(bridge_module, "TEMPLATE_MAX_PARAMETERS", 0)
+    monkeypatch.setattr(bridge_module, "_TEMPLATES", type(bridge_module._TEMPLATES)())
+    built = []
+    build = lambda: built.append(tiny_model("qwen2", n_layers=1)) or built[-1]  # noqa: E731
+    model = bridge_module.booted_copy("k", build, "big")
+    assert model is built[0] and model.cfg.model_name == "big" and bridge_module._TEMPLATES["k"] is None
+    assert bridge_module.booted_copy("k", build, "big") is built[1]  # booted again, never copied
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3"])
+def test_fused_qkv_families_boot_every_time(arch, monkeypatch):
+    """Their q/k/v share the fused tensor's storage, which a deep copy would split: no template."""
+    from ctsft_lens.models import bridge as bridge_module
+
+    monkeypatch.setattr(bridge_module, "_TEMPLATES", type(bridge_module._TEMPLATES)())
+    a, b = tiny_model(arch, n_layers=1), tiny_model(arch, n_layers=1)
+    assert list(bridge_module._TEMPLATES.values()) == [None] and a is not b
+    assert bridge_module._storage_sharing(a) == bridge_module._storage_sharing(b)
+    assert len(set(bridge_module._storage_sharing(a))) < len(bridge_module._storage_sharing(a))  # views share
