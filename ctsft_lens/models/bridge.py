@@ -8,16 +8,14 @@ per-head results (``blocks.L.attn.hook_result``) stay off; code that reads them 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import hashlib
 import json
 import logging
 import os
 import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -57,57 +55,6 @@ def bridge_from_hf(hf_model: torch.nn.Module, tokenizer: Any, name: str) -> Any:
     return bridge
 
 
-# Booting a TransformerBridge costs 0.1-0.3 s whatever the model's size (TransformerLens scans every
-# module for hooks and deep-copies components); for a small model that is most of a load, and tests and
-# experiments load the same small models hundreds of times. So a small model is booted once per process
-# and key, kept unused as a template, and every load returns a deep copy of it (0.04 s on a tiny model;
-# TransformerBridge restores its routing after a deep copy): an independent bridge with its own weights,
-# tokenizer and hooks, as a fresh boot would give. Large models boot as before: a template would hold
-# their weights twice for a saving lost in their loading time. Families whose bridge views one fused
-# tensor through several (GPT-2's c_attn, Phi-3's qkv_proj) lose that sharing in a deep copy, so masked
-# training would move the views apart from the fused weight: a copy whose storage sharing differs from
-# its template's is refused, and that key boots every time.
-TEMPLATE_MAX_PARAMETERS = 20_000_000
-_TEMPLATES: "OrderedDict[Hashable, Any]" = OrderedDict()  # None: this key boots every time
-_TEMPLATE_SLOTS = 8
-
-
-def _storage_sharing(bridge: Any) -> tuple[int, ...]:
-    """Which parameters and buffers share storage: each one's storage numbered by first appearance."""
-    seen: dict[int, int] = {}
-    tensors = [*bridge.named_parameters(remove_duplicate=False), *bridge.named_buffers(remove_duplicate=False)]
-    return tuple(seen.setdefault(t.untyped_storage().data_ptr(), len(seen)) for _, t in tensors)
-
-
-def booted_copy(key: Hashable, build: Callable[[], Any], name: str) -> Any:
-    """A bridge for ``key``: a deep copy of the template ``build()`` made for it (small models whose
-    copy keeps the template's storage sharing), or ``build()`` itself. ``key`` must determine
-    everything ``build`` returns."""
-    if key in _TEMPLATES:
-        _TEMPLATES.move_to_end(key)
-        template = _TEMPLATES[key]
-        bridge = build() if template is None else copy.deepcopy(template)
-    else:
-        template = build()
-        bridge = copy.deepcopy(template) if sum(p.numel() for p in template.parameters()) <= TEMPLATE_MAX_PARAMETERS \
-            else None
-        if bridge is not None and _storage_sharing(bridge) != _storage_sharing(template):
-            bridge = None
-        _TEMPLATES[key] = template if bridge is not None else None
-        while len(_TEMPLATES) > _TEMPLATE_SLOTS:
-            _TEMPLATES.popitem(last=False)
-        bridge = bridge if bridge is not None else template
-    bridge.cfg.model_name = name
-    return bridge
-
-
-def _folder_state(path: Path) -> tuple:
-    """What identifies a local model folder's content for :func:`booted_copy`: each file's name,
-    inode, size and modification time (a rewritten or replaced file changes one of them)."""
-    files = sorted(f for f in path.rglob("*") if f.is_file())
-    return tuple((str(f.relative_to(path)), st.st_ino, st.st_size, st.st_mtime_ns) for f in files for st in [f.stat()])
-
-
 @contextlib.contextmanager
 def _quiet_logger(name: str) -> Iterator[None]:
     """Errors only from logger ``name`` inside the block; its level is restored after."""
@@ -121,16 +68,9 @@ def _quiet_logger(name: str) -> Iterator[None]:
 
 
 def load_hf_bridge(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> Any:
-    """A bridge from a local Hugging Face folder or a hub name (through the HF cache); a small local
-    model is copied from its booted template while its folder is unchanged (:func:`booted_copy`)."""
-    def build() -> Any:
-        hf_model, tokenizer = _load_hf(name_or_path, dtype)
-        return bridge_from_hf(hf_model, tokenizer, name=str(name_or_path))
-
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if not path.is_dir():
-        return build()
-    return booted_copy(("folder", str(path.resolve()), str(dtype), _folder_state(path)), build, str(name_or_path))
+    """A bridge from a local Hugging Face folder or a hub name (through the HF cache)."""
+    hf_model, tokenizer = _load_hf(name_or_path, dtype)
+    return bridge_from_hf(hf_model, tokenizer, name=str(name_or_path))
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")

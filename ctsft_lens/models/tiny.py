@@ -7,7 +7,7 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from ctsft_lens.models.bridge import booted_copy, bridge_from_hf
+from ctsft_lens.models.bridge import bridge_from_hf
 
 # Label words of every bundled task: the tiny tokenizer must encode each as one token.
 _TINY_LABEL_WORDS = (" negative", " neutral", " positive", " True", " Neither", " False")
@@ -161,9 +161,5 @@ def tiny_model(arch: TinyArch = "qwen2", **shape: Any) -> Any:
     :data:`ctsft_lens.models.architectures.FAMILIES`; windows are ``TINY_WINDOW`` keys.
     ``shape`` takes the keyword arguments of :func:`tiny_hf_model` (``n_layers``, ``seed``, ...).
     """
-    def build() -> Any:
-        hf_model = tiny_hf_model(arch, **shape)
-        return bridge_from_hf(hf_model, tiny_tokenizer(hf_model.config.vocab_size), name=f"tiny-{arch}")
-
-    # seeded and built in code: the arguments determine the model, so a copy of a booted one is the same
-    return booted_copy(("tiny", arch, tuple(sorted(shape.items()))), build, f"tiny-{arch}")
+    hf_model = tiny_hf_model(arch, **shape)
+    return bridge_from_hf(hf_model, tiny_tokenizer(hf_model.config.vocab_size), name=f"tiny-{arch}")
