@@ -251,6 +251,34 @@ def test_batched_sources_equal_one_at_a_time(indonesian):
     torch.testing.assert_close(big.per_example, small.per_example, rtol=1e-4, atol=1e-7)
 
 
+def test_relevance_batches_by_length_and_answers_in_the_given_order(indonesian, monkeypatch):
+    """Examples are batched in length order (little padding) and every row comes back to its example:
+    the same rows, reversed, for the reversed list; a longest-first batch is narrower than file order's."""
+    from ctsft_lens.batching import length_order
+    from ctsft_lens.cdt import driver
+    from ctsft_lens.models import tiny_model
+
+    model = tiny_model("qwen2", n_layers=2, seed=2)
+    examples = indonesian.sample(6, seed=0)
+    widths = []
+    forwards = driver.forwards
+
+    def seeing(model, local, *args, **kwargs):
+        for fwd in forwards(model, local, *args, **kwargs):
+            widths.append(tuple(fwd.batch.attention_mask.shape))
+            yield fwd
+
+    monkeypatch.setattr("ctsft_lens.cdt.relevance.forwards", seeing)
+    rel = head_relevance(model, examples, progress=False, batch_size=3)
+    back = head_relevance(model, examples[::-1], progress=False, batch_size=3)
+    torch.testing.assert_close(back.per_example.flip(1), rel.per_example, rtol=1e-4, atol=1e-7)
+    lengths = [int(encode(model, [ex]).attention_mask.sum()) for ex in examples]
+    order = length_order(model, examples)
+    assert [lengths[i] for i in order] == sorted(lengths) and sorted(lengths) != lengths  # file order is not sorted
+    padded = sum(max(lengths[i:i + 3]) * 3 for i in (0, 3))  # the batches of file order
+    assert sum(rows * width for rows, width in widths[:2]) < padded
+
+
 def test_bad_options_are_refused(gpt2, examples):
     with pytest.raises(ValueError, match="scoring"):
         head_relevance(gpt2, examples, scoring="l2", progress=False)

@@ -30,7 +30,7 @@ import torch
 from jaxtyping import Float
 
 from ctsft_lens import distributed
-from ctsft_lens.batching import batches, check_examples
+from ctsft_lens.batching import batches, check_examples, length_order
 from ctsft_lens.cdt.driver import Chunk, by_layer, forwards
 from ctsft_lens.cdt.health import BETA_LIMIT, Health, recon_tol, report_unstable
 from ctsft_lens.cdt.propagate import head_output, label_logits, propagate, source_positions, unembed
@@ -205,7 +205,10 @@ def head_relevances(
     if baseline == "zero":
         means = None
 
-    local, index = distributed.shard(examples, batch_size)  # under torchrun: this rank's whole batches
+    # batches of similar length (little padding), the same on every rank; results go back to the given order
+    order = length_order(model, examples)
+    local, index = distributed.shard([examples[i] for i in order], batch_size)  # under torchrun: whole batches
+    index = [order[i] for i in index]
     per_example = {name: torch.full((len(targets), len(local), cfg.n_layers, cfg.n_heads), float("nan"))
                    for name in scorings}
     recon = torch.zeros(cfg.n_layers, cfg.n_heads, dtype=torch.float64)
