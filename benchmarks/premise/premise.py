@@ -24,6 +24,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from ctsft_lens.errors import CtsftError
 from ctsft_lens.experiments import ExperimentConfig
 
 from study import lr_sweep, parse_rates, read_rates, run_study, study_report, sweep_table  # beside this file
@@ -106,4 +107,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CtsftError as err:  # a refused contrast, a missing sweep: one line, not a traceback
+        raise SystemExit(f"error: {err}") from None

@@ -19,6 +19,8 @@
 #   grid_b90_heads_anti      the heads-only layer-matched anti-circuit (secondary)
 #   grid_b90_with_norms      issue #37: random heads and the oracle WITH norms, and full fine-tuning, re-run on the
 #                            heads-only arms' checkpoint (5 seeds; budget B's rates, RATES_with_norms overrides)
+#   report_claims            issue #37: the heads-only and with-norms tables and the declared contrasts (norm-only vs
+#                            random heads with norms; oracle with norms vs full, with retention) in runs/premise/report_claims
 #   grid_b90_shared          issue #37, secondary: every arm at the paper's shared rate 5e-5 (acehnese_b90_shared.toml)
 #   TARGET=buginese|javanese sweep_b90 grid_b90: budget B on the other targets (buginese_b90.toml, javanese_b90.toml)
 #   save                     copy what the study measured (circuits, sweeps, cells, A0, report, times) into the tracked
@@ -101,6 +103,13 @@ for s in $STAGES; do
       done
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/$name.toml" --sources patching \
         --rates "${RATES_with_norms:-head=3e-3,full=3e-6}" --no-progress ;;
+    report_claims)  # issue #37: the declared comparisons across budget B's folders (after grid_b90_with_norms)
+      H=$OUT/acehnese_b90_heads; N=$OUT/acehnese_b90_norms; W=$OUT/acehnese_b90_with_norms
+      stage "$s" python "$HERE/premise.py" report --budget "$H" --budget "$W" --out "$OUT/report_claims" --png \
+        --contrast "norm-only vs random heads with norms=$N:patching/norm-only,$W:patching/random-layers" \
+        --contrast "oracle with norms vs full fine-tuning=$W:patching/circuit,$W:patching/full" ;;
+      # (heads-only random vs random with norms, the secondary, is refused: heads-only seed 0 predates the
+      # cells' record of their checkpoint, and a contrast never pairs cells it cannot place on one checkpoint)
     grid_b90_shared)  # issue #37, secondary: every arm at the paper's shared rate 5e-5 (no sweep)
       stage "$s" python "$HERE/premise.py" grid --config "$HERE/acehnese_b90_shared.toml" --sources patching \
         --rates head=5e-5,full=5e-5 --no-progress ;;
