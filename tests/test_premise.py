@@ -516,3 +516,16 @@ def test_a_contrast_refuses_runs_from_different_checkpoints(tmp_path):
             write_json(path, cell)
     with pytest.raises(CtsftError, match="different competence checkpoints"):
         contrast("x", (a, "patching/norm-only"), (b, "patching/random-layers"))
+
+
+def test_the_premise_cli_refuses_in_one_line(tmp_path):
+    """A study folder without runs (or a refused contrast): one line naming it, exit 1, no traceback."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "premise" / "premise.py"), "report",
+                           "--budget", str(tmp_path), "--out", str(tmp_path / "report")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path} holds no transfer run "
+                                                "(<source>/runs/<target>/<variant>/seed<k>.json)"]
+    assert not (tmp_path / "report").exists()
